@@ -1,0 +1,141 @@
+"""Model configurations as plain dataclasses, and the table of named sizes.
+
+They double as Hydra structured configs (only str/int/float/bool fields and nested dataclasses), but the models
+never import Hydra: ``MarDini(MarDiniConfig(...))`` works from a notebook.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+from .layers import ATTENTION_BACKENDS, SDPA_KERNELS
+
+GENERATOR_ATTENTION = ("identity", "full", "spatial")
+IDENTITY_IMPLS = ("split", "mask")
+MLP_TYPES = ("swiglu", "gelu")
+
+
+@dataclass
+class PlannerConfig:
+    dim: int = 256          # transformer width
+    depth: int = 4          # number of blocks
+    num_heads: int = 4      # attention heads (head dim = dim / num_heads)
+    patch_size: int = 1     # latent cells per token side, on the low-resolution latents
+    mlp_ratio: float = 4.0  # MLP hidden width / dim
+
+
+@dataclass
+class GeneratorConfig:
+    dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    patch_size: int = 2     # latent cells per token side, on the high-resolution latents
+    mlp_ratio: float = 4.0
+    attention: str = "identity"   # identity | full | spatial  (see generator.py)
+    identity_impl: str = "split"  # split: two mask-free attention calls (fast kernels) | mask: one dense boolean mask
+
+
+@dataclass
+class MarDiniConfig:
+    latent_channels: int = 4      # channels of the autoencoder's latents
+    lowres_factor: int = 2        # r: the planner sees latents downsampled r times along H and W
+    max_frames: int = 17          # longest window the model accepts (RoPE has no table; this is a guard)
+    cond_dim: int = 0             # width of the planning signals; 0 = the generator's dim
+    mlp_type: str = "swiglu"      # swiglu | gelu
+    qk_norm: bool = True          # RMS-normalise queries and keys (stabilises large models)
+    rope_theta: float = 10000.0   # RoPE base period
+    attn_backend: str = "sdpa"    # sdpa | xformers
+    sdpa_kernel: str = "auto"     # auto | flash | efficient | cudnn | math
+    plan_dropout: float = 0.0     # probability of replacing a sample's plan by a learned null plan (for CFG)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+    def __post_init__(self):
+        validate_model_config(self)
+
+    @property
+    def signal_dim(self) -> int:
+        return self.cond_dim or self.generator.dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MarDiniConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        planner = PlannerConfig(**d.pop("planner", {}))
+        generator = GeneratorConfig(**d.pop("generator", {}))
+        return cls(planner=planner, generator=generator, **d)
+
+
+def validate_model_config(cfg) -> None:
+    """Raise ValueError naming the first bad field (works on dataclasses and OmegaConf nodes)."""
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ValueError(f"model.{key} {msg}")
+
+    need(cfg.latent_channels >= 1, "latent_channels", f"must be >= 1, got {cfg.latent_channels}")
+    need(cfg.lowres_factor >= 1, "lowres_factor", f"must be >= 1, got {cfg.lowres_factor}")
+    need(cfg.max_frames >= 2, "max_frames", f"must be >= 2, got {cfg.max_frames}")
+    need(cfg.cond_dim >= 0, "cond_dim", f"must be >= 0, got {cfg.cond_dim}")
+    need(cfg.mlp_type in MLP_TYPES, "mlp_type", f"must be one of {MLP_TYPES}, got {cfg.mlp_type!r}")
+    need(cfg.attn_backend in ATTENTION_BACKENDS, "attn_backend",
+         f"must be one of {ATTENTION_BACKENDS}, got {cfg.attn_backend!r}")
+    need(cfg.sdpa_kernel in SDPA_KERNELS, "sdpa_kernel", f"must be one of {SDPA_KERNELS}, got {cfg.sdpa_kernel!r}")
+    need(0.0 <= cfg.plan_dropout < 1.0, "plan_dropout", f"must be in [0, 1), got {cfg.plan_dropout}")
+    for name in ("planner", "generator"):
+        sub = getattr(cfg, name)
+        for key in ("dim", "depth", "num_heads", "patch_size"):
+            need(getattr(sub, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(sub, key)}")
+        need(sub.mlp_ratio > 0, f"{name}.mlp_ratio", f"must be > 0, got {sub.mlp_ratio}")
+        need(sub.dim % sub.num_heads == 0, f"{name}.dim",
+             f"({sub.dim}) must be divisible by {name}.num_heads ({sub.num_heads})")
+        head_dim = sub.dim // sub.num_heads
+        need(head_dim % 2 == 0 and head_dim >= 6, f"{name}.num_heads",
+             f"gives head dim {head_dim}; 3D RoPE needs an even head dim >= 6")
+    need(cfg.generator.attention in GENERATOR_ATTENTION, "generator.attention",
+         f"must be one of {GENERATOR_ATTENTION}, got {cfg.generator.attention!r}")
+    need(cfg.generator.identity_impl in IDENTITY_IMPLS, "generator.identity_impl",
+         f"must be one of {IDENTITY_IMPLS}, got {cfg.generator.identity_impl!r}")
+
+
+# Named sizes, in the spirit of DiT's table. Parameter counts (printed by `MarDini.num_parameters`) at
+# latent_channels=16: tiny ~0.2M, small ~25M, base ~150M, paper ~1.4B planner + ~0.28B generator.
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": dict(planner=dict(dim=64, depth=2, num_heads=4), generator=dict(dim=48, depth=2, num_heads=4)),
+    "small": dict(planner=dict(dim=384, depth=8, num_heads=6), generator=dict(dim=192, depth=6, num_heads=3)),
+    "base": dict(planner=dict(dim=1024, depth=12, num_heads=16), generator=dict(dim=384, depth=8, num_heads=6)),
+    "paper": dict(planner=dict(dim=2048, depth=24, num_heads=16), generator=dict(dim=1024, depth=12, num_heads=16)),
+}
+
+
+def model_config(size: str, **overrides) -> MarDiniConfig:
+    """A named size with top-level overrides, e.g. ``model_config("tiny", latent_channels=12)``."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    d = copy.deepcopy(MODEL_SIZES[size])
+    for key in ("planner", "generator"):
+        d[key].update(overrides.pop(key, {}))
+    d.update(overrides)
+    return MarDiniConfig.from_dict(d)
+
+
+def as_model_config(cfg) -> MarDiniConfig:
+    """Accept a MarDiniConfig, a plain dict or an OmegaConf node and return a validated MarDiniConfig."""
+    if isinstance(cfg, MarDiniConfig):
+        return cfg
+    if is_dataclass(cfg):
+        return MarDiniConfig.from_dict(asdict(cfg))
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return MarDiniConfig.from_dict(cfg)

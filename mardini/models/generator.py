@@ -1,0 +1,149 @@
+"""The generation model: a tiny DiT over high-resolution latents.
+
+Every frame enters as tokens: masked frames carry the noisy latent x_t, reference frames their clean latent.
+Each frame is conditioned on its own diffusion time (reference frames: t = 0) through adaLN-Zero, and reads the
+planner's signals for that same frame through cross-attention. Self-attention comes in three flavours:
+
+- ``identity`` (MarDini's): queries of a reference frame attend only to their own frame, so clean tokens are never
+  mixed with noisy ones; queries of a masked frame attend to all frames.
+- ``full``: every token attends to every token.
+- ``spatial``: every token attends to its own frame only (temporal coherence then comes from the plan alone).
+
+``identity`` has two exact implementations: ``split`` runs a mask-free full attention and a mask-free per-frame
+attention and picks per query (both hit the fast SDPA kernels); ``mask`` builds one dense boolean mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .config import MarDiniConfig
+from .layers import MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, modulate, patchify, unpatchify
+
+
+def per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, H, T*n, d] -> [B*T, H, n, d]: each frame becomes its own attention problem."""
+    return rearrange(x, "b h (t n) d -> (b t) h n d", t=frames)
+
+
+def identity_attention_mask(mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Dense form of identity attention. mask: [B, T] (True = generated frame).
+    Returns bool [B, 1, T*n, T*n]: query i may attend key j iff i is in a generated frame or both share a frame."""
+    B, T = mask.shape
+    frame_id = torch.arange(T, device=mask.device).repeat_interleave(tokens_per_frame)  # [N]
+    same_frame = frame_id[:, None] == frame_id[None, :]                                   # [N, N]
+    noisy_query = mask.repeat_interleave(tokens_per_frame, dim=1)                          # [B, N]
+    return (noisy_query[:, :, None] | same_frame[None]).unsqueeze(1)
+
+
+class GeneratorBlock(nn.Module):
+    """adaLN-Zero DiT block with per-frame cross-attention to the planning signals."""
+
+    def __init__(self, cfg: MarDiniConfig):
+        super().__init__()
+        g = cfg.generator
+        self.mode, self.identity_impl = g.attention, g.identity_impl
+        self.norm1 = nn.LayerNorm(g.dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(g.dim, g.num_heads, cfg.qk_norm, cfg.attn_backend, cfg.sdpa_kernel)
+        self.norm_cross = nn.LayerNorm(g.dim, eps=1e-6)
+        self.cross = CrossAttention(g.dim, cfg.signal_dim, g.num_heads, cfg.qk_norm, cfg.attn_backend, cfg.sdpa_kernel)
+        self.norm2 = nn.LayerNorm(g.dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(g.dim, g.mlp_ratio, cfg.mlp_type)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(g.dim, 6 * g.dim))
+
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+        """x: [B, T*n, D]; mask: [B, T]."""
+        T = mask.shape[1]
+        q, k, v = self.attn.qkv_heads(x, rope)
+        if self.mode == "full":
+            out = self.attn.attend(q, k, v)
+        elif self.mode == "spatial":
+            out = rearrange(self.attn.attend(per_frame(q, T), per_frame(k, T), per_frame(v, T)),
+                            "(b t) h n d -> b h (t n) d", t=T)
+        elif self.identity_impl == "mask":
+            out = self.attn.attend(q, k, v, identity_attention_mask(mask, x.shape[1] // T))
+        else:  # identity, split: full attention for generated frames, own-frame attention for reference frames
+            full = self.attn.attend(q, k, v)
+            own = rearrange(self.attn.attend(per_frame(q, T), per_frame(k, T), per_frame(v, T)),
+                            "(b t) h n d -> b h (t n) d", t=T)
+            is_ref = (~mask).repeat_interleave(x.shape[1] // T, dim=1)[:, None, :, None]  # [B, 1, N, 1]
+            out = torch.where(is_ref, own, full)
+        return self.attn.output(out)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+        """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T]."""
+        B, T, n, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, :, None].chunk(6, dim=-1)  # [B, T, 1, D]
+        h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
+        x = x + gate1 * self.self_attention(h, mask, rope).reshape(B, T, n, D)
+        # Per-frame cross-attention: frame i's tokens read plan[i] only.
+        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"))
+        x = x + h.reshape(B, T, n, D)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c)[:, :, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: MarDiniConfig):
+        super().__init__()
+        g = cfg.generator
+        self.cfg, self.patch_size = cfg, g.patch_size
+        patch_dim = cfg.latent_channels * g.patch_size**2
+        self.patch_embed = nn.Linear(patch_dim, g.dim)
+        self.time_embed = TimestepEmbedder(g.dim)
+        self.frame_type = nn.Embedding(2, g.dim)  # 0 = reference, 1 = generated
+        self.rope = RotaryEmbedding3D(g.dim // g.num_heads, cfg.rope_theta)
+        self.blocks = nn.ModuleList(GeneratorBlock(cfg) for _ in range(g.depth))
+        self.final = FinalLayer(g.dim, patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier for linears; adaLN modulations and the output layer start at zero so every block begins as the
+        identity and the initial prediction is 0 (DiT's adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.frame_type.weight, std=0.02)
+        for mlp_layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(mlp_layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+        for layer in (self.final.adaLN[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, model_time: torch.Tensor, plan: torch.Tensor,
+                return_hidden: bool = False):
+        """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
+        mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc].
+        Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T, n, D])."""
+        B, T, _, H, W = x.shape
+        p = self.patch_size
+        if T > self.cfg.max_frames:
+            raise ValueError(f"{T} frames exceed model.max_frames={self.cfg.max_frames}")
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} not divisible by generator.patch_size={p}")
+        tokens = self.patch_embed(patchify(x, p))                                  # [B, T, n, D]
+        c = self.time_embed(model_time) + self.frame_type(mask.long())             # [B, T, D]
+        rope = self.rope(T, H // p, W // p, device=x.device)
+        hidden = []
+        for block in self.blocks:
+            tokens = block(tokens, c, plan, mask, rope)
+            hidden.append(tokens)
+        out = unpatchify(self.final(tokens, c), p, H, W)
+        return (out, hidden) if return_hidden else out

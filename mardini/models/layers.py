@@ -1,0 +1,243 @@
+"""Building blocks shared by the planner and the generator.
+
+Attention takes q, k, v as ``[B, H, N, d]`` and an optional boolean mask (True = may attend) and dispatches to
+PyTorch SDPA (with a selectable kernel) or xformers. Positions enter through 3D rotary embeddings over (t, y, x),
+so one model handles any number of frames and any latent size without learned position tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+try:  # optional: only on GPU machines with the `gpu` extra installed
+    import xformers.ops as xops
+except Exception:  # pragma: no cover - depends on the environment
+    xops = None
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def xformers_available() -> bool:
+    return xops is not None
+
+
+def _sdpa_context(kernel: str):
+    """A context that restricts SDPA to one kernel; ``auto`` lets PyTorch choose."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel]
+    return sdpa_kernel([backend])
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    backend: str = "sdpa",
+    sdpa_kernel: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention. q: [B, H, Nq, d], k/v: [B, H, Nk, d], mask: bool broadcastable to
+    [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]."""
+    if backend == "sdpa":
+        with _sdpa_context(sdpa_kernel):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend == "xformers":
+        if xops is None:
+            raise RuntimeError("attention backend 'xformers' requested but xformers is not installed "
+                               "(pip install 'mardini[gpu]')")
+        bias = None
+        if mask is not None:
+            B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            # xformers wants an additive bias whose last dim is allocated to a multiple of 8.
+            pad = (8 - Nk % 8) % 8
+            full = torch.zeros(B, H, Nq, Nk + pad, dtype=q.dtype, device=q.device)
+            full[..., :Nk].masked_fill_(~mask.expand(B, H, Nq, Nk), float("-inf"))
+            bias = full[..., :Nk]
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+        )
+        return out.transpose(1, 2)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+
+
+class RotaryEmbedding3D(nn.Module):
+    """Rotary position embedding over (t, y, x).
+
+    The head dimension is split into three even parts; each part rotates by angles proportional to one axis'
+    integer coordinate. Time gets the remainder so that every axis has at least a few frequencies.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {head_dim}")
+        spatial = 2 * (head_dim // 6)
+        self.dims = (head_dim - 2 * spatial, spatial, spatial)  # (t, y, x)
+        self.theta = theta
+        for name, d in zip(("t", "y", "x"), self.dims):
+            inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            self.register_buffer(f"inv_freq_{name}", inv_freq.float(), persistent=False)
+
+    def forward(self, frames: int, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [frames * height * width, head_dim // 2] in (t, y, x) raster order."""
+        device = device or self.inv_freq_t.device
+        t, y, x = torch.meshgrid(
+            torch.arange(frames, device=device, dtype=torch.float32),
+            torch.arange(height, device=device, dtype=torch.float32),
+            torch.arange(width, device=device, dtype=torch.float32),
+            indexing="ij",
+        )
+        angles = torch.cat(
+            [
+                t.reshape(-1, 1) * self.inv_freq_t.to(device),
+                y.reshape(-1, 1) * self.inv_freq_y.to(device),
+                x.reshape(-1, 1) * self.inv_freq_x.to(device),
+            ],
+            dim=-1,
+        )
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x [B, H, N, d] by the angles in cos/sin [N, d/2]."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with optional qk RMS-normalisation (stabilises large models) and RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, backend: str = "sdpa",
+                 sdpa_kernel: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.backend, self.sdpa_kernel = backend, sdpa_kernel
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """x [B, N, D] -> q, k, v each [B, H, N, d], normalised and rotated."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def attend(self, q, k, v, mask=None) -> torch.Tensor:
+        return attention(q, k, v, mask, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, d] -> [B, N, D]."""
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward(self, x: torch.Tensor, rope=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x, rope)
+        return self.output(self.attend(q, k, v, mask))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x [B, N, D] attend to a context [B, M, Dc] (the planning signals)."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = True,
+                 backend: str = "sdpa", sdpa_kernel: str = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend, self.sdpa_kernel = backend, sdpa_kernel
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+        out = attention(self.q_norm(q), self.k_norm(k), v, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    """Feed-forward block: SwiGLU (gated, hidden width 2/3 of ratio * dim so the parameter count matches GELU)
+    or a plain GELU MLP."""
+
+    def __init__(self, dim: int, ratio: float = 4.0, kind: str = "swiglu"):
+        super().__init__()
+        self.kind = kind
+        self.hidden = hidden = mlp_hidden(dim, ratio, kind)
+        self.fc_in = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden)
+        self.fc_out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc_out(h)
+
+
+def mlp_hidden(dim: int, ratio: float, kind: str) -> int:
+    """Hidden width of the MLP; SwiGLU's is rounded up to a multiple of 8 for efficient matmuls."""
+    if kind == "swiglu":
+        return max(8, (int(2 * ratio * dim / 3) + 7) // 8 * 8)
+    if kind == "gelu":
+        return int(ratio * dim)
+    raise ValueError(f"unknown mlp type {kind!r}; choose 'swiglu' or 'gelu'")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x * (1 + scale) + shift (shift/scale broadcast over the token axis)."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar diffusion times (in [0, 1000]) with sinusoids followed by a two-layer MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequency_dim, self.max_period = frequency_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoids(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[..., None] * freqs
+        return torch.cat([args.cos(), args.sin()], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: any shape [...] -> [..., dim]."""
+        emb = self.sinusoids(t)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T, (H/p)*(W/p), C*p*p]."""
+    return rearrange(x, "b t c (h p1) (w p2) -> b t (h w) (c p1 p2)", p1=patch_size, p2=patch_size)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """[B, T, (H/p)*(W/p), C*p*p] -> [B, T, C, H, W]; height/width are in latent cells."""
+    return rearrange(x, "b t (h w) (c p1 p2) -> b t c (h p1) (w p2)",
+                     h=height // patch_size, w=width // patch_size, p1=patch_size, p2=patch_size)

@@ -1,0 +1,143 @@
+"""The joint MarDini model: planner + generator, the training loss and generation.
+
+Training is end-to-end with the diffusion loss alone: the planner gets its gradients through the generator's
+cross-attention. Generation runs the planner once, then the sampler's K steps on the masked frames only, with the
+reference frames held exactly at their clean latents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MarDiniConfig, as_model_config
+from .generator import Generator
+from .planner import Planner
+
+
+def lowres_from_hires(z_hi: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T, C, H/r, W/r] by r x r average pooling (the latent-downsampling option)."""
+    if factor == 1:
+        return z_hi
+    B, T, C, H, W = z_hi.shape
+    if H % factor or W % factor:
+        raise ValueError(f"latent size {H}x{W} not divisible by model.lowres_factor={factor}")
+    return F.avg_pool2d(z_hi.reshape(B * T, C, H, W), factor).reshape(B, T, C, H // factor, W // factor)
+
+
+def check_mask(mask: torch.Tensor, num_frames: int) -> None:
+    if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != num_frames:
+        raise ValueError(f"mask must be bool [B, {num_frames}], got {tuple(mask.shape)} {mask.dtype}")
+    if not bool(mask.any(1).all()):
+        raise ValueError("every sample needs at least one masked (generated) frame")
+    if not bool((~mask).any(1).all()):
+        raise ValueError("every sample needs at least one reference (given) frame")
+
+
+class MarDini(nn.Module):
+    def __init__(self, cfg: MarDiniConfig | dict):
+        super().__init__()
+        self.cfg = cfg = as_model_config(cfg)
+        self.planner = Planner(cfg)
+        self.generator = Generator(cfg)
+        # Learned "no plan" for classifier-free guidance; exists only when the model is trained to use it.
+        self.null_plan = nn.Parameter(torch.zeros(cfg.signal_dim)) if cfg.plan_dropout > 0 else None
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, z_lo: torch.Tensor, mask: torch.Tensor, drop_plan: torch.Tensor | None = None) -> torch.Tensor:
+        """Planning signals [B, T, n_lo, Dc]; samples with drop_plan [B] True get the null plan instead."""
+        signals = self.planner(z_lo, mask)
+        if drop_plan is not None:
+            if self.null_plan is None:
+                raise ValueError("drop_plan needs a model built with plan_dropout > 0")
+            # torch.where keeps null_plan in the graph even when nothing is dropped (DDP needs every parameter used).
+            signals = torch.where(drop_plan[:, None, None, None], self.null_plan.to(signals.dtype), signals)
+        return signals
+
+    # ------------------------------------------------------------------ training
+    def forward(self, z_hi: torch.Tensor, z_lo: torch.Tensor | None, mask: torch.Tensor, diffusion,
+                noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                drop_plan: torch.Tensor | None = None) -> dict:
+        """Diffusion loss on the masked frames.
+
+        z_hi: [B, T, C, H, W] clean latents; z_lo: [B, T, C, h, w] (None: average-pool z_hi by lowres_factor);
+        mask: [B, T] bool; noise: like z_hi; t: [B] noise levels in (0, 1); drop_plan: [B] bool.
+        Missing noise / t / drop_plan are drawn from the global RNG (the trainer passes them explicitly so that a
+        sample's randomness does not depend on how the batch is split across ranks).
+        """
+        B, T = z_hi.shape[:2]
+        check_mask(mask, T)
+        if z_lo is None:
+            z_lo = lowres_from_hires(z_hi, self.cfg.lowres_factor)
+        if z_lo.shape[:3] != z_hi.shape[:3]:
+            raise ValueError(f"z_lo {tuple(z_lo.shape)} and z_hi {tuple(z_hi.shape)} disagree in batch/frames/channels")
+        if noise is None:
+            noise = torch.randn_like(z_hi)
+        if t is None:
+            t = diffusion.sample_t(B, device=z_hi.device)
+        if drop_plan is None and self.null_plan is not None:
+            drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
+                torch.zeros(B, dtype=torch.bool, device=z_hi.device)
+
+        x_t, target = diffusion.noisy_and_target(z_hi, noise, t)
+        is_gen = mask[:, :, None, None, None]
+        x_in = torch.where(is_gen, x_t, z_hi)                      # reference frames stay clean
+        frame_time = torch.where(mask, diffusion.model_time(t).to(z_hi.dtype)[:, None], 0.0)  # [B, T]
+        plan = self.plan(z_lo, mask, drop_plan)
+        prediction = self.generator(x_in, mask, frame_time, plan)
+        loss = diffusion.loss(prediction.float(), target.float(), mask)
+        return {"loss": loss, "prediction": prediction, "target": target}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, z_lo: torch.Tensor | None = None,
+                 num_steps: int | None = None, generator: torch.Generator | None = None,
+                 guidance_scale: float = 1.0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Fill in the masked frames.
+
+        z_hi: [B, T, C, H, W] latents whose reference frames (mask False) are given (values of masked frames are
+        ignored); mask: [B, T]; z_lo: planner input (None: pooled from z_hi). Returns [B, T, C, H, W] with the
+        reference frames bit-identical to the input. The planner runs exactly once.
+        """
+        B, T = z_hi.shape[:2]
+        check_mask(mask, T)
+        if z_lo is None:
+            z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
+        plan = self.plan(z_lo, mask)
+        guided = guidance_scale != 1.0
+        if guided:
+            if self.null_plan is None:
+                raise ValueError("guidance_scale != 1 needs a model trained with model.plan_dropout > 0")
+            plan = torch.cat([plan, self.null_plan.to(plan.dtype).expand_as(plan)])
+        if noise is None:
+            noise_device = generator.device if generator is not None else z_hi.device
+            noise = torch.randn(z_hi.shape, generator=generator, device=noise_device, dtype=torch.float32)
+        noise = noise.to(z_hi.device, z_hi.dtype)
+        is_gen = mask[:, :, None, None, None]
+
+        def project(x):
+            return torch.where(is_gen, x, z_hi)
+
+        def denoise(x, model_time):
+            frame_time = torch.where(mask, model_time.reshape(-1).expand(B).to(x.dtype)[:, None], 0.0)
+            if not guided:
+                return self.generator(x, mask, frame_time, plan)
+            cond, uncond = self.generator(torch.cat([x, x]), torch.cat([mask, mask]),
+                                          torch.cat([frame_time, frame_time]), plan).chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        x = diffusion.sample(denoise, noise, num_steps, project=project, generator=generator, progress=progress)
+        return project(x.to(z_hi.dtype))
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self) -> dict:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"planner": count(self.planner), "generator": count(self.generator), "total": count(self)}
+
+    def estimate_flops(self, num_frames: int, latent_hw: tuple[int, int], num_masked: int | None = None,
+                       batch_size: int = 1, lowres_hw: tuple[int, int] | None = None, executed: bool = False) -> dict:
+        """Forward-pass FLOPs (multiply-add = 2) of the planner and one generator call; see flops.py."""
+        from .flops import mardini_flops
+
+        return mardini_flops(self.cfg, num_frames, latent_hw, num_masked, batch_size, lowres_hw, executed)
