@@ -1,0 +1,159 @@
+"""The diffusion objective (noise path, target, masked loss) and the sampler loop.
+
+Conventions (the model code relies on them):
+- continuous noise level t in [0, 1] per sample, shape [B]: 0 = clean data, 1 = pure noise;
+- model_time(t) in [0, num_train_timesteps] is what the network's timestep embedder sees (0 = clean);
+- rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0 (diffusers FlowMatchEuler: sigma = t);
+- ddpm: x_t from DDPMScheduler.add_noise at k = floor(t N), target epsilon (= noise) or v.
+"""
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import DiffusionConfig, validate_diffusion_config
+from .schedulers import build_scheduler, ddpm_noise_scheduler
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+
+# sample_t keeps t strictly inside (0, 1): t = 0 trains nothing, and sigmoid saturates to exactly 1.0 in float32.
+_T_EPS = 1e-5
+
+
+def _expand(t: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, ..., 1] broadcastable against `like` [B, ...]."""
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must have shape [B]=[{like.shape[0]}], got {tuple(t.shape)}")
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class Diffusion:
+    """Training objective and sampler for one DiffusionConfig; holds no learnable state."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = validate_diffusion_config(cfg)
+        self.num_train_timesteps = self.cfg.num_train_timesteps
+        self.is_flow = self.cfg.formulation == "rectified_flow"
+        # DDPM: the training noise schedule. add_noise / get_velocity are stateless, so one instance is enough.
+        self.noise_scheduler = None if self.is_flow else ddpm_noise_scheduler(self.cfg)
+        # A private CPU copy: diffusers' add_noise moves the scheduler's own tensor to the data's device.
+        self._alphas_cumprod = None if self.is_flow else self.noise_scheduler.alphas_cumprod.clone()
+
+    # ----------------------------------------------------------------------------------------------- time
+    def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+        """Training noise levels t [B] in (0, 1): uniform, or logit-normal (SD3) to focus on mid noise levels."""
+        gen_device = generator.device if generator is not None else device
+        if self.cfg.timestep_sampling == "uniform":
+            t = torch.rand(batch_size, generator=generator, device=gen_device)
+        else:
+            z = torch.randn(batch_size, generator=generator, device=gen_device)
+            t = torch.sigmoid(z * self.cfg.logit_std + self.cfg.logit_mean)
+        return t.clamp(_T_EPS, 1 - _T_EPS).to(device)
+
+    def timestep_index(self, t: Tensor) -> Tensor:
+        """DDPM: the discrete timestep k = clamp(floor(t N), 0, N-1), long [B]."""
+        n = self.num_train_timesteps
+        return torch.floor(t.float() * n).clamp(0, n - 1).long()
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """t [B] -> float [B] for the timestep embedder: t N (flow) or the DDPM index k."""
+        if self.is_flow:
+            return t.float() * self.num_train_timesteps
+        return self.timestep_index(t).float()
+
+    def _alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
+        """DDPM: alphas_cumprod at k(t), shaped [B, 1, ...] like `like`, in float32."""
+        k = self.timestep_index(t).cpu()
+        a = self._alphas_cumprod[k].to(device=like.device, dtype=torch.float32)
+        return _expand(a, like)
+
+    # ------------------------------------------------------------------------------------------ objective
+    def noisy_and_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x0, noise [B, ...] (e.g. [B, T, C, H, W]); t [B]. Returns (x_t, target), both shaped like x0."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+        if self.is_flow:
+            tt = _expand(t, x0).to(x0.dtype)
+            return (1 - tt) * x0 + tt * noise, noise - x0
+        k = self.timestep_index(t).to(x0.device)
+        _expand(k, x0)  # shape check
+        x_t = self.noise_scheduler.add_noise(x0, noise, k)
+        target = noise if self.cfg.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, k)
+        return x_t, target
+
+    def loss(self, prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """MSE over the frames to generate only: prediction/target [B, T, C, H, W], mask [B, T] bool.
+
+        Each masked frame's MSE (mean over C, H, W) is averaged over the masked frames of its sample, then over
+        the samples that have any: every sample weighs the same whatever its mask ratio, so the mean of per-rank
+        losses under data parallelism equals the loss of the whole global batch. Unmasked frames are dropped
+        before any arithmetic, so even a non-finite value there changes neither loss nor grads.
+        """
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
+        if mask.shape != prediction.shape[:2]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, T]={tuple(prediction.shape[:2])}")
+        mask = mask.to(device=prediction.device, dtype=torch.bool)
+        if not mask.any():
+            raise ValueError("loss: no frame is masked (mask is all False), nothing to train on")
+        pred, tgt = prediction[mask].float(), target[mask].float()  # [N, C, H, W]
+        per_frame = (pred - tgt).pow(2).flatten(1).mean(dim=1)  # [N]
+        frames_per_sample = mask.sum(dim=1)  # [B]
+        sample_of_frame = mask.nonzero()[:, 0]  # [N]
+        weight = 1.0 / (frames_per_sample[sample_of_frame] * (frames_per_sample > 0).sum())
+        return (per_frame * weight).sum()
+
+    def predict_x0(self, x_t: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
+        """Clean estimate from a model output at noise level t [B]; x_t, model_output [B, ...]."""
+        if self.is_flow:
+            return x_t - _expand(t, x_t).to(x_t.dtype) * model_output
+        a = self._alpha_bar(t, x_t)
+        x, out = x_t.float(), model_output.float()
+        if self.cfg.prediction == "epsilon":
+            x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+        else:  # v = sqrt(a) eps - sqrt(1 - a) x0  =>  x0 = sqrt(a) x_t - sqrt(1 - a) v
+            x0 = a.sqrt() * x - (1 - a).sqrt() * out
+        return x0.to(x_t.dtype)
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def make_scheduler(self, num_inference_steps: Optional[int] = None):
+        """A fresh diffusers scheduler (FlowMatchEuler / DDIM / DDPM) with set_timesteps called."""
+        n = self.cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
+        return build_scheduler(self.cfg, n)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise_fn: DenoiseFn,
+        noise: Tensor,
+        num_steps: Optional[int] = None,
+        project: Optional[Callable[[Tensor], Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Run the sampler from `noise` [B, ...] and return the x0 estimate, shaped like `noise`.
+
+        denoise_fn(x_t, model_time [B]) returns the configured prediction (velocity / epsilon / v).
+        project(x) is applied before every denoise call and once at the end; the joint model uses it to hold
+        reference frames at their clean latents. The generator drives the DDPM sampler's fresh noise.
+        """
+        project = project if project is not None else (lambda x: x)
+        scheduler = self.make_scheduler(num_steps)
+        # FlowMatchEulerDiscreteScheduler has no init_noise_sigma (its noise is unit-scale); DDIM/DDPM have 1.0.
+        x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        batch = noise.shape[0]
+        for timestep in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+            x = project(x)
+            # The scheduler's timesteps are already in model-time units: sigma * N (flow) or the index k (DDPM).
+            mt = timestep.to(device=x.device, dtype=torch.float32).expand(batch)
+            out = denoise_fn(x, mt)
+            step = scheduler.step(out, timestep, x, generator=generator)
+            x = step.prev_sample
+        if not self.is_flow:
+            # DDIM/DDPM compute the previous timestep as k - N // n: when n does not divide N, the last step lands
+            # on k = 0 (alpha_bar < 1, and DDPM adds noise there) instead of clean data. The last step's own x0
+            # estimate is what prev_sample equals whenever it does land on clean data, so return that.
+            x = step.pred_original_sample.to(x.dtype)
+        return project(x)
