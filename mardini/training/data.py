@@ -1,0 +1,105 @@
+"""Deterministic, resumable data order and per-sample randomness.
+
+The training stream is a sequence of global sample positions 0, 1, 2, ...; position p maps to dataset index
+``perm_epoch[p % N]`` with one seeded permutation per epoch. Optimizer step s, micro-step a, rank r reads the
+contiguous slice of positions ``[(s * A + a) * W * b + r * b, ... + b)`` (A micro-steps, W ranks, b samples each).
+Everything random about a sample (its mask, noise level, plan dropout and noise) is drawn from a generator
+seeded by (seed, step, position). So the run is a function of the seed alone: resuming at step s, or splitting
+the same global batch over a different number of ranks, reproduces exactly the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..masking import MaskSampler, mask_generator
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    micro_batch: int   # b: samples per rank per micro-step
+    grad_accum: int    # A
+    world_size: int    # W
+    rank: int
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def positions(self, step: int, micro_step: int) -> list[int]:
+        start = (step * self.grad_accum + micro_step) * self.world_size * self.micro_batch
+        start += self.rank * self.micro_batch
+        return list(range(start, start + self.micro_batch))
+
+
+class EpochPermutation(Dataset):
+    """Wraps a dataset so that item p is the sample at stream position p (a fresh permutation every epoch)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self._epoch, self._perm = None, None
+
+    def __len__(self) -> int:  # the stream is unbounded; this is the epoch length
+        return len(self.dataset)
+
+    def index_of(self, position: int) -> int:
+        n = len(self.dataset)
+        epoch = position // n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(n, generator=g), epoch
+        return int(self._perm[position % n])
+
+    def __getitem__(self, position: int) -> dict:
+        item = dict(self.dataset[self.index_of(position)])
+        item["position"] = position
+        return item
+
+
+class StreamBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches of positions from `start_step` on, forever."""
+
+    def __init__(self, layout: StreamLayout, start_step: int = 0):
+        self.layout, self.start_step = layout, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            for micro in range(self.layout.grad_accum):
+                yield self.layout.positions(step, micro)
+            step += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the stream has no end
+        return 2**62
+
+
+@dataclass
+class SampleRandomness:
+    mask: torch.Tensor       # [B, T] bool
+    t: torch.Tensor          # [B]
+    drop_plan: torch.Tensor  # [B] bool
+    noise: torch.Tensor      # [B, T, C, H, W]
+
+
+def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: MaskSampler, diffusion,
+                    num_frames: int, latent_shape: tuple[int, int, int], plan_dropout: float,
+                    device: torch.device, dtype=torch.float32) -> SampleRandomness:
+    """Per-sample draws from generator(seed, step, position), in a fixed order: mask, t, plan drop, noise seed."""
+    masks, ts, drops, noises = [], [], [], []
+    for position in positions:
+        g = mask_generator(seed, step, position)
+        masks.append(mask_sampler.sample(step, num_frames, g))
+        ts.append(diffusion.sample_t(1, generator=g))
+        drops.append(torch.rand(1, generator=g) < plan_dropout)
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        g_dev = torch.Generator(device=device).manual_seed(noise_seed)
+        noises.append(torch.randn((num_frames, *latent_shape), generator=g_dev, device=device, dtype=dtype))
+    return SampleRandomness(
+        mask=torch.stack(masks).to(device),
+        t=torch.cat(ts).to(device),
+        drop_plan=torch.cat(drops).to(device),
+        noise=torch.stack(noises),
+    )
