@@ -27,11 +27,11 @@ class PlannerConfig:
 
 @dataclass
 class GeneratorConfig:
-    dim: int = 128
-    depth: int = 4
-    num_heads: int = 4
+    dim: int = 128          # transformer width
+    depth: int = 4          # number of blocks
+    num_heads: int = 4      # attention heads (head dim = dim / num_heads)
     patch_size: int = 2     # latent cells per token side, on the high-resolution latents
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # MLP hidden width / dim
     attention: str = "identity"   # identity | full | spatial  (see generator.py)
     identity_impl: str = "split"  # split: two mask-free attention calls (fast kernels) | mask: one dense boolean mask
 
@@ -48,8 +48,8 @@ class MarDiniConfig:
     attn_backend: str = "sdpa"    # sdpa | xformers
     sdpa_kernel: str = "auto"     # auto | flash | efficient | cudnn | math
     plan_dropout: float = 0.0     # probability of replacing a sample's plan by a learned null plan (for CFG)
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)        # the planning transformer (low-res latents)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # the diffusion transformer (high-res latents)
 
     def __post_init__(self):
         validate_model_config(self)

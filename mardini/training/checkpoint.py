@@ -6,8 +6,7 @@ every rank, registered objects such as the LR scheduler), the EMA weights (``ema
 when complete; a ``COMPLETE`` marker is the last file written before the rename. Resuming picks the newest folder
 that has the marker; leftovers of an interrupted write are ignored and removed.
 
-An export is a diffusers-style folder: ``config.json`` (model, diffusion and autoencoder configs) and
-``model.safetensors`` (the EMA weights), which ``load_export`` turns back into a model.
+Exports (the folder that inference and fine-tuning read) are defined in mardini/export.py.
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-EXPORT_FORMAT = "mardini"
-EXPORT_VERSION = 1
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
-MODEL_FILE = "model.safetensors"  # Accelerate's name for the (first) model's weights
+MODEL_FILE = "model.safetensors"  # Accelerate's name for the (first) model's weights (same as an export's)
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,80 +108,3 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict[str, torc
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     return state, load_file(str(path / EMA_FILE))
-
-
-# ---------------------------------------------------------------------------------------------------- export
-
-def export_model(directory: str | Path, state_dict: dict[str, torch.Tensor], model_cfg: dict, diffusion_cfg: dict,
-                 autoencoder_cfg: dict, extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors atomically (temp folder, then rename)."""
-    from .. import __version__
-
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    config = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "mardini_version": __version__,
-              "model": model_cfg, "diffusion": diffusion_cfg, "autoencoder": autoencoder_cfg, **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / MODEL_FILE))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
-
-
-def read_export_config(directory: str | Path) -> dict:
-    directory = Path(directory)
-    for name in ("config.json", MODEL_FILE):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory} is not a mardini export: {name} is missing")
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{directory}/config.json is not a mardini export (format={config.get('format')!r})")
-    if config.get("format_version") != EXPORT_VERSION:
-        raise ValueError(f"{directory}/config.json has format_version={config.get('format_version')!r}; "
-                         f"this mardini reads version {EXPORT_VERSION}")
-    return config
-
-
-def load_export(directory: str | Path, device="cpu"):
-    """Rebuild (model, config dict) from an export folder."""
-    from ..models import MarDini
-
-    config = read_export_config(directory)
-    model = MarDini(config["model"])
-    load_weights(model, load_file(str(Path(directory) / MODEL_FILE)), source=str(directory))
-    return model.to(device).eval(), config
-
-
-def weights_for_init(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights to fine-tune from: an export's model.safetensors, or a checkpoint's EMA weights."""
-    path = Path(path)
-    if (path / "config.json").exists() and (path / MODEL_FILE).exists():
-        read_export_config(path)
-        return load_file(str(path / MODEL_FILE))
-    if (path / COMPLETE).exists() and (path / EMA_FILE).exists():
-        return load_file(str(path / EMA_FILE))
-    raise FileNotFoundError(f"train.init_from={path} is neither an export (config.json + {MODEL_FILE}) nor a "
-                            f"complete checkpoint ({COMPLETE} + {EMA_FILE})")
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names every missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"weights from {source} do not fit the model:"]
-        if mismatched:
-            lines.append("  shape mismatch: " + "; ".join(mismatched))
-        if missing:
-            lines.append(f"  missing in checkpoint: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected in checkpoint: {unexpected}")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state)

@@ -36,6 +36,7 @@ class AutoencoderConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic: procedural moving shapes, no download
     synthetic: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)  # the synthetic dataset
+    fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
     val_seed: int = 1_000_003  # seed of the validation clips (a stream disjoint from training)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     pin_memory: bool = True  # pin host memory when training on a GPU

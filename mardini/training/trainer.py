@@ -28,6 +28,7 @@ from ..data.synthetic import SyntheticVideoDataset
 from ..diffusion import Diffusion
 from ..masking import MaskSampler
 from ..models import MarDini, as_model_config, lowres_from_hires
+from .. import export as export_format
 from . import checkpoint as ckpt
 from .config import Config, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
@@ -117,8 +118,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = MarDini(self.model_cfg)
         if t.init_from:
-            ckpt.load_weights(model, ckpt.weights_for_init(t.init_from), source=t.init_from)
-            log.info("initialised weights from %s", t.init_from)
+            export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
+            log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
         if t.freeze_generator:
@@ -191,14 +192,17 @@ class Trainer:
         return path
 
     def export(self) -> Path:
-        """EMA weights as a diffusers-style folder (config.json + model.safetensors)."""
+        """EMA (and raw) weights as a diffusers-style folder that MarDiniPipeline.from_pretrained loads."""
         path = self.run_dir / "export"
         if self.accelerator.is_main_process:
-            ckpt.export_model(path, self.ema.state_dict(), self.model_cfg.to_dict(),
-                              OmegaConf.to_container(self.cfg.diffusion, resolve=True),
-                              OmegaConf.to_container(self.cfg.autoencoder, resolve=True),
-                              extra={"num_frames": self.num_frames, "height": self.height, "width": self.width,
-                                     "step": self.step})
+            raw = {k: v for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+            config = {"model": self.model_cfg.to_dict(),
+                      "diffusion": OmegaConf.to_container(self.cfg.diffusion, resolve=True),
+                      "autoencoder": OmegaConf.to_container(self.cfg.autoencoder, resolve=True),
+                      "num_frames": self.num_frames, "height": self.height, "width": self.width,
+                      "fps": self.cfg.data.fps, "step": self.step}
+            export_format.save_export(path, self.ema.state_dict(), config, raw_state=raw,
+                                      scheduler_config=dict(self.diffusion.make_scheduler().config))
             log.info("exported EMA weights to %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -339,7 +343,7 @@ class Trainer:
             metrics, paths = validation_videos(
                 model, self.autoencoder, self.diffusion, videos,
                 lambda z: lowres_from_hires(z, self.model_cfg.lowres_factor),
-                self.run_dir / "samples", self.step, steps, seed=self.cfg.seed)
+                self.run_dir / "samples", self.step, steps, seed=self.cfg.seed, fps=self.cfg.data.fps)
             acc.log(metrics, step=self.step)
             self._log_videos(paths)
             log.info("step %d validation: %s (videos in %s)", self.step,

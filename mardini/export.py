@@ -1,0 +1,138 @@
+"""The exported model folder, shared by training (writes it), inference and fine-tuning (read it).
+
+Layout (diffusers-style: configs beside safetensors weights)::
+
+    config.json                      format + version, model / diffusion / autoencoder configs, clip size
+    model.safetensors                EMA weights (what inference uses by default)
+    raw_model.safetensors            the raw (non-averaged) weights, optional
+    scheduler/scheduler_config.json  the diffusers scheduler used for sampling, for reference
+
+A training checkpoint folder (``step_000500/``) can stand in for an export: its ``config.yaml`` holds the same
+configs and ``ema.safetensors`` / ``model.safetensors`` the EMA / raw weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+EXPORT_FORMAT = "mardini"
+EXPORT_VERSION = 1
+CONFIG_FILE = "config.json"
+EMA_WEIGHTS = "model.safetensors"
+RAW_WEIGHTS = "raw_model.safetensors"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+WEIGHT_CHOICES = ("ema", "raw")
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_export(directory: str | Path, ema_state: dict[str, torch.Tensor], config: dict,
+                raw_state: dict[str, torch.Tensor] | None = None, scheduler_config: dict | None = None) -> Path:
+    """Write an export atomically: everything goes to a temporary folder that is renamed when complete.
+    `config` holds at least "model", "diffusion" and "autoencoder"."""
+    from . import __version__
+
+    for key in ("model", "diffusion", "autoencoder"):
+        if key not in config:
+            raise ValueError(f"export config needs a {key!r} entry")
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    header = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "mardini_version": __version__}
+    (tmp / CONFIG_FILE).write_text(json.dumps({**header, **config}, indent=2))
+    save_file(_cpu(ema_state), str(tmp / EMA_WEIGHTS))
+    if raw_state is not None:
+        save_file(_cpu(raw_state), str(tmp / RAW_WEIGHTS))
+    if scheduler_config is not None:
+        (tmp / "scheduler").mkdir()
+        (tmp / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2, default=str))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "COMPLETE").exists() and (path / "config.yaml").exists()
+
+
+def read_config(path: str | Path) -> dict:
+    """The configs of an export (config.json) or of a training checkpoint (config.yaml); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder (expected a mardini export or checkpoint)")
+    if is_checkpoint(path):
+        from omegaconf import OmegaConf
+
+        run = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+        syn = run["data"]["synthetic"]
+        return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": run["model"],
+                "diffusion": run["diffusion"], "autoencoder": run["autoencoder"], "num_frames": syn["num_frames"],
+                "height": syn["height"], "width": syn["width"]}
+    for name in (CONFIG_FILE, EMA_WEIGHTS):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE} is not a mardini export (format={config.get('format')!r})")
+    if config.get("format_version") != EXPORT_VERSION:
+        raise ValueError(f"{path / CONFIG_FILE} has format_version={config.get('format_version')!r}; this version of "
+                         f"mardini reads format_version={EXPORT_VERSION}")
+    for key in ("model", "diffusion", "autoencoder"):
+        if key not in config:
+            raise ValueError(f"{path / CONFIG_FILE} lacks the {key!r} entry")
+    return config
+
+
+def read_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """EMA or raw weights of an export or a training checkpoint."""
+    if which not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {which!r}")
+    path = Path(path)
+    if is_checkpoint(path):
+        name = "ema.safetensors" if which == "ema" else "model.safetensors"
+    else:
+        read_config(path)
+        name = EMA_WEIGHTS if which == "ema" else RAW_WEIGHTS
+    if not (path / name).exists():
+        raise FileNotFoundError(f"{path / name} is missing ({which} weights requested)")
+    return load_file(str(path / name))
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names every missing, unexpected or mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"weights from {source} do not fit the model:"]
+        if mismatched:
+            lines.append("  shape mismatch: " + "; ".join(mismatched))
+        if missing:
+            lines.append(f"  missing in checkpoint: {missing}")
+        if unexpected:
+            lines.append(f"  unexpected in checkpoint: {unexpected}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path, which: str = "ema", device="cpu"):
+    """(MarDini model in eval mode, config dict) from an export or checkpoint folder."""
+    from .models import MarDini
+
+    config = read_config(path)
+    model = MarDini(config["model"])
+    load_weights(model, read_weights(path, which), source=str(path))
+    return model.to(device).eval(), config

@@ -1,0 +1,209 @@
+"""MarDiniPipeline: from given frames to a video, for every task one model serves.
+
+The core call places the given frames at chosen positions of a window of T frames and fills in the rest: encode
+the given frames, run the planner once, run the sampler on the masked frames, decode. The tasks (interpolation,
+image-to-video, expansion, looping, slow motion, long videos) only choose positions, and for videos longer than
+the window, a plan of calls (planning.py) whose context frames come from earlier calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import export as export_format
+from ..autoencoders import build_autoencoder
+from ..diffusion import Diffusion
+from ..models import MarDini, lowres_from_hires
+from .planning import Window, check_plan, expansion_plan, interpolation_plan, long_video_plan
+
+log = logging.getLogger(__name__)
+
+ImageLike = "torch.Tensor | np.ndarray | PIL.Image.Image | str | Path"
+AUTOENCODER_KEYS = {"identity": ("patch_size", "scale", "shift")}
+
+
+def _autoencoder_from_config(cfg: dict):
+    name = cfg["name"]
+    if name not in AUTOENCODER_KEYS:
+        raise ValueError(f"unknown autoencoder {name!r} in the export's config")
+    return build_autoencoder(name, **{k: cfg[k] for k in AUTOENCODER_KEYS[name] if k in cfg})
+
+
+class MarDiniPipeline:
+    def __init__(self, model: MarDini, diffusion: Diffusion, autoencoder, config: dict):
+        self.model = model.eval()
+        self.diffusion = diffusion
+        self.autoencoder = autoencoder.eval()
+        self.config = config
+        self.num_frames = int(config.get("num_frames", model.cfg.max_frames))  # the training window T
+        self.height, self.width = int(config["height"]), int(config["width"])
+        self.fps = int(config.get("fps", 8))
+        self.planner_calls = 0  # how many times the planner ran (once per window)
+
+    # ------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema"):
+        """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights."""
+        model, config = export_format.load_model(path, weights, device)
+        for key in ("height", "width"):
+            if key not in config:
+                raise ValueError(f"{path}: config.json lacks {key!r}")
+        diffusion = Diffusion(config["diffusion"])
+        autoencoder = _autoencoder_from_config(config["autoencoder"])
+        return cls(model, diffusion, autoencoder, config).to(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        state = self.model.state_dict()
+        config = {k: v for k, v in self.config.items() if k not in ("format", "format_version", "mardini_version")}
+        config["model"] = self.model.cfg.to_dict()
+        return export_format.save_export(path, state, config,
+                                         scheduler_config=dict(self.diffusion.make_scheduler().config))
+
+    def to(self, device=None, dtype=None):
+        self.model.to(device=device, dtype=dtype)
+        self.autoencoder.to(device=device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def preprocess(self, image) -> torch.Tensor:
+        """An image (path, PIL, uint8 HxWx3 array, or float [3,H,W] tensor in [-1,1]) -> [3, H, W] in [-1, 1] at
+        the model's resolution (resize the short side, then centre crop)."""
+        if isinstance(image, (str, Path)):
+            from PIL import Image
+
+            image = Image.open(image).convert("RGB")
+        if not isinstance(image, torch.Tensor):
+            array = np.asarray(image)
+            if array.ndim != 3 or array.shape[-1] != 3:
+                raise ValueError(f"images must be HxWx3, got shape {array.shape}")
+            image = torch.from_numpy(array.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be [3, H, W], got {tuple(image.shape)}")
+        image = image.float()
+        h, w = image.shape[1:]
+        if (h, w) != (self.height, self.width):
+            scale = max(self.height / h, self.width / w)
+            size = (max(self.height, round(h * scale)), max(self.width, round(w * scale)))
+            image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            top, left = (size[0] - self.height) // 2, (size[1] - self.width) // 2
+            image = image[:, top:top + self.height, left:left + self.width]
+        return image.clamp(-1, 1)
+
+    # ------------------------------------------------------------------------------------------- core call
+    @torch.inference_mode()
+    def __call__(self, frames: dict[int, object], num_frames: int | None = None, num_steps: int | None = None,
+                 seed: int | Sequence[int] = 0, guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
+        """Generate one window. frames: {position: image}; returns [T, 3, H, W] in [-1, 1] (or [S, T, 3, H, W]
+        for a list of S seeds). Given frames come back exactly as they were preprocessed."""
+        T = num_frames or self.num_frames
+        if T > self.model.cfg.max_frames:
+            raise ValueError(f"num_frames={T} exceeds the model's max_frames={self.model.cfg.max_frames}; "
+                             f"use long_video() for longer videos")
+        pixels = {int(p): self.preprocess(img) for p, img in frames.items()}
+        bad = [p for p in pixels if not 0 <= p < T]
+        if bad:
+            raise ValueError(f"frame positions {bad} are outside the window [0, {T})")
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        video = self._generate_window(pixels, T, seeds, num_steps, guidance_scale, progress)
+        return video[0] if isinstance(seed, int) else video
+
+    def _generate_window(self, pixels: dict[int, torch.Tensor], T: int, seeds: list[int], num_steps, guidance_scale,
+                         progress=False) -> torch.Tensor:
+        """pixels: {position: [3, H, W]} -> [S, T, 3, H, W]; given frames are copied back exactly."""
+        if not pixels:
+            raise ValueError("at least one frame must be given")
+        if len(pixels) >= T:
+            raise ValueError(f"all {T} frames are given: nothing to generate")
+        S, device = len(seeds), self.device
+        video = torch.zeros(S, T, 3, self.height, self.width)
+        mask = torch.ones(S, T, dtype=torch.bool)
+        for p, img in pixels.items():
+            video[:, p] = img
+            mask[:, p] = False
+        video, mask = video.to(device), mask.to(device)
+        z = self.autoencoder.encode(video).to(self.dtype)
+        z = torch.where(mask[:, :, None, None, None], torch.zeros_like(z), z)
+        noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds]).to(device, self.dtype)
+        self.planner_calls += 1
+        out = self.model.generate(z, mask, self.diffusion, z_lo=lowres_from_hires(z, self.model.cfg.lowres_factor),
+                                  num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
+                                  generator=torch.Generator(device).manual_seed(int(seeds[0])), progress=progress)
+        frames = self.autoencoder.decode(out.float()).cpu()
+        return torch.where(mask.cpu()[:, :, None, None, None], frames, video.cpu())
+
+    # ------------------------------------------------------------------------------------------- tasks
+    def interpolate(self, first, last, num_frames: int | None = None, **kw) -> torch.Tensor:
+        """first ... last, with num_frames - 2 frames generated between them."""
+        T = num_frames or self.num_frames
+        return self(frames={0: first, T - 1: last}, num_frames=T, **kw)
+
+    def image_to_video(self, image, position: int | str = "middle", num_frames: int | None = None, **kw):
+        """One given frame at the start, the middle (the paper's main setting) or the end of the window."""
+        T = num_frames or self.num_frames
+        index = {"first": 0, "middle": T // 2, "last": T - 1}.get(position, position)
+        if not isinstance(index, int):
+            raise ValueError(f"position must be 'first', 'middle', 'last' or an int, got {position!r}")
+        return self(frames={index: image}, num_frames=T, **kw)
+
+    def loop(self, image, num_frames: int | None = None, **kw) -> torch.Tensor:
+        """A seamless loop: the same image first and last; returns T - 1 frames (the repeat dropped) so that
+        playing the clip on repeat has no seam."""
+        T = num_frames or self.num_frames
+        return self(frames={0: image, T - 1: image}, num_frames=T, **kw)[..., :-1, :, :, :]
+
+    def expand(self, video, num_new: int, direction: str = "forward", context: int | None = None,
+               seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
+        """Continue a clip [k, 3, H, W] by num_new frames forwards (or backwards), window after window."""
+        given = [self.preprocess(f) for f in video]
+        total = len(given) + num_new
+        plan = expansion_plan(len(given), total, self.num_frames, context, direction)
+        offset = 0 if direction == "forward" else num_new
+        return self.run_plan(plan, {offset + i: f for i, f in enumerate(given)}, total, seed, progress, **kw)
+
+    def slow_motion(self, frames, factor: int, seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
+        """Insert factor - 1 frames between consecutive frames: k frames -> (k - 1) * factor + 1 frames."""
+        if factor < 2:
+            raise ValueError(f"factor must be >= 2, got {factor}")
+        given = [self.preprocess(f) for f in frames]
+        total = (len(given) - 1) * factor + 1
+        known = {i * factor: f for i, f in enumerate(given)}
+        plan = interpolation_plan(sorted(known), self.num_frames)
+        return self.run_plan(plan, known, total, seed, progress, **kw)
+
+    def long_video(self, frames: dict[int, object], num_frames: int, stride: int = 1, context: int | None = None,
+                   seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
+        """Any length: given frames at output positions; expand on a grid of every `stride`-th frame, then
+        interpolate recursively (e.g. 4 images -> 128 frames with a 17-frame window)."""
+        known = {int(p): self.preprocess(img) for p, img in frames.items()}
+        plan = long_video_plan(sorted(known), num_frames, self.num_frames, stride, context)
+        return self.run_plan(plan, known, num_frames, seed, progress, **kw)
+
+    def run_plan(self, plan: list[Window], known: dict[int, torch.Tensor], num_frames: int, seed: int = 0,
+                 progress: bool = True, num_steps: int | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+        """Execute a plan; returns [num_frames, 3, H, W]. Window i uses seed + i, so results are reproducible."""
+        check_plan(plan, sorted(known), num_frames, self.num_frames)
+        frames = dict(known)
+        for i, window in enumerate(tqdm(plan, desc="windows", disable=not progress)):
+            given = {j: frames[p] for j, (p, c) in enumerate(zip(window.positions, window.context)) if c}
+            with torch.inference_mode():
+                out = self._generate_window(given, len(window.positions), [seed + i], num_steps, guidance_scale)[0]
+            for j, (p, c) in enumerate(zip(window.positions, window.context)):
+                if not c:
+                    frames[p] = out[j]
+        return torch.stack([frames[p] for p in range(num_frames)])
