@@ -28,6 +28,7 @@ EMA_WEIGHTS = "model.safetensors"
 RAW_WEIGHTS = "raw_model.safetensors"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 WEIGHT_CHOICES = ("ema", "raw")
+SHARDED = "sharded"  # inside an FSDP training checkpoint: the torch.distributed.checkpoint folder
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,6 +100,12 @@ def read_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
     if which not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {which!r}")
     path = Path(path)
+    if is_checkpoint(path) and (path / SHARDED / ".metadata").exists():  # an FSDP checkpoint
+        from .models import MarDini
+
+        with torch.device("meta"):
+            like = MarDini(read_config(path)["model"]).state_dict()
+        return read_sharded_weights(path, "ema" if which == "ema" else "model", like)
     if is_checkpoint(path):
         name = "ema.safetensors" if which == "ema" else "model.safetensors"
     else:
@@ -107,6 +114,16 @@ def read_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
     if not (path / name).exists():
         raise FileNotFoundError(f"{path / name} is missing ({which} weights requested)")
     return load_file(str(path / name))
+
+
+def read_sharded_weights(path: str | Path, key: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of one entry ("ema" or "model") of a sharded checkpoint, in one process;
+    `like` gives names and shapes (e.g. a meta-device model's state_dict)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key: {k: torch.empty_like(v, device="cpu") for k, v in like.items()}}
+    dcp.load(state, checkpoint_id=str(Path(path) / SHARDED), no_dist=True)
+    return state[key]
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

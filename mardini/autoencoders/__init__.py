@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from .base import VideoAutoencoder, lowres_latents
 from .identity import IdentityAutoencoder
+from .kl import KLAutoencoder, VideoKLAutoencoder
 
 # name -> class; a new wrapper registers itself here so configs can select it by name.
 AUTOENCODERS: dict[str, type[VideoAutoencoder]] = {
     "identity": IdentityAutoencoder,
+    "kl": KLAutoencoder,  # diffusers AutoencoderKL (SD / SDXL / FLUX VAEs), per frame
+    "kl_video": VideoKLAutoencoder,  # diffusers video VAE (AutoencoderKLCogVideoX, ...), temporal compression
 }
 
 
@@ -18,4 +21,12 @@ def build_autoencoder(name: str, **kwargs) -> VideoAutoencoder:
     return AUTOENCODERS[name](**kwargs)
 
 
-__all__ = ["AUTOENCODERS", "IdentityAutoencoder", "VideoAutoencoder", "build_autoencoder", "lowres_latents"]
+__all__ = [
+    "AUTOENCODERS",
+    "IdentityAutoencoder",
+    "KLAutoencoder",
+    "VideoAutoencoder",
+    "VideoKLAutoencoder",
+    "build_autoencoder",
+    "lowres_latents",
+]

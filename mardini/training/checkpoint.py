@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..export import SHARDED
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
@@ -63,9 +65,10 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, ema_state: dict[str, torch.Tensor],
-                    trainer_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, write_state, trainer_state: dict,
+                    config_yaml: str, keep_last: int) -> Path:
+    """Collective: every rank calls it. `write_state(tmp_dir)` writes the model/optimizer/EMA/RNG part (also
+    collective); this function makes the folder appear atomically and prunes old ones. Returns the final folder."""
     root = Path(checkpoint_dir)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -73,10 +76,11 @@ def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, ema_stat
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    write_state(tmp)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         with open(tmp / COMPLETE, "w") as f:
@@ -92,6 +96,33 @@ def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, ema_stat
     return final
 
 
+def write_accelerate_state(accelerator, ema_state: dict[str, torch.Tensor]):
+    """DDP / single process: Accelerate's save_state (model.safetensors, optimizer, RNG of every rank, registered
+    objects) plus ema.safetensors."""
+
+    def write(tmp: Path) -> None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
+
+    return write
+
+
+def write_sharded_state(accelerator, model, optimizer, scheduler, ema_state: dict[str, torch.Tensor]):
+    """FSDP: model, optimizer and EMA through torch.distributed.checkpoint (each rank writes its shards; loading
+    reshards to any world size), the LR scheduler from rank 0 and every rank's RNG state."""
+
+    def write(tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd, "ema": dict(ema_state)}, checkpoint_id=str(tmp / SHARDED))
+        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+    return write
 def prune_checkpoints(checkpoint_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted writes."""
     for _, path in list_checkpoints(checkpoint_dir)[:-keep_last]:
@@ -100,11 +131,67 @@ def prune_checkpoints(checkpoint_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED / ".metadata").exists()
+
+
 def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore Accelerate's state from `path`; return (trainer_state, ema_state)."""
-    path = Path(path)
-    if not (path / COMPLETE).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    """DDP format: restore Accelerate's state from `path`; return (trainer_state, ema_state)."""
+    path = _complete(path)
+    if is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is a sharded (FSDP) checkpoint: resume it with train.parallel=fsdp")
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     return state, load_file(str(path / EMA_FILE))
+
+
+def load_sharded_checkpoint(accelerator, path: str | Path, model, optimizer, scheduler,
+                            ema_state: dict[str, torch.Tensor]) -> dict:
+    """FSDP format: load model, optimizer and EMA (in place) resharded to the current world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = _complete(path)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded checkpoint: resume it with train.parallel=ddp")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "ema": ema_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s has no RNG state for rank %d (saved with fewer ranks)", path, accelerator.process_index)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _complete(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

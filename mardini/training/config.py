@@ -8,15 +8,18 @@ consistency before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import List
 
 from ..data.synthetic import SyntheticVideoConfig
 from ..diffusion.config import DiffusionConfig, validate_diffusion_config
-from ..masking import CurriculumConfig, check_curriculum_reaches, validate_curriculum
-from ..models.config import MarDiniConfig, validate_model_config
+from ..masking import (CurriculumConfig, CurriculumStage, MaskStrategyConfig, check_curriculum_reaches,
+                       validate_curriculum)
+from ..models.config import GeneratorConfig, MarDiniConfig, PlannerConfig, validate_model_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+PARALLEL_MODES = ("ddp", "fsdp")
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -57,6 +60,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 per block; sharded checkpoints)
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
+    compile: bool = False  # torch.compile each transformer block
     ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(10+s))
     log_every: int = 10  # steps between metric logs
     sample_every: int = 0  # steps between validation videos (0 = only at the end)
@@ -90,11 +96,50 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, checkpoints, logging
 
 
+# Field annotations are strings (from __future__ import annotations): map them back to the nested schemas.
+_FIELD_TYPES = {name: cls for cls in (MarDiniConfig, PlannerConfig, GeneratorConfig, DiffusionConfig, CurriculumConfig,
+                                      CurriculumStage, AutoencoderConfig, DataConfig, SyntheticVideoConfig,
+                                      TrainConfig) for name in (cls.__name__,)}
+_LIST_ITEM_TYPES = {"List[CurriculumStage]": CurriculumStage, "List[MaskStrategyConfig]": MaskStrategyConfig}
+
+
 def register_configs() -> None:
     """Register the schema with Hydra (imported lazily so the library itself never needs Hydra)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="mardini_schema", node=Config)
+
+
+def check_known_keys(cfg, schema=Config, path: str = "") -> None:
+    """Every key must be a schema field. Hydra's `+key=value` appends bypass the structured-config check, so
+    this walks the tree itself and names the first unknown key."""
+    if is_dataclass(cfg):
+        return
+    known = {f.name: f for f in fields(schema)}
+    for key in cfg.keys():
+        name = f"{path}{key}"
+        if key not in known:
+            raise ValueError(f"unknown config key {name!r}; {path.rstrip('.') or 'the top level'} has "
+                             f"{sorted(known)}")
+        sub, item_type = _schema_of(known[key].type)
+        value = cfg[key]
+        if sub is not None and hasattr(value, "keys"):
+            check_known_keys(value, sub, name + ".")
+        elif item_type is not None and value is not None:
+            for i, item in enumerate(value):
+                check_known_keys(item, item_type, f"{name}[{i}].")
+
+
+def _schema_of(annotation) -> tuple[type | None, type | None]:
+    """(nested dataclass, list item dataclass) of a field annotation, real or a string."""
+    if isinstance(annotation, str):
+        return _FIELD_TYPES.get(annotation), _LIST_ITEM_TYPES.get(annotation)
+    if is_dataclass(annotation):
+        return annotation, None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (list, typing.List) and args and is_dataclass(args[0]):
+        return None, args[0]
+    return None, None
 
 
 def latent_channels(ae: AutoencoderConfig) -> int:
@@ -108,6 +153,7 @@ def validate_config(cfg) -> None:
         if not ok:
             raise ValueError(f"{key} {msg}")
 
+    check_known_keys(cfg)
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -123,6 +169,7 @@ def validate_config(cfg) -> None:
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision",
          f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
+    need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")

@@ -9,7 +9,6 @@ the EMA weights. Data order and every sample's randomness depend only on (seed, 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..autoencoders import build_autoencoder
-from ..data.synthetic import SyntheticVideoDataset
+from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from ..diffusion import Diffusion
 from ..masking import MaskSampler
 from ..models import MarDini, as_model_config, lowres_from_hires
@@ -34,6 +33,7 @@ from .config import Config, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
+from .parallel import clip_grad_norm, full_tensor, is_sharded, parallelize, set_gradient_sync
 from .sampling import validation_videos
 
 log = logging.getLogger("mardini.train")
@@ -90,15 +90,14 @@ class Trainer:
         run_dir = _run_dir(cfg).resolve()
         # cpu=True also tells Accelerate to use gloo when torchrun starts several CPU processes.
         use_cpu = t.cpu or not torch.cuda.is_available()
-        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision=mixed, log_with=trackers or None,
-                                             project_dir=str(run_dir))
+        self.fsdp = t.parallel == "fsdp"
+        # Under FSDP the precision is FSDP's MixedPrecisionPolicy (bf16 params, fp32 reduction), not autocast.
+        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision="no" if self.fsdp else mixed,
+                                             log_with=trackers or None, project_dir=str(run_dir))
         # Every rank must write to rank 0's folder (Hydra's timestamp may differ by a second between ranks).
         self.run_dir = Path(broadcast_object_list([str(run_dir)])[0])
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = acc.device
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
         # ---- data, latent space, objective, curriculum
@@ -118,6 +117,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = MarDini(self.model_cfg)
         if t.init_from:
+            if not Path(t.init_from).is_dir():
+                raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
+                                        f"checkpoint folder)")
             export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
@@ -125,13 +127,18 @@ class Trainer:
         if t.freeze_generator:
             model.generator.requires_grad_(False)
         model.to(self.device)
+        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) if self.fsdp else None
+        parallelize(model, t.parallel, t.activation_checkpointing, t.compile, param_dtype)
         self.ema = EMA(model, t.ema_decay)
-        optimizer = build_optimizer(model, t)
+        optimizer = build_optimizer(model, t, fused=False if is_sharded(model) else None)
         self.scheduler = build_scheduler(optimizer, t)
-        # The scheduler is stepped by hand (once per optimizer step, whatever the world size) and only
-        # registered so that Accelerate checkpoints it.
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
+        if self.fsdp:  # already sharded; Accelerate launches, logs and tracks but does not wrap
+            self.model, self.optimizer = model, optimizer
+        else:
+            # The scheduler is stepped by hand (once per optimizer step, whatever the world size) and only
+            # registered so that Accelerate checkpoints it.
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+            acc.register_for_checkpointing(self.scheduler)
         self.layout = StreamLayout(t.batch_size, t.grad_accum, acc.num_processes, acc.process_index)
 
         counts = acc.unwrap_model(self.model).num_parameters()
@@ -149,6 +156,9 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.stop_requested = False
         self._resume()
+        if acc.is_main_process:  # after _resume: a refused run must not overwrite the existing run's record
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
         if trackers:
             run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -164,7 +174,7 @@ class Trainer:
     def _resume(self) -> None:
         resume = self.cfg.train.resume
         if not resume:
-            if self.accelerator.is_main_process and ckpt.list_checkpoints(self.checkpoint_dir):
+            if ckpt.list_checkpoints(self.checkpoint_dir):  # every rank checks, so none is left waiting
                 raise FileExistsError(
                     f"{self.checkpoint_dir} already holds checkpoints: pass train.resume=auto to continue that run, "
                     f"or choose another run_name / train.output_dir")
@@ -173,8 +183,13 @@ class Trainer:
         if path is None:
             log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoint_dir)
             return
-        state, ema_state = ckpt.load_checkpoint(self.accelerator, path)
-        self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_state.items()}, state["ema_updates"])
+        if self.fsdp:
+            state = ckpt.load_sharded_checkpoint(self.accelerator, path, self.model, self.optimizer, self.scheduler,
+                                                 self.ema.shadow)
+            self.ema.num_updates = state["ema_updates"]
+        else:
+            state, ema_state = ckpt.load_checkpoint(self.accelerator, path)
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_state.items()}, state["ema_updates"])
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
@@ -186,26 +201,43 @@ class Trainer:
         state = {"step": self.step, "ema_updates": self.ema.num_updates, "nonfinite_total": self.nonfinite_total,
                  "nonfinite_in_row": self.nonfinite_in_row, "samples_seen": self.step * self.layout.samples_per_step,
                  "world_size": self.accelerator.num_processes}
-        path = ckpt.save_checkpoint(self.accelerator, self.checkpoint_dir, self.step, self.ema.state_dict(), state,
+        if self.fsdp:
+            write = ckpt.write_sharded_state(self.accelerator, self.model, self.optimizer, self.scheduler,
+                                             self.ema.state_dict())
+        else:
+            write = ckpt.write_accelerate_state(self.accelerator, self.ema.state_dict())
+        path = ckpt.save_checkpoint(self.accelerator, self.checkpoint_dir, self.step, write, state,
                                     self.config_yaml, self.cfg.train.keep_last)
-        log.info("saved checkpoint %s", path)
+        if self.accelerator.is_main_process:
+            log.info("saved checkpoint %s", path)
         return path
 
     def export(self) -> Path:
         """EMA (and raw) weights as a diffusers-style folder that MarDiniPipeline.from_pretrained loads."""
         path = self.run_dir / "export"
+        ema, raw = self.full_ema_state(), self.full_model_state()  # collective under FSDP
         if self.accelerator.is_main_process:
-            raw = {k: v for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
             config = {"model": self.model_cfg.to_dict(),
                       "diffusion": OmegaConf.to_container(self.cfg.diffusion, resolve=True),
                       "autoencoder": OmegaConf.to_container(self.cfg.autoencoder, resolve=True),
                       "num_frames": self.num_frames, "height": self.height, "width": self.width,
                       "fps": self.cfg.data.fps, "step": self.step}
-            export_format.save_export(path, self.ema.state_dict(), config, raw_state=raw,
+            export_format.save_export(path, ema, config, raw_state=raw,
                                       scheduler_config=dict(self.diffusion.make_scheduler().config))
             log.info("exported EMA weights to %s", path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def full_ema_state(self) -> dict[str, torch.Tensor]:
+        """EMA weights as plain tensors (gathers shards under FSDP: every rank must call)."""
+        return {k: full_tensor(v) for k, v in self.ema.state_dict().items()}
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        if not self.fsdp:
+            return dict(self.accelerator.unwrap_model(self.model).state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ------------------------------------------------------------------------------------------------- steps
     def _dataloader(self) -> DataLoader:
@@ -237,7 +269,9 @@ class Trainer:
         for micro in range(t.grad_accum):
             batch = next(batches)
             last = micro == t.grad_accum - 1
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            if self.fsdp:
+                set_gradient_sync(self.model, last)
+            sync = contextlib.nullcontext() if last or self.fsdp else acc.no_sync(self.model)
             with sync:
                 loss = self._micro_step(batch, self.step)
                 finite_here = torch.isfinite(loss.detach()).float()
@@ -250,8 +284,7 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            norm = acc.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            grad_norm = float(norm)
+            grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -310,6 +343,9 @@ class Trainer:
                     window, window_start, window_steps = [], time.perf_counter(), 0
                 if t.sample_every and self.step % t.sample_every == 0 and self.step < t.max_steps:
                     self.sample()
+                if acc.num_processes > 1:  # a signal may reach some ranks only: stop together
+                    flag = torch.tensor(float(self.stop_requested), device=self.device)
+                    self.stop_requested = bool(acc.reduce(flag, reduction="sum").item() > 0)
                 if self.step % t.checkpoint_every == 0 or self.stop_requested:
                     self.save_checkpoint()
                 if self.stop_requested:
@@ -333,12 +369,14 @@ class Trainer:
         """Validation videos with the EMA weights (main process only)."""
         acc, t = self.accelerator, self.cfg.train
         metrics = {}
+        ema = self.full_ema_state()  # collective under FSDP
         if acc.is_main_process:
-            model = copy.deepcopy(acc.unwrap_model(self.model)).eval()
-            self.ema.copy_to(model)
-            val_cfg = dict(OmegaConf.to_container(self.cfg.data.synthetic, resolve=True),
-                           seed=self.cfg.data.val_seed, num_videos=t.num_sample_videos)
-            videos = torch.stack([SyntheticVideoDataset(val_cfg)[i]["video"] for i in range(t.num_sample_videos)])
+            model = MarDini(self.model_cfg).to(self.device).eval()
+            model.load_state_dict(ema)
+            val_cfg = SyntheticVideoConfig(**dict(OmegaConf.to_container(self.cfg.data.synthetic, resolve=True),
+                                                  seed=self.cfg.data.val_seed, num_videos=t.num_sample_videos))
+            val_data = SyntheticVideoDataset(val_cfg)
+            videos = torch.stack([val_data[i]["video"] for i in range(t.num_sample_videos)])
             steps = t.sample_steps or self.diffusion.cfg.num_inference_steps
             metrics, paths = validation_videos(
                 model, self.autoencoder, self.diffusion, videos,

@@ -1,0 +1,401 @@
+"""Latent cache: encode a dataset's clips once, train from the stored latents.
+
+Layout of a cache folder::
+
+    cache.json                     what was cached (dataset and autoencoder settings, sizes, lowres factor/mode,
+                                   storage dtype) and, once every shard exists, "complete": true and the shapes
+    shard_000000.safetensors       items [0, S): tensors z_hi [n, T, C, h, w], z_lo [n, T, C, h/r, w/r],
+    shard_000001.safetensors       index [n] (int64); header metadata "samples": JSON list of each item's
+    ...                            source path, clip start (s), clip fps, source frame indices, skipped files
+
+Item i lives in shard i // S at row i % S, and is exactly what ``dataset[i]`` gives, encoded: the dataset's
+clip choice must be deterministic per index (``VideoDataset`` is: starts are seeded by (seed, index) and
+recorded in the metadata), so a cached run and an on-the-fly run train on the same latents.
+
+Writing is resumable: a shard is written to a hidden temporary name and renamed when complete, so after a crash
+a rerun finds each shard either complete (its header is read and checked, then skipped) or missing (written
+again); stale temporary files are removed. Several processes (``scripts/cache_latents.py`` under
+``accelerate launch``) split the shards: process r writes shards r, r + W, r + 2W, ...; the main process writes
+cache.json first and marks the cache complete at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .transforms import downsample, lowres_pixels
+
+log = logging.getLogger("mardini.data")
+
+CACHE_VERSION = 1
+META_NAME = "cache.json"
+LOWRES_MODES = ("latents", "pixels")
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_VOLATILE_KEYS = ("complete", "shapes")  # set by finalize(); not part of what must match on a rerun
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:06d}.safetensors"
+
+
+def encode_hi_lo(autoencoder, video: Tensor, lowres_factor: int, lowres_mode: str = "latents") -> tuple[Tensor, Tensor]:
+    """Pixels [B, T, 3, H, W] in [-1, 1] -> (z_hi [B, T', C, h, w], z_lo [B, T', C, h/r, w/r]).
+
+    lowres_mode="latents" (the default): z_lo is z_hi averaged over r x r cells (the same pooling the trainer
+    applies); "pixels": the pixels are averaged over r x r first and then encoded. Call under torch.no_grad().
+    """
+    if lowres_mode not in LOWRES_MODES:
+        raise ValueError(f"lowres_mode must be one of {LOWRES_MODES}, got {lowres_mode!r}")
+    z_hi = autoencoder.encode(video)
+    if lowres_mode == "latents":
+        z_lo = downsample(z_hi, lowres_factor)
+    else:
+        z_lo = autoencoder.encode(lowres_pixels(video, lowres_factor))
+    return z_hi, z_lo
+
+
+def describe_autoencoder(autoencoder) -> dict:
+    """A JSON-able description of an autoencoder (its own ``describe()`` where it has one)."""
+    if hasattr(autoencoder, "describe"):
+        return _jsonable(autoencoder.describe())
+    return {
+        "class": type(autoencoder).__name__,
+        "scaling_factor": autoencoder.scaling_factor,
+        "shift_factor": autoencoder.shift_factor,
+        "latent_channels": autoencoder.latent_channels,
+        "spatial_compression": autoencoder.spatial_compression,
+        "temporal_compression": autoencoder.temporal_compression,
+        "repr": autoencoder.extra_repr(),
+    }
+
+
+def describe_dataset(dataset) -> dict:
+    """A JSON-able description of a dataset: its class and its config (for the cache's fingerprint)."""
+    cfg = getattr(dataset, "cfg", None)
+    out: dict[str, Any] = {"class": type(dataset).__name__, "length": len(dataset)}
+    if dataclasses.is_dataclass(cfg):
+        out["config"] = _jsonable(dataclasses.asdict(cfg))
+    return out
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_cache_meta(root: str | os.PathLike) -> dict:
+    path = Path(root) / META_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{root} is not a latent cache (no {META_NAME}); build one with scripts/cache_latents.py")
+    return json.loads(path.read_text())
+
+
+class LatentCacheWriter:
+    """Encodes ``dataset`` with ``autoencoder`` into the cache folder ``root`` (see the module docstring).
+
+    One process::
+
+        writer = LatentCacheWriter(root, dataset, autoencoder, lowres_factor=2)
+        writer.write_meta(); writer.run(); writer.finalize()
+
+    Several: the main process calls ``write_meta()``, every process (after a barrier) ``run(rank, world_size)``,
+    and after another barrier the main process ``finalize()``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        dataset: Dataset,
+        autoencoder,
+        lowres_factor: int = 2,
+        lowres_mode: str = "latents",
+        shard_size: int = 256,
+        dtype: str = "float16",
+        extra: Optional[dict] = None,
+    ):
+        if lowres_mode not in LOWRES_MODES:
+            raise ValueError(f"lowres_mode must be one of {LOWRES_MODES}, got {lowres_mode!r}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+        if shard_size < 1 or lowres_factor < 1:
+            raise ValueError(f"shard_size ({shard_size}) and lowres_factor ({lowres_factor}) must be >= 1")
+        self.root = Path(root)
+        self.dataset, self.autoencoder = dataset, autoencoder
+        self.lowres_factor, self.lowres_mode = lowres_factor, lowres_mode
+        self.shard_size, self.dtype = shard_size, dtype
+        self.num_items = len(dataset)
+        self.num_shards = math.ceil(self.num_items / shard_size)
+        self.meta = {
+            "version": CACHE_VERSION,
+            "num_items": self.num_items,
+            "shard_size": shard_size,
+            "num_shards": self.num_shards,
+            "lowres_factor": lowres_factor,
+            "lowres_mode": lowres_mode,
+            "dtype": dtype,
+            "dataset": describe_dataset(dataset),
+            "autoencoder": describe_autoencoder(autoencoder),
+            "extra": _jsonable(extra or {}),
+        }
+
+    # ---------------------------------------------------------------------------------------------- metadata
+    def _mismatch(self, old: dict) -> list[str]:
+        new = self.meta
+        keys = sorted((set(old) | set(new)) - set(_VOLATILE_KEYS))
+        return [f"{k}: cached {old.get(k)!r} != now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+    def write_meta(self) -> None:
+        """Main process: create the folder and cache.json, or check that an existing cache has the same settings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / META_NAME
+        if path.exists():
+            self.check_meta()
+            return
+        _write_json(path, {**self.meta, "complete": False})
+
+    def check_meta(self) -> None:
+        old = read_cache_meta(self.root)
+        diff = self._mismatch(old)
+        if diff:
+            raise ValueError(
+                f"the latent cache in {self.root} was built with other settings ({'; '.join(diff)[:2000]}); "
+                f"use another folder or delete this one"
+            )
+
+    # ------------------------------------------------------------------------------------------------ shards
+    def shard_range(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_items))
+
+    def shard_complete(self, k: int) -> bool:
+        """Shard k exists, its header reads, and it holds the expected items (else it is deleted)."""
+        path = self.root / shard_name(k)
+        if not path.exists():
+            return False
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                ok = int(meta.get("count", -1)) == len(self.shard_range(k)) and int(meta.get("first_index", -1)) == \
+                    self.shard_range(k).start and f.get_slice("z_hi").get_shape()[0] == len(self.shard_range(k))
+        except Exception as e:
+            log.warning("latent cache: %s is unreadable (%s); it will be written again", path, e)
+            ok = False
+        if not ok:
+            path.unlink(missing_ok=True)
+        return ok
+
+    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This process's shards that are not complete yet (removing its stale temporary files)."""
+        mine = range(rank, self.num_shards, world_size)
+        for k in mine:
+            for tmp in self.root.glob(f".{shard_name(k)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        return [k for k in mine if not self.shard_complete(k)]
+
+    def run(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        device: str | torch.device = "cpu",
+        max_shards: Optional[int] = None,
+        progress: bool = True,
+    ) -> list[int]:
+        """Encode this process's missing shards (at most max_shards of them); returns the shards written."""
+        from tqdm.auto import tqdm
+
+        self.check_meta()
+        pending = self.pending_shards(rank, world_size)
+        if max_shards is not None:
+            pending = pending[:max_shards]
+        if not pending:
+            return []
+        # One DataLoader for all of this process's work; batches never straddle two shards.
+        batches = [list(r[i : i + batch_size]) for k in pending for r in [self.shard_range(k)]
+                   for i in range(0, len(r), batch_size)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=num_workers,
+                            pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+        storage = STORAGE_DTYPES[self.dtype]
+        written, parts = [], {"z_hi": [], "z_lo": [], "index": [], "samples": []}
+        k_iter = iter(pending)
+        k = next(k_iter)
+        bar = tqdm(total=sum(len(self.shard_range(s)) for s in pending), desc=f"cache[{rank}]", disable=not progress)
+        self.autoencoder.to(device)
+        for batch in loader:
+            video = batch["video"].to(device, dtype=torch.float32, non_blocking=True)
+            with torch.no_grad():
+                z_hi, z_lo = encode_hi_lo(self.autoencoder, video, self.lowres_factor, self.lowres_mode)
+            parts["z_hi"].append(z_hi.to("cpu", storage))
+            parts["z_lo"].append(z_lo.to("cpu", storage))
+            parts["index"].append(torch.as_tensor(batch["index"], dtype=torch.int64).reshape(-1))
+            parts["samples"] += _sample_records(batch)
+            bar.update(video.shape[0])
+            if sum(len(x) for x in parts["index"]) == len(self.shard_range(k)):
+                self._write_shard(k, parts)
+                written.append(k)
+                parts = {"z_hi": [], "z_lo": [], "index": [], "samples": []}
+                k = next(k_iter, None)
+        bar.close()
+        return written
+
+    def _write_shard(self, k: int, parts: dict) -> None:
+        from safetensors.torch import save_file
+
+        index = torch.cat(parts["index"])
+        expected = torch.tensor(list(self.shard_range(k)), dtype=torch.int64)
+        if not torch.equal(index, expected):
+            raise RuntimeError(f"shard {k}: items came out of order ({index.tolist()[:8]} ...); this is a bug")
+        tensors = {"z_hi": torch.cat(parts["z_hi"]).contiguous(), "z_lo": torch.cat(parts["z_lo"]).contiguous(),
+                   "index": index}
+        metadata = {"format": "mardini-latent-cache", "version": str(CACHE_VERSION), "shard": str(k),
+                    "count": str(len(index)), "first_index": str(int(index[0])),
+                    "samples": json.dumps(parts["samples"])}
+        final = self.root / shard_name(k)
+        tmp = self.root / f".{shard_name(k)}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def finalize(self) -> dict:
+        """Main process, after every process's run(): check every shard, mark the cache complete, record shapes."""
+        missing = [k for k in range(self.num_shards) if not self.shard_complete(k)]
+        if missing:
+            raise RuntimeError(f"latent cache {self.root}: shards {missing[:10]} are missing; run the writer again")
+        from safetensors import safe_open
+
+        with safe_open(str(self.root / shard_name(0)), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape()[1:] for key in ("z_hi", "z_lo")}
+        meta = {**self.meta, "complete": True, "shapes": shapes}
+        _write_json(self.root / META_NAME, meta)
+        return meta
+
+
+def _sample_records(batch: dict) -> list[dict]:
+    """Per-item metadata of a collated batch: every field except the pixels, as plain Python values."""
+    n = int(batch["video"].shape[0])
+    records = [{} for _ in range(n)]
+    for key, value in batch.items():
+        if key == "video":
+            continue
+        values = value.tolist() if isinstance(value, Tensor) else list(value)
+        for record, v in zip(records, values):
+            record[key] = v
+    return records
+
+
+def build_latent_cache(root, dataset, autoencoder, *, lowres_factor: int = 2, lowres_mode: str = "latents",
+                       shard_size: int = 256, dtype: str = "float16", batch_size: int = 8, num_workers: int = 0,
+                       device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Single-process convenience: write (or complete) the cache in root and return its cache.json."""
+    writer = LatentCacheWriter(root, dataset, autoencoder, lowres_factor, lowres_mode, shard_size, dtype)
+    writer.write_meta()
+    writer.run(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    return writer.finalize()
+
+
+class CachedLatentDataset(Dataset):
+    """Items of a complete latent cache: {"z_hi": [T, C, h, w], "z_lo": [T, C, h/r, w/r], "index": i}.
+
+    Shards are memory-mapped lazily (a few open at a time per process), so the dataset pickles cheaply into
+    DataLoader workers and reads only the rows it needs. Latents come back as ``dtype`` (float32 by default).
+    """
+
+    def __init__(self, root: str | os.PathLike, dtype: torch.dtype = torch.float32, max_open: int = 32):
+        self.root = Path(root)
+        self.meta = read_cache_meta(self.root)
+        if not self.meta.get("complete"):
+            raise RuntimeError(
+                f"latent cache {self.root} is incomplete (an interrupted run?): run scripts/cache_latents.py again "
+                f"with the same arguments to finish it"
+            )
+        if self.meta.get("version") != CACHE_VERSION:
+            raise RuntimeError(f"latent cache {self.root}: version {self.meta.get('version')} != {CACHE_VERSION}")
+        self.dtype, self.max_open = dtype, max_open
+        self.shard_size = int(self.meta["shard_size"])
+        self._open: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.meta["num_items"])
+
+    @property
+    def lowres_factor(self) -> int:
+        return int(self.meta["lowres_factor"])
+
+    @property
+    def data_config(self) -> dict:
+        """The config of the dataset that was cached (num_frames, height, width, fps, ...)."""
+        return self.meta["dataset"].get("config", {})
+
+    def _shard(self, k: int):
+        handle = self._open.get(k)
+        if handle is None:
+            from safetensors import safe_open
+
+            path = self.root / shard_name(k)
+            if not path.exists():
+                raise FileNotFoundError(f"latent cache {self.root}: {path.name} is missing")
+            handle = safe_open(str(path), framework="pt")
+            self._open[k] = handle
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(k)
+        return handle
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
+        k, row = divmod(index, self.shard_size)
+        f = self._shard(k)
+        return {
+            "z_hi": f.get_slice("z_hi")[row : row + 1][0].to(self.dtype),
+            "z_lo": f.get_slice("z_lo")[row : row + 1][0].to(self.dtype),
+            "index": index,
+        }
+
+    def sample_metadata(self, index: int) -> dict:
+        """What was recorded for item index: source path, clip start, fps, frame indices, skipped files, ..."""
+        k, row = divmod(int(index), self.shard_size)
+        return json.loads(self._shard(k).metadata()["samples"])[row]
+
+    def check_compatible(self, autoencoder, lowres_factor: Optional[int] = None) -> None:
+        """Raise if the cache was made with another autoencoder (class, normalisation, latent size) or
+        lowres factor than the run will use."""
+        cached, now = self.meta["autoencoder"], describe_autoencoder(autoencoder)
+        keys = ("class", "scaling_factor", "shift_factor", "latent_channels", "spatial_compression",
+                "temporal_compression", "pretrained", "subfolder")
+        diff = [f"{k}: cached {cached.get(k)!r} != {now.get(k)!r}" for k in keys if cached.get(k) != now.get(k)]
+        if lowres_factor is not None and lowres_factor != self.lowres_factor:
+            diff.append(f"lowres_factor: cached {self.lowres_factor} != {lowres_factor}")
+        if diff:
+            raise ValueError(f"latent cache {self.root} does not match this run: " + "; ".join(diff))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()  # file handles do not pickle; each worker opens its own
+        return state

@@ -1,0 +1,272 @@
+"""The map-style VideoDataset: clips from real video files, robust to bad files, deterministic per index.
+
+``VideoDataset`` reads entry i of a manifest (a folder or a .csv/.jsonl file, see manifest.py) with
+``decode.read_clip`` (decord, PyAV fallback), picks the clip's frames with ``decode.clip_indices`` and resizes +
+crops them with ``transforms.resize_crop``.
+
+Item ``i`` is a pure function of ``(seed, i)``: the clip start, the crop offset and the replacement chosen for a
+broken file are drawn from ``numpy.random.default_rng([seed, epoch, i, attempt])``, never from worker ids or call
+order, so any number of DataLoader workers, any rank split and an exact resume all see the same tensors. A file
+that cannot be used (unreadable, truncated, too short) is logged, replaced by a deterministically chosen other
+entry, and named in the item's ``"skipped"`` field, so the main process can count failures across workers with
+``SkipStats``. Too many failures raise ``TooManyFailuresError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, List
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .decode import (  # noqa: F401  (re-exported: the reading API is importable from here too)
+    BACKENDS,
+    CLIP_STARTS,
+    DecordReader,
+    PyAVReader,
+    VideoDecodeError,
+    VideoInfo,
+    VideoTooShortError,
+    clip_indices,
+    decord_available,
+    open_video,
+    probe_video,
+    read_clip,
+    read_frames,
+)
+from .manifest import VIDEO_EXTENSIONS, Manifest, load_manifest
+from .transforms import CROPS, resize_crop
+
+log = logging.getLogger("mardini.data")
+
+
+class TooManyFailuresError(RuntimeError):
+    """More than the allowed fraction of samples failed to load: the data (or its path) is probably wrong."""
+
+
+# Failure accounting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def skipped_paths(item_or_batch: dict) -> list[str]:
+    """The files a sample (or a collated batch) skipped: its "skipped" field holds them joined by newlines."""
+    value = item_or_batch.get("skipped", "")
+    texts = [value] if isinstance(value, str) else list(value)
+    return [p for text in texts for p in text.split("\n") if p]
+
+
+class SkipStats:
+    """Counts loaded and skipped samples; raises TooManyFailuresError past the allowed fraction.
+
+    The dataset keeps one per process (workers cannot share it); the trainer keeps one in the main process and
+    calls ``update(batch)`` on every batch, which sees every worker's failures through the batch itself.
+    """
+
+    def __init__(self, max_failure_fraction: float = 0.1, min_failures: int = 20, keep: int = 1000):
+        self.max_failure_fraction = max_failure_fraction
+        self.min_failures = min_failures
+        self.keep = keep  # distinct paths remembered (for the error message and the logs)
+        self.loaded = 0  # samples delivered
+        self.failed = 0  # failed attempts (a sample may fail several times before a good replacement)
+        self.paths: Counter[str] = Counter()
+
+    @property
+    def attempts(self) -> int:
+        return self.loaded + self.failed
+
+    @property
+    def fraction(self) -> float:
+        return self.failed / self.attempts if self.attempts else 0.0
+
+    def record(self, loaded: int = 0, failed_paths: list[str] = ()) -> None:
+        self.loaded += loaded
+        self.failed += len(failed_paths)
+        for p in failed_paths:
+            if p in self.paths or len(self.paths) < self.keep:
+                self.paths[p] += 1
+
+    def update(self, batch: dict, check: bool = True) -> list[str]:
+        """Count a collated batch (or one item) from VideoDataset; returns the paths it skipped."""
+        video = batch.get("video")
+        n = 1 if video is None or video.ndim == 4 else int(video.shape[0])
+        failed = skipped_paths(batch)
+        self.record(n, failed)
+        if check:
+            self.check()
+        return failed
+
+    def too_many(self) -> bool:
+        return self.failed >= max(self.min_failures, 1) and self.fraction > self.max_failure_fraction
+
+    def check(self) -> None:
+        if self.too_many():
+            raise TooManyFailuresError(self.message())
+
+    def message(self) -> str:
+        names = ", ".join(p for p, _ in self.paths.most_common(5))
+        return (
+            f"{self.failed} of {self.attempts} video loads failed ({100 * self.fraction:.1f}% > "
+            f"max_failure_fraction={100 * self.max_failure_fraction:.1f}%); e.g. {names}. Check the files (run "
+            f"scripts/make_manifest.py to list bad ones) or raise data.video.max_failure_fraction."
+        )
+
+    def log_dict(self, prefix: str = "data/") -> dict:
+        return {f"{prefix}skipped_total": self.failed, f"{prefix}skip_fraction": self.fraction}
+
+    def state_dict(self) -> dict:
+        return {"loaded": self.loaded, "failed": self.failed, "paths": dict(self.paths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded, self.failed = int(state["loaded"]), int(state["failed"])
+        self.paths = Counter(state.get("paths", {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoDataConfig:
+    """Clips from real video files (also an OmegaConf structured config)."""
+
+    root: str = ""  # a folder of videos (scanned recursively) or a manifest (.csv / .jsonl with a 'path' column)
+    extensions: List[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))  # folder scan: file suffixes
+    num_videos: int = 0  # use only the first N entries (0 = all)
+    num_frames: int = 17  # frames per clip, T
+    height: int = 256  # clip height in pixels, H
+    width: int = 256  # clip width in pixels, W
+    fps: float = 8.0  # sampling rate of the clips (a manifest 'fps' overrides it per entry; 0 = use frame_stride)
+    frame_stride: int = 1  # with fps = 0: take every k-th source frame
+    clip_start: str = "random"  # random (seeded per sample) | first | center: where in the file the clip starts
+    crop: str = "center"  # center | random (seeded per sample): crop after resizing the short side
+    backend: str = "auto"  # auto (decord, PyAV if decord fails) | decord | pyav
+    decode_threads: int = 1  # decoder threads per DataLoader worker (0 = decoder's choice)
+    seed: int = 0  # with the index (and epoch), the only source of randomness
+    max_attempts: int = 10  # tries per sample (the first file, then deterministic replacements) before failing
+    max_failure_fraction: float = 0.1  # raise once more than this fraction of loads failed ...
+    min_failures: int = 20  # ... and at least this many did (so one bad file early on is not fatal)
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def read_video_config(cfg: Any) -> VideoDataConfig:
+    """Copy from a dataclass, a DictConfig or a dict, then check values (errors name the key)."""
+    names = [f.name for f in fields(VideoDataConfig)]
+    if isinstance(cfg, dict):
+        unknown = sorted(set(cfg) - set(names))
+        if unknown:
+            raise ValueError(f"data.video: unknown keys {unknown}; known: {names}")
+        get = cfg.get
+    else:
+        get = lambda key, default: getattr(cfg, key, default)  # noqa: E731
+    values = {f.name: get(f.name, _default(f)) for f in fields(VideoDataConfig)}
+    values["extensions"] = [str(e) for e in values["extensions"]]
+    out = VideoDataConfig(**values)
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"data.video.{key} {msg}")
+
+    need(isinstance(out.root, str), "root", f"must be a path string, got {out.root!r}")
+    for key, low in (("num_frames", 1), ("height", 1), ("width", 1), ("frame_stride", 1), ("max_attempts", 1),
+                     ("num_videos", 0), ("decode_threads", 0), ("min_failures", 0), ("seed", 0)):
+        value = getattr(out, key)
+        need(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low, key,
+             f"must be an int >= {low}, got {value!r}")
+    need(out.fps >= 0, "fps", f"must be >= 0, got {out.fps}")
+    need(out.clip_start in CLIP_STARTS, "clip_start", f"must be one of {CLIP_STARTS}, got {out.clip_start!r}")
+    need(out.crop in CROPS, "crop", f"must be one of {CROPS}, got {out.crop!r}")
+    need(out.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {out.backend!r}")
+    need(0 <= out.max_failure_fraction <= 1, "max_failure_fraction",
+         f"must be in [0, 1], got {out.max_failure_fraction}")
+    return out
+
+
+class VideoDataset(Dataset):
+    """Map-style dataset of clips from a folder or a manifest.
+
+    Item i -> {"video": float32 [T, 3, H, W] in [-1, 1], "index": i, "source": entry actually read,
+    "path": its file, "clip_start": seconds of the first frame, "clip_fps": frames per second of the clip,
+    "frame_indices": int64 [T] source frames, "skipped": "\\n"-joined paths that failed first (usually ""),
+    "num_skipped": int}. All of it collates with the default collate_fn.
+    """
+
+    def __init__(self, cfg: Any, manifest: Manifest | None = None):
+        self.cfg = read_video_config(cfg)
+        if manifest is None:
+            if not self.cfg.root:
+                raise ValueError("data.video.root is empty: give a folder of videos or a manifest file")
+            manifest = load_manifest(self.cfg.root, self.cfg.extensions)
+        if self.cfg.num_videos:
+            manifest = manifest.head(self.cfg.num_videos)
+        if len(manifest) == 0:
+            raise ValueError(f"no videos in {self.cfg.root!r} (extensions {self.cfg.extensions})")
+        self.manifest = manifest
+        self.stats = SkipStats(self.cfg.max_failure_fraction, self.cfg.min_failures)  # this process only
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.get(index)
+
+    def clip_rng(self, index: int, epoch: int = 0, attempt: int = 0) -> np.random.Generator:
+        """The generator behind sample (index, epoch, attempt): clip start, crop, replacement."""
+        return np.random.default_rng([self.cfg.seed, epoch, index, attempt])
+
+    def get(self, index: int, epoch: int = 0) -> dict:
+        """Item `index`; a different `epoch` draws other clip starts and crops from the same files."""
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} videos")
+        skipped: list[str] = []
+        source = index
+        for attempt in range(self.cfg.max_attempts):
+            rng = self.clip_rng(index, epoch, attempt)
+            if attempt > 0:  # a replacement that depends only on (seed, epoch, index, attempt)
+                source = int(rng.integers(len(self)))
+            try:
+                item = self.load(source, rng)
+            except VideoDecodeError as e:
+                path = self.manifest[source].path
+                log.warning("skipping video %s (sample %d, attempt %d): %s", path, index, attempt, e)
+                skipped.append(path)
+                self.stats.record(0, [path])
+                self.stats.check()
+                continue
+            self.stats.record(1)
+            item.update(index=index, source=source, skipped="\n".join(skipped), num_skipped=len(skipped))
+            return item
+        raise TooManyFailuresError(
+            f"sample {index}: {self.cfg.max_attempts} attempts failed (data.video.max_attempts); tried "
+            + ", ".join(skipped[:5])
+        )
+
+    def load(self, source: int, rng: np.random.Generator) -> dict:
+        """Read entry `source` with the draws of rng (clip start first, then crop); raises VideoDecodeError."""
+        cfg, entry = self.cfg, self.manifest[source]
+        fps = entry.fps if entry.fps else cfg.fps
+
+        def pick(num_available: int, video_fps: float) -> list[int]:
+            return clip_indices(num_available, video_fps, cfg.num_frames, fps=fps, stride=cfg.frame_stride,
+                                start=cfg.clip_start, rng=rng, window=(entry.start, entry.end))
+
+        frames, indices, video_fps = read_clip(entry.path, pick, cfg.backend, cfg.decode_threads)
+        video = resize_crop(frames, cfg.height, cfg.width, cfg.crop, rng)
+        step = (video_fps / fps) if fps else cfg.frame_stride
+        return {
+            "video": video,
+            "path": entry.path,
+            "clip_start": indices[0] / video_fps if video_fps else 0.0,
+            "clip_fps": video_fps / step if video_fps else 0.0,
+            "frame_indices": torch.tensor(indices, dtype=torch.int64),
+        }

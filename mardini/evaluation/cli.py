@@ -1,0 +1,165 @@
+"""`mardini-eval`: FVD between video folders, and the interpolation / image-to-video benchmark protocols.
+
+    mardini-eval fvd REAL_DIR FAKE_DIR [--num-frames 16] [--i3d FILE | --weights-dir DIR] [--output fvd.json]
+    mardini-eval interpolation --data ROOT --out DIR [--model EXPORT] [--clips clips.json] [--seed 0] ...
+    mardini-eval i2v --data ROOT --out DIR [--model EXPORT] ...
+
+The benchmarks always score the baselines (repeat_nearest, linear_blend) and, with --model, the model. FVD
+needs I3D weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir
+(default $MARDINI_WEIGHTS or ../shared/weights/). Nothing is downloaded (see scripts/download_weights.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mardini.eval")
+
+
+def _add_i3d_args(p: argparse.ArgumentParser):
+    p.add_argument("--i3d", default=None, help="I3D weights file (state_dict or TorchScript)")
+    p.add_argument("--weights-dir", default=None, help="folder searched for the I3D / LPIPS files "
+                                                        "(default $MARDINI_WEIGHTS or ../shared/weights/)")
+    p.add_argument("--resize", default="bilinear", choices=("bilinear", "tf_legacy"),
+                   help="resizing to 224 for I3D (see i3d.preprocess_for_i3d)")
+    p.add_argument("--bn-eps", type=float, default=None,
+                   help="state_dict network's batch-norm eps (default 1e-3, TF; 1e-5 reproduces VideoGPT's code)")
+    p.add_argument("--stylegan-v-native", action="store_true",
+                   help="TorchScript detector: feed uint8 frames with rescale=True, resize=True (StyleGAN-V)")
+    p.add_argument("--i3d-batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mardini-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fvd", help="FVD between two folders of videos (video files and/or frame folders)")
+    f.add_argument("folder_a")
+    f.add_argument("folder_b")
+    f.add_argument("--num-frames", type=int, default=16, help="first N frames of each video (FVD-16)")
+    f.add_argument("--height", type=int, default=None, help="resize/crop videos first (default: native size)")
+    f.add_argument("--width", type=int, default=None)
+    f.add_argument("--max-videos", type=int, default=None)
+    f.add_argument("--output", default=None, help="write the result as JSON here")
+    _add_i3d_args(f)
+
+    for name, help_text in (("interpolation", "VIDIM-Bench-style interpolation (7 frames, first+last given)"),
+                            ("i2v", "image-to-video (17 frames, the middle one given)")):
+        b = sub.add_parser(name, help=help_text)
+        b.add_argument("--data", required=True, help="DAVIS-style frame folders or UCF-style video files")
+        b.add_argument("--out", required=True, help="output folder")
+        b.add_argument("--clips", default=None, help="clips JSON: reused if it exists, else written")
+        b.add_argument("--preset", default=None, choices=("interpolation", "vidim9", "i2v"),
+                       help="protocol preset (default: the subcommand's)")
+        b.add_argument("--num-frames", type=int, default=None)
+        b.add_argument("--height", type=int, default=None)
+        b.add_argument("--width", type=int, default=None)
+        b.add_argument("--frame-stride", type=int, default=None)
+        b.add_argument("--clips-per-video", type=int, default=None)
+        b.add_argument("--max-clips", type=int, default=None)
+        b.add_argument("--seed", type=int, default=None, help="clip-selection seed")
+        b.add_argument("--model", default=None, help="MarDini export (or checkpoint) folder to evaluate")
+        b.add_argument("--model-name", default="mardini")
+        b.add_argument("--steps", type=int, default=None, help="sampler steps for the model")
+        b.add_argument("--model-seed", type=int, default=0)
+        b.add_argument("--baselines", nargs="*", default=["repeat_nearest", "linear_blend"])
+        b.add_argument("--fvd", default="auto", choices=("auto", "off", "require"),
+                       help="auto: FVD when I3D weights are found; require: fail without them")
+        b.add_argument("--lpips", default=None, help="local LPIPS weights (TorchScript or lpips' alex.pth)")
+        b.add_argument("--num-grids", type=int, default=4, help="sample grid videos to write")
+        b.add_argument("--fps", type=int, default=8)
+        _add_i3d_args(b)
+    return p
+
+
+def _extractor(args, short_clips: str):
+    from .i3d import TF_BN_EPS, I3DFeatureExtractor
+    from .weights import find_i3d_weights
+
+    path = Path(args.i3d) if args.i3d else find_i3d_weights(args.weights_dir)
+    if path is None or not path.is_file():
+        return None, f"no I3D weights (looked for {args.i3d or 'i3d_pretrained_400.pt / i3d_torchscript.pt'})"
+    extractor = I3DFeatureExtractor.from_file(
+        path, device=args.device, bn_eps=args.bn_eps if args.bn_eps is not None else TF_BN_EPS,
+        native_torchscript=args.stylegan_v_native, batch_size=args.i3d_batch_size, resize=args.resize,
+        short_clips=short_clips)
+    log.info("I3D weights: %s", path)
+    return extractor, str(path)
+
+
+def run_fvd(args) -> dict:
+    from .fvd import fvd_folders
+
+    extractor, where = _extractor(args, short_clips="error")
+    if extractor is None:
+        raise SystemExit(f"mardini-eval fvd: {where}; pass --i3d or --weights-dir (scripts/download_weights.py)")
+    result = fvd_folders(args.folder_a, args.folder_b, extractor, num_frames=args.num_frames,
+                         batch_size=args.i3d_batch_size, height=args.height, width=args.width,
+                         max_videos=args.max_videos)
+    result["i3d_weights"] = where
+    print(json.dumps(result, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def run_protocol(args) -> dict:
+    from .benchmarks import BASELINES, PROTOCOLS, PipelineMethod, load_clips, run_benchmark
+    from .metrics import load_lpips
+    from .weights import find_lpips_weights
+
+    clips_exist = args.clips is not None and Path(args.clips).is_file()
+    protocol = None
+    if clips_exist:
+        _, protocol = load_clips(args.clips)
+        log.info("reusing the %s clips in %s", protocol.task, args.clips)
+    else:
+        protocol = PROTOCOLS[args.preset or args.command]
+        overrides = {k: getattr(args, k) for k in ("num_frames", "height", "width", "frame_stride",
+                                                    "clips_per_video", "max_clips", "seed")
+                     if getattr(args, k) is not None}
+        protocol = replace(protocol, **overrides)
+    unknown = [b for b in args.baselines if b not in BASELINES]
+    if unknown:
+        raise SystemExit(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    methods = {b: BASELINES[b] for b in args.baselines}
+    if args.model:
+        methods[args.model_name] = PipelineMethod.from_pretrained(args.model, device=args.device,
+                                                                  num_steps=args.steps, seed=args.model_seed)
+    extractor = None
+    if args.fvd != "off":
+        extractor, where = _extractor(args, short_clips="stretch")
+        if extractor is None:
+            if args.fvd == "require":
+                raise SystemExit(f"mardini-eval: --fvd require but {where}")
+            log.warning("FVD skipped: %s", where)
+    lpips_path = args.lpips or find_lpips_weights(args.weights_dir)
+    lpips = load_lpips(lpips_path, device=args.device) if lpips_path else None
+    results = run_benchmark(args.data, methods, args.out, protocol=None if clips_exist else protocol,
+                            clips_file=args.clips, extractor=extractor, lpips=lpips, num_grids=args.num_grids,
+                            fps=args.fps, fvd_batch=args.i3d_batch_size)
+    print((Path(args.out) / "results.md").read_text())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "fvd":
+        run_fvd(args)
+    else:
+        run_protocol(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Frame metrics for conditional generation: PSNR, SSIM (and LPIPS where its weights are on disk).
+
+All functions take pixel tensors in [-1, 1] (this project's convention) shaped [N, 3, H, W] (N frames) and return
+one value per frame; they are computed on the [0, 1] scale (data range 1). For video tasks, evaluate only the
+generated frames (``mask`` True): given frames are copies of the input and would inflate every score.
+
+SSIM follows Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, weighted local
+statistics with population (not sample) variances, computed per RGB channel over the "valid" region (no padding)
+and averaged over channels and pixels. Frames smaller than 11 pixels use the largest odd window that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.ndim == 3:
+        pred, target = pred[None], target[None]
+    if pred.ndim != 4:
+        raise ValueError(f"frames must be [N, C, H, W] (or [C, H, W]), got {tuple(pred.shape)}")
+    # [-1, 1] -> [0, 1]; float64 so that tiny differences are not lost
+    return (pred.double().clamp(-1, 1) + 1) / 2, (target.double().clamp(-1, 1) + 1) / 2
+
+
+def psnr_frames(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per frame ([N] float64); inf where a frame is identical to its target."""
+    p, t = _check_pair(pred, target)
+    mse = (p - t).pow(2).flatten(1).mean(1)
+    return torch.where(mse == 0, torch.full_like(mse, math.inf), -10.0 * torch.log10(mse.clamp_min(1e-300)))
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """1-D normalised Gaussian [size] (float64)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _band(g: torch.Tensor, n: int) -> torch.Tensor:
+    """[n - k + 1, n] matrix whose row i holds the window g at columns i .. i + k - 1 ('valid' correlation)."""
+    k = g.numel()
+    out = torch.zeros(n - k + 1, n, dtype=g.dtype, device=g.device)
+    for i in range(n - k + 1):
+        out[i, i:i + k] = g
+    return out
+
+
+def ssim_frames(pred: torch.Tensor, target: torch.Tensor, window: int = SSIM_WINDOW,
+                sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """SSIM per frame ([N] float64) with a Gaussian window; 1.0 for identical frames."""
+    p, t = _check_pair(pred, target)
+    n, c, h, w = p.shape
+    size = min(window, h, w)
+    size -= (size + 1) % 2  # odd
+    g = gaussian_window(size, sigma).to(p.device)
+    band_h, band_w = _band(g, h), _band(g, w)  # [h - size + 1, h], [w - size + 1, w]
+
+    def blur(x):  # separable Gaussian over the valid region, as two banded matmuls (fast in float64)
+        return band_h @ x @ band_w.T
+
+    mu_p, mu_t = blur(p), blur(t)
+    var_p = blur(p * p) - mu_p ** 2
+    var_t = blur(t * t) - mu_t ** 2
+    cov = blur(p * t) - mu_p * mu_t
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def masked_frame_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                         lpips: Callable | None = None) -> dict[str, list[float]]:
+    """Per-frame metrics on the generated frames of one video. pred, target: [T, 3, H, W]; mask: [T] bool
+    (True = generated). Returns {"psnr": [...], "ssim": [...], ("lpips": [...])}, one value per masked frame."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if mask.ndim != 1 or mask.shape[0] != pred.shape[0]:
+        raise ValueError(f"mask must be [T] with T={pred.shape[0]}, got {tuple(mask.shape)}")
+    p, t = pred[mask.to(pred.device)], target[mask.to(target.device)]
+    out = {"psnr": psnr_frames(p, t).tolist(), "ssim": ssim_frames(p, t).tolist()}
+    if lpips is not None:
+        out["lpips"] = [float(v) for v in torch.as_tensor(lpips(p.float(), t.float())).flatten().tolist()]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ LPIPS
+def load_lpips(path: str | Path | None, device="cpu") -> Callable | None:
+    """LPIPS from local weights only, or None (with the reason logged). No download is ever attempted.
+
+    path may be (a) a TorchScript module taking two [N, 3, H, W] tensors in [-1, 1] and returning N distances
+    (export one once with the ``lpips`` package: ``torch.jit.trace(lpips.LPIPS(net='alex'), (x, y))``), or
+    (b) the linear-layer weights file of the ``lpips`` package (e.g. ``alex.pth``), used when that package is
+    installed and its backbone weights are already in the torch hub cache.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        log.warning("LPIPS skipped: %s does not exist", path)
+        return None
+    try:
+        module = torch.jit.load(str(path), map_location=device).eval()
+        return lambda a, b: module(a.to(device), b.to(device)).flatten().cpu()
+    except Exception:  # noqa: BLE001 - not TorchScript; try the lpips package
+        pass
+    try:
+        import lpips as lpips_pkg  # optional; not a dependency of this project
+
+        net = lpips_pkg.LPIPS(net=path.stem if path.stem in ("alex", "vgg", "squeeze") else "alex",
+                              model_path=str(path), verbose=False).to(device).eval()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("LPIPS skipped: could not load %s (%s)", path, exc)
+        return None
+
+    @torch.no_grad()
+    def distance(a, b):
+        return net(a.to(device), b.to(device)).flatten().cpu()
+
+    return distance

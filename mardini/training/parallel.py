@@ -1,0 +1,94 @@
+"""Parallelism applied to an unchanged MarDini from outside (torchtitan's pattern), one transformer block at a time.
+
+- activation checkpointing per block (composable API: parameter names stay the same, so checkpoints and EMA
+  do not care whether it is on);
+- ``torch.compile`` per block (``Module.compile`` also keeps names);
+- FSDP2 (``fully_shard``) per block and then the root, with bf16 parameters and fp32 gradient reduction.
+
+Sharded training state is saved with torch.distributed.checkpoint (see checkpoint.py), which reshards on load, so
+a run can continue on a different number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def transformer_blocks(model) -> list[nn.Module]:
+    return list(model.planner.blocks) + list(model.generator.blocks)
+
+
+def apply_activation_checkpointing(model) -> None:
+    from torch.distributed._composable import checkpoint
+
+    for block in transformer_blocks(model):
+        checkpoint(block)
+
+
+def apply_compile(model, **compile_kwargs) -> None:
+    for block in transformer_blocks(model):
+        block.compile(**compile_kwargs)
+
+
+def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
+               reshard_after_forward: bool = True, device_type: str | None = None) -> None:
+    """Shard every block, then the remaining parameters at the root. Needs an initialised process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP needs torch.distributed to be initialised (launch with torchrun/accelerate)")
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model, mode: str = "ddp", activation_checkpointing: bool = False, compile: bool = False,
+                param_dtype: torch.dtype | None = None) -> None:
+    """In place. mode 'fsdp' shards when a process group exists (a single plain process keeps the model whole but
+    still uses the sharded checkpoint format); 'ddp' leaves wrapping to Accelerate."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if mode == "fsdp" and dist.is_initialized():
+        apply_fsdp(model, param_dtype=param_dtype)
+        log.info("FSDP2: %d blocks sharded over %d processes", len(transformer_blocks(model)), dist.get_world_size())
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (collective); plain tensors pass through."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def set_gradient_sync(model, enabled: bool) -> None:
+    """FSDP2's counterpart of DDP's no_sync: skip the reduce-scatter on accumulation micro-steps."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global grad norm (clipped to max_norm); works for DTensor (sharded) and plain gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(full_tensor(norm))

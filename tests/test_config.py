@@ -1,0 +1,308 @@
+"""The Hydra config tree under configs/: it composes, validates, fails loudly on bad keys, and stays documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import mardini.cli as cli
+from mardini.cli import compose_config
+from mardini.diffusion.config import DiffusionConfig
+from mardini.masking import (
+    CurriculumConfig,
+    CurriculumStage,
+    curriculum_from_dict,
+    i2v_finetune,
+    interpolation_only,
+    paper_progression,
+)
+from mardini.models.config import MODEL_SIZES, MarDiniConfig
+from mardini.training.config import AutoencoderConfig, DataConfig, TrainConfig, latent_channels
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+GROUPS = ("model", "diffusion", "curriculum", "autoencoder", "data", "train", "experiment")
+# Group options that need a VAE autoencoder (16 latent channels), which does not exist yet: validate_config must
+# reject them naming model.latent_channels. Remove entries once a VAE option joins configs/autoencoder/.
+NEEDS_VAE = {("model", "paper"), ("experiment", "paper_i2v_finetune")}
+# The schema class behind each group, for the "every field is set" check.
+SCHEMA = {"model": MarDiniConfig, "diffusion": DiffusionConfig, "autoencoder": AutoencoderConfig,
+          "data": DataConfig, "train": TrainConfig, "curriculum": CurriculumConfig}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def all_options() -> list[tuple[str, str]]:
+    return [(g, o) for g in GROUPS for o in options(g)]
+
+
+def to_curriculum(node) -> CurriculumConfig:
+    return curriculum_from_dict(OmegaConf.to_container(node, resolve=True))
+
+
+# ------------------------------------------------------------------------------------------------ composition
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose_config([])
+    assert cfg.experiment == "tiny_synthetic"
+    assert OmegaConf.select(cfg, "run_name")  # the timestamp resolves
+    tiny = MODEL_SIZES["tiny"]
+    for part in ("planner", "generator"):
+        for key, value in tiny[part].items():
+            assert cfg.model[part][key] == value, f"model.{part}.{key}"
+    assert cfg.model.latent_channels == latent_channels(cfg.autoencoder) == 12
+    assert (cfg.data.synthetic.num_frames, cfg.data.synthetic.height, cfg.data.synthetic.width) == (9, 32, 32)
+    assert cfg.diffusion.formulation == "rectified_flow"
+    assert len(cfg.curriculum.stages) == 4 and cfg.curriculum.stages[-1].end_step is None
+    assert cfg.train.mixed_precision == "auto" and cfg.train.checkpoint_every <= cfg.train.max_steps
+    assert set(cfg.train.trackers) == {"tensorboard", "wandb"} and cfg.train.wandb_mode == "auto"
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"configs/{group}/ has no options"
+
+
+@pytest.mark.parametrize("group,option", all_options(), ids=lambda x: x)
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) in NEEDS_VAE:
+        with pytest.raises(ValueError, match=r"model\.latent_channels \(16\) must equal the autoencoder"):
+            compose_config(overrides)
+        return
+    cfg = compose_config(overrides)
+    assert cfg.model.latent_channels == latent_channels(cfg.autoencoder)
+    if group == "experiment":
+        assert cfg.experiment == option, f"experiment/{option}.yaml must set `experiment: {option}`"
+
+
+def test_hydra_run_dir_under_outputs_and_no_chdir():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=small_synthetic", "run_name=abc"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.run.dir == "outputs/small_synthetic/abc"
+    assert cfg.hydra.sweep.dir.startswith("outputs/small_synthetic/")
+    assert cfg.hydra.job.chdir is False
+
+
+# ------------------------------------------------------------------------------------------ bad keys / values
+
+
+def _message(excinfo) -> str:
+    """An exception's text with its causes (Hydra wraps OmegaConf's errors)."""
+    parts, e = [], excinfo.value
+    while e is not None:
+        parts.append(str(e))
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
+def test_unknown_key_override_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config(["train.lrr=1"])
+    assert "train.lrr" in _message(excinfo)
+
+
+@pytest.mark.parametrize("override,key", [("+train.foo=1", r"train\.foo"),
+                                          ("+model.planner.x=2", r"model\.planner\.x"),
+                                          ("+curriculum.stages.0.strategies.0.bar=1",
+                                           r"curriculum\.stages\[0\]\.strategies\[0\]\.bar")])
+def test_unknown_key_added_with_plus_fails_naming_it(override, key):
+    # Hydra's `+key=value` opens the struct flag; validate_config walks the tree against the schema.
+    with pytest.raises(ValueError, match=key):
+        compose_config([override])
+
+
+@pytest.mark.parametrize("override,key", [("train.max_steps=abc", "train.max_steps"),
+                                          ("model.qk_norm=maybe", "model.qk_norm"),
+                                          ("data.synthetic.height=tall", "data.synthetic.height")])
+def test_wrong_type_fails_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config([override])
+    assert key in _message(excinfo)
+
+
+@pytest.fixture
+def config_copy(tmp_path, monkeypatch) -> Path:
+    """A private copy of configs/ that compose_config reads instead of the real one."""
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIGS, root)
+    monkeypatch.setattr(cli, "CONFIG_DIR", root)
+    return root
+
+
+def test_unknown_key_in_a_group_yaml_fails_naming_it(config_copy):
+    with open(config_copy / "train" / "default.yaml", "a") as f:
+        f.write("lrr: 0.1  # a typo\n")
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config([])
+    message = _message(excinfo)
+    assert "train.lrr" in message and "train/default" in message
+
+
+def test_unknown_key_in_a_curriculum_stage_fails_naming_it(config_copy):
+    path = config_copy / "curriculum" / "interpolation.yaml"
+    path.write_text(path.read_text().replace("    end_step: null", "    end_stpe: null"))
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config(["curriculum=interpolation"])
+    assert "end_stpe" in _message(excinfo)
+
+
+def test_wrong_type_in_a_group_yaml_fails_naming_it(config_copy):
+    path = config_copy / "data" / "synthetic.yaml"
+    path.write_text(re.sub(r"(?m)^  num_frames: 9 ", "  num_frames: nine ", path.read_text()))
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config([])
+    assert "data.synthetic.num_frames" in _message(excinfo)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lr=-1", "train.lr"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.trackers=[tensorbord]", "train.trackers"),
+    ("diffusion.prediction=epsilon", "diffusion.prediction"),
+    ("model.planner.num_heads=5", "model.planner.dim"),
+    ("data.synthetic.height=30", "data.synthetic.height"),
+])
+def test_bad_value_fails_validation_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        compose_config([override])
+
+
+def test_curriculum_stage_never_reached_fails_naming_the_stage():
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[1\] starts at step 75 .* max_steps=10"):
+        compose_config(["train.max_steps=10"])
+
+
+@pytest.mark.parametrize("override", ["model.latent_channels=4", "autoencoder.patch_size=4", "model=paper"])
+def test_latent_channel_mismatch_names_model_latent_channels(override):
+    with pytest.raises(ValueError, match=r"model\.latent_channels"):
+        compose_config([override])
+
+
+# ----------------------------------------------------------------------------------- group files vs the code
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SIZES))
+def test_model_files_mirror_model_sizes(size):
+    node = OmegaConf.load(CONFIGS / "model" / f"{size}.yaml")
+    for part, values in MODEL_SIZES[size].items():
+        for key, value in values.items():
+            assert node[part][key] == value, f"configs/model/{size}.yaml {part}.{key} != MODEL_SIZES[{size!r}]"
+
+
+def test_named_curricula_mirror_masking_presets():
+    def load(name):  # the raw file (test_every_group_option_composes composes each one against the schema)
+        return to_curriculum(OmegaConf.load(CONFIGS / "curriculum" / f"{name}.yaml"))
+
+    assert load("interpolation") == interpolation_only()
+    assert load("i2v_finetune") == i2v_finetune()
+    paper = load("paper")
+    quarter = paper.stages[1].start_step
+    assert paper == paper_progression(4 * quarter), "curriculum/paper.yaml must be paper_progression at some scale"
+
+
+def test_small_synthetic_curriculum_is_the_progression_scaled_to_its_run():
+    cfg = compose_config(["experiment=small_synthetic"])
+    assert to_curriculum(cfg.curriculum) == paper_progression(cfg.train.max_steps)
+
+
+def _missing_fields(node, cls, path: str) -> list[str]:
+    """Schema fields of dataclass `cls` (recursively) that the YAML mapping `node` does not set."""
+    missing = []
+    for f in dataclasses.fields(cls):
+        key = f"{path}.{f.name}"
+        if f.name not in node:
+            missing.append(key)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            missing += _missing_fields(node[f.name], type(default), key)
+    return missing
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, o in all_options() if g in SCHEMA], ids=lambda x: x)
+def test_group_files_set_every_schema_field(group, option):
+    """Each option is the whole truth for its node: a field added to the schema must be added (with a comment)."""
+    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml"))
+    if group == "curriculum":
+        missing = []
+        for i, stage in enumerate(node["stages"]):
+            missing += _missing_fields(stage, CurriculumStage, f"stages[{i}]")
+    else:
+        missing = _missing_fields(node, SCHEMA[group], group)
+    assert not missing, f"configs/{group}/{option}.yaml does not set {missing}"
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from mardini.models import generator, planner
+
+    expected = {"single_gpu": (1, 1, None), "fsdp_8gpu": (8, 1, 2), "multi_node": (16, 2, 2)}
+    assert sorted(expected) == options("accelerate")
+    for name, (processes, machines, fsdp_version) in expected.items():
+        cfg = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+        assert (cfg.num_processes, cfg.num_machines) == (processes, machines), name
+        assert cfg.fsdp_config.get("fsdp_version") == fsdp_version, name
+        for cls in cfg.fsdp_config.get("fsdp_transformer_layer_cls_to_wrap", "").split(","):
+            if cls:
+                assert hasattr(planner, cls) or hasattr(generator, cls), f"{name}: no block class {cls}"
+
+
+# ------------------------------------------------------------------------------------------------- docs, YAML
+
+
+def _load_reference_script():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined by the script look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_reference_is_up_to_date():
+    ok, diff = _load_reference_script().check()
+    assert ok, "docs/CONFIG.md is stale: run `python scripts/config_reference.py`\n" + diff
+
+
+def test_config_reference_names_a_field_without_comment():
+    ref = _load_reference_script()
+
+    @dataclasses.dataclass
+    class Documented:
+        fine: int = 1  # has a comment
+        bare: int = 2
+
+    with pytest.raises(ref.MissingCommentError, match=r"bare: Documented\.bare"):
+        ref.collect_sections(Documented)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_line_has_a_comment(path):
+    """Every line that is not blank or a comment carries a non-empty trailing `# comment`: values, list items and
+    the `key:` lines that open a mapping alike (the YAML files double as the documentation of a run)."""
+    bad = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not re.search(r"\s#\s*\S", line):
+            bad.append(f"{path.relative_to(ROOT)}:{number}: {line}")
+    assert not bad, "lines without a comment:\n" + "\n".join(bad)
