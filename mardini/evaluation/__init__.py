@@ -10,20 +10,29 @@
     cli.py         `mardini-eval`
 """
 
-from .benchmarks import (BASELINES, PROTOCOLS, Clip, PipelineMethod, ProtocolConfig, linear_blend, load_clips,
-                         repeat_nearest, run_benchmark, save_clips, select_clips)
-from .config import EvalConfig
-from .fvd import (FeatureStats, frechet_distance, fvd_between, fvd_folders, fvd_from_features, fvd_from_stats,
-                  fvd_model_vs_reference, load_default_extractor, model_generate_fn, periodic_fvd)
-from .i3d import I3DFeatureExtractor, InceptionI3d, load_i3d, load_i3d_state_dict, preprocess_for_i3d
-from .metrics import load_lpips, masked_frame_metrics, psnr_frames, ssim_frames
-from .weights import default_weights_dir, find_i3d_weights
+import importlib
 
-__all__ = [
-    "BASELINES", "PROTOCOLS", "Clip", "PipelineMethod", "ProtocolConfig", "linear_blend", "load_clips",
-    "repeat_nearest", "run_benchmark", "save_clips", "select_clips", "EvalConfig", "FeatureStats",
-    "frechet_distance", "fvd_between", "fvd_folders", "fvd_from_features", "fvd_from_stats",
-    "fvd_model_vs_reference", "load_default_extractor", "model_generate_fn", "periodic_fvd",
-    "I3DFeatureExtractor", "InceptionI3d", "load_i3d", "load_i3d_state_dict", "preprocess_for_i3d", "load_lpips",
-    "masked_frame_metrics", "psnr_frames", "ssim_frames", "default_weights_dir", "find_i3d_weights",
-]
+# Names exported here, by submodule. Imported lazily (PEP 562), so that e.g. ``mardini.evaluation.fvd`` and
+# ``mardini.evaluation.i3d`` load without the video-writing stack (imageio-ffmpeg) that benchmarks.py needs.
+_EXPORTS = {
+    "benchmarks": ("BASELINES", "PROTOCOLS", "Clip", "PipelineMethod", "ProtocolConfig", "linear_blend",
+                   "load_clips", "repeat_nearest", "run_benchmark", "save_clips", "select_clips"),
+    "config": ("EvalConfig",),
+    "fvd": ("FeatureStats", "frechet_distance", "fvd_between", "fvd_folders", "fvd_from_features", "fvd_from_stats",
+            "fvd_model_vs_reference", "load_default_extractor", "model_generate_fn", "periodic_fvd"),
+    "i3d": ("I3DFeatureExtractor", "InceptionI3d", "load_i3d", "load_i3d_state_dict", "preprocess_for_i3d"),
+    "metrics": ("load_lpips", "masked_frame_metrics", "psnr_frames", "ssim_frames"),
+    "weights": ("default_weights_dir", "find_i3d_weights"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -122,6 +122,11 @@ def run_protocol(args) -> dict:
     if clips_exist:
         _, protocol = load_clips(args.clips)
         log.info("reusing the %s clips in %s", protocol.task, args.clips)
+        ignored = [k for k in ("preset", "num_frames", "height", "width", "frame_stride", "clips_per_video",
+                               "max_clips", "seed") if getattr(args, k) is not None]
+        if ignored:
+            log.warning("the clips file fixes the protocol; ignoring %s", ", ".join(f"--{k.replace('_', '-')}"
+                                                                            for k in ignored))
     else:
         protocol = PROTOCOLS[args.preset or args.command]
         overrides = {k: getattr(args, k) for k in ("num_frames", "height", "width", "frame_stride",

@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class EvalConfig:
-    weights_dir: str | None = None  # folder with i3d_pretrained_400.pt / i3d_torchscript.pt; None = $MARDINI_WEIGHTS or ../shared/weights/
+    weights_dir: str | None = None  # I3D/LPIPS weights folder; None = $MARDINI_WEIGHTS or ../shared/weights/
     i3d_weights: str | None = None  # an explicit I3D file (overrides weights_dir)
     fvd_every: int = 0  # trainer: run periodic_fvd every this many steps (0 = never)
     fvd_num_videos: int = 16  # trainer: size of the fixed validation set for periodic_fvd

@@ -419,8 +419,8 @@ class I3DFeatureExtractor:
         out = []
         for start in range(0, videos.shape[0], self.batch_size):
             chunk = videos[start:start + self.batch_size]
-            if self.native:  # StyleGAN-V's own preprocessing inside the TorchScript: 0..255 values, any size
-                x = _to_byte_range(chunk).permute(0, 2, 1, 3, 4).contiguous()
+            if self.native:  # StyleGAN-V feeds uint8 [B, 3, T, H, W]; the TorchScript rescales and resizes
+                x = _to_byte_range(chunk).to(torch.uint8).permute(0, 2, 1, 3, 4).contiguous()
             else:
                 x = preprocess_for_i3d(chunk, resize=self.resize, short_clips=self.short_clips,
                                        stretch_to=self.stretch_to)

@@ -1,0 +1,588 @@
+"""Evaluation: Fréchet distance, streaming statistics, I3D loading, PSNR/SSIM, benchmark protocols.
+
+Fast on CPU: one I3D forward with random weights; the protocol tests use tiny videos and the baselines. The
+real-weights test runs only when the public file is present at the configured path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mardini.data.video_io import write_video
+from mardini.evaluation import benchmarks as bm
+from mardini.evaluation import fvd as fvd_mod
+from mardini.evaluation import i3d as i3d_mod
+from mardini.evaluation.cli import main as eval_main
+from mardini.evaluation.data import list_videos, read_frames, to_model_frames
+from mardini.evaluation.metrics import psnr_frames, ssim_frames
+from mardini.evaluation.weights import default_weights_dir, find_i3d_weights
+
+
+# ============================================================================ Fréchet distance
+def _random_orthogonal(d, rng):
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _fd_eig(mu1, s1, mu2, s2):
+    """Independent float64 Fréchet distance: Tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), via eigh only."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    d = 12
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.1, 3, size=d), rng.uniform(0.1, 3, size=d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    got = fvd_mod.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    assert got == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_frechet_distance_commuting_closed_form_and_general_case():
+    rng = np.random.default_rng(1)
+    d = 20
+    q = _random_orthogonal(d, rng)
+    e1, e2 = rng.uniform(0.05, 4, size=d), rng.uniform(0.05, 4, size=d)
+    s1, s2 = (q * e1) @ q.T, (q * e2) @ q.T  # same eigenbasis: Tr sqrt(S1 S2) = sum sqrt(e1 e2)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(e1) - np.sqrt(e2)) ** 2)
+    assert fvd_mod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # non-commuting covariances: against the eigendecomposition route
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T / d + 0.1 * np.eye(d), b @ b.T / d + 0.1 * np.eye(d)
+    assert fvd_mod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_fd_eig(mu1, s1, mu2, s2), rel=1e-8)
+
+
+def test_fvd_self_zero_symmetric_and_grows_with_noise():
+    rng = np.random.default_rng(2)
+    n, d = 400, 16
+    feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.5 + rng.normal(size=d)
+    assert abs(fvd_mod.fvd_from_features(feats, feats)) < 1e-8
+    other = feats + rng.normal(size=feats.shape) * 0.3
+    ab, ba = fvd_mod.fvd_from_features(feats, other), fvd_mod.fvd_from_features(other, feats)
+    assert ab == pytest.approx(ba, rel=1e-8)
+    noise = rng.normal(size=feats.shape)
+    values = [fvd_mod.fvd_from_features(feats, feats + s * noise) for s in (0.0, 0.1, 0.3, 1.0, 3.0)]
+    assert values[0] < 1e-8
+    assert all(b > a for a, b in zip(values, values[1:])), values
+
+
+def test_frechet_distance_singular_covariances():
+    """Fewer samples than dimensions (rank-deficient covariances), as with small validation sets."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(6, 32)), rng.normal(size=(6, 32)) + 1.0
+    value = fvd_mod.fvd_from_features(a, b)
+    assert np.isfinite(value) and value > 0
+    assert abs(fvd_mod.fvd_from_features(a, a)) < 1e-4
+    # identical rows: zero covariance, the distance is the squared mean difference
+    assert fvd_mod.fvd_from_features(np.ones((4, 5)), np.zeros((4, 5))) == pytest.approx(5.0)
+
+
+def test_streaming_statistics_match_numpy_for_any_split():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(257, 9)) * rng.uniform(0.5, 2, size=9) + 1000.0  # large mean: cancellation-prone
+    for splits in ([257], [1, 256], [100, 57, 100], [7] * 36 + [5], list(np.full(257, 1))):
+        stats, start = fvd_mod.FeatureStats(), 0
+        for size in splits:
+            stats.update(x[start:start + size])
+            start += size
+        assert stats.n == 257
+        np.testing.assert_allclose(stats.mean, np.mean(x, axis=0), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(stats.cov(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(stats.cov(ddof=0), np.cov(x, rowvar=False, bias=True), rtol=1e-9, atol=1e-10)
+    merged = fvd_mod.FeatureStats.of(x[:50]).merge(fvd_mod.FeatureStats.of(x[50:] - 0.0))
+    np.testing.assert_allclose(merged.cov(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(merged.mean, x.mean(0), rtol=1e-12)
+
+
+def test_feature_stats_save_load(tmp_path):
+    x = np.random.default_rng(5).normal(size=(20, 4))
+    stats = fvd_mod.FeatureStats.of(x)
+    loaded = fvd_mod.FeatureStats.load(stats.save(tmp_path / "s.npz"))
+    np.testing.assert_array_equal(loaded.cov(), stats.cov())
+    assert loaded.n == 20
+
+
+# ============================================================================ I3D
+def _hand_listed_keys() -> set[str]:
+    """The public i3d_pretrained_400.pt key set, written out from the published layout (not from the model)."""
+    units = ["Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3"]
+    for block in ("3b", "3c", "4b", "4c", "4d", "4e", "4f", "5b", "5c"):
+        units += [f"Mixed_{block}.{b}" for b in ("b0", "b1a", "b1b", "b2a", "b2b", "b3b")]
+    keys = {"logits.conv3d.weight", "logits.conv3d.bias"}
+    for u in units:
+        keys |= {f"{u}.conv3d.weight", f"{u}.bn.weight", f"{u}.bn.bias", f"{u}.bn.running_mean",
+                 f"{u}.bn.running_var"}
+    return keys
+
+
+def test_i3d_layout_matches_public_keys_and_shapes():
+    model = i3d_mod.InceptionI3d()
+    expected = i3d_mod.expected_state_dict_keys(model)
+    assert set(expected) == _hand_listed_keys()
+    assert len(expected) == 287
+    assert expected["Conv3d_1a_7x7.conv3d.weight"] == (64, 3, 7, 7, 7)
+    assert expected["Mixed_3b.b1b.conv3d.weight"] == (128, 96, 3, 3, 3)
+    assert expected["Mixed_5c.b0.conv3d.weight"] == (384, 832, 1, 1, 1)
+    assert expected["logits.conv3d.weight"] == (400, 1024, 1, 1, 1)
+    assert expected["logits.conv3d.bias"] == (400,)
+    assert i3d_mod.num_parameters(model) == 12_697_264
+
+
+def _public_layout_file(tmp_path: Path, mutate=None) -> tuple[Path, dict]:
+    """A random model's weights saved as the public file is: a plain dict of tensors, no num_batches_tracked."""
+    torch.manual_seed(0)
+    model = i3d_mod.InceptionI3d()
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for k in state:
+        if k.endswith("running_var"):
+            state[k] = torch.rand_like(state[k]) + 0.5
+        elif k.endswith("running_mean"):
+            state[k] = torch.randn_like(state[k]) * 0.1
+    if mutate:
+        mutate(state)
+    path = tmp_path / "i3d_pretrained_400.pt"
+    torch.save(state, path)
+    return path, state
+
+
+def test_i3d_state_dict_loader_maps_every_key(tmp_path):
+    path, state = _public_layout_file(tmp_path)
+    model = i3d_mod.load_i3d(path)
+    assert isinstance(model, i3d_mod.InceptionI3d) and not model.training
+    loaded = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    # a DataParallel prefix and a {'state_dict': ...} wrapper are accepted
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+    model2 = i3d_mod.load_i3d_state_dict(i3d_mod.InceptionI3d(), wrapped)
+    assert torch.equal(model2.state_dict()["Mixed_4d.b2b.bn.running_var"], state["Mixed_4d.b2b.bn.running_var"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda s: s.pop("Mixed_4c.b1b.bn.running_mean"), "missing keys (1): Mixed_4c.b1b.bn.running_mean"),
+    (lambda s: s.update({"Mixed_5b.b3a.conv3d.weight": torch.zeros(1)}), "unexpected keys (1): Mixed_5b.b3a.conv3d"),
+    (lambda s: s.update({"logits.conv3d.weight": torch.zeros(600, 1024, 1, 1, 1)}), "logits.conv3d.weight: file (600"),
+])
+def test_i3d_loader_errors_name_the_key(tmp_path, change, named):
+    path, _ = _public_layout_file(tmp_path, mutate=change)
+    with pytest.raises(ValueError) as err:
+        i3d_mod.load_i3d(path)
+    assert named in str(err.value)
+
+
+def test_i3d_forward_on_cpu_random_weights():
+    """The one I3D forward of the suite: a [1, 16, 3, 64, 64] video -> preprocessing -> [1, 3, 16, 224, 224]
+    -> 400-d logits."""
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    extractor = i3d_mod.I3DFeatureExtractor.random(seed=0)
+    video = torch.rand(1, 16, 3, 64, 64) * 2 - 1
+    x = i3d_mod.preprocess_for_i3d(video)
+    assert x.shape == (1, 3, 16, 224, 224) and x.min() >= -1 and x.max() <= 1
+    feats = extractor(video)
+    assert feats.shape == (1, i3d_mod.LOGITS_DIM) and feats.dtype == np.float64 and np.isfinite(feats).all()
+
+
+def test_i3d_preprocessing_rules():
+    # 8-bit quantisation, value range, 224x224
+    full = torch.rand(1, 9, 3, 224, 224) * 2 - 1  # no resize at 224: the output holds exactly the 8-bit levels
+    levels = (i3d_mod.preprocess_for_i3d(full) + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.min() >= 0 and levels.max() <= 255
+    video = torch.linspace(-1, 1, 10 * 3 * 8 * 8).reshape(1, 10, 3, 8, 8)
+    x = i3d_mod.preprocess_for_i3d(video)
+    assert x.shape == (1, 3, 10, 224, 224) and x.min() >= -1 and x.max() <= 1
+    # uint8 input [B, T, H, W, 3] gives the same as the float form
+    u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+    assert torch.allclose(i3d_mod.preprocess_for_i3d(u8), x)
+    # frame floor: 8 frames fail, unless stretched (nearest repetition)
+    with pytest.raises(ValueError, match="at least 9 frames"):
+        i3d_mod.preprocess_for_i3d(video[:, :8])
+    stretched = i3d_mod.preprocess_for_i3d(video[:, :7], short_clips="stretch")
+    assert stretched.shape[2] == 16
+    assert i3d_mod.temporal_indices(7, 16).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 6]
+    # TF1 legacy bilinear: source = dest * in / out (no half-pixel offset)
+    row = torch.tensor([0.0, 100.0]).view(1, 1, 1, 2)
+    assert i3d_mod._resize_tf_legacy(row, (1, 4)).flatten().tolist() == [0.0, 50.0, 100.0, 100.0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_detector_called_with_reference_kwargs(tmp_path):
+    """A stand-in with the StyleGAN-V detector's signature: load_i3d recognises TorchScript and calls it with
+    rescale/resize as documented and return_features=True."""
+
+    class FakeDetector(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            flags = torch.tensor([float(rescale), float(resize), float(return_features)])
+            is_uint8 = 1.0 if x.dtype == torch.uint8 else 0.0
+            stats = torch.stack([x.float().amin(), x.float().amax(), torch.tensor(float(x.shape[-1])),
+                                 torch.tensor(float(x.shape[2])), torch.tensor(is_uint8)])
+            return torch.cat([flags, stats]).expand(x.shape[0], 8)
+
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(FakeDetector()).save(str(path))
+    assert i3d_mod.is_torchscript_file(path)
+    video = torch.full((2, 16, 3, 32, 32), 1.0)
+    video[:, :, :, 0, 0] = -1.0
+    feats = i3d_mod.I3DFeatureExtractor.from_file(path)(video)
+    assert feats.shape == (2, 8)
+    np.testing.assert_allclose(feats[0], [0, 0, 1, -1, 1, 224, 16, 0])  # preprocessed here: float [-1, 1], 224
+    native = i3d_mod.I3DFeatureExtractor.from_file(path, native_torchscript=True)(video)
+    np.testing.assert_allclose(native[0], [1, 1, 1, 0, 255, 32, 16, 1])  # StyleGAN-V's call: uint8, native size
+
+
+def test_weights_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path))
+    assert default_weights_dir() == tmp_path
+    assert find_i3d_weights() is None
+    (tmp_path / "i3d_torchscript.pt").write_bytes(b"x")
+    assert find_i3d_weights() == tmp_path / "i3d_torchscript.pt"
+    assert default_weights_dir(tmp_path / "other") == tmp_path / "other"
+    monkeypatch.delenv("MARDINI_WEIGHTS")
+    assert default_weights_dir().parts[-2:] == ("shared", "weights")
+
+
+def test_i3d_real_weights_sane_prediction():
+    """With the public weights at the configured path: the TF reference's own example (16 black vs 16 white
+    15-frame videos, FVD "around 131" per google-research's example.py) and sane logits."""
+    path = find_i3d_weights()
+    if path is None:
+        pytest.skip(f"no I3D weights in {default_weights_dir()} (i3d_pretrained_400.pt / i3d_torchscript.pt); "
+                    f"get them with scripts/download_weights.py")
+    extractor = i3d_mod.I3DFeatureExtractor.from_file(path)
+    black = -torch.ones(1, 15, 3, 64, 64)
+    feats = extractor(torch.cat([black, -black]))
+    assert feats.shape == (2, 400) and np.isfinite(feats).all()
+    assert feats.std(axis=1).min() > 0.1  # not degenerate
+    value = fvd_mod.fvd_from_features(np.repeat(feats[:1], 16, 0), np.repeat(feats[1:], 16, 0))
+    assert 110 < value < 150, value
+    probs = torch.softmax(torch.from_numpy(feats), dim=1)
+    assert torch.allclose(probs.sum(1), torch.ones(2, dtype=torch.float64))
+    assert probs.max() > 5 / 400  # confident beyond uniform
+
+
+# ============================================================================ PSNR / SSIM
+def test_psnr_ssim_identical_and_known_values():
+    torch.manual_seed(0)
+    a = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert torch.isinf(psnr_frames(a, a)).all()
+    assert torch.allclose(ssim_frames(a, a), torch.ones(3, dtype=torch.float64))
+    # a uniform offset of 0.2 on [-1, 1] is 0.1 on [0, 1]: MSE 0.01 -> 20 dB
+    b = torch.zeros(2, 3, 12, 12)
+    assert torch.allclose(psnr_frames(b + 0.2, b), torch.full((2,), 20.0, dtype=torch.float64))
+    # constant frames x = p, y = q on [0, 1]: SSIM = (2pq + C1) / (p^2 + q^2 + C1)
+    p, q = 0.3, 0.7
+    x, y = torch.full((1, 3, 16, 16), 2 * p - 1), torch.full((1, 3, 16, 16), 2 * q - 1)
+    c1 = 0.01 ** 2
+    assert ssim_frames(x, y).item() == pytest.approx((2 * p * q + c1) / (p * p + q * q + c1), rel=1e-6)
+
+
+def test_ssim_matches_independent_scipy_computation():
+    from scipy.ndimage import correlate
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(20, 24)), rng.uniform(size=(20, 24))
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    k = np.outer(g, g) / np.outer(g, g).sum()
+
+    def valid(img):
+        return correlate(img, k, mode="constant")[5:-5, 5:-5]
+
+    mx, my = valid(x), valid(y)
+    vx, vy, cxy = valid(x * x) - mx ** 2, valid(y * y) - my ** 2, valid(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    tx = torch.from_numpy(x * 2 - 1).expand(1, 3, 20, 24)
+    ty = torch.from_numpy(y * 2 - 1).expand(1, 3, 20, 24)
+    assert ssim_frames(tx, ty).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_and_psnr_decrease_with_noise():
+    torch.manual_seed(1)
+    clean = torch.rand(1, 3, 32, 32) * 1.6 - 0.8
+    noise = torch.randn_like(clean)
+    levels = [0.02, 0.05, 0.1, 0.2, 0.4]
+    ssims = [ssim_frames((clean + s * noise).clamp(-1, 1), clean).item() for s in levels]
+    psnrs = [psnr_frames((clean + s * noise).clamp(-1, 1), clean).item() for s in levels]
+    assert all(b < a for a, b in zip(ssims, ssims[1:])), ssims
+    assert all(b < a for a, b in zip(psnrs, psnrs[1:])), psnrs
+
+
+# ============================================================================ protocols
+def _moving_frames(num_frames: int, h: int, w: int, seed: int) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a smooth gradient with a moving square."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(30, 200, size=3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = []
+    for t in range(num_frames):
+        img = np.empty((h, w, 3), np.float64)
+        for c in range(3):
+            img[..., c] = base[c] + 40 * np.sin(xx / w * 3 + c) + 20 * np.cos(yy / h * 2)
+        x0 = (3 * t + seed * 5) % (w - 8)
+        img[8:16, x0:x0 + 8] = 255 - base
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def _davis_root(tmp_path: Path, static: bool = False) -> Path:
+    from PIL import Image
+
+    root = tmp_path / ("davis_static" if static else "davis")
+    for v, n in (("bear", 14), ("car", 10), ("dog", 6)):  # dog is too short for 7-frame clips at stride 1? no: 6 < 7
+        folder = root / v
+        folder.mkdir(parents=True)
+        frames = _moving_frames(n, 24, 32, seed=len(v) + n)
+        if static:
+            frames = np.repeat(frames[:1], n, axis=0)
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(folder / f"{i:05d}.jpg", quality=95)
+    return root
+
+
+def _ucf_root(tmp_path: Path) -> Path:
+    root = tmp_path / "ucf"
+    for cls, name, n in (("Jump", "v_Jump_g01_c01.mp4", 20), ("Run", "v_Run_g02_c03.mp4", 24)):
+        frames = _moving_frames(n, 32, 48, seed=n)
+        write_video(root / cls / name, frames, fps=8)
+    return root
+
+
+def test_data_listing_and_reading(tmp_path):
+    davis, ucf = _davis_root(tmp_path), _ucf_root(tmp_path)
+    sources = list_videos(davis)
+    assert [s.id for s in sources] == ["bear", "car", "dog"] and {s.kind for s in sources} == {"frames"}
+    assert read_frames(sources[0], [0, 3]).shape == (2, 24, 32, 3)
+    vids = list_videos(ucf)
+    assert [s.id for s in vids] == ["Jump/v_Jump_g01_c01.mp4", "Run/v_Run_g02_c03.mp4"]
+    frames = read_frames(vids[0], [0, 5, 19])
+    assert frames.shape == (3, 32, 48, 3) and frames.dtype == np.uint8
+    x = to_model_frames(frames, 16, 16)
+    assert x.shape == (3, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_clip_selection_deterministic_and_rereadable(tmp_path):
+    root = _davis_root(tmp_path)
+    proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=3, seed=0)
+    a, b = bm.select_clips(root, proto), bm.select_clips(root, proto)
+    assert a == b and len(a) == 6  # bear: 3 clips, car: 3 clips, dog: too short
+    assert all(c.video != "dog" for c in a)
+    other = bm.select_clips(root, bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=3, seed=1))
+    assert other != a
+    f1, f2 = bm.save_clips(tmp_path / "c1.json", a, proto, root), bm.save_clips(tmp_path / "c2.json", b, proto, root)
+    assert f1.read_bytes() == f2.read_bytes()
+    clips, proto_back = bm.load_clips(f1)
+    assert clips == a and proto_back == proto
+    assert clips[0].frames == list(range(clips[0].start, clips[0].start + 7))
+    subset = bm.select_clips(root, bm.ProtocolConfig(num_frames=7, clips_per_video=3, max_clips=4, seed=0))
+    assert len(subset) == 4
+    with pytest.raises(ValueError, match="unknown protocol key"):
+        bm.ProtocolConfig.from_dict({"num_frame": 7})
+
+
+def test_baselines():
+    T = 7
+    gt = torch.rand(T, 3, 4, 4) * 2 - 1
+    mask = bm.ProtocolConfig(num_frames=T).mask()
+    assert mask.tolist() == [False, True, True, True, True, True, False]
+    given = gt.masked_fill(mask[:, None, None, None], 0)
+    rep = bm.repeat_nearest(given, mask)
+    assert torch.equal(rep[1], gt[0]) and torch.equal(rep[3], gt[0]) and torch.equal(rep[4], gt[6])
+    blend = bm.linear_blend(given, mask)
+    assert torch.allclose(blend[2], gt[0] * 4 / 6 + gt[6] * 2 / 6)
+    i2v_mask = bm.PROTOCOLS["i2v"].mask()
+    assert i2v_mask.shape == (17,) and (~i2v_mask).nonzero().flatten().tolist() == [8]
+
+
+def test_benchmark_static_video_repeat_is_perfect_and_runs_are_identical(tmp_path):
+    root = _davis_root(tmp_path, static=True)
+    proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=2, seed=3)
+    r1 = bm.run_benchmark(root, bm.BASELINES, tmp_path / "run1", protocol=proto, clips_file=tmp_path / "clips.json",
+                          num_grids=1)
+    assert math.isinf(r1["methods"]["repeat_nearest"]["psnr"]) and r1["methods"]["repeat_nearest"]["ssim"] == 1.0
+    assert math.isinf(r1["methods"]["linear_blend"]["psnr"])  # a blend of identical frames is the frame
+    # the second run reuses the clips file and gives a byte-identical results.json
+    bm.run_benchmark(root, bm.BASELINES, tmp_path / "run2", clips_file=tmp_path / "clips.json", num_grids=1)
+    j1, j2 = (tmp_path / "run1" / "results.json").read_text(), (tmp_path / "run2" / "results.json").read_text()
+    assert j1 == j2
+    assert json.loads(j1)["methods"]["repeat_nearest"]["psnr"] == "inf"
+    assert "| repeat_nearest | ∞ | 1.0000 |" in (tmp_path / "run1" / "results.md").read_text()
+    assert len(list((tmp_path / "run1" / "samples").glob("*.mp4"))) == 1
+
+
+def test_benchmark_davis_and_ucf_with_fvd_and_model_like_method(tmp_path):
+    davis, ucf = _davis_root(tmp_path), _ucf_root(tmp_path)
+
+    def toy_extractor(videos):  # cheap stand-in for I3D: per-frame colour means
+        return videos.float().mean(dim=(3, 4)).flatten(1)
+
+    calls = []
+
+    def noisy_model(given, mask):  # any callable (given, mask) -> video is a method
+        calls.append(mask.clone())
+        out = bm.linear_blend(given, mask)
+        return (out + 0.05 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+
+    methods = {**bm.BASELINES, "model": noisy_model}
+    for root in (davis, ucf):
+        proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=2, seed=0)
+        res = bm.run_benchmark(root, methods, tmp_path / f"out_{root.name}", protocol=proto,
+                               extractor=toy_extractor, num_grids=2)
+        for name, m in res["methods"].items():
+            assert 5 < m["psnr"] < 60 and 0 < m["ssim"] < 1 and m["fvd"] is not None and m["fvd"] >= 0, (name, m)
+        assert res["methods"]["linear_blend"]["psnr"] > res["methods"]["model"]["psnr"]
+        assert res["num_clips"] == 4 and len(res["per_clip"]) == 4
+    assert all(m.tolist() == [False] + [True] * 5 + [False] for m in calls)
+    # image-to-video protocol: 17 frames, middle given
+    proto = bm.ProtocolConfig(task="i2v", num_frames=17, height=16, width=16, seed=0)
+    res = bm.run_benchmark(ucf, bm.BASELINES, tmp_path / "i2v", protocol=proto, num_grids=0)
+    assert res["generated_frames"] == [i for i in range(17) if i != 8]
+    assert res["methods"]["repeat_nearest"]["psnr"] == res["methods"]["linear_blend"]["psnr"]
+
+
+def test_cli_interpolation_reuses_clips(tmp_path, capsys):
+    root = _davis_root(tmp_path)
+    args = ["interpolation", "--data", str(root), "--height", "16", "--width", "16", "--fvd", "off",
+            "--clips", str(tmp_path / "clips.json"), "--num-grids", "0", "--seed", "5"]
+    assert eval_main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert eval_main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
+    assert "repeat_nearest" in capsys.readouterr().out
+
+
+def test_fvd_folders_and_model_vs_reference(tmp_path):
+    from PIL import Image
+
+    def toy_extractor(videos):
+        return videos.float().mean(dim=(3, 4)).flatten(1)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(5):
+        frames = _moving_frames(10, 16, 16, seed=i)
+        write_video(a / f"{i}.mp4", frames)
+        folder = b / f"v{i}"
+        folder.mkdir(parents=True)
+        for t, f in enumerate(frames):
+            Image.fromarray(f).save(folder / f"{t:05d}.png")
+    res = fvd_mod.fvd_folders(a, b, toy_extractor, num_frames=8, batch_size=2)
+    assert res["num_videos_a"] == res["num_videos_b"] == 5 and res["fvd"] < 1.0  # mp4 vs lossless: close
+    same = fvd_mod.fvd_folders(b, b, toy_extractor, num_frames=8)
+    assert abs(same["fvd"]) < 1e-6
+    with pytest.raises(ValueError, match=r"0 \(5 too short\)"):
+        fvd_mod.fvd_folders(a, b, toy_extractor, num_frames=12)
+
+    reference = torch.stack([to_model_frames(_moving_frames(9, 16, 16, seed=i)) for i in range(6)])
+    mask = bm.ProtocolConfig(num_frames=9).mask()
+    perfect = fvd_mod.fvd_model_vs_reference(lambda g, m: reference[: g.shape[0]] if g.shape[0] == 6 else None,
+                                             reference, mask, toy_extractor, batch_size=6)
+    assert abs(perfect) < 1e-6
+    blend = fvd_mod.fvd_model_vs_reference(lambda g, m: torch.stack([bm.linear_blend(x, y) for x, y in zip(g, m)]),
+                                           reference, mask, toy_extractor, batch_size=4)
+    assert blend > 1e-4
+
+
+def test_periodic_fvd_returns_metrics_and_caches_reference():
+    torch.manual_seed(0)
+    videos = torch.stack([to_model_frames(_moving_frames(9, 16, 16, seed=i)) for i in range(5)])
+    calls = []
+
+    def toy_extractor(v):
+        calls.append(v.shape[0])
+        return v.float().mean(dim=(3, 4)).flatten(1)
+
+    def generate(given, mask):
+        assert given.shape == videos[: given.shape[0]].shape and mask.dtype == torch.bool
+        assert (given[mask] == 0).all()  # the frames to generate are hidden
+        return torch.stack([bm.repeat_nearest(g, m) for g, m in zip(given, mask)])
+
+    cache = {}
+    m1 = fvd_mod.periodic_fvd(generate, videos, toy_extractor, batch_size=2, cache=cache)
+    assert set(m1) == {f"val/{t}_{k}" for t in ("interpolation", "i2v") for k in ("psnr", "ssim", "fvd")}
+    assert m1["val/interpolation_psnr"] > m1["val/i2v_psnr"]
+    n_calls = len(calls)
+    m2 = fvd_mod.periodic_fvd(generate, videos, toy_extractor, batch_size=2, cache=cache)
+    assert m1 == m2 and len(calls) - n_calls < n_calls  # reference features were not recomputed
+    no_fvd = fvd_mod.periodic_fvd(generate, videos, None, tasks=("interpolation",))
+    assert set(no_fvd) == {"val/interpolation_psnr", "val/interpolation_ssim"}
+
+
+def _tiny_export(path: Path) -> Path:
+    """A random-weight tiny MarDini export (16x16, training window 17 > the protocol's 7 frames)."""
+    import dataclasses
+
+    from mardini.autoencoders import build_autoencoder
+    from mardini.diffusion import Diffusion
+    from mardini.diffusion.config import DiffusionConfig
+    from mardini.inference.pipeline import MarDiniPipeline
+    from mardini.models import MarDini, model_config
+
+    torch.manual_seed(0)
+    diffusion_cfg = DiffusionConfig(num_inference_steps=2)
+    config = {"height": 16, "width": 16, "num_frames": 17, "diffusion": dataclasses.asdict(diffusion_cfg),
+              "autoencoder": {"name": "identity", "patch_size": 2, "scale": 1.0, "shift": 0.0}}
+    pipe = MarDiniPipeline(MarDini(model_config("tiny", latent_channels=12)), Diffusion(diffusion_cfg),
+                           build_autoencoder("identity", patch_size=2), config)
+    return pipe.save_pretrained(path)
+
+
+def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
+    root = _davis_root(tmp_path)
+    export = _tiny_export(tmp_path / "export")
+    out = tmp_path / "model_run"
+    assert eval_main(["interpolation", "--data", str(root), "--out", str(out), "--height", "16", "--width", "16",
+                      "--max-clips", "2", "--fvd", "off", "--model", str(export), "--steps", "2",
+                      "--num-grids", "1", "--device", "cpu"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["repeat_nearest", "linear_blend", "mardini"]
+    model = res["methods"]["mardini"]
+    assert isinstance(model["psnr"], float) and -1 < model["ssim"] < 1  # a random model: finite, imperfect
+    assert res["num_clips"] == 2 and all(set(v) == set(res["methods"]) for v in res["per_clip"].values())
+    grid = read_frames(list_videos(out / "samples")[0])
+    assert grid.shape[0] == 7  # ground truth | 3 methods, side by side, 7 frames
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_fvd_between_folders(tmp_path, monkeypatch):
+    class ColourStats(torch.nn.Module):  # a cheap TorchScript stand-in for the I3D detector
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            x = x.float()
+            return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
+
+    detector = tmp_path / "weights" / "i3d_torchscript.pt"
+    detector.parent.mkdir()
+    torch.jit.script(ColourStats()).save(str(detector))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(3):
+        write_video(a / f"{i}.mp4", _moving_frames(16, 32, 32, seed=i))
+        write_video(b / f"{i}.mp4", 255 - _moving_frames(16, 32, 32, seed=i))
+    out = tmp_path / "fvd.json"
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(detector.parent))
+    assert eval_main(["fvd", str(a), str(b), "--output", str(out), "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["num_videos_a"] == res["num_videos_b"] == 3 and res["fvd"] > 0.01
+    assert res["i3d_weights"] == str(detector)
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="no I3D weights"):
+        eval_main(["fvd", str(a), str(b)])
+
+
+def test_eval_config_rejects_unknown_keys():
+    from mardini.evaluation.config import EvalConfig
+
+    cfg = EvalConfig.from_any({"weights_dir": "/w", "fvd_every": 500, "tasks": ["i2v"]})
+    assert cfg.weights_dir == "/w" and cfg.tasks == ("i2v",)
+    with pytest.raises(ValueError, match="weight_dir"):
+        EvalConfig.from_any({"weight_dir": "/w"})
+    with pytest.raises(ValueError, match="fvd_num_videos"):
+        EvalConfig.from_any({"fvd_num_videos": 0})
