@@ -67,6 +67,10 @@ class MarDiniConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        for key, sub in (("planner", PlannerConfig), ("generator", GeneratorConfig)):
+            unknown = set(d.get(key, {})) - {f.name for f in fields(sub)}
+            if unknown:
+                raise ValueError(f"unknown model config keys: {sorted(f'{key}.{k}' for k in unknown)}")
         planner = PlannerConfig(**d.pop("planner", {}))
         generator = GeneratorConfig(**d.pop("generator", {}))
         return cls(planner=planner, generator=generator, **d)

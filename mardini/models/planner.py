@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import MarDiniConfig
-from .layers import MLP, RotaryEmbedding3D, SelfAttention, patchify
+from .layers import MLP, RMSNorm, RotaryEmbedding3D, SelfAttention, patchify
 
 
 class PlannerBlock(nn.Module):
@@ -20,9 +20,9 @@ class PlannerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, cfg: MarDiniConfig):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim)
         self.attn = SelfAttention(dim, num_heads, cfg.qk_norm, cfg.attn_backend, cfg.sdpa_kernel)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, cfg.mlp_type)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
@@ -39,7 +39,7 @@ class Planner(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(p.dim))
         self.rope = RotaryEmbedding3D(p.dim // p.num_heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(PlannerBlock(p.dim, p.num_heads, p.mlp_ratio, cfg) for _ in range(p.depth))
-        self.norm = nn.RMSNorm(p.dim)
+        self.norm = RMSNorm(p.dim)
         self.to_signal = nn.Linear(p.dim, cfg.signal_dim)
         self.reset_parameters()
 

@@ -1,0 +1,103 @@
+"""Where a training step's GPU time goes: attention kernels, matmuls, everything else, and idle gaps.
+
+    python benchmarks/profile_step.py --part generator --compile 1
+
+Runs a few steps of benchmarks/train_step.py's setup under torch.profiler and groups CUDA kernel time by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import torch
+
+from benchmarks.train_step import make_batch  # noqa: E402  (run from the repository root)
+from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.models import MarDini, model_config
+from mardini.training.optim import build_optimizer
+from mardini.training.parallel import apply_compile
+
+GROUPS = [("attention", r"fmha|flash|attention|sdpa|cudnn"), ("matmul", r"gemm|xmma|cutlass|nvjet|wgmma|matmul"),
+          ("optimizer", r"adam|foreach|multi_tensor"), ("triton (fused elementwise)", r"triton"),
+          ("other", r".")]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", default="generator", choices=("planner", "generator", "joint"))
+    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--lowres", type=int, default=4)
+    p.add_argument("--out", default="profile.json")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    cfg = model_config("paper", latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
+                       sdpa_kernel="cudnn")
+    model = MarDini(cfg).to(device)
+    if args.compile:
+        apply_compile(model)
+
+    class O:
+        lr, weight_decay, beta1, beta2, eps = 1e-4, 0.01, 0.9, 0.99, 1e-8
+
+    opt = build_optimizer(model, O, fused=True)
+    diffusion = Diffusion(DiffusionConfig())
+    z_hi, z_lo, mask = make_batch(args, device)
+    B, T = mask.shape
+    plan = torch.randn(B, T, (args.latent // args.lowres) ** 2, cfg.signal_dim, device=device, dtype=torch.bfloat16)
+    time_in = torch.where(mask, 500.0, 0.0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if args.part == "joint":
+                loss = model(z_hi, z_lo, mask, diffusion, t=torch.full((B,), 0.5, device=device))["loss"]
+            elif args.part == "planner":
+                loss = model.planner(z_lo, mask).float().square().mean()
+            else:
+                loss = model.generator(z_hi, mask, time_in, plan).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / steps
+    totals = {name: 0.0 for name, _ in GROUPS}
+    kernels = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.self_device_time_total / steps
+        kernels[evt.key] = us
+        for name, pattern in GROUPS:
+            if re.search(pattern, evt.key, re.IGNORECASE):
+                totals[name] += us / 1e3
+                break
+    busy = sum(totals.values())
+    report = {"part": args.part, "compile": bool(args.compile), "wall_ms": wall_ms, "busy_ms": busy,
+              "idle_ms": wall_ms - busy, "groups_ms": totals,
+              "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])}
+    json.dump(report, open(args.out, "w"), indent=1)
+    print(f"{args.part} compile={bool(args.compile)}: step {wall_ms:.1f} ms, kernels {busy:.1f} ms, "
+          f"idle {wall_ms - busy:.1f} ms")
+    for name, ms in totals.items():
+        print(f"  {name:28s} {ms:8.1f} ms  {ms / wall_ms:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,679 @@
+"""Tests for mardini.models: the planner, the generator, the joint model (loss, generation) and their accounting.
+
+Everything runs on CPU with the "tiny" size and latents of a few cells. Many properties (identity attention, the
+masked loss, gradients into the planner) are invisible at the default init, where the adaLN-Zero and output layers
+are zero and the generator predicts 0 whatever its input; those tests re-initialise every parameter first.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.masking import task_mask
+from mardini.models import MarDini, model_config
+from mardini.models.layers import RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
+
+C = 4  # latent channels everywhere below
+
+RF = dict(formulation="rectified_flow", prediction="velocity", sampler="euler")
+DDIM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddim")
+DDIM_V = dict(formulation="ddpm", prediction="v", sampler="ddim")
+DDPM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddpm")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tiny(**overrides) -> MarDini:
+    """A tiny model in eval mode; keyword `generator=dict(...)` overrides generator fields."""
+    return MarDini(model_config("tiny", latent_channels=C, **overrides)).eval()
+
+
+def randomize(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Re-initialise every parameter at random (norm gains around 1), so that no zero-initialised layer makes a
+    dependence vanish."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g) * std
+                is_gain = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and name == "weight"
+                p.copy_(noise + (1.0 if is_gain else 0.0))
+    return module
+
+
+def masks(*rows: str) -> torch.Tensor:
+    """masks("01110", "00111") -> bool [2, 5] (1 = generated frame)."""
+    return torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool)
+
+
+def hidden_states(model: MarDini, x, mask, model_time, plan) -> list[torch.Tensor]:
+    with torch.no_grad():
+        _, hidden = model.generator(x, mask, model_time, plan, return_hidden=True)
+    return hidden
+
+
+def frame_diff(a: list[torch.Tensor], b: list[torch.Tensor], frames: torch.Tensor) -> float:
+    """Max abs difference over all blocks' hidden states [B, T, n, D], restricted to frames [B, T] bool."""
+    return max((x - y)[frames].abs().max().item() for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------------ 1. shapes, T
+@pytest.mark.parametrize("hw", [(8, 8), (16, 16), (8, 16)], ids=["8x8", "16x16", "8x16"])
+def test_planner_generator_and_forward_for_several_sizes(hw):
+    """One model serves T in (5, 9, 17) and square / non-square latents; outputs are finite, depend on the input,
+    and each frame's prediction is its own (frames get different predictions)."""
+    torch.manual_seed(0)
+    model = randomize(tiny())
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    H, W = hw
+    r = model.cfg.lowres_factor
+    for T in (5, 9, 17):
+        B = 2
+        z_hi = torch.randn(B, T, C, H, W)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        mask[0, 1:] = True
+        mask[1, : T // 2] = True
+        z_lo = torch.randn(B, T, C, H // r, W // r)
+        plan = model.planner(z_lo, mask)
+        n_lo = (H // r) * (W // r)  # planner patch size 1
+        assert plan.shape == (B, T, n_lo, model.cfg.signal_dim)
+        assert torch.isfinite(plan).all()
+        # the plan of a sample depends on that sample's reference frames only
+        z_lo2 = z_lo.clone()
+        z_lo2[1, -1] += 1.0  # a reference frame of sample 1
+        z_lo2[1, 0] += 100.0  # a masked frame of sample 1: never read
+        plan2 = model.planner(z_lo2, mask)
+        torch.testing.assert_close(plan2[0], plan[0], rtol=0, atol=1e-6)
+        assert (plan2[1] - plan[1]).abs().max() > 1e-4
+        z_lo3 = z_lo.clone()
+        z_lo3[1, 0] += 100.0
+        torch.testing.assert_close(model.planner(z_lo3, mask), plan, rtol=0, atol=0)
+
+        t = torch.rand(B, T) * 1000
+        pred = model.generator(z_hi, mask, t, plan)
+        assert pred.shape == z_hi.shape and torch.isfinite(pred).all()
+        assert (pred[:, 0] - pred[:, 1]).abs().max() > 1e-4
+
+        out = model(z_hi, None, mask, diffusion, noise=torch.randn_like(z_hi), t=torch.rand(B))
+        assert out["prediction"].shape == z_hi.shape and out["target"].shape == z_hi.shape
+        assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+
+
+def test_patchify_unpatchify_roundtrip_non_square():
+    """Tokens are laid out in (y, x) raster order, the order RoPE assumes; unpatchify inverts patchify exactly."""
+    x = torch.randn(2, 3, C, 4, 6)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 3, 2 * 3, C * 4)
+    # token 1 is the patch at (y=0, x=1): cells [0:2, 2:4]
+    torch.testing.assert_close(tokens[0, 0, 1].reshape(C, 2, 2), x[0, 0, :, 0:2, 2:4], rtol=0, atol=0)
+    # token 3 is the patch at (y=1, x=0): cells [2:4, 0:2]
+    torch.testing.assert_close(tokens[0, 0, 3].reshape(C, 2, 2), x[0, 0, :, 2:4, 0:2], rtol=0, atol=0)
+    assert torch.equal(unpatchify(tokens, 2, 4, 6), x)
+
+
+def test_generate_variable_length_up_to_max_frames_and_beyond_raises():
+    torch.manual_seed(0)
+    model = randomize(tiny())
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    assert model.cfg.max_frames == 17
+    for T in (5, 9, 17):
+        z = torch.randn(1, T, C, 8, 8)
+        mask = task_mask("interpolation", T)[None]
+        out = model.generate(z, mask, diffusion, num_steps=2)
+        assert out.shape == z.shape and torch.isfinite(out).all()
+        assert torch.equal(out[:, 0], z[:, 0]) and torch.equal(out[:, -1], z[:, -1])
+
+    T = 18
+    z = torch.randn(1, T, C, 8, 8)
+    mask = task_mask("interpolation", T)[None]
+    with pytest.raises(ValueError, match="max_frames"):
+        model.generate(z, mask, diffusion, num_steps=1)
+    with pytest.raises(ValueError, match="max_frames"):
+        model(z, None, mask, diffusion)
+    with pytest.raises(ValueError, match="max_frames"):
+        model.planner(torch.randn(1, T, C, 4, 4), mask)
+    with pytest.raises(ValueError, match="max_frames"):
+        model.generator(z, mask, torch.zeros(1, T), torch.randn(1, T, 16, model.cfg.signal_dim))
+
+
+# ------------------------------------------------------------------------------------------------ 2. attention
+def _attention_setup(seed=0, T=5, H=8, W=8):
+    g = torch.Generator().manual_seed(seed)
+    mask = masks("01101", "10011")[:, :T]
+    B = mask.shape[0]
+    x = torch.randn(B, T, C, H, W, generator=g)
+    model_time = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
+    plan = torch.randn(B, T, (H // 2) * (W // 2), 48, generator=g)
+    # perturb the masked frames only: their noisy latents and their timesteps
+    x2 = torch.where(mask[:, :, None, None, None], x + torch.randn(x.shape, generator=g), x)
+    model_time2 = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
+    return mask, (x, model_time, plan), (x2, model_time2, plan)
+
+
+@pytest.mark.parametrize("impl", ["split", "mask"])
+def test_identity_attention_keeps_reference_tokens_clean(impl):
+    """Perturbing the noisy latents and timesteps of the masked frames leaves every block's hidden states of the
+    reference-frame tokens unchanged, while the masked-frame tokens change."""
+    torch.manual_seed(0)
+    model = randomize(tiny(generator=dict(attention="identity", identity_impl=impl)))
+    mask, a, b = _attention_setup()
+    ha, hb = hidden_states(model, a[0], mask, a[1], a[2]), hidden_states(model, b[0], mask, b[1], b[2])
+    assert len(ha) == model.cfg.generator.depth
+    assert frame_diff(ha, hb, ~mask) < 1e-5
+    assert frame_diff(ha, hb, mask) > 1e-2
+
+
+def test_full_attention_mixes_noisy_tokens_into_reference_tokens():
+    """The negative control: with full attention the same perturbation reaches the reference tokens."""
+    torch.manual_seed(0)
+    model = randomize(tiny(generator=dict(attention="full")))
+    mask, a, b = _attention_setup()
+    ha, hb = hidden_states(model, a[0], mask, a[1], a[2]), hidden_states(model, b[0], mask, b[1], b[2])
+    assert frame_diff(ha, hb, ~mask) > 1e-3
+
+
+def test_spatial_attention_is_per_frame():
+    """Spatial attention: reference tokens unchanged, and a masked frame's tokens ignore every other frame."""
+    torch.manual_seed(0)
+    model = randomize(tiny(generator=dict(attention="spatial")))
+    mask, a, b = _attention_setup()
+    ha, hb = hidden_states(model, a[0], mask, a[1], a[2]), hidden_states(model, b[0], mask, b[1], b[2])
+    assert frame_diff(ha, hb, ~mask) < 1e-5
+    assert frame_diff(ha, hb, mask) > 1e-2
+
+    # perturb the input and timestep of one masked frame (sample 0, frame 1) only: no other frame moves
+    x, model_time, plan = a
+    x3, model_time3 = x.clone(), model_time.clone()
+    x3[0, 1] += torch.randn_like(x3[0, 1])
+    model_time3[0, 1] = 123.0
+    hc = hidden_states(model, x3, mask, model_time3, plan)
+    touched = torch.zeros_like(mask)
+    touched[0, 1] = True
+    assert frame_diff(ha, hc, ~touched) < 1e-5
+    assert frame_diff(ha, hc, touched) > 1e-2
+
+    # and the identity model does mix frames: the same perturbation reaches the other masked frames
+    ident = randomize(tiny(generator=dict(attention="identity")))
+    hi_a, hi_c = hidden_states(ident, x, mask, model_time, plan), hidden_states(ident, x3, mask, model_time3, plan)
+    others = mask & ~touched
+    assert frame_diff(hi_a, hi_c, others) > 1e-3
+    assert frame_diff(hi_a, hi_c, ~mask) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["identity", "spatial"])
+def test_cross_attention_reads_each_frames_own_plan(mode):
+    """Frame i's tokens read plan[i] only: changing the plan of reference frame 3 of sample 0 moves that frame,
+    leaves the other reference frames and the other sample untouched, and (identity only) reaches the masked
+    frames through self-attention."""
+    torch.manual_seed(0)
+    model = randomize(tiny(generator=dict(attention=mode)))
+    mask, (x, model_time, plan), _ = _attention_setup()
+    assert not mask[0, 3] and not mask[0, 0]
+    plan2 = plan.clone()
+    plan2[0, 3] += torch.randn_like(plan2[0, 3])
+    ha, hb = hidden_states(model, x, mask, model_time, plan), hidden_states(model, x, mask, model_time, plan2)
+    touched = torch.zeros_like(mask)
+    touched[0, 3] = True
+    assert frame_diff(ha, hb, touched) > 1e-2
+    assert frame_diff(ha, hb, ~mask & ~touched) < 1e-5
+    assert max((a[1] - b[1]).abs().max().item() for a, b in zip(ha, hb)) < 1e-5  # other sample
+    if mode == "identity":
+        assert frame_diff(ha, hb, mask) > 1e-3
+    else:
+        assert frame_diff(ha, hb, mask) < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_identity_split_and_mask_implementations_agree(seed):
+    """Both identity implementations compute the same function (same weights, random inputs and masks)."""
+    g = torch.Generator().manual_seed(seed)
+    split = randomize(tiny(generator=dict(identity_impl="split")), seed=seed)
+    dense = tiny(generator=dict(identity_impl="mask"))
+    dense.load_state_dict(split.state_dict())
+    B, T = 3, 6
+    mask = torch.rand(B, T, generator=g) < 0.5
+    mask[:, 0], mask[:, -1] = False, True  # at least one of each
+    x = torch.randn(B, T, C, 8, 8, generator=g)
+    model_time = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
+    plan = torch.randn(B, T, 16, 48, generator=g)
+    with torch.no_grad():
+        out_s, hid_s = split.generator(x, mask, model_time, plan, return_hidden=True)
+        out_m, hid_m = dense.generator(x, mask, model_time, plan, return_hidden=True)
+    assert out_s.abs().max() > 1e-3  # not a trivially zero output
+    torch.testing.assert_close(out_m, out_s, rtol=1e-5, atol=1e-5)
+    for hs, hm in zip(hid_s, hid_m):
+        torch.testing.assert_close(hm, hs, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ 3. loss
+@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS], ids=["rf", "ddpm_eps"])
+def test_loss_ignores_reference_frame_noise_and_targets(dcfg):
+    torch.manual_seed(0)
+    model = randomize(tiny())
+    diffusion = Diffusion(DiffusionConfig(**dcfg))
+    B, T = 2, 5
+    mask = masks("01110", "00011")
+    z = torch.randn(B, T, C, 8, 8)
+    noise = torch.randn_like(z)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        out = model(z, None, mask, diffusion, noise=noise, t=t)
+        # new noise on the reference frames only: same loss
+        noise_ref = torch.where(mask[:, :, None, None, None], noise, torch.randn_like(noise))
+        out_ref = model(z, None, mask, diffusion, noise=noise_ref, t=t)
+        # new noise on one masked frame: the loss changes
+        noise_gen = noise.clone()
+        noise_gen[0, 2] = torch.randn_like(noise_gen[0, 2])
+        out_gen = model(z, None, mask, diffusion, noise=noise_gen, t=t)
+    torch.testing.assert_close(out_ref["loss"], out["loss"], rtol=1e-6, atol=0)
+    assert abs(out_gen["loss"].item() - out["loss"].item()) > 1e-4 * out["loss"].item()
+
+    pred, target = out["prediction"], out["target"]
+    garbage = torch.where(mask[:, :, None, None, None], target, torch.full_like(target, 1e6))
+    torch.testing.assert_close(diffusion.loss(pred, garbage, mask), out["loss"], rtol=1e-6, atol=0)
+    # by hand: each sample's mean over its masked frames, then the mean over samples
+    per_sample = [((pred[b, mask[b]] - target[b, mask[b]]) ** 2).mean() for b in range(B)]
+    torch.testing.assert_close(out["loss"], torch.stack(per_sample).mean(), rtol=1e-5, atol=0)
+
+
+def test_loss_of_batch_is_mean_of_equal_halves():
+    """Every sample weighs the same whatever its number of masked frames, so the loss of a batch is the mean of
+    the losses of its halves (what averaging over data-parallel ranks computes). The halves hold 1+3 and 2+4
+    masked frames, so a per-frame mean over the whole batch would not pass."""
+    torch.manual_seed(0)
+    model = randomize(tiny())
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    mask = masks("01000", "01110", "01100", "01111")
+    z = torch.randn(4, 5, C, 8, 8)
+    noise = torch.randn_like(z)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    with torch.no_grad():
+        whole = model(z, None, mask, diffusion, noise=noise, t=t)["loss"]
+        first = model(z[:2], None, mask[:2], diffusion, noise=noise[:2], t=t[:2])["loss"]
+        second = model(z[2:], None, mask[2:], diffusion, noise=noise[2:], t=t[2:])["loss"]
+    torch.testing.assert_close(whole, (first + second) / 2, rtol=1e-5, atol=0)
+    assert abs(first.item() - second.item()) > 1e-3 * whole.item()  # the halves do differ
+
+
+@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS], ids=["rf", "ddpm"])
+def test_reference_frames_are_clean_and_at_time_zero(dcfg):
+    """What the joint model hands the generator, in training and in sampling: reference frames carry their clean
+    latent and model time 0, masked frames the noisy latent at the sample's noise level."""
+    torch.manual_seed(0)
+    model = randomize(tiny())
+    diffusion = Diffusion(DiffusionConfig(**dcfg))
+    mask = masks("01110", "00011")
+    z = torch.randn(2, 5, C, 8, 8)
+    noise, t = torch.randn_like(z), torch.tensor([0.3, 0.7])
+    seen = []
+    handle = model.generator.register_forward_hook(lambda mod, args, out: seen.append(args))
+    try:
+        with torch.no_grad():
+            model(z, None, mask, diffusion, noise=noise, t=t)
+            x_t, _ = diffusion.noisy_and_target(z, noise, t)
+            x_in, m_in, time_in = seen[-1][:3]
+            assert torch.equal(m_in, mask)
+            assert torch.equal(x_in[~mask], z[~mask])
+            torch.testing.assert_close(x_in[mask], x_t[mask])
+            assert torch.equal(time_in[~mask], torch.zeros_like(time_in[~mask]))
+            expected = diffusion.model_time(t)[:, None].expand(2, 5)
+            torch.testing.assert_close(time_in[mask], expected[mask])
+            assert time_in[mask].min() > 0
+
+            seen.clear()
+            model.generate(z, mask, diffusion, num_steps=3)
+            assert len(seen) == 3
+            for x_in, m_in, time_in, _ in seen:
+                assert torch.equal(x_in[~mask], z[~mask])
+                assert torch.equal(time_in[~mask], torch.zeros_like(time_in[~mask]))
+                assert time_in[mask].min() > 0
+            # the noise level falls from step to step
+            levels = [time_in[mask].max().item() for _, _, time_in, _ in seen]
+            assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ 4. generate
+TASKS = {
+    "interpolation": dict(task="interpolation"),
+    "interpolation_every2": dict(task="interpolation", keep_every=2),
+    "i2v_first": dict(task="i2v", position="first"),
+    "i2v_middle": dict(task="i2v", position="middle"),
+    "i2v_last": dict(task="i2v", position="last"),
+    "expand_forward": dict(task="expand_forward", num_given=2),
+    "expand_backward": dict(task="expand_backward", num_given=2),
+    "loop": dict(task="loop"),
+}
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return randomize(tiny(), seed=3)
+
+
+@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS, DDIM_V, DDPM_EPS], ids=["rf_euler", "ddim_eps", "ddim_v", "ddpm_eps"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_generate_returns_reference_frames_bit_identical(random_model, task, dcfg):
+    kw = dict(TASKS[task])
+    T = 5
+    mask = task_mask(kw.pop("task"), T, **kw)[None].expand(2, T).contiguous()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, T, C, 8, 8, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    diffusion = Diffusion(DiffusionConfig(**dcfg))
+    out = random_model.generate(z, mask, diffusion, num_steps=3, noise=noise,
+                                generator=torch.Generator().manual_seed(1))
+    ref = ~mask
+    assert torch.equal(out[ref], z[ref])
+    assert torch.isfinite(out).all()
+    assert (out[mask] - z[mask]).abs().max() > 1e-3  # the masked frames were generated, not copied
+    # the input's values on masked frames are ignored
+    z_garbage = torch.where(mask[:, :, None, None, None], torch.full_like(z, 7.0), z)
+    out2 = random_model.generate(z_garbage, mask, diffusion, num_steps=3, noise=noise,
+                                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out2, out)
+
+
+# ------------------------------------------------------------------------------------------------ 5. call counts
+class CallCounter:
+    def __init__(self, module: nn.Module):
+        self.batches: list[int] = []
+        self.handle = module.register_forward_hook(lambda mod, args, out: self.batches.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("num_steps", [1, 4])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_planner_runs_once_and_generator_once_per_step(num_steps, guided):
+    torch.manual_seed(0)
+    model = randomize(tiny(plan_dropout=0.1 if guided else 0.0))
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    B, T = 2, 5
+    z = torch.randn(B, T, C, 8, 8)
+    mask = task_mask("interpolation", T)[None].expand(B, T)
+    with CallCounter(model.planner) as planner_calls, CallCounter(model.generator) as generator_calls:
+        out = model.generate(z, mask, diffusion, num_steps=num_steps, guidance_scale=2.0 if guided else 1.0)
+    assert len(planner_calls.batches) == 1 and planner_calls.batches == [B]
+    assert generator_calls.batches == [2 * B if guided else B] * num_steps
+    assert torch.isfinite(out).all()
+
+
+def test_guidance_changes_output_and_needs_null_plan():
+    torch.manual_seed(0)
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(1, 5, C, 8, 8)
+    mask = task_mask("i2v", 5, position="first")[None]
+    with pytest.raises(ValueError, match="plan_dropout"):
+        tiny().generate(z, mask, diffusion, num_steps=1, guidance_scale=2.0)
+    model = randomize(tiny(plan_dropout=0.1))
+    noise = torch.randn_like(z)
+    plain = model.generate(z, mask, diffusion, num_steps=2, noise=noise)
+    guided = model.generate(z, mask, diffusion, num_steps=2, noise=noise, guidance_scale=3.0)
+    assert (guided[mask] - plain[mask]).abs().max() > 1e-4
+    assert torch.equal(guided[~mask], z[~mask])
+
+
+# ------------------------------------------------------------------------------------------------ 6. learning
+@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS, DDIM_V], ids=["rf_velocity", "ddpm_epsilon", "ddpm_v"])
+def test_tiny_model_overfits_a_fixed_batch(dcfg):
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C)).train()
+    diffusion = Diffusion(DiffusionConfig(**dcfg))
+    B, T = 2, 5
+    z = torch.randn(B, T, C, 8, 8)
+    mask = masks("01110", "00111")
+    noise = torch.randn_like(z)
+    t = torch.tensor([0.35, 0.65])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    start = time.perf_counter()
+    losses = []
+    for _ in range(150):
+        loss = model(z, None, mask, diffusion, noise=noise, t=t)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    elapsed = time.perf_counter() - start
+    first, last = losses[0], min(losses[-10:])
+    assert last < first / 5, f"loss {first:.4f} -> {last:.4f} after {len(losses)} steps ({elapsed:.1f}s)"
+
+
+# ------------------------------------------------------------------------------------------------ 7. gradients
+def test_gradients_reach_every_planner_parameter_through_cross_attention():
+    torch.manual_seed(0)
+    model = tiny().train()
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(2, 5, C, 8, 8)
+    mask = masks("01110", "00111")
+    args = dict(noise=torch.randn_like(z), t=torch.tensor([0.3, 0.6]))
+
+    # at the adaLN-Zero init the output layer is zero, so nothing flows back yet
+    model(z, None, mask, diffusion, **args)["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.planner.parameters())
+    model.zero_grad(set_to_none=True)
+
+    randomize(model.generator)  # wake the zero-initialised layers up
+    model(z, None, mask, diffusion, **args)["loss"].backward()
+    for name, p in model.planner.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, f"planner.{name} got no gradient"
+    # the only path from the planner to the loss is the cross-attention's key/value projection
+    for block in model.generator.blocks:
+        assert block.cross.kv.weight.grad.abs().max() > 0
+
+
+# ------------------------------------------------------------------------------------------------ 8. backends
+def _backend_outputs(model: MarDini, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 2, 5
+    mask = masks("01101", "10011")
+    z_hi = torch.randn(B, T, C, 8, 8, generator=g)
+    z_lo = torch.randn(B, T, C, 4, 4, generator=g)
+    model_time = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
+    with torch.no_grad():
+        plan = model.planner(z_lo, mask)
+        return plan, model.generator(z_hi, mask, model_time, plan)
+
+
+@pytest.mark.skipif(not xformers_available(), reason="xformers is not installed (optional `gpu` extra)")
+@pytest.mark.parametrize("impl", ["split", "mask"])
+def test_xformers_backend_matches_sdpa(impl):
+    sdpa = randomize(tiny(attn_backend="sdpa", generator=dict(identity_impl=impl)))
+    xf = tiny(attn_backend="xformers", generator=dict(identity_impl=impl))
+    xf.load_state_dict(sdpa.state_dict())
+    for a, b in zip(_backend_outputs(sdpa), _backend_outputs(xf)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+CPU_SDPA_KERNELS = ["math", "flash"]  # efficient and cudnn exist on GPUs only
+
+
+@pytest.mark.parametrize("kernel", CPU_SDPA_KERNELS)
+@pytest.mark.parametrize("attn", ["identity-split", "identity-mask", "full", "spatial"])
+def test_sdpa_kernels_agree_with_auto(kernel, attn):
+    mode, _, impl = attn.partition("-")
+    gen = dict(attention=mode, identity_impl=impl or "split")
+    auto = randomize(tiny(sdpa_kernel="auto", generator=gen))
+    other = tiny(sdpa_kernel=kernel, generator=gen)
+    other.load_state_dict(auto.state_dict())
+    plan_a, out_a = _backend_outputs(auto)
+    plan_b, out_b = _backend_outputs(other)
+    assert out_a.abs().max() > 1e-3
+    torch.testing.assert_close(plan_b, plan_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_backend_fails_clearly():
+    if xformers_available():
+        pytest.skip("xformers is installed")
+    model = tiny(attn_backend="xformers")
+    with pytest.raises(RuntimeError, match="xformers"):
+        _backend_outputs(model)
+
+
+# ------------------------------------------------------------------------------------------------ 9. FLOPs
+@pytest.mark.parametrize("attn", ["identity-split", "identity-mask", "full", "spatial"])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (1, 3, 8, 16)], ids=["B2T5_8x8", "B1T3_8x16"])
+def test_flop_estimate_matches_flop_counter(attn, shape):
+    mode, _, impl = attn.partition("-")
+    model = tiny(sdpa_kernel="math", generator=dict(attention=mode, identity_impl=impl or "split"))
+    B, T, H, W = shape
+    r = model.cfg.lowres_factor
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 1:] = True
+    num_masked = T - 1
+    z_hi, z_lo = torch.randn(B, T, C, H, W), torch.randn(B, T, C, H // r, W // r)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        plan = model.planner(z_lo, mask)
+        model.generator(z_hi, mask, torch.rand(B, T) * 1000, plan)
+    est = model.estimate_flops(T, (H, W), num_masked, B, executed=True)
+    assert est["total"] == counter.get_total_flops()
+    assert est["total"] == est["planner"] + est["generator"]
+
+    # planner alone, too
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.planner(z_lo, mask)
+    assert est["planner"] == counter.get_total_flops()
+
+
+def test_useful_identity_flops_below_executed_split():
+    model = tiny(generator=dict(attention="identity", identity_impl="split"))
+    useful = model.estimate_flops(9, (16, 16), 7, 2, executed=False)
+    executed = model.estimate_flops(9, (16, 16), 7, 2, executed=True)
+    assert useful["total"] < executed["total"]
+    assert useful["planner"] == executed["planner"]
+    # fewer masked frames -> fewer useful flops (reference queries only see their own frame)
+    assert model.estimate_flops(9, (16, 16), 2, 2)["total"] < useful["total"]
+
+
+# ------------------------------------------------------------------------------------------------ 10. configs
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(generator=dict(attention="foo")), "generator.attention"),
+        (dict(generator=dict(identity_impl="foo")), "generator.identity_impl"),
+        (dict(planner=dict(dim=100, num_heads=3)), "planner.dim"),
+        (dict(generator=dict(dim=50, num_heads=4)), "generator.dim"),
+        (dict(generator=dict(dim=42, num_heads=6)), "generator.num_heads"),  # head dim 7: odd
+        (dict(planner=dict(dim=16, num_heads=4)), "planner.num_heads"),      # head dim 4: < 6
+        (dict(generator=dict(depth=0)), "generator.depth"),
+        (dict(attn_backend="flashy"), "attn_backend"),
+        (dict(sdpa_kernel="fast"), "sdpa_kernel"),
+        (dict(mlp_type="relu"), "mlp_type"),
+        (dict(plan_dropout=1.0), "plan_dropout"),
+        (dict(max_frames=1), "max_frames"),
+        (dict(latent_channels=0), "latent_channels"),
+    ],
+)
+def test_bad_config_values_name_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        model_config("tiny", **overrides)
+
+
+def test_unknown_config_keys_and_sizes_are_rejected():
+    with pytest.raises(ValueError, match="unknown"):
+        model_config("tiny", latent_chanels=4)
+    with pytest.raises(ValueError, match="huge"):
+        model_config("huge")
+    good = model_config("tiny", latent_channels=C).to_dict()
+    assert MarDini(good).cfg == model_config("tiny", latent_channels=C)
+    good["generator"]["attention"] = "foo"
+    with pytest.raises(ValueError, match=r"generator\.attention"):
+        MarDini(good)
+
+
+@pytest.mark.parametrize("overrides", [dict(generator=dict(atention="full")), dict(planner=dict(dimm=64))],
+                         ids=["generator", "planner"])
+def test_unknown_nested_config_key_raises_value_error(overrides):
+    with pytest.raises(ValueError, match="atention|dimm"):
+        model_config("tiny", **overrides)
+
+
+def test_paper_size_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        model = MarDini(model_config("paper", latent_channels=16))
+    assert all(p.is_meta for p in model.parameters())
+    counts = model.num_parameters()
+    assert counts["planner"] >= 1e9
+    assert 1e8 <= counts["generator"] <= 3e8
+    assert counts["total"] == counts["planner"] + counts["generator"]  # plan_dropout=0: no null plan
+
+
+# ------------------------------------------------------------------------------------------------ 11. masks
+@pytest.mark.parametrize("bad", ["00000", "11111"], ids=["no_masked_frame", "no_reference_frame"])
+def test_forward_and_generate_reject_degenerate_masks(bad):
+    model = tiny()
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(2, 5, C, 8, 8)
+    mask = masks("01110", bad)  # one good sample, one bad one
+    with pytest.raises(ValueError, match="at least one"):
+        model(z, None, mask, diffusion)
+    with pytest.raises(ValueError, match="at least one"):
+        model.generate(z, mask, diffusion, num_steps=1)
+
+
+def test_forward_rejects_malformed_masks():
+    model = tiny()
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(2, 5, C, 8, 8)
+    with pytest.raises(ValueError, match="mask"):
+        model(z, None, masks("01110", "01110").long(), diffusion)  # not bool
+    with pytest.raises(ValueError, match="mask"):
+        model(z, None, masks("0110", "0110"), diffusion)  # wrong T
+
+
+# ------------------------------------------------------------------------------------------------ 12. RoPE
+def _rotated_dot(rope: RotaryEmbedding3D, grid, q, k, pos_q, pos_k) -> torch.Tensor:
+    """q . k after rotating q at (t, y, x) pos_q and k at pos_k; q, k: [d]."""
+    frames, height, width = grid
+    assert all(0 <= p[i] < grid[i] for p in (pos_q, pos_k) for i in range(3)), "position outside the grid"
+    cos, sin = rope(frames, height, width)
+    index = lambda p: (p[0] * height + p[1]) * width + p[2]  # noqa: E731  (t, y, x) raster
+    qr = apply_rope(q.view(1, 1, 1, -1), cos[index(pos_q)][None], sin[index(pos_q)][None])
+    kr = apply_rope(k.view(1, 1, 1, -1), cos[index(pos_k)][None], sin[index(pos_k)][None])
+    return (qr * kr).sum()
+
+
+@pytest.mark.parametrize("head_dim", [12, 16, 64])
+@pytest.mark.parametrize("axis", [0, 1, 2], ids=["t", "y", "x"])
+def test_rope_scores_depend_only_on_relative_position(head_dim, axis):
+    torch.manual_seed(0)
+    rope = RotaryEmbedding3D(head_dim)
+    grid = (10, 9, 11)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def at(base, offset):
+        p = list(base)
+        p[axis] += offset
+        return tuple(p)
+
+    a, b = (1, 2, 3), (2, 1, 0)
+    pa, pb = at(a, 1), at(b, 3)
+    reference = _rotated_dot(rope, grid, q, k, pa, pb)
+    for shift in (1, 2, 3):
+        shifted = _rotated_dot(rope, grid, q, k, at(pa, shift), at(pb, shift))
+        torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
+    # ... and the score does depend on the offset along this axis (the axis really is encoded)
+    moved = _rotated_dot(rope, grid, q, k, pa, at(pb, 1))
+    assert (moved - reference).abs() > 1e-3
+    # rotation preserves norms
+    cos, sin = rope(*grid)
+    rotated = apply_rope(q.view(1, 1, 1, -1).expand(1, 1, cos.shape[0], -1), cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), q.norm().expand(cos.shape[0])[None, None], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rejects_bad_head_dims():
+    for bad in (7, 4):
+        with pytest.raises(ValueError, match="head_dim"):
+            RotaryEmbedding3D(bad)
