@@ -48,13 +48,13 @@ class MaskStrategyConfig:
 class CurriculumStage:
     start_step: int = 0  # first global step governed by this stage
     end_step: Optional[int] = None  # exclusive; None = until the end of training (last stage only)
-    strategies: List[MaskStrategyConfig] = field(default_factory=lambda: [MaskStrategyConfig()])
+    strategies: List[MaskStrategyConfig] = field(default_factory=lambda: [MaskStrategyConfig()])  # weighted mixture of mask strategies used during this stage
     mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.9])  # [min, max] masked fraction
 
 
 @dataclass
 class CurriculumConfig:
-    stages: List[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])
+    stages: List[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])  # consecutive step ranges tiling training; each draws masks from its own mixture
 
 
 # -----------------------------------------------------------------------------

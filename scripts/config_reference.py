@@ -36,10 +36,7 @@ class MissingCommentError(ValueError):
 # Descriptions for fields whose source line still lacks its comment, keyed "Class.field". Only for fields in files
 # whose owner has yet to add the comment; a comment in the source always wins, and this script warns about entries
 # that have become unnecessary. Add nothing here for new fields: write the comment on the field's line.
-PENDING_COMMENTS: dict[str, str] = {
-    "CurriculumConfig.stages": "consecutive step ranges tiling training; each draws masks from its own mixture",
-    "CurriculumStage.strategies": "weighted mixture of mask strategies used during this stage",
-}
+PENDING_COMMENTS: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class TrainConfig:
     sample_every: int = 0  # steps between validation videos (0 = only at the end)
     num_sample_videos: int = 2  # validation clips per task (interpolation, image-to-video)
     sample_steps: int = 0  # sampler steps for validation videos (0 = diffusion.num_inference_steps)
+    eval_every: int = 0  # steps between PSNR/SSIM/FVD on a fixed validation set (0 = never)
+    eval_num_videos: int = 16  # clips in that validation set (FVD of few clips: compare across steps only)
+    eval_weights_dir: str = ""  # folder with the I3D weights ("" = $MARDINI_WEIGHTS or ../shared/weights); no file: no FVD
     checkpoint_every: int = 500  # steps between resumable checkpoints (a final one is always written)
     keep_last: int = 2  # checkpoints kept (older ones deleted)
     resume: str = ""  # "" = fresh run | auto = newest complete checkpoint in the run dir | a checkpoint path
@@ -171,9 +174,9 @@ def validate_config(cfg) -> None:
          f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
     need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos"):
+    for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("sample_every", "sample_steps"):
+    for key in ("sample_every", "sample_steps", "eval_every"):
         need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     for tracker in t.trackers:
         need(tracker in TRACKERS, "train.trackers", f"entries must be in {TRACKERS}, got {tracker!r}")

@@ -343,6 +343,8 @@ class Trainer:
                     window, window_start, window_steps = [], time.perf_counter(), 0
                 if t.sample_every and self.step % t.sample_every == 0 and self.step < t.max_steps:
                     self.sample()
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self.evaluate()
                 if acc.num_processes > 1:  # a signal may reach some ranks only: stop together
                     flag = torch.tensor(float(self.stop_requested), device=self.device)
                     self.stop_requested = bool(acc.reduce(flag, reduction="sum").item() > 0)
@@ -369,14 +371,9 @@ class Trainer:
         """Validation videos with the EMA weights (main process only)."""
         acc, t = self.accelerator, self.cfg.train
         metrics = {}
-        ema = self.full_ema_state()  # collective under FSDP
+        model = self.ema_model()  # collective under FSDP
         if acc.is_main_process:
-            model = MarDini(self.model_cfg).to(self.device).eval()
-            model.load_state_dict(ema)
-            val_cfg = SyntheticVideoConfig(**dict(OmegaConf.to_container(self.cfg.data.synthetic, resolve=True),
-                                                  seed=self.cfg.data.val_seed, num_videos=t.num_sample_videos))
-            val_data = SyntheticVideoDataset(val_cfg)
-            videos = torch.stack([val_data[i]["video"] for i in range(t.num_sample_videos)])
+            videos = self.validation_clips(t.num_sample_videos)
             steps = t.sample_steps or self.diffusion.cfg.num_inference_steps
             metrics, paths = validation_videos(
                 model, self.autoencoder, self.diffusion, videos,
@@ -386,7 +383,50 @@ class Trainer:
             self._log_videos(paths)
             log.info("step %d validation: %s (videos in %s)", self.step,
                      ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()), self.run_dir / "samples")
-            del model
+        del model
+        acc.wait_for_everyone()
+        return metrics
+
+    def ema_model(self) -> MarDini | None:
+        """A plain copy of the model holding the EMA weights on the main process, None elsewhere (every rank
+        must call: under FSDP the shards are gathered)."""
+        ema = self.full_ema_state()
+        if not self.accelerator.is_main_process:
+            return None
+        model = MarDini(self.model_cfg).to(self.device).eval()
+        model.load_state_dict(ema)
+        return model
+
+    def validation_clips(self, count: int) -> torch.Tensor:
+        """[count, T, 3, H, W]: fixed clips from the validation seed's stream (disjoint from training)."""
+        val_cfg = SyntheticVideoConfig(**dict(OmegaConf.to_container(self.cfg.data.synthetic, resolve=True),
+                                              seed=self.cfg.data.val_seed, num_videos=count))
+        data = SyntheticVideoDataset(val_cfg)
+        return torch.stack([data[i]["video"] for i in range(count)])
+
+    def evaluate(self) -> dict:
+        """PSNR / SSIM (and FVD when I3D weights are found) of interpolation and i2v on the fixed validation set,
+        with the EMA weights; logged under val/."""
+        from ..evaluation.fvd import load_default_extractor, model_generate_fn, periodic_fvd
+
+        acc, t = self.accelerator, self.cfg.train
+        model = self.ema_model()
+        metrics = {}
+        if acc.is_main_process:
+            if not hasattr(self, "_fvd_cache"):
+                self._fvd_cache = {}
+                self._fvd_extractor = load_default_extractor(weights_dir=t.eval_weights_dir or None,
+                                                             device=self.device)
+                if self._fvd_extractor is None:
+                    log.warning("no I3D weights found (train.eval_weights_dir): evaluating PSNR/SSIM only")
+            generate = model_generate_fn(model, self.autoencoder, self.diffusion,
+                                         lambda z: lowres_from_hires(z, self.model_cfg.lowres_factor),
+                                         num_steps=t.sample_steps or None, seed=self.cfg.seed)
+            metrics = periodic_fvd(generate, self.validation_clips(t.eval_num_videos), self._fvd_extractor,
+                                   cache=self._fvd_cache)
+            acc.log(metrics, step=self.step)
+            log.info("step %d evaluation: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        del model
         acc.wait_for_everyone()
         return metrics
 
