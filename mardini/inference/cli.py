@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=int, default=4, help="slow_motion: output frames per input interval")
     p.add_argument("--stride", type=int, default=1, help="long: keyframe stride of the expansion stage")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the diffusion config's)")
+    p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
+                                                    "(DDPM models); default: the one the model was trained with")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the plan (needs a "
                                                                  "model trained with plan_dropout > 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
-                                           weights=args.weights)
+                                           weights=args.weights, sampler=args.sampler)
     videos, given = run(args, pipe)
     fps = args.fps or pipe.fps
     out = Path(args.output)

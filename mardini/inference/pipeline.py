@@ -49,13 +49,15 @@ class MarDiniPipeline:
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema"):
-        """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights."""
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema",
+                        sampler: str | None = None):
+        """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights.
+        `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model)."""
         model, config = export_format.load_model(path, weights, device)
         for key in ("height", "width"):
             if key not in config:
                 raise ValueError(f"{path}: config.json lacks {key!r}")
-        diffusion = Diffusion(config["diffusion"])
+        diffusion = Diffusion(dict(config["diffusion"], **({"sampler": sampler} if sampler else {})))
         autoencoder = _autoencoder_from_config(config["autoencoder"])
         return cls(model, diffusion, autoencoder, config).to(device, dtype)
 

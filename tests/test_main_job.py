@@ -1,0 +1,47 @@
+"""The README's main job: `mardini-train` with the default config, as a new user runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from mardini.inference import MarDiniPipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_default_mardini_train_finishes_learns_and_writes_outputs(tmp_path):
+    exe = shutil.which("mardini-train")
+    command = [exe] if exe else [sys.executable, "-m", "mardini.train"]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    start = time.time()
+    result = subprocess.run(command + [f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    elapsed = time.time() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 600, f"the default job took {elapsed:.0f} s on this machine"
+    run = tmp_path / "run"
+
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 300
+    first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+    assert last < 0.7 * first, (first, last)
+
+    for task in ("interpolation", "i2v"):
+        frames = iio.imread(run / "samples" / f"step_000300_{task}.mp4", plugin="pyav")
+        assert frames.shape[0] == 9
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000200", "step_000300"]
+
+    pipe = MarDiniPipeline.from_pretrained(run / "export")
+    image = torch.rand(3, 32, 32) * 2 - 1
+    video = pipe.interpolate(image, -image, num_steps=2)
+    assert video.shape == (9, 3, 32, 32) and torch.equal(video[0], image) and torch.equal(video[-1], -image)
+    assert (run / "wandb").is_dir() and any((run / "mardini").iterdir())  # offline wandb run, tensorboard events
