@@ -252,3 +252,28 @@ class VideoKLAutoencoder(_DiffusersVAE):
     def _chunks(self, x: Tensor):
         n = self.frames_per_chunk
         return [x] if n is None or x.shape[0] <= n else list(x.split(n))
+
+
+def kl_kwargs_from_config(cfg: Any) -> dict:
+    """Constructor kwargs of KLAutoencoder / VideoKLAutoencoder from a run config's ``autoencoder`` node.
+
+    Reads (attribute access, missing keys take the defaults): pretrained, subfolder, vae_class, scaling_factor,
+    shift_factor, sample_posterior, frames_per_chunk (0 = all frames at once), dtype.
+    """
+
+    def get(key: str, default):
+        value = cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+        return default if value is None and default is not None else value
+
+    if not get("pretrained", ""):
+        raise ValueError("autoencoder.pretrained must name a local folder holding a diffusers VAE (config.json + "
+                         "weights), e.g. a pipeline folder with autoencoder.subfolder=vae")
+    kwargs = {"pretrained": str(get("pretrained", "")), "subfolder": str(get("subfolder", "")),
+              "scaling_factor": get("scaling_factor", None), "shift_factor": get("shift_factor", None),
+              "sample_posterior": bool(get("sample_posterior", False)), "dtype": str(get("dtype", "float32"))}
+    if get("vae_class", ""):
+        kwargs["vae_class"] = str(get("vae_class", ""))
+    chunk = get("frames_per_chunk", None)
+    if chunk is not None:
+        kwargs["frames_per_chunk"] = int(chunk) or None
+    return kwargs

@@ -103,7 +103,9 @@ def _write_json(path: Path, data: dict) -> None:
 def read_cache_meta(root: str | os.PathLike) -> dict:
     path = Path(root) / META_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{root} is not a latent cache (no {META_NAME}); build one with scripts/cache_latents.py")
+        raise FileNotFoundError(
+            f"{root} is not a latent cache (no {META_NAME}); build one with scripts/cache_latents.py"
+        )
     return json.loads(path.read_text())
 
 
@@ -319,10 +321,12 @@ class CachedLatentDataset(Dataset):
     """Items of a complete latent cache: {"z_hi": [T, C, h, w], "z_lo": [T, C, h/r, w/r], "index": i}.
 
     Shards are memory-mapped lazily (a few open at a time per process), so the dataset pickles cheaply into
-    DataLoader workers and reads only the rows it needs. Latents come back as ``dtype`` (float32 by default).
+    DataLoader workers and reads only the rows it needs. Latents come back as ``dtype`` (float32 by default;
+    None keeps the storage dtype, e.g. float16: half the bytes through DataLoader workers and host-to-device
+    copies, cast on the GPU instead). Reading is cheap: with small latents, num_workers=0 is often fastest.
     """
 
-    def __init__(self, root: str | os.PathLike, dtype: torch.dtype = torch.float32, max_open: int = 32):
+    def __init__(self, root: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, max_open: int = 32):
         self.root = Path(root)
         self.meta = read_cache_meta(self.root)
         if not self.meta.get("complete"):
@@ -372,11 +376,10 @@ class CachedLatentDataset(Dataset):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         k, row = divmod(index, self.shard_size)
         f = self._shard(k)
-        return {
-            "z_hi": f.get_slice("z_hi")[row : row + 1][0].to(self.dtype),
-            "z_lo": f.get_slice("z_lo")[row : row + 1][0].to(self.dtype),
-            "index": index,
-        }
+        # copy=True: the slices view the memory-mapped file; a copy never outlives (or faults on) the mapping
+        z_hi, z_lo = f.get_slice("z_hi")[row : row + 1][0], f.get_slice("z_lo")[row : row + 1][0]
+        dtype = self.dtype or z_hi.dtype
+        return {"z_hi": z_hi.to(dtype, copy=True), "z_lo": z_lo.to(dtype, copy=True), "index": index}
 
     def sample_metadata(self, index: int) -> dict:
         """What was recorded for item index: source path, clip start, fps, frame indices, skipped files, ..."""

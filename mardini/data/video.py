@@ -48,6 +48,7 @@ class TooManyFailuresError(RuntimeError):
     """More than the allowed fraction of samples failed to load: the data (or its path) is probably wrong."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
 # Failure accounting
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -255,10 +256,12 @@ class VideoDataset(Dataset):
         """Read entry `source` with the draws of rng (clip start first, then crop); raises VideoDecodeError."""
         cfg, entry = self.cfg, self.manifest[source]
         fps = entry.fps if entry.fps else cfg.fps
+        start_seed = int(rng.integers(2**63))  # one draw, so a retry with the other backend picks the same clip
 
         def pick(num_available: int, video_fps: float) -> list[int]:
             return clip_indices(num_available, video_fps, cfg.num_frames, fps=fps, stride=cfg.frame_stride,
-                                start=cfg.clip_start, rng=rng, window=(entry.start, entry.end))
+                                start=cfg.clip_start, rng=np.random.default_rng(start_seed),
+                                window=(entry.start, entry.end))
 
         frames, indices, video_fps = read_clip(entry.path, pick, cfg.backend, cfg.decode_threads)
         video = resize_crop(frames, cfg.height, cfg.width, cfg.crop, rng)

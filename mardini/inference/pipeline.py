@@ -26,14 +26,19 @@ from .planning import Window, check_plan, expansion_plan, interpolation_plan, lo
 log = logging.getLogger(__name__)
 
 ImageLike = "torch.Tensor | np.ndarray | PIL.Image.Image | str | Path"
-AUTOENCODER_KEYS = {"identity": ("patch_size", "scale", "shift")}
 
 
 def _autoencoder_from_config(cfg: dict):
+    """The autoencoder an export names: identity (no weights) or a diffusers VAE from its local folder."""
     name = cfg["name"]
-    if name not in AUTOENCODER_KEYS:
-        raise ValueError(f"unknown autoencoder {name!r} in the export's config")
-    return build_autoencoder(name, **{k: cfg[k] for k in AUTOENCODER_KEYS[name] if k in cfg})
+    if name == "identity":
+        return build_autoencoder(name, **{k: cfg[k] for k in ("patch_size", "scale", "shift") if k in cfg})
+    if name == "kl":
+        from ..autoencoders.kl import kl_kwargs_from_config
+
+        return build_autoencoder(name, **kl_kwargs_from_config(cfg))
+    raise ValueError(f"autoencoder {name!r} is not supported by MarDiniPipeline (per-frame autoencoders only: "
+                     f"a temporally compressing VAE does not map given frames to latent frames one to one)")
 
 
 class MarDiniPipeline:

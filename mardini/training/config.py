@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import List
+from typing import List, Optional
 
 from ..data.synthetic import SyntheticVideoConfig
+from ..data.video import VideoDataConfig, read_video_config
 from ..diffusion.config import DiffusionConfig, validate_diffusion_config
 from ..masking import (CurriculumConfig, CurriculumStage, MaskStrategyConfig, check_curriculum_reaches,
                        validate_curriculum)
@@ -23,22 +24,35 @@ PARALLEL_MODES = ("ddp", "fsdp")
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-AUTOENCODERS = ("identity",)
-DATA_SOURCES = ("synthetic",)
+AUTOENCODERS = ("identity", "kl", "kl_video")
+DATA_SOURCES = ("synthetic", "video", "cache")
+LOWRES_MODES = ("latents", "pixels")
 
 
 @dataclass
 class AutoencoderConfig:
     name: str = "identity"  # identity: pixels patched into latents, no weights needed
     patch_size: int = 2  # identity: pixels per latent cell side (latent channels = 3 * patch_size**2)
-    scale: float = 1.0  # latents = (patched pixels - shift) * scale
-    shift: float = 0.0  # subtracted before scaling
+    scale: float = 1.0  # identity: latents = (patched pixels - shift) * scale
+    shift: float = 0.0  # identity: subtracted before scaling
+    pretrained: str = ""  # kl / kl_video: local folder of a diffusers VAE (or of a pipeline, with subfolder)
+    subfolder: str = ""  # kl / kl_video: folder inside `pretrained` holding the VAE, e.g. "vae"
+    vae_class: str = ""  # kl / kl_video: diffusers class ("" = AutoencoderKL / AutoencoderKLCogVideoX)
+    scaling_factor: Optional[float] = None  # kl / kl_video: override the VAE config's scaling_factor (null = use it)
+    shift_factor: Optional[float] = None  # kl / kl_video: override the VAE config's shift_factor (null = use it)
+    sample_posterior: bool = False  # kl / kl_video: sample the latent posterior instead of taking its mean
+    frames_per_chunk: int = 8  # kl: frames per VAE call (kl_video: videos per call; 0 = all): bounds memory
+    dtype: str = "float32"  # kl / kl_video: VAE weight dtype: float32 | bfloat16 | float16
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic: procedural moving shapes, no download
-    synthetic: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)  # the synthetic dataset
+    source: str = "synthetic"  # synthetic (procedural, no download) | video (files, decoded) | cache (latents)
+    synthetic: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)  # source=synthetic: the dataset
+    video: VideoDataConfig = field(default_factory=VideoDataConfig)  # source=video: files, clip size and sampling
+    cache_dir: str = ""  # source=cache: folder written by scripts/cache_latents.py
+    lowres_mode: str = "latents"  # planner input: pooled hi-res latents (latents) or encoded r-times smaller pixels
+    prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (with num_workers > 0)
     fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
     val_seed: int = 1_000_003  # seed of the validation clips (a stream disjoint from training)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
@@ -100,9 +114,9 @@ class Config:
 
 
 # Field annotations are strings (from __future__ import annotations): map them back to the nested schemas.
-_FIELD_TYPES = {name: cls for cls in (MarDiniConfig, PlannerConfig, GeneratorConfig, DiffusionConfig, CurriculumConfig,
-                                      CurriculumStage, AutoencoderConfig, DataConfig, SyntheticVideoConfig,
-                                      TrainConfig) for name in (cls.__name__,)}
+_FIELD_TYPES = {cls.__name__: cls for cls in (MarDiniConfig, PlannerConfig, GeneratorConfig, DiffusionConfig,
+                                              CurriculumConfig, CurriculumStage, AutoencoderConfig, DataConfig,
+                                              SyntheticVideoConfig, VideoDataConfig, TrainConfig)}
 _LIST_ITEM_TYPES = {"List[CurriculumStage]": CurriculumStage, "List[MaskStrategyConfig]": MaskStrategyConfig}
 
 
@@ -145,8 +159,30 @@ def _schema_of(annotation) -> tuple[type | None, type | None]:
     return None, None
 
 
-def latent_channels(ae: AutoencoderConfig) -> int:
-    return 3 * ae.patch_size**2
+def latent_space(ae) -> dict:
+    """{"latent_channels", "spatial_compression", "temporal_compression"} of the configured autoencoder (reads a
+    VAE's config.json, not its weights)."""
+    if ae.name == "identity":
+        return {"latent_channels": 3 * ae.patch_size**2, "spatial_compression": ae.patch_size,
+                "temporal_compression": 1}
+    from ..autoencoders.kl import latent_properties, read_vae_config
+
+    if not ae.pretrained:
+        raise ValueError(f"autoencoder.pretrained must name a local folder with a diffusers VAE for "
+                         f"autoencoder.name={ae.name}")
+    default_class = "AutoencoderKLCogVideoX" if ae.name == "kl_video" else "AutoencoderKL"
+    try:
+        config = read_vae_config(ae.pretrained, ae.subfolder, ae.vae_class or default_class)
+    except Exception as e:
+        raise ValueError(f"autoencoder.pretrained={ae.pretrained} (subfolder={ae.subfolder!r}): cannot read the VAE "
+                         f"config: {e}") from e
+    return latent_properties(config)
+
+
+def clip_config(cfg):
+    """(config key, node) of the clips the run trains on; None for a latent cache (its own metadata rules)."""
+    return {"synthetic": ("data.synthetic", cfg.data.synthetic), "video": ("data.video", cfg.data.video),
+            "cache": None}[cfg.data.source]
 
 
 def validate_config(cfg) -> None:
@@ -186,29 +222,45 @@ def validate_config(cfg) -> None:
     need(not (t.resume and t.init_from), "train.init_from",
          "cannot be combined with train.resume (resume restores everything; init_from loads weights only)")
 
-    ae = cfg.autoencoder
+    ae, d = cfg.autoencoder, cfg.data
     need(ae.name in AUTOENCODERS, "autoencoder.name", f"must be one of {AUTOENCODERS}, got {ae.name!r}")
     need(ae.patch_size >= 1, "autoencoder.patch_size", f"must be >= 1, got {ae.patch_size}")
     need(ae.scale > 0, "autoencoder.scale", f"must be > 0, got {ae.scale}")
-    need(cfg.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {cfg.data.source!r}")
-    need(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    need(ae.frames_per_chunk >= 0, "autoencoder.frames_per_chunk", f"must be >= 0, got {ae.frames_per_chunk}")
+    need(ae.dtype in ("float32", "bfloat16", "float16"), "autoencoder.dtype", f"got {ae.dtype!r}")
+    need(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {d.source!r}")
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
+    need(d.lowres_mode in LOWRES_MODES, "data.lowres_mode", f"must be one of {LOWRES_MODES}, got {d.lowres_mode!r}")
+    if d.source == "video":
+        need(bool(d.video.root), "data.video.root", "must name a folder of videos or a manifest for data.source=video")
+        read_video_config(d.video)
+    if d.source == "cache":
+        need(bool(d.cache_dir), "data.cache_dir", "must name a folder made by scripts/cache_latents.py")
 
     validate_model_config(cfg.model)
     validate_diffusion_config(cfg.diffusion)
     validate_curriculum(cfg.curriculum)
     check_curriculum_reaches(cfg.curriculum, t.max_steps)
 
-    m, syn = cfg.model, cfg.data.synthetic
-    need(m.latent_channels == latent_channels(ae), "model.latent_channels",
-         f"({m.latent_channels}) must equal the autoencoder's latent channels ({latent_channels(ae)} for "
-         f"autoencoder.name={ae.name} with patch_size={ae.patch_size})")
-    need(syn.num_frames <= m.max_frames, "data.synthetic.num_frames",
-         f"({syn.num_frames}) exceeds model.max_frames ({m.max_frames})")
-    need(syn.num_frames >= 2, "data.synthetic.num_frames", f"must be >= 2, got {syn.num_frames}")
+    m, space = cfg.model, latent_space(ae)
+    need(m.latent_channels == space["latent_channels"], "model.latent_channels",
+         f"({m.latent_channels}) must equal the autoencoder's latent channels ({space['latent_channels']} for "
+         f"autoencoder.name={ae.name}" + (f" with patch_size={ae.patch_size})" if ae.name == "identity" else ")"))
+    clip = clip_config(cfg)
+    if clip is None:
+        return
+    key, c = clip
+    s, r = space["spatial_compression"], space["temporal_compression"]
+    need(c.num_frames >= 2, f"{key}.num_frames", f"must be >= 2, got {c.num_frames}")
+    need((c.num_frames - 1) % r == 0, f"{key}.num_frames", f"({c.num_frames}) must be 1 + a multiple of the VAE's "
+                                                             f"temporal compression {r}")
+    latent_frames = (c.num_frames - 1) // r + 1 if r > 1 else c.num_frames
+    need(latent_frames <= m.max_frames, f"{key}.num_frames",
+         f"({c.num_frames}, {latent_frames} latent frames) exceeds model.max_frames ({m.max_frames})")
     for side in ("height", "width"):
-        pixels = getattr(syn, side)
-        cell = ae.patch_size * m.lowres_factor * max(m.planner.patch_size, 1)
-        need(pixels % (ae.patch_size * m.generator.patch_size) == 0 and pixels % cell == 0, f"data.synthetic.{side}",
-             f"({pixels}) must be divisible by autoencoder.patch_size * generator.patch_size "
-             f"({ae.patch_size * m.generator.patch_size}) and by autoencoder.patch_size * model.lowres_factor * "
-             f"planner.patch_size ({cell})")
+        pixels = getattr(c, side)
+        cell = s * m.lowres_factor * max(m.planner.patch_size, 1)
+        need(pixels % (s * m.generator.patch_size) == 0 and pixels % cell == 0, f"{key}.{side}",
+             f"({pixels}) must be divisible by the autoencoder's compression * generator.patch_size "
+             f"({s * m.generator.patch_size}) and by compression * model.lowres_factor * planner.patch_size ({cell})")

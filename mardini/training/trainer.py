@@ -23,7 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..autoencoders import build_autoencoder
+from ..autoencoders.kl import kl_kwargs_from_config
+from ..data.latent_cache import CachedLatentDataset, encode_hi_lo
 from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+from ..data.video import SkipStats, VideoDataConfig, VideoDataset
 from ..diffusion import Diffusion
 from ..masking import MaskSampler
 from ..models import MarDini, as_model_config, lowres_from_hires
@@ -101,14 +104,14 @@ class Trainer:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
         # ---- data, latent space, objective, curriculum
-        syn = cfg.data.synthetic
-        self.num_frames, self.height, self.width = syn.num_frames, syn.height, syn.width
-        self.dataset = SyntheticVideoDataset(syn)
-        ae = cfg.autoencoder
-        self.autoencoder = build_autoencoder(ae.name, patch_size=ae.patch_size, scale=ae.scale,
-                                             shift=ae.shift).to(self.device).eval()
-        _, c, h, w = self.autoencoder.latent_shape(self.num_frames, self.height, self.width)
+        self.dataset, clip = self._build_dataset()
+        self.num_frames, self.height, self.width = clip["num_frames"], clip["height"], clip["width"]
+        self.autoencoder = self._build_autoencoder()
+        if cfg.data.source == "cache":
+            self.dataset.check_compatible(self.autoencoder, cfg.model.lowres_factor)
+        self.latent_frames, c, h, w = self.autoencoder.latent_shape(self.num_frames, self.height, self.width)
         self.latent_shape = (c, h, w)
+        self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
         self.mask_sampler = MaskSampler(cfg.curriculum)
         self.model_cfg = as_model_config(cfg.model)
@@ -145,7 +148,7 @@ class Trainer:
         n_lo = (h // self.model_cfg.lowres_factor // self.model_cfg.planner.patch_size) * \
                (w // self.model_cfg.lowres_factor // self.model_cfg.planner.patch_size)
         n_hi = (h // self.model_cfg.generator.patch_size) * (w // self.model_cfg.generator.patch_size)
-        self.tokens_per_sample = self.num_frames * (n_hi + n_lo)
+        self.tokens_per_sample = self.latent_frames * (n_hi + n_lo)
         log.info("model parameters: planner %.2fM, generator %.2fM; %d processes on %s; mixed precision %s; "
                  "global batch %d; run dir %s", counts["planner"] / 1e6, counts["generator"] / 1e6,
                  acc.num_processes, self.device, mixed, self.layout.samples_per_step, self.run_dir)
@@ -167,6 +170,39 @@ class Trainer:
             acc.init_trackers(t.wandb_project, config=_flatten(run_config), init_kwargs=init_kwargs)
 
     # ------------------------------------------------------------------------------------------------- state
+    def _build_dataset(self):
+        """(dataset, clip size) for data.source: synthetic | video (decoded files) | cache (latents)."""
+        d = self.cfg.data
+        if d.source == "synthetic":
+            clip = d.synthetic
+            return SyntheticVideoDataset(clip), dict(num_frames=clip.num_frames, height=clip.height, width=clip.width)
+        if d.source == "video":
+            clip = d.video
+            return VideoDataset(clip), dict(num_frames=clip.num_frames, height=clip.height, width=clip.width)
+        dataset = CachedLatentDataset(d.cache_dir)
+        clip = dataset.data_config
+        return dataset, dict(num_frames=clip["num_frames"], height=clip["height"], width=clip["width"])
+
+    def _build_autoencoder(self):
+        ae = self.cfg.autoencoder
+        if ae.name == "identity":
+            kwargs = dict(patch_size=ae.patch_size, scale=ae.scale, shift=ae.shift)
+        else:
+            kwargs = kl_kwargs_from_config(ae)
+        return build_autoencoder(ae.name, **kwargs).to(self.device).eval()
+
+    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_hi, z_lo) of a batch: read from the cache, or encoded from pixels (counting skipped files)."""
+        if "z_hi" in batch:
+            return (batch["z_hi"].to(self.device, non_blocking=True).float(),
+                    batch["z_lo"].to(self.device, non_blocking=True).float())
+        if "skipped" in batch:
+            self.skip_stats.update(batch)
+            self.skip_stats.check()
+        video = batch["video"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            return encode_hi_lo(self.autoencoder, video, self.model_cfg.lowres_factor, self.cfg.data.lowres_mode)
+
     @property
     def config_yaml(self) -> str:
         return OmegaConf.to_yaml(self.cfg, resolve=True)
@@ -246,16 +282,13 @@ class Trainer:
         return DataLoader(EpochPermutation(self.dataset, self.cfg.seed),
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None)
 
     def _micro_step(self, batch: dict, step: int) -> torch.Tensor:
         """Forward one micro-batch; returns the (unscaled) loss."""
-        video = batch["video"].to(self.device, non_blocking=True)
-        with torch.no_grad():
-            z_hi = self.autoencoder.encode(video)
-            z_lo = lowres_from_hires(z_hi, self.model_cfg.lowres_factor)
+        z_hi, z_lo = self._latents(batch)
         rnd = draw_randomness(batch["position"].tolist(), step, self.cfg.seed, self.mask_sampler, self.diffusion,
-                              self.num_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
+                              self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
         with self.accelerator.autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
@@ -339,7 +372,8 @@ class Trainer:
                              "train/tokens_per_s": samples_per_s * self.tokens_per_sample,
                              "train/steps_per_s": window_steps / max(elapsed, 1e-9),
                              "train/nonfinite_total": self.nonfinite_total,
-                             "train/curriculum_stage": self.mask_sampler.stage_index(self.step - 1)}, step=self.step)
+                             "train/curriculum_stage": self.mask_sampler.stage_index(self.step - 1),
+                             **self.skip_stats.log_dict()}, step=self.step)
                     window, window_start, window_steps = [], time.perf_counter(), 0
                 if t.sample_every and self.step % t.sample_every == 0 and self.step < t.max_steps:
                     self.sample()
@@ -371,6 +405,9 @@ class Trainer:
         """Validation videos with the EMA weights (main process only)."""
         acc, t = self.accelerator, self.cfg.train
         metrics = {}
+        if self.latent_frames != self.num_frames:
+            log.warning("validation videos need a per-frame autoencoder; skipped (temporal compression)")
+            return metrics
         model = self.ema_model()  # collective under FSDP
         if acc.is_main_process:
             videos = self.validation_clips(t.num_sample_videos)
@@ -398,11 +435,20 @@ class Trainer:
         return model
 
     def validation_clips(self, count: int) -> torch.Tensor:
-        """[count, T, 3, H, W]: fixed clips from the validation seed's stream (disjoint from training)."""
-        val_cfg = SyntheticVideoConfig(**dict(OmegaConf.to_container(self.cfg.data.synthetic, resolve=True),
-                                              seed=self.cfg.data.val_seed, num_videos=count))
-        data = SyntheticVideoDataset(val_cfg)
-        return torch.stack([data[i]["video"] for i in range(count)])
+        """[count, T, 3, H, W] fixed pixel clips: synthetic clips from the validation seed's stream (disjoint from
+        training); for video data, clips sampled with the validation seed; for a cache, its first clips decoded."""
+        d = self.cfg.data
+        if d.source == "cache":
+            z = torch.stack([self.dataset[i]["z_hi"] for i in range(min(count, len(self.dataset)))])
+            with torch.no_grad():
+                return self.autoencoder.decode(z.to(self.device).float()).cpu()
+        node = d.synthetic if d.source == "synthetic" else d.video
+        values = dict(OmegaConf.to_container(node, resolve=True), seed=d.val_seed)
+        if d.source == "synthetic":
+            data = SyntheticVideoDataset(SyntheticVideoConfig(**dict(values, num_videos=count)))
+        else:
+            data = VideoDataset(VideoDataConfig(**values))
+        return torch.stack([data[i]["video"] for i in range(min(count, len(data)))])
 
     def evaluate(self) -> dict:
         """PSNR / SSIM (and FVD when I3D weights are found) of interpolation and i2v on the fixed validation set,
@@ -410,6 +456,9 @@ class Trainer:
         from ..evaluation.fvd import load_default_extractor, model_generate_fn, periodic_fvd
 
         acc, t = self.accelerator, self.cfg.train
+        if self.latent_frames != self.num_frames:
+            log.warning("evaluation needs a per-frame autoencoder; skipped (temporal compression)")
+            return {}
         model = self.ema_model()
         metrics = {}
         if acc.is_main_process:

@@ -1,0 +1,154 @@
+"""The latent cache: equals on-the-fly encoding, resumes after an interruption, loads deterministically."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from torch.utils.data import DataLoader
+
+from mardini.autoencoders import IdentityAutoencoder, KLAutoencoder
+from mardini.data.counter_videos import write_test_video
+from mardini.data.latent_cache import (
+    CachedLatentDataset,
+    LatentCacheWriter,
+    build_latent_cache,
+    encode_hi_lo,
+    read_cache_meta,
+    shard_name,
+)
+from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+from mardini.data.transforms import lowres_pixels
+from mardini.data.video import VideoDataConfig, VideoDataset
+from mardini.models.mardini import lowres_from_hires
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_KL = dict(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+               scaling_factor=0.7, shift_factor=0.05)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for k, (name, n, fps) in enumerate([("a.mp4", 40, 30), ("b.webm", 30, 24), ("c.mp4", 50, 25), ("d.mkv", 36, 30),
+                                         ("e.mp4", 30, 30)]):
+        write_test_video(root / name, num_frames=n, fps=fps, height=40 + 8 * k, width=56)
+    (root / "broken.mp4").write_bytes(b"not a video")  # replaced deterministically, recorded as skipped
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(**TINY_KL).save_pretrained(root)
+    return root
+
+
+def dataset(folder) -> VideoDataset:
+    return VideoDataset(VideoDataConfig(root=str(folder), num_frames=3, height=16, width=16, fps=10, crop="random",
+                                        max_failure_fraction=1.0))
+
+
+@pytest.mark.parametrize("lowres_mode", ["latents", "pixels"])
+def test_cache_equals_on_the_fly_encoding(folder, vae_dir, tmp_path, lowres_mode):
+    ds, ae = dataset(folder), KLAutoencoder(str(vae_dir))
+    meta = build_latent_cache(tmp_path / "cache", ds, ae, lowres_factor=2, lowres_mode=lowres_mode, shard_size=4,
+                              dtype="float32", batch_size=3, progress=False)
+    assert meta["complete"] and meta["num_shards"] == 2 and meta["shapes"] == {"z_hi": [3, 4, 8, 8],
+                                                                                 "z_lo": [3, 4, 4, 4]}
+    assert meta["autoencoder"]["scaling_factor"] == 0.7 and meta["dataset"]["config"]["num_frames"] == 3
+    cached = CachedLatentDataset(tmp_path / "cache")
+    assert len(cached) == len(ds) == 6
+    batch = next(iter(DataLoader(cached, batch_size=6)))
+    video = torch.stack([ds[i]["video"] for i in range(6)])
+    with torch.no_grad():
+        z_hi = ae.encode(video)
+        z_lo = lowres_from_hires(z_hi, 2) if lowres_mode == "latents" else ae.encode(lowres_pixels(video, 2))
+    torch.testing.assert_close(batch["z_hi"], z_hi, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batch["z_lo"], z_lo, rtol=1e-4, atol=1e-5)
+    assert batch["index"].tolist() == list(range(6))
+    # what was cached, per item: source file, clip start, frames
+    for i in range(6):
+        info, item = cached.sample_metadata(i), ds[i]
+        assert info["path"] == item["path"] and info["frame_indices"] == item["frame_indices"].tolist()
+        assert info["clip_start"] == pytest.approx(item["clip_start"])
+    broken = [i for i in range(6) if cached.sample_metadata(i)["skipped"]]
+    assert len(broken) >= 1 and all(cached.sample_metadata(i)["skipped"].endswith("broken.mp4") for i in broken)
+
+
+def test_interrupted_run_resumes_and_completes(folder, tmp_path):
+    ds, ae = dataset(folder), IdentityAutoencoder(patch_size=2)
+    root = tmp_path / "cache"
+    writer = LatentCacheWriter(root, ds, ae, lowres_factor=2, shard_size=2, dtype="float32")
+    writer.write_meta()
+    assert writer.run(max_shards=1, progress=False) == [0]  # "killed" after one shard
+    with pytest.raises(RuntimeError, match="incomplete"):
+        CachedLatentDataset(root)
+    with pytest.raises(RuntimeError, match="missing"):
+        writer.finalize()
+    assert writer.run(progress=False) == [1, 2]  # a rerun writes only what is missing
+    writer.finalize()
+    reference = [CachedLatentDataset(root)[i]["z_hi"] for i in range(len(ds))]
+
+    # a lost shard, a half-written temporary file and a truncated shard: the rerun redoes exactly those
+    (root / shard_name(1)).unlink()
+    (root / f".{shard_name(1)}.deadbeef.tmp").write_bytes(b"half")
+    data = (root / shard_name(2)).read_bytes()
+    (root / shard_name(2)).write_bytes(data[: len(data) // 2])
+    writer = LatentCacheWriter(root, ds, ae, lowres_factor=2, shard_size=2, dtype="float32")
+    writer.write_meta()  # settings match: accepted
+    assert writer.run(progress=False) == [1, 2]
+    writer.finalize()
+    assert not list(root.glob(".*.tmp"))
+    again = CachedLatentDataset(root)
+    for i in range(len(ds)):
+        assert torch.equal(again[i]["z_hi"], reference[i])
+    # other settings into the same folder are refused, naming the difference
+    with pytest.raises(ValueError, match="lowres_factor"):
+        LatentCacheWriter(root, ds, ae, lowres_factor=4, shard_size=2, dtype="float32").write_meta()
+
+
+def test_multi_process_split_and_workers_deterministic(tmp_path):
+    ds = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=10, num_frames=3, height=8, width=8))
+    ae = IdentityAutoencoder(patch_size=2)
+    root = tmp_path / "cache"
+    writers = [LatentCacheWriter(root, ds, ae, lowres_factor=2, shard_size=3, dtype="float16") for _ in range(2)]
+    writers[0].write_meta()
+    assert writers[0].run(rank=0, world_size=2, progress=False) == [0, 2]  # shards k = rank mod world size
+    assert writers[1].run(rank=1, world_size=2, progress=False) == [1, 3]
+    writers[0].finalize()
+    cached = CachedLatentDataset(root)
+    a = torch.cat([b["z_hi"] for b in DataLoader(cached, batch_size=4, num_workers=0)])
+    b = torch.cat([b["z_hi"] for b in DataLoader(cached, batch_size=4, num_workers=2)])
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    expected = torch.stack([ds[i]["video"] for i in range(10)])
+    z_hi, z_lo = encode_hi_lo(ae, expected, 2)
+    torch.testing.assert_close(a, z_hi.half().float())  # stored as float16
+    torch.testing.assert_close(cached[7]["z_lo"], z_lo[7].half().float())
+    assert CachedLatentDataset(root, dtype=None)[7]["z_hi"].dtype == torch.float16  # the storage dtype
+    cached.check_compatible(ae, lowres_factor=2)
+    with pytest.raises(ValueError, match="latent_channels"):
+        cached.check_compatible(IdentityAutoencoder(patch_size=4))
+
+
+def test_cache_latents_script(folder, vae_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cache"
+    args = [str(folder), str(out), "--autoencoder", "kl", "--pretrained", str(vae_dir), "--num-frames", "3",
+            "--height", "16", "--width", "16", "--fps", "10", "--shard-size", "4", "--batch-size", "2",
+            "--num-workers", "0", "--dtype", "float32", "--max-failure-fraction", "1", "--cpu", "--quiet"]
+    assert cache_latents.main(args + ["--max-shards", "1"]) is None  # stopped early: not complete yet
+    meta = cache_latents.main(args)
+    assert meta["complete"] and read_cache_meta(out)["num_items"] == 6
+    assert json.loads((out / "cache.json").read_text())["extra"]["source"] == str(folder)
+    cached = CachedLatentDataset(out)
+    cached.check_compatible(KLAutoencoder(str(vae_dir)), lowres_factor=2)
+    assert cached[5]["z_hi"].shape == (3, 4, 8, 8) and cached[5]["z_lo"].shape == (3, 4, 4, 4)

@@ -1,0 +1,80 @@
+"""The trainer on real video files (decoded by workers, bad files skipped) and on a latent cache."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers_training import export_weights, read_metrics, tiny_config
+from mardini.autoencoders import build_autoencoder
+from mardini.data.counter_videos import write_test_video
+from mardini.data.latent_cache import CachedLatentDataset, build_latent_cache, encode_hi_lo
+from mardini.data.video import VideoDataConfig, VideoDataset
+from mardini.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for i in range(6):
+        write_test_video(root / f"clip{i}.mp4", num_frames=40, fps=24, height=48, width=64)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    write_test_video(root / "short.mp4", num_frames=3, fps=24, height=48, width=64)
+    return root
+
+
+def video_config(run_dir, root, **train):
+    cfg = tiny_config(run_dir, **train)
+    cfg.data.source = "video"
+    cfg.data.video = OmegaConf.merge(cfg.data.video, dict(root=str(root), num_frames=9, height=32, width=32,
+                                                          fps=12.0, min_failures=100))
+    cfg.data.num_workers = 2
+    return cfg
+
+
+@pytest.mark.slow
+def test_video_training_skips_bad_files_and_resumes_exactly(tmp_path, video_folder):
+    straight = Trainer(video_config(tmp_path / "a", video_folder, max_steps=4))
+    straight.fit()
+    assert straight.skip_stats.log_dict()["data/skipped_total"] >= 1  # bad files were met, counted, not fatal
+    stopped = Trainer(video_config(tmp_path / "b", video_folder, max_steps=4))
+    original = stopped.train_step
+
+    def stop_after_two(batches):
+        result = original(batches)
+        stopped.stop_requested = stopped.step + 1 >= 2
+        return result
+
+    stopped.train_step = stop_after_two
+    stopped.fit()
+    Trainer(video_config(tmp_path / "b", video_folder, max_steps=4, resume="auto")).fit()
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
+    a, b = export_weights(tmp_path / "a"), export_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video_folder):
+    data_cfg = VideoDataConfig(root=str(video_folder), num_frames=9, height=32, width=32, fps=12.0,
+                               clip_start="first", min_failures=100)
+    dataset = VideoDataset(data_cfg)
+    ae = build_autoencoder("identity", patch_size=2)
+    build_latent_cache(tmp_path / "cache", dataset, ae, lowres_factor=2, dtype="float32", progress=False)
+    cached = CachedLatentDataset(tmp_path / "cache")
+    for i in range(3):
+        z_hi, z_lo = encode_hi_lo(ae, dataset[i]["video"][None], 2)
+        assert torch.allclose(cached[i]["z_hi"], z_hi[0], atol=1e-6) and torch.allclose(cached[i]["z_lo"], z_lo[0])
+
+    cfg = tiny_config(tmp_path / "run", max_steps=3)
+    cfg.data.source, cfg.data.cache_dir = "cache", str(tmp_path / "cache")
+    trainer = Trainer(cfg)
+    assert (trainer.num_frames, trainer.height, trainer.width) == (9, 32, 32)
+    trainer.fit()
+    assert len(read_metrics(tmp_path / "run")) == 3 and (tmp_path / "run" / "export").is_dir()
+
+    wrong = tiny_config(tmp_path / "run2", max_steps=3)
+    wrong.data.source, wrong.data.cache_dir = "cache", str(tmp_path / "cache")
+    wrong.model.lowres_factor = 4
+    with pytest.raises(ValueError, match="lowres_factor"):
+        Trainer(wrong)
