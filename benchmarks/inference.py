@@ -86,8 +86,8 @@ def main():
                         return decode(out[0])  # [T, 3, 512, 512]
 
                 seconds, peak = timed(generate)
-                planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5)
                 with torch.inference_mode():
+                    planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5)
                     decode_s, _ = timed(lambda: decode(z[0]), 1, 3)
                 r = {"frames": T, "steps": steps, "compile": compile_, "seconds": seconds, "peak_mem_gib": peak,
                      "planner_once_s": planner_s, "vae_decode_s": decode_s,

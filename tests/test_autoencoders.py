@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from mardini.models import lowres_from_hires as lowres_latents
+
 from mardini.autoencoders import (
     IdentityAutoencoder,
     VideoAutoencoder,
     build_autoencoder,
-    lowres_latents,
 )
 
 

@@ -1,6 +1,5 @@
 """The trainer on real video files (decoded by workers, bad files skipped) and on a latent cache."""
 
-import json
 
 import pytest
 import torch

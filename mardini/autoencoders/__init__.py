@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import VideoAutoencoder, lowres_latents
+from .base import VideoAutoencoder
 from .identity import IdentityAutoencoder
 from .kl import KLAutoencoder, VideoKLAutoencoder
 
@@ -28,5 +28,4 @@ __all__ = [
     "VideoAutoencoder",
     "VideoKLAutoencoder",
     "build_autoencoder",
-    "lowres_latents",
 ]

@@ -12,7 +12,7 @@ compression) override ``encode`` / ``decode`` instead and set ``temporal_compres
 from __future__ import annotations
 
 import torch
-from einops import rearrange, reduce
+from einops import rearrange
 from torch import Tensor
 
 
@@ -81,16 +81,3 @@ class VideoAutoencoder(torch.nn.Module):
 def _check_5d(x: Tensor, name: str) -> None:
     if x.ndim != 5:
         raise ValueError(f"{name} must be [B, T, C, H, W], got shape {tuple(x.shape)}")
-
-
-def lowres_latents(latents: Tensor, factor: int) -> Tensor:
-    """[B, T, C, H, W] -> [B, T, C, H/f, W/f] by averaging f x f cells: the planner's low-resolution input."""
-    _check_5d(latents, "latents")
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"lowres_latents: factor must be a positive int, got factor={factor!r}")
-    h, w = latents.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"lowres_latents: latent size {h}x{w} is not divisible by factor={factor}")
-    if factor == 1:
-        return latents
-    return reduce(latents, "b t c (h f1) (w f2) -> b t c h w", "mean", f1=factor, f2=factor)

@@ -9,12 +9,12 @@ the same frames and the same generator give the same tensor in any process.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..models.layers import box_downsample
 
 CROPS = ("center", "random")
 
@@ -69,22 +69,8 @@ def resize_crop(
     return x.float().div_(127.5).sub_(1.0).contiguous()
 
 
-def downsample(x: Tensor, factor: int) -> Tensor:
-    """Average f x f cells of the last two dims: [..., H, W] -> [..., H/f, W/f] (any number of leading dims).
-
-    The same box filter the trainer applies to latents (``F.avg_pool2d``), so pixel and latent low-resolution
-    views are made the same way.
-    """
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"downsample: factor must be a positive int, got {factor!r}")
-    h, w = x.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"downsample: size {h}x{w} is not divisible by factor={factor}")
-    if factor == 1:
-        return x
-    lead = x.shape[:-2]
-    y = F.avg_pool2d(x.reshape(math.prod(lead), 1, h, w), factor)
-    return y.reshape(*lead, h // factor, w // factor)
+# The same box filter the model applies to latents, so pixel and latent low-resolution views are made alike.
+downsample = box_downsample
 
 
 def lowres_pixels(video: Tensor, factor: int) -> Tensor:

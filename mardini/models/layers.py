@@ -241,6 +241,21 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average f x f cells of the last two dims: [..., H, W] -> [..., H/f, W/f]. The one low-resolution filter of the
+    project: the planner's input from hi-res latents, and the pixel view of the `pixels` low-res mode."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"downsampling factor must be a positive int, got {factor!r}")
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"size {h}x{w} is not divisible by the downsampling factor {factor}")
+    if factor == 1:
+        return x
+    lead = x.shape[:-2]
+    y = F.avg_pool2d(x.reshape(-1, 1, h, w), factor)
+    return y.reshape(*lead, h // factor, w // factor)
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, T, C, H, W] -> [B, T, (H/p)*(W/p), C*p*p]."""
     return rearrange(x, "b t c (h p1) (w p2) -> b t (h w) (c p1 p2)", p1=patch_size, p2=patch_size)

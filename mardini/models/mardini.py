@@ -8,22 +8,19 @@ reference frames held exactly at their clean latents.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MarDiniConfig, as_model_config
 from .generator import Generator
+from .layers import box_downsample
 from .planner import Planner
 
 
 def lowres_from_hires(z_hi: torch.Tensor, factor: int) -> torch.Tensor:
     """[B, T, C, H, W] -> [B, T, C, H/r, W/r] by r x r average pooling (the latent-downsampling option)."""
-    if factor == 1:
-        return z_hi
-    B, T, C, H, W = z_hi.shape
-    if H % factor or W % factor:
-        raise ValueError(f"latent size {H}x{W} not divisible by model.lowres_factor={factor}")
-    return F.avg_pool2d(z_hi.reshape(B * T, C, H, W), factor).reshape(B, T, C, H // factor, W // factor)
+    if z_hi.ndim != 5:
+        raise ValueError(f"latents must be [B, T, C, H, W], got shape {tuple(z_hi.shape)}")
+    return box_downsample(z_hi, factor)
 
 
 def check_mask(mask: torch.Tensor, num_frames: int) -> None:
