@@ -76,10 +76,14 @@ def read_config(path: str | Path) -> dict:
         from omegaconf import OmegaConf
 
         run = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-        syn = run["data"]["synthetic"]
+        data = run["data"]
+        if data["source"] == "cache":
+            clip = json.loads((Path(data["cache_dir"]) / "cache.json").read_text())["dataset"]["config"]
+        else:
+            clip = data[data["source"]]  # data.synthetic or data.video
         return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": run["model"],
-                "diffusion": run["diffusion"], "autoencoder": run["autoencoder"], "num_frames": syn["num_frames"],
-                "height": syn["height"], "width": syn["width"]}
+                "diffusion": run["diffusion"], "autoencoder": run["autoencoder"], "num_frames": clip["num_frames"],
+                "height": clip["height"], "width": clip["width"], "fps": data["fps"]}
     for name in (CONFIG_FILE, EMA_WEIGHTS):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing")

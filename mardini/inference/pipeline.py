@@ -150,7 +150,8 @@ class MarDiniPipeline:
         self.planner_calls += 1
         out = self.model.generate(z, mask, self.diffusion, z_lo=lowres_from_hires(z, self.model.cfg.lowres_factor),
                                   num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
-                                  generator=torch.Generator(device).manual_seed(int(seeds[0])), progress=progress)
+                                  generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
+                                  progress=progress)
         frames = self.autoencoder.decode(out.float()).cpu()
         return torch.where(mask.cpu()[:, :, None, None, None], frames, video.cpu())
 
@@ -174,6 +175,7 @@ class MarDiniPipeline:
         T = num_frames or self.num_frames
         return self(frames={0: image, T - 1: image}, num_frames=T, **kw)[..., :-1, :, :, :]
 
+    @torch.inference_mode()
     def expand(self, video, num_new: int, direction: str = "forward", context: int | None = None,
                seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
         """Continue a clip [k, 3, H, W] by num_new frames forwards (or backwards), window after window."""
@@ -183,6 +185,7 @@ class MarDiniPipeline:
         offset = 0 if direction == "forward" else num_new
         return self.run_plan(plan, {offset + i: f for i, f in enumerate(given)}, total, seed, progress, **kw)
 
+    @torch.inference_mode()
     def slow_motion(self, frames, factor: int, seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
         """Insert factor - 1 frames between consecutive frames: k frames -> (k - 1) * factor + 1 frames."""
         if factor < 2:
@@ -193,6 +196,7 @@ class MarDiniPipeline:
         plan = interpolation_plan(sorted(known), self.num_frames)
         return self.run_plan(plan, known, total, seed, progress, **kw)
 
+    @torch.inference_mode()
     def long_video(self, frames: dict[int, object], num_frames: int, stride: int = 1, context: int | None = None,
                    seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
         """Any length: given frames at output positions; expand on a grid of every `stride`-th frame, then
@@ -203,13 +207,16 @@ class MarDiniPipeline:
 
     def run_plan(self, plan: list[Window], known: dict[int, torch.Tensor], num_frames: int, seed: int = 0,
                  progress: bool = True, num_steps: int | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-        """Execute a plan; returns [num_frames, 3, H, W]. Window i uses seed + i, so results are reproducible."""
+        """Execute a plan; returns [num_frames, 3, H, W]. Window i draws its noise from a seed derived from
+        (seed, i), so results are reproducible and different seeds share no window's noise."""
         check_plan(plan, sorted(known), num_frames, self.num_frames)
         frames = dict(known)
         for i, window in enumerate(tqdm(plan, desc="windows", disable=not progress)):
             given = {j: frames[p] for j, (p, c) in enumerate(zip(window.positions, window.context)) if c}
             with torch.inference_mode():
-                out = self._generate_window(given, len(window.positions), [seed + i], num_steps, guidance_scale)[0]
+                window_seed = (int(seed) * 1_000_003 + i) % 2**63
+                out = self._generate_window(given, len(window.positions), [window_seed], num_steps,
+                                            guidance_scale)[0]
             for j, (p, c) in enumerate(zip(window.positions, window.context)):
                 if not c:
                     frames[p] = out[j]

@@ -124,6 +124,8 @@ def check_plan(plan: list[Window], given: list[int], num_frames: int, window: in
     """Raise ValueError unless every frame is produced exactly once and context is always known beforehand."""
     known = set(given)
     for i, w in enumerate(plan):
+        if w.positions[0] < 0 or w.positions[-1] >= num_frames:
+            raise ValueError(f"window {i} has positions outside the video [0, {num_frames}): {w.positions}")
         if len(w.positions) > window:
             raise ValueError(f"window {i} has {len(w.positions)} frames > {window}")
         if list(w.positions) != sorted(set(w.positions)):

@@ -89,13 +89,14 @@ class MarDini(nn.Module):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, z_lo: torch.Tensor | None = None,
-                 num_steps: int | None = None, generator: torch.Generator | None = None,
+                 num_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  guidance_scale: float = 1.0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Fill in the masked frames.
 
         z_hi: [B, T, C, H, W] latents whose reference frames (mask False) are given (values of masked frames are
         ignored); mask: [B, T]; z_lo: planner input (None: pooled from z_hi). Returns [B, T, C, H, W] with the
-        reference frames bit-identical to the input. The planner runs exactly once.
+        reference frames bit-identical to the input. The planner runs exactly once. `generator` may be a list
+        with one generator per sample (initial noise and a stochastic sampler's fresh noise per sample).
         """
         B, T = z_hi.shape[:2]
         check_mask(mask, T)
@@ -107,7 +108,9 @@ class MarDini(nn.Module):
             if self.null_plan is None:
                 raise ValueError("guidance_scale != 1 needs a model trained with model.plan_dropout > 0")
             plan = torch.cat([plan, self.null_plan.to(plan.dtype).expand_as(plan)])
-        if noise is None:
+        if noise is None and isinstance(generator, (list, tuple)):  # one generator per sample
+            noise = torch.stack([torch.randn(z_hi.shape[1:], generator=g, device=g.device) for g in generator])
+        elif noise is None:
             noise_device = generator.device if generator is not None else z_hi.device
             noise = torch.randn(z_hi.shape, generator=generator, device=noise_device, dtype=torch.float32)
         noise = noise.to(z_hi.device, z_hi.dtype)
