@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.mardini import lowres_from_hires
@@ -33,21 +33,6 @@ def build_vae(device, dtype):
 def decode_frames(vae, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     """[T, C, h, w] -> [T, 3, 8h, 8w], a few frames at a time to bound the decoder's activation memory."""
     return torch.cat([vae.decode(c).sample for c in latents.split(chunk)])
-
-
-def timed(fn, warmup=1, iters=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
 def main():
@@ -85,7 +70,7 @@ def main():
                         out = model.generate(z, mask, diffusion, num_steps=steps)
                         return decode(out[0])  # [T, 3, 512, 512]
 
-                seconds, peak = timed(generate)
+                seconds, peak = timed(generate, 1, 3)
                 with torch.inference_mode():
                     planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5)
                     decode_s, _ = timed(lambda: decode(z[0]), 1, 3)

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from benchmarks.train_step import make_batch  # noqa: E402  (run from the repository root)
+from train_step import make_batch  # benchmarks/train_step.py (the script's folder is on sys.path)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.training.optim import build_optimizer

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.mardini import lowres_from_hires
@@ -37,24 +38,6 @@ def make_batch(args, device):
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     mask[:, T // 2] = False  # image-to-video with the reference in the middle: the curriculum's final stage
     return z_hi, lowres_from_hires(z_hi, args.lowres), mask
-
-
-def timed(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per call (CUDA events) and peak memory in GiB."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
 def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str) -> dict:

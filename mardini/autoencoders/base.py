@@ -65,6 +65,13 @@ class VideoAutoencoder(torch.nn.Module):
         x = self._per_frame(self.decode_frames, z)
         return rearrange(x, "(b t) c h w -> b t c h w", b=b).clamp(-1.0, 1.0)
 
+    def describe(self) -> dict:
+        """JSON-able description (a latent cache records it and refuses a run with a different autoencoder)."""
+        return {"class": type(self).__name__, "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
+                "spatial_compression": self.spatial_compression, "temporal_compression": self.temporal_compression,
+                "repr": self.extra_repr()}
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Shape (T', C, h, w) of the latents of one [num_frames, 3, height, width] clip."""
         s, r = self.spatial_compression, self.temporal_compression

@@ -146,17 +146,8 @@ class _DiffusersVAE(VideoAutoencoder):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description: where the weights came from, normalisation, the VAE config (cache metadata)."""
-        return {
-            "class": type(self).__name__,
-            **self.source,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "sample_posterior": self.sample_posterior,
-            "latent_channels": self.latent_channels,
-            "spatial_compression": self.spatial_compression,
-            "temporal_compression": self.temporal_compression,
-            "vae_config": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")},
-        }
+        return {**super().describe(), **self.source, "sample_posterior": self.sample_posterior,
+                "vae_config": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}}
 
     def extra_repr(self) -> str:
         src = self.source["pretrained"] or "random init"

@@ -67,18 +67,8 @@ def encode_hi_lo(autoencoder, video: Tensor, lowres_factor: int, lowres_mode: st
 
 
 def describe_autoencoder(autoencoder) -> dict:
-    """A JSON-able description of an autoencoder (its own ``describe()`` where it has one)."""
-    if hasattr(autoencoder, "describe"):
-        return _jsonable(autoencoder.describe())
-    return {
-        "class": type(autoencoder).__name__,
-        "scaling_factor": autoencoder.scaling_factor,
-        "shift_factor": autoencoder.shift_factor,
-        "latent_channels": autoencoder.latent_channels,
-        "spatial_compression": autoencoder.spatial_compression,
-        "temporal_compression": autoencoder.temporal_compression,
-        "repr": autoencoder.extra_repr(),
-    }
+    """A JSON-able description of an autoencoder (VideoAutoencoder.describe)."""
+    return _jsonable(autoencoder.describe())
 
 
 def describe_dataset(dataset) -> dict:
