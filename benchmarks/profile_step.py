@@ -13,11 +13,7 @@ import re
 
 import torch
 
-from train_step import make_batch  # benchmarks/train_step.py (the script's folder is on sys.path)
-from mardini.diffusion import Diffusion, DiffusionConfig
-from mardini.models import MarDini, model_config
-from mardini.training.optim import build_optimizer
-from mardini.training.parallel import apply_compile
+from train_step import build_step  # benchmarks/train_step.py (the script's folder is on sys.path)
 
 GROUPS = [("attention", r"fmha|flash|attention|sdpa|cudnn"), ("matmul", r"gemm|xmma|cutlass|nvjet|wgmma|matmul"),
           ("optimizer", r"adam|foreach|multi_tensor"), ("triton (fused elementwise)", r"triton"),
@@ -35,34 +31,8 @@ def main():
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--out", default="profile.json")
     args = p.parse_args()
-    device = torch.device("cuda")
-    cfg = model_config("paper", latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
-                       sdpa_kernel="cudnn")
-    model = MarDini(cfg).to(device)
-    if args.compile:
-        apply_compile(model)
-
-    class O:
-        lr, weight_decay, beta1, beta2, eps = 1e-4, 0.01, 0.9, 0.99, 1e-8
-
-    opt = build_optimizer(model, O, fused=True)
-    diffusion = Diffusion(DiffusionConfig())
-    z_hi, z_lo, mask = make_batch(args, device)
-    B, T = mask.shape
-    plan = torch.randn(B, T, (args.latent // args.lowres) ** 2, cfg.signal_dim, device=device, dtype=torch.bfloat16)
-    time_in = torch.where(mask, 500.0, 0.0)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if args.part == "joint":
-                loss = model(z_hi, z_lo, mask, diffusion, t=torch.full((B,), 0.5, device=device))["loss"]
-            elif args.part == "planner":
-                loss = model.planner(z_lo, mask).float().square().mean()
-            else:
-                loss = model.generator(z_hi, mask, time_in, plan).float().square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    args.size = "paper"
+    step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn")
 
     for _ in range(4):
         step()

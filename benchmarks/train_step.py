@@ -40,7 +40,10 @@ def make_batch(args, device):
     return z_hi, lowres_from_hires(z_hi, args.lowres), mask
 
 
-def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str) -> dict:
+def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel: str = "cudnn",
+               impl: str = "split"):
+    """(step, model, mask): one bf16 training step of `part` (planner | generator | joint) with fused AdamW on a
+    fixed paper-like batch; shared with profile_step.py."""
     device = torch.device("cuda")
     cfg = model_config(args.size, latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
                        sdpa_kernel=kernel, generator=dict(identity_impl=impl))
@@ -72,6 +75,12 @@ def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: st
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model, mask
+
+
+def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str) -> dict:
+    step, model, mask = build_step(args, part, compile_, ac, kernel, impl)
+    cfg, (B, T) = model.cfg, mask.shape
     seconds, peak = timed(step, args.warmup + (3 if compile_ else 0), args.iters)
     flops = model.estimate_flops(T, (args.latent, args.latent), int(mask[0].sum()), B)
     model_flops = 3 * {"joint": flops["total"], "planner": flops["planner"], "generator": flops["generator"]}[part]
