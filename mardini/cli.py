@@ -1,11 +1,72 @@
-"""Console entry points. Hydra lives here only: the library below takes plain config objects."""
+"""Console entry points. Hydra lives here only: the library below takes plain config objects.
+
+Errors a user can fix (a bad value, a missing or unreadable file, a run folder in use, bad data, a missing
+package) print one line naming the key or file, and exit with status 2; ``--debug`` or ``HYDRA_FULL_ERROR=1``
+shows the traceback instead. mardini-sample and mardini-eval use the same ``user_errors``.
+
+Exit status of mardini-train: 0 finished; 2 a user error; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after
+saving a checkpoint, continue with train.resume=auto; 1 any other failure.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import logging.handlers
 import os
+import sys
+import traceback
 from pathlib import Path
 
 CONFIG_DIR = Path(os.environ.get("MARDINI_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+USER_ERROR_EXIT_CODE = 2
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+# Exceptions that are the user's to fix, beside ValueError and OSError, by module (checked only once the module
+# is loaded: an exception of a module that was never imported cannot have been raised).
+USER_ERRORS = {
+    "mardini.data.backends": ("MissingBackendError",),
+    "mardini.data.decode": ("VideoDecodeError",),
+    "mardini.data.video": ("TooManyFailuresError",),
+    "mardini.training.runlock": ("RunLockedError",),
+    "mardini.training.trainer": ("NonFiniteLossError", "RankFailedError"),
+}
+
+
+def is_user_error(error: BaseException) -> bool:
+    types = [ValueError, OSError]
+    for module, names in USER_ERRORS.items():
+        if module in sys.modules:
+            types += [getattr(sys.modules[module], name) for name in names]
+    return isinstance(error, tuple(types))
+
+
+def error_message(error: BaseException) -> str:
+    """The message on one line; for an error re-raised from a DataLoader worker, the worker's own message."""
+    text = str(error).strip() or type(error).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split("\n"))
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, debug: bool = False, hint: str = "--debug shows the traceback"):
+    """Turn a user error into one line on stderr and exit status 2; other errors keep their traceback."""
+    try:
+        yield
+    except Exception as e:
+        if debug or os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(e):
+            raise
+        rank = f" (rank {os.environ.get('RANK')})" if _world_size() > 1 else ""
+        print(f"{prog}: error{rank}: {error_message(e)}\n({hint})", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+def take_flag(argv: list[str], flag: str) -> bool:
+    """Remove `flag` from argv (Hydra would reject it as an override); True when it was there."""
+    found = flag in argv
+    while flag in argv:
+        argv.remove(flag)
+    return found
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"):
@@ -24,17 +85,108 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
 
 
 def train_main() -> None:
-    """`mardini-train [hydra overrides]`: train; the default runs the tiny synthetic experiment on CPU."""
+    """`mardini-train [--debug] [hydra overrides]`: train; the default runs the tiny synthetic experiment on CPU."""
     import hydra
 
     from .training.config import register_configs
 
+    debug = take_flag(sys.argv, "--debug")
     register_configs()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg) -> None:
-        from .training.trainer import train
+        from .training.trainer import PREEMPTED_EXIT_CODE
 
-        train(cfg)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout, force=True)
+        try:
+            with user_errors("mardini-train", debug, "--debug or HYDRA_FULL_ERROR=1 shows the traceback"):
+                preempted = _train(cfg)
+        except BaseException as e:
+            if _world_size() > 1:
+                _exit_at_once(e)
+            raise
+        _end_process_group()
+        if preempted:
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     app()
+
+
+def _train(cfg) -> bool:
+    """Build the Trainer (it validates the config, locks the run folder and checks what the run will need), and
+    only then record the run in its folder (.hydra/, <job>.log, with the log lines of the start-up): a refused
+    run writes nothing there. Train; True when the run stopped on SIGTERM."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .training.trainer import Trainer
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    startup = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(startup)
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        _remove_if_empty(hydra_dir)  # Hydra made it for this run
+        raise
+    finally:
+        logging.getLogger().removeHandler(startup)
+    if trainer.run_dir != hydra_dir.resolve():  # train.output_dir chose another folder
+        _remove_if_empty(hydra_dir)
+    if trainer.accelerator.is_main_process:
+        _record_run(cfg, trainer.run_dir, startup)
+    startup.close()
+    trainer.fit()
+    return trainer.preempted
+
+
+def _record_run(cfg, run_dir: Path, startup: logging.handlers.MemoryHandler) -> None:
+    """What Hydra writes at the start of a job (it is told not to: configs/config.yaml): .hydra/config.yaml,
+    hydra.yaml, overrides.yaml, and the job log, starting with the lines held back during start-up."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(hydra_cfg, folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, folder / "overrides.yaml")
+    handler = logging.FileHandler(run_dir / f"{hydra_cfg.hydra.job.name}.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    startup.setTarget(handler)
+    startup.flush()
+    logging.getLogger().addHandler(handler)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _end_process_group() -> None:
+    """Every rank got here: leave the process group together (quiets torch's warning, frees NCCL cleanly)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _exit_at_once(error: BaseException) -> None:
+    """A failed rank of a distributed job leaves now, skipping the interpreter's shutdown: that can block in a
+    process group's destructor (NCCL), and then the launcher never learns of the failure while the other ranks
+    wait at a collective. Once this process is gone, torchrun stops the others."""
+    if isinstance(error, SystemExit):
+        code = error.code if isinstance(error.code, int) else 1
+    elif isinstance(error, KeyboardInterrupt):
+        code = 130
+    else:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

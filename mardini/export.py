@@ -2,7 +2,9 @@
 
 Layout (diffusers-style: configs beside safetensors weights)::
 
-    config.json                      format + version, model / diffusion / autoencoder configs, clip size
+    config.json                      format + version, model / diffusion / autoencoder configs, clip size, fps,
+                                     lowres_mode (how the planner's input was made: inference must do the same),
+                                     data (the training data config: where its held-out clips come from)
     model.safetensors                EMA weights (what inference uses by default)
     raw_model.safetensors            the raw (non-averaged) weights, optional
     scheduler/scheduler_config.json  the diffusers scheduler used for sampling, for reference
@@ -83,7 +85,8 @@ def read_config(path: str | Path) -> dict:
             clip = data[data["source"]]  # data.synthetic or data.video
         return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": run["model"],
                 "diffusion": run["diffusion"], "autoencoder": run["autoencoder"], "num_frames": clip["num_frames"],
-                "height": clip["height"], "width": clip["width"], "fps": data["fps"]}
+                "height": clip["height"], "width": clip["width"], "fps": data["fps"],
+                "lowres_mode": data.get("lowres_mode", "latents"), "data": data}
     for name in (CONFIG_FILE, EMA_WEIGHTS):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing")

@@ -5,15 +5,17 @@ False = given reference frame) decides which frames the planner sees and which t
 The curriculum moves training from easy to hard: first interpolation (many references, few masked frames
 between them), then mixtures with growing mask ratios and more expansion / image-to-video, and finally mostly
 image-to-video (one reference, (T-1)/T masked). Because the model learns to animate a single frame this way,
-no separate image pre-training is needed.
+no separate image pre-training is needed. Stage boundaries are fractions of the run (``train.max_steps``), so one
+curriculum serves a 40-step smoke test and a 20k-step run alike; the paper's progression is written once, in
+configs/curriculum/paper.yaml.
 
 Contents, in reading order:
   configs     MaskStrategyConfig, CurriculumStage, CurriculumConfig (also usable as Hydra structured configs)
-  validation  validate_curriculum, check_curriculum_reaches, curriculum_from_dict
+  validation  validate_curriculum, check_curriculum_reaches, stage_steps, curriculum_from_dict
   strategies  make_mask: one strategy -> one mask [T]
-  sampling    MaskSampler: curriculum + global step -> masks [T] / [B, T]; mask_generator for per-sample seeds
+  sampling    MaskSampler: curriculum + run length + global step -> masks [T] / [B, T]; mask_generator
   inference   task_mask: deterministic masks for the inference / evaluation tasks; mask_ratio
-  presets     interpolation_only, paper_progression, i2v_finetune
+  presets     interpolation_only, i2v_finetune
 
 All randomness goes through an explicit CPU `torch.Generator`, so a mask is a pure function of its generator's
 seed. Config objects are read by attribute only, so an OmegaConf DictConfig with the same fields works too.
@@ -25,7 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-STRATEGIES = ("interpolation", "i2v", "expand_forward", "expand_backward", "random", "loop")
+STRATEGIES = ("interpolation", "i2v", "expand_forward", "expand_backward", "random")
 I2V_POSITIONS = ("first", "middle", "last", "random")
 TASKS = ("interpolation", "i2v", "expand_forward", "expand_backward", "loop")
 
@@ -38,7 +40,7 @@ _EPS = 1e-9  # slack when comparing ratios such as 3/10 with a bound 0.3
 
 @dataclass
 class MaskStrategyConfig:
-    name: str = "interpolation"  # interpolation | i2v | expand_forward | expand_backward | random | loop
+    name: str = "interpolation"  # interpolation | i2v | expand_forward | expand_backward | random
     weight: float = 1.0  # relative weight inside a stage's mixture; must be > 0
     position: str = "random"  # i2v only: first | middle | last | random
     keep_every: int = 0  # interpolation only: 0 = first+last (or k from the ratio range); k >= 2 keeps 0,k,2k,... and T-1
@@ -46,15 +48,15 @@ class MaskStrategyConfig:
 
 @dataclass
 class CurriculumStage:
-    start_step: int = 0  # first global step governed by this stage
-    end_step: Optional[int] = None  # exclusive; None = until the end of training (last stage only)
+    start: float = 0.0  # where the stage begins, as a fraction of train.max_steps (the first stage starts at 0)
+    end: Optional[float] = None  # exclusive end, a fraction of train.max_steps; null = 1 (the last stage only)
     strategies: List[MaskStrategyConfig] = field(default_factory=lambda: [MaskStrategyConfig()])  # weighted mixture of mask strategies used during this stage
     mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.9])  # [min, max] masked fraction
 
 
 @dataclass
 class CurriculumConfig:
-    stages: List[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])  # consecutive step ranges tiling training; each draws masks from its own mixture
+    stages: List[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])  # consecutive fractions of the run tiling [0, 1]; each draws masks from its own mixture
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +97,9 @@ def _check_ratio(ratio, path: str) -> tuple:
 
 def _check_strategy(s, path: str) -> None:
     name = _get(s, "name", path)
+    if name == "loop":
+        raise ValueError(f"{path}.name=loop is not a training strategy (it drew the same first + last masks as "
+                         f"interpolation): use interpolation; looping is an inference task (MarDiniPipeline.loop)")
     if name not in STRATEGIES:
         raise ValueError(f"{path}.name must be one of {', '.join(STRATEGIES)}; got {name!r}")
     weight = _get(s, "weight", path)
@@ -110,26 +115,29 @@ def _check_strategy(s, path: str) -> None:
         raise ValueError(f"{path}.keep_every=1 would keep every frame (nothing to generate); use 0 or >= 2")
 
 
+def _is_fraction(x) -> bool:
+    return _is_number(x) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
 def validate_curriculum(cfg, name: str = "curriculum") -> None:
     """Raise ValueError naming the offending key (e.g. 'curriculum.stages[1].mask_ratio') if `cfg` is unusable.
 
-    Stages must be sorted, start at step 0, and tile the steps without gaps or overlaps; only the last one may
-    be unbounded (end_step=None). A bounded last stage is allowed: `check_curriculum_reaches` then makes sure
-    it covers training.
+    Stage boundaries are fractions of train.max_steps: the stages must be sorted, start at 0 and tile [0, 1]
+    without gaps or overlaps; only the last one may leave `end` null (= 1).
     """
     stages = _get(cfg, "stages", name)
     if stages is None or len(stages) == 0:
         raise ValueError(f"{name}.stages must be a non-empty list of stages")
-    spans = []  # (start, end) per stage
+    spans = []  # (start, end) per stage, end None = 1
     for i, st in enumerate(stages):  # each stage on its own
         path = f"{name}.stages[{i}]"
-        start, end = _get(st, "start_step", path), _get(st, "end_step", path)
-        if not _is_int(start) or start < 0:
-            raise ValueError(f"{path}.start_step must be an integer >= 0, got {start!r}")
-        if end is not None and not _is_int(end):
-            raise ValueError(f"{path}.end_step must be an integer or null, got {end!r}")
+        start, end = _get(st, "start", path), _get(st, "end", path)
+        if not _is_fraction(start) or start >= 1:
+            raise ValueError(f"{path}.start must be a fraction of train.max_steps in [0, 1), got {start!r}")
+        if end is not None and not _is_fraction(end):
+            raise ValueError(f"{path}.end must be a fraction of train.max_steps in (0, 1] or null, got {end!r}")
         if end is not None and end <= start:
-            raise ValueError(f"{path}.end_step must be > start_step, got start_step={start}, end_step={end}")
+            raise ValueError(f"{path}.end must be > start, got start={start}, end={end}")
         strategies = _get(st, "strategies", path)
         if strategies is None or len(strategies) == 0:
             raise ValueError(f"{path}.strategies must be a non-empty list")
@@ -138,42 +146,60 @@ def validate_curriculum(cfg, name: str = "curriculum") -> None:
         _check_ratio(_get(st, "mask_ratio", path), f"{path}.mask_ratio")
         spans.append((start, end))
     if spans[0][0] != 0:  # then how the stages fit together
-        raise ValueError(f"{name}.stages[0].start_step must be 0 (the first stage starts training), "
-                         f"got {spans[0][0]}")
+        raise ValueError(f"{name}.stages[0].start must be 0 (the first stage starts training), got {spans[0][0]}")
     for i in range(1, len(spans)):
         if spans[i][0] < spans[i - 1][0]:
-            raise ValueError(f"{name}.stages must be sorted by start_step: stages[{i}].start_step="
-                             f"{spans[i][0]} < stages[{i - 1}].start_step={spans[i - 1][0]}")
+            raise ValueError(f"{name}.stages must be sorted by start: stages[{i}].start={spans[i][0]} < "
+                             f"stages[{i - 1}].start={spans[i - 1][0]}")
     for i in range(1, len(spans)):
         (_, prev_end), (start, _) = spans[i - 1], spans[i]
         if prev_end is None:
-            raise ValueError(f"{name}.stages[{i - 1}].end_step is null (unbounded) but it is not the last stage")
+            raise ValueError(f"{name}.stages[{i - 1}].end is null (until the end of training) but it is not the "
+                             f"last stage")
         if start < prev_end:
-            raise ValueError(f"{name}.stages[{i}] overlaps stages[{i - 1}]: start_step={start} < "
-                             f"stages[{i - 1}].end_step={prev_end}")
+            raise ValueError(f"{name}.stages[{i}] overlaps stages[{i - 1}]: start={start} < "
+                             f"stages[{i - 1}].end={prev_end}")
         if start > prev_end:
-            raise ValueError(f"gap before {name}.stages[{i}]: steps {prev_end}..{start - 1} have no stage "
-                             f"(stages[{i - 1}].end_step={prev_end}, stages[{i}].start_step={start})")
+            raise ValueError(f"gap before {name}.stages[{i}]: fractions {prev_end}..{start} of the run have no stage "
+                             f"(stages[{i - 1}].end={prev_end}, stages[{i}].start={start})")
+    last_end = spans[-1][1]
+    if last_end is not None and last_end != 1:
+        raise ValueError(f"{name}.stages[{len(spans) - 1}].end={last_end}: the last stage must reach the end of "
+                         f"training (end: null or 1.0)")
+
+
+def fraction_to_step(fraction: float, max_steps: int) -> int:
+    """The first step at `fraction` of a max_steps-step run (rounded half up, so 0.25 of 10 is step 3)."""
+    return math.floor(fraction * max_steps + 0.5)
+
+
+def stage_steps(cfg, max_steps: int) -> List[int]:
+    """First step of each stage of a validated curriculum for a run of max_steps steps."""
+    return [fraction_to_step(st.start, max_steps) for st in cfg.stages]
 
 
 def check_curriculum_reaches(cfg, max_steps: int, name: str = "curriculum") -> None:
-    """Fail before training if a stage is never reached, or if some step < max_steps has no stage."""
+    """Fail before training if a stage would get no step in a max_steps-step run (it would be skipped)."""
     validate_curriculum(cfg, name)
     if not _is_int(max_steps) or max_steps <= 0:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    stages = cfg.stages
-    for i, st in enumerate(stages):
-        if st.start_step >= max_steps:
-            raise ValueError(f"{name}.stages[{i}] starts at step {st.start_step} but training stops at "
-                             f"max_steps={max_steps}, so the stage is never reached")
-    last_end = stages[-1].end_step
-    if last_end is not None and last_end < max_steps:
-        raise ValueError(f"{name}.stages[{len(stages) - 1}].end_step={last_end} < max_steps={max_steps}: "
-                         f"steps {last_end}..{max_steps - 1} have no stage (set end_step to null)")
+        raise ValueError(f"train.max_steps must be a positive integer, got {max_steps!r}")
+    empty = _empty_stages(cfg, max_steps)
+    if empty:
+        i, st = empty[0], cfg.stages[empty[0]]
+        shortest = next((n for n in range(len(cfg.stages), 100_001) if not _empty_stages(cfg, n)), None)
+        raise ValueError(
+            f"{name}.stages[{i}] (start={st.start}, end={st.end}) gets no step at train.max_steps={max_steps}: "
+            f"raise train.max_steps (to at least {shortest}) or use a curriculum with fewer stages "
+            f"(e.g. curriculum=interpolation)")
+
+
+def _empty_stages(cfg, max_steps: int) -> List[int]:
+    starts = stage_steps(cfg, max_steps) + [max_steps]
+    return [i for i in range(len(cfg.stages)) if starts[i + 1] <= starts[i]]
 
 
 _STRATEGY_KEYS = {"name", "weight", "position", "keep_every"}
-_STAGE_KEYS = {"start_step", "end_step", "strategies", "mask_ratio"}
+_STAGE_KEYS = {"start", "end", "strategies", "mask_ratio"}
 
 
 def _strategy_from_dict(d, path: str) -> MaskStrategyConfig:
@@ -198,6 +224,9 @@ def curriculum_from_dict(d) -> CurriculumConfig:
     for i, sd in enumerate(stages_data):
         path = f"curriculum.stages[{i}]"
         unknown = set(sd) - _STAGE_KEYS
+        if unknown & {"start_step", "end_step"}:
+            raise ValueError(f"{path} uses start_step/end_step: stage boundaries are now fractions of "
+                             f"train.max_steps; write start/end (e.g. start: 0.25, end: 0.5)")
         if unknown:
             raise ValueError(f"{path} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_STAGE_KEYS)}")
         kw = dict(sd)
@@ -216,8 +245,8 @@ def _to_dataclasses(cfg) -> CurriculumConfig:
     """Copy a validated config (dataclass or DictConfig, read by attribute) into plain dataclasses."""
     return CurriculumConfig(stages=[
         CurriculumStage(
-            start_step=int(st.start_step),
-            end_step=None if st.end_step is None else int(st.end_step),
+            start=float(st.start),
+            end=None if st.end is None else float(st.end),
             strategies=[MaskStrategyConfig(name=str(s.name), weight=float(s.weight), position=str(s.position),
                                            keep_every=int(s.keep_every)) for s in st.strategies],
             mask_ratio=[float(r) for r in st.mask_ratio],
@@ -276,10 +305,10 @@ def _check_num_frames(num_frames) -> None:
 def _make_mask(s, num_frames: int, g: torch.Generator, lo: float, hi: float) -> torch.Tensor:
     """make_mask without validation (the sampler validated the curriculum once)."""
     T = num_frames
-    if s.name in ("interpolation", "loop"):
+    if s.name == "interpolation":
         if T == 2:  # no frame lies between first and last: keep the first, generate the second
             return torch.tensor([False, True])
-        if s.name == "loop" or (s.keep_every == 0 and lo - _EPS <= (T - 2) / T <= hi + _EPS):
+        if s.keep_every == 0 and lo - _EPS <= (T - 2) / T <= hi + _EPS:
             return _keep_pattern(T, T - 1)  # first + last
         if s.keep_every > 0:
             return _keep_pattern(T, s.keep_every)
@@ -318,8 +347,6 @@ def make_mask(strategy, num_frames: int, generator: torch.Generator, mask_ratio=
                        with n/T in mask_ratio (else the closest count).
       random           ratio r ~ U[min, max], n = round_half_up(r*T) clamped to [1, T-1], then a uniform subset;
                        so n/T lies within 1/(2T) of [min, max] unless clamped.
-      loop             the first+last interpolation mask; making the last frame equal the first is the caller's
-                       (inference code's) job.
     """
     _check_strategy(strategy, "strategy")
     lo, hi = _check_ratio(mask_ratio, "mask_ratio")
@@ -332,18 +359,21 @@ def make_mask(strategy, num_frames: int, generator: torch.Generator, mask_ratio=
 
 
 class MaskSampler:
-    """Turns a curriculum and the global training step into masks.
+    """Turns a curriculum, the run length and the global training step into masks.
 
-    For each sample: find the stage of `step`, pick a strategy with probability weight / sum(weights),
-    then draw its mask, all from the sample's own generator (so a mask depends only on that generator).
+    For each sample: find the stage of `step` (stage boundaries are fractions of max_steps, see stage_steps), pick
+    a strategy with probability weight / sum(weights), then draw its mask, all from the sample's own generator (so
+    a mask depends only on that generator). Steps at or past max_steps belong to the last stage.
     """
 
-    def __init__(self, curriculum):
+    def __init__(self, curriculum, max_steps: int):
         if isinstance(curriculum, (dict, list)):
             curriculum = curriculum_from_dict(curriculum)
-        validate_curriculum(curriculum)
+        check_curriculum_reaches(curriculum, max_steps)
         self.curriculum = _to_dataclasses(curriculum)
         self.stages = self.curriculum.stages
+        self.max_steps = max_steps
+        self.stage_starts = stage_steps(self.curriculum, max_steps)  # first step of each stage
         # cumulative strategy weights per stage, normalised to end at 1.0
         self._cum_weights = []
         for st in self.stages:
@@ -358,11 +388,7 @@ class MaskSampler:
     def stage_index(self, step: int) -> int:
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        for i, st in enumerate(self.stages):
-            if st.end_step is None or step < st.end_step:
-                return i  # stages tile [0, end) in order, so the first stage ending after step holds it
-        raise ValueError(f"step {step} is past the last curriculum stage "
-                         f"(curriculum.stages[{len(self.stages) - 1}].end_step={self.stages[-1].end_step})")
+        return max(i for i, start in enumerate(self.stage_starts) if start <= step)
 
     def stage_at(self, step: int) -> CurriculumStage:
         return self.stages[self.stage_index(step)]
@@ -462,48 +488,23 @@ def mask_ratio(mask) -> float:
 
 
 # -----------------------------------------------------------------------------
-# named curricula (configs/curriculum/*.yaml mirror these)
+# single-stage curricula (configs/curriculum/interpolation.yaml and i2v_finetune.yaml mirror these; the paper's
+# multi-stage progression exists only as configs/curriculum/paper.yaml)
 
 
 def interpolation_only() -> CurriculumConfig:
     """First+last interpolation for the whole run (the range admits (T-2)/T for 3 <= T <= 200)."""
     return CurriculumConfig(stages=[CurriculumStage(
-        start_step=0, end_step=None,
+        start=0.0, end=None,
         strategies=[MaskStrategyConfig(name="interpolation")],
         mask_ratio=[0.1, 0.99],
     )])
 
 
-def paper_progression(total_steps: int) -> CurriculumConfig:
-    """Easy -> hard in 4 stages at 0, 25%, 50%, 75% of training, in the spirit of MarDini's curriculum.
-
-    1. sparse interpolation at a low ratio (several kept frames: keep_every chosen from the range)
-    2. mostly interpolation, plus random masks and expansion, ratios up to 0.75
-    3. a mixture with image-to-video, ratios 0.5 .. 0.9
-    4. mostly image-to-video, ratio near (T-1)/T
-    """
-    if not _is_int(total_steps) or total_steps < 4:
-        raise ValueError(f"paper_progression needs total_steps >= 4 (4 stages), got {total_steps!r}")
-    b = [i * total_steps // 4 for i in range(4)] + [None]
-    S = MaskStrategyConfig
-    mixtures = [
-        ([S("interpolation", 1.0)], [0.25, 0.6]),
-        ([S("interpolation", 0.6), S("random", 0.2), S("expand_forward", 0.1), S("expand_backward", 0.1)],
-         [0.25, 0.75]),
-        ([S("interpolation", 0.35), S("i2v", 0.25, "random"), S("expand_forward", 0.15),
-          S("expand_backward", 0.1), S("random", 0.15)], [0.5, 0.9]),
-        ([S("i2v", 0.7, "random"), S("interpolation", 0.1), S("expand_forward", 0.1),
-          S("expand_backward", 0.05), S("random", 0.05)], [0.75, 0.95]),
-    ]
-    stages = [CurriculumStage(start_step=b[i], end_step=b[i + 1], strategies=strategies, mask_ratio=ratio)
-              for i, (strategies, ratio) in enumerate(mixtures)]
-    return CurriculumConfig(stages=stages)
-
-
 def i2v_finetune() -> CurriculumConfig:
     """Image-to-video only, reference position uniform over the clip, for the whole run."""
     return CurriculumConfig(stages=[CurriculumStage(
-        start_step=0, end_step=None,
+        start=0.0, end=None,
         strategies=[MaskStrategyConfig(name="i2v", position="random")],
         mask_ratio=[0.1, 0.9],
     )])

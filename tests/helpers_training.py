@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -52,14 +54,23 @@ def tiny_config(output_dir, *, max_steps: int = 4, curriculum=None, **train) -> 
     return cfg
 
 
-def two_stage_curriculum(switch_step: int) -> CurriculumConfig:
-    """Interpolation before `switch_step`, image-to-video (random reference) from it on."""
+def two_stage_curriculum(switch_step: int, max_steps: int) -> CurriculumConfig:
+    """Interpolation before `switch_step` of a max_steps-step run, image-to-video (random reference) from it on
+    (stage boundaries are fractions of the run)."""
+    switch = switch_step / max_steps
     return CurriculumConfig(stages=[
-        CurriculumStage(start_step=0, end_step=switch_step, strategies=[MaskStrategyConfig(name="interpolation")],
+        CurriculumStage(start=0.0, end=switch, strategies=[MaskStrategyConfig(name="interpolation")],
                         mask_ratio=[0.1, 0.99]),
-        CurriculumStage(start_step=switch_step, end_step=None,
+        CurriculumStage(start=switch, end=None,
                         strategies=[MaskStrategyConfig(name="i2v", position="random")], mask_ratio=[0.1, 0.95]),
     ])
+
+
+def paper_curriculum() -> CurriculumConfig:
+    """configs/curriculum/paper.yaml, the one definition of the paper's progression, as dataclasses."""
+    from mardini.masking import curriculum_from_dict
+
+    return curriculum_from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "curriculum" / "paper.yaml")))
 
 
 def cfg_to_yaml(cfg) -> str:
@@ -165,3 +176,22 @@ def load_cfg(path, **train):
         cfg.train[key] = value
     return cfg
 """
+
+
+def torchrun(nproc: int = 2) -> tuple[str, ...]:
+    """The command that launches a script on `nproc` local CPU processes (gloo), on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread in every test module that imports this fixture: identical float reductions here and in
+    the subprocess runs (OMP_NUM_THREADS=1), and no oversubscription on a 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -234,11 +234,55 @@ def test_torchscript_detector_called_with_reference_kwargs(tmp_path):
     assert i3d_mod.is_torchscript_file(path)
     video = torch.full((2, 16, 3, 32, 32), 1.0)
     video[:, :, :, 0, 0] = -1.0
-    feats = i3d_mod.I3DFeatureExtractor.from_file(path)(video)
+    # the file's lineage by default: StyleGAN-V's call, uint8 at the native size, the network rescales and resizes
+    native = i3d_mod.I3DFeatureExtractor.from_file(path)
+    assert native.settings == "stylegan_v" and native.ddof == 0
+    np.testing.assert_allclose(native(video)[0], [1, 1, 1, 0, 255, 32, 16, 1])
+    # the named alternative: preprocessed here (float [-1, 1], 224), called with rescale=resize=False
+    feats = i3d_mod.I3DFeatureExtractor.from_file(path, settings="torchscript_preprocessed")(video)
     assert feats.shape == (2, 8)
-    np.testing.assert_allclose(feats[0], [0, 0, 1, -1, 1, 224, 16, 0])  # preprocessed here: float [-1, 1], 224
-    native = i3d_mod.I3DFeatureExtractor.from_file(path, native_torchscript=True)(video)
-    np.testing.assert_allclose(native[0], [1, 1, 1, 0, 255, 32, 16, 1])  # StyleGAN-V's call: uint8, native size
+    np.testing.assert_allclose(feats[0], [0, 0, 1, -1, 1, 224, 16, 0])
+
+
+def test_fvd_settings_follow_the_lineage_of_the_weights_file(tmp_path):
+    """i3d_pretrained_400.pt is the PyTorch (VideoGPT / TATS) lineage's file: it runs with BatchNorm eps 1e-5 and an
+    unbiased covariance there, so that is its default; the TF eps stays a named option. Pinned here."""
+    path = tmp_path / "i3d_pretrained_400.pt"
+    torch.manual_seed(0)
+    torch.save(i3d_mod.InceptionI3d().state_dict(), path)
+
+    def eps_of(extractor):
+        return {m.eps for m in extractor.network.modules() if isinstance(m, torch.nn.BatchNorm3d)}
+
+    default = i3d_mod.I3DFeatureExtractor.from_file(path)
+    assert default.settings == "videogpt" and default.ddof == 1 and default.resize == "bilinear"
+    assert eps_of(default) == {1e-5}
+    tf = i3d_mod.I3DFeatureExtractor.from_file(path, settings="tf")
+    assert (tf.settings, tf.ddof, tf.resize, eps_of(tf)) == ("tf", 1, "tf_legacy", {1e-3})
+    custom = i3d_mod.I3DFeatureExtractor.from_file(path, bn_eps=1e-3)
+    assert custom.settings == "videogpt+custom" and eps_of(custom) == {1e-3}
+    assert {m.eps for m in i3d_mod.load_i3d(path).modules() if isinstance(m, torch.nn.BatchNorm3d)} == {1e-5}
+    with pytest.raises(ValueError, match=r"'stylegan_v' are for the torchscript file"):
+        i3d_mod.I3DFeatureExtractor.from_file(path, settings="stylegan_v")
+    assert i3d_mod.DEFAULT_FVD_SETTINGS == {"state_dict": "videogpt", "torchscript": "stylegan_v"}
+    assert i3d_mod.FVD_SETTINGS["stylegan_v"].ddof == 0 and i3d_mod.FVD_SETTINGS["stylegan_v"].native
+
+    # FVD uses the extractor's covariance normalisation
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)) + 0.5
+
+    class Biased:
+        ddof = 0
+
+        def __call__(self, videos):
+            return videos.flatten(1).numpy()
+
+    videos_a, videos_b = torch.from_numpy(a), torch.from_numpy(b)
+    assert fvd_mod.fvd_between([videos_a], [videos_b], Biased()) == pytest.approx(
+        fvd_mod.fvd_from_features(a, b, ddof=0), rel=1e-9)
+    assert fvd_mod.fvd_between([videos_a], [videos_b], lambda v: v.flatten(1).numpy()) == pytest.approx(
+        fvd_mod.fvd_from_features(a, b, ddof=1), rel=1e-9)
+    assert fvd_mod.fvd_from_features(a, b, ddof=0) != pytest.approx(fvd_mod.fvd_from_features(a, b, ddof=1))
 
 
 def test_weights_dir_resolution(tmp_path, monkeypatch):
@@ -259,7 +303,9 @@ def test_i3d_real_weights_sane_prediction():
     if path is None:
         pytest.skip(f"no I3D weights in {default_weights_dir()} (i3d_pretrained_400.pt / i3d_torchscript.pt); "
                     f"get them with scripts/download_weights.py")
-    extractor = i3d_mod.I3DFeatureExtractor.from_file(path)
+    # the TF reference's numbers need the TF network's settings (or the TorchScript fed the TF preprocessing)
+    settings = "torchscript_preprocessed" if i3d_mod.is_torchscript_file(path) else "tf"
+    extractor = i3d_mod.I3DFeatureExtractor.from_file(path, settings=settings)
     black = -torch.ones(1, 15, 3, 64, 64)
     feats = extractor(torch.cat([black, -black]))
     assert feats.shape == (2, 400) and np.isfinite(feats).all()
@@ -400,8 +446,18 @@ def test_baselines():
     assert torch.equal(rep[1], gt[0]) and torch.equal(rep[3], gt[0]) and torch.equal(rep[4], gt[6])
     blend = bm.linear_blend(given, mask)
     assert torch.allclose(blend[2], gt[0] * 4 / 6 + gt[6] * 2 / 6)
-    i2v_mask = bm.PROTOCOLS["i2v"].mask()
+    i2v_mask = bm.PROTOCOLS["i2v_middle17"].mask()
     assert i2v_mask.shape == (17,) and (~i2v_mask).nonzero().flatten().tolist() == [8]
+
+
+def test_interpolation_protocol_defaults_to_vidim_bench():
+    """VIDIM-Bench (Jain et al. 2024): 9-frame clips, first and last given, the 7 middle frames generated, 256x256;
+    `mardini-eval interpolation` uses it unless told otherwise."""
+    vidim = bm.PROTOCOLS["vidim"]
+    assert (vidim.task, vidim.num_frames, vidim.height, vidim.width) == ("interpolation", 9, 256, 256)
+    assert (~vidim.mask()).nonzero().flatten().tolist() == [0, 8] and int(vidim.mask().sum()) == 7
+    assert bm.ProtocolConfig().num_frames == 9 and bm.DEFAULT_PRESETS["interpolation"] == "vidim"
+    assert set(bm.PROTOCOLS) == {"vidim", "i2v_middle17"}  # presets are named after what they reproduce
 
 
 def test_benchmark_static_video_repeat_is_perfect_and_runs_are_identical(tmp_path):
@@ -423,8 +479,8 @@ def test_benchmark_static_video_repeat_is_perfect_and_runs_are_identical(tmp_pat
 def test_benchmark_davis_and_ucf_with_fvd_and_model_like_method(tmp_path):
     davis, ucf = _davis_root(tmp_path), _ucf_root(tmp_path)
 
-    def toy_extractor(videos):  # cheap stand-in for I3D: per-frame colour means
-        return videos.float().mean(dim=(3, 4)).flatten(1)
+    def toy_extractor(videos):  # cheap stand-in for I3D: per-frame colour means and spreads
+        return torch.cat([videos.float().mean(dim=(3, 4)), videos.float().std(dim=(3, 4))], dim=2).flatten(1)
 
     calls = []
 
@@ -433,14 +489,31 @@ def test_benchmark_davis_and_ucf_with_fvd_and_model_like_method(tmp_path):
         out = bm.linear_blend(given, mask)
         return (out + 0.05 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
 
-    methods = {**bm.BASELINES, "model": noisy_model}
+    def oracle(noise: float):  # sees the ground truth (looked up by its given first frame), plus noise
+        def method(given, mask):
+            gt = truth[given[0].numpy().tobytes()]
+            g = torch.Generator().manual_seed(1)
+            return (gt + noise * torch.randn(gt.shape, generator=g)).clamp(-1, 1) if noise else gt.clone()
+        return method
+
+    methods = {**bm.BASELINES, "model": noisy_model, "oracle": oracle(0.0), "oracle_0.1": oracle(0.1),
+               "oracle_0.4": oracle(0.4)}
     for root in (davis, ucf):
         proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=2, seed=0)
+        sources = {v.id: v for v in list_videos(root)}
+        truth = {}
+        for clip in bm.select_clips(root, proto):
+            gt = bm.load_clip(root, clip, proto, sources)
+            truth[gt[0].numpy().tobytes()] = gt
         res = bm.run_benchmark(root, methods, tmp_path / f"out_{root.name}", protocol=proto,
                                extractor=toy_extractor, num_grids=2)
-        for name, m in res["methods"].items():
-            assert 5 < m["psnr"] < 60 and 0 < m["ssim"] < 1 and m["fvd"] is not None and m["fvd"] >= 0, (name, m)
-        assert res["methods"]["linear_blend"]["psnr"] > res["methods"]["model"]["psnr"]
+        m = res["methods"]
+        # the ground truth scores perfectly (FVD of a set with itself ~0); noise lowers PSNR/SSIM and raises FVD
+        assert math.isinf(m["oracle"]["psnr"]) and m["oracle"]["ssim"] == 1.0 and abs(m["oracle"]["fvd"]) < 1e-6
+        assert m["oracle"]["psnr"] > m["oracle_0.1"]["psnr"] > m["oracle_0.4"]["psnr"]
+        assert m["oracle"]["ssim"] > m["oracle_0.1"]["ssim"] > m["oracle_0.4"]["ssim"]
+        assert m["oracle"]["fvd"] < m["oracle_0.1"]["fvd"] < m["oracle_0.4"]["fvd"]
+        assert m["linear_blend"]["psnr"] > m["model"]["psnr"]
         assert res["num_clips"] == 4 and len(res["per_clip"]) == 4
     assert all(m.tolist() == [False] + [True] * 5 + [False] for m in calls)
     # image-to-video protocol: 17 frames, middle given
@@ -517,7 +590,7 @@ def test_periodic_fvd_returns_metrics_and_caches_reference():
 
 
 def _tiny_export(path: Path) -> Path:
-    """A random-weight tiny MarDini export (16x16, training window 17 > the protocol's 7 frames)."""
+    """A random-weight tiny MarDini export (16x16, training window 17 > the protocol's 9 frames)."""
     import dataclasses
 
     from mardini.autoencoders import build_autoencoder
@@ -548,7 +621,7 @@ def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
     assert isinstance(model["psnr"], float) and -1 < model["ssim"] < 1  # a random model: finite, imperfect
     assert res["num_clips"] == 2 and all(set(v) == set(res["methods"]) for v in res["per_clip"].values())
     grid = read_frames(list_videos(out / "samples")[0])
-    assert grid.shape[0] == 7  # ground truth | 3 methods, side by side, 7 frames
+    assert grid.shape[0] == 9  # ground truth | 3 methods, side by side, 9 frames (VIDIM-Bench clips)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -570,8 +643,18 @@ def test_cli_fvd_between_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("MARDINI_WEIGHTS", str(detector.parent))
     assert eval_main(["fvd", str(a), str(b), "--output", str(out), "--device", "cpu"]) == 0
     res = json.loads(out.read_text())
-    assert res["num_videos_a"] == res["num_videos_b"] == 3 and res["fvd"] > 0.01
-    assert res["i3d_weights"] == str(detector)
+    assert res["num_videos_a"] == res["num_videos_b"] == 3
+    assert res["i3d_weights"] == str(detector) and res["fvd_settings"] == "stylegan_v"
+    # FVD of a set with itself is ~0 and grows as the second set drifts away
+    noisy = tmp_path / "noisy"
+    for i in range(3):
+        frames = _moving_frames(16, 32, 32, seed=i).astype(np.int16)
+        write_video(noisy / f"{i}.mp4", np.clip(frames + 40, 0, 255).astype(np.uint8))
+    values = []
+    for other in (a, noisy, b):
+        assert eval_main(["fvd", str(a), str(other), "--output", str(out), "--device", "cpu"]) == 0
+        values.append(json.loads(out.read_text())["fvd"])
+    assert abs(values[0]) < 1e-6 * max(values) and values[0] < values[1] < values[2], values
     monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="no I3D weights"):
         eval_main(["fvd", str(a), str(b)])

@@ -1,11 +1,12 @@
 """FSDP2 on CPU: real sharding over two gloo processes (torchrun), sharded (torch.distributed.checkpoint)
 checkpoints that resume across world sizes (2 processes -> 1 plain process and 1 -> 2) with the same weights,
-losses and EMA as an uninterrupted run, equivalence with the DDP / single-process path, loading sharded
-checkpoints for inference, and unit tests of mardini.training.parallel.
+losses and EMA as an uninterrupted run, equivalence with the DDP / single-process path (in fp32, and under bf16
+autocast with the same fp32 timesteps), loading sharded checkpoints for inference, and unit tests of
+mardini.training.parallel.
 
 The 1 -> 2 resume also turns activation checkpointing on (a checkpoint written without it must resume with it,
-with the same math). Cost: one torchrun launch (three training jobs run one after another in the same two worker processes, to pay
-the start-up once), plus a few tiny in-process runs. Every run uses the tiny model of helpers_training,
+with the same math). Cost: one torchrun launch (four training jobs run one after another in the same two worker
+processes, to pay the start-up once), plus a few tiny in-process runs. Every run uses the tiny model of helpers_training,
 single-threaded, so that in-process and subprocess runs are comparable.
 """
 
@@ -15,8 +16,6 @@ import copy
 import json
 import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from helpers_training import single_thread, torchrun  # noqa: F401 (single_thread: autouse fixture)
 from helpers_training import (SCRIPT_PRELUDE, assert_state_equal, checkpoint, checkpoint_names, cfg_to_yaml,
                               max_abs_diff, read_metrics, run_script, tiny_config, trainer_state,
                               two_stage_curriculum)
@@ -39,21 +39,18 @@ B = 2  # micro-batch per process in the 2-process runs; the 1-process runs use 2
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_config(out, world: int, parallel: str = "fsdp", **train):
     """2N steps, grad_accum 2 (exercises FSDP's no-sync micro-steps), checkpoints every N steps, warm-up + cosine LR,
     a curriculum stage change inside the resumed half; the same global batch for 1 or 2 processes."""
     kw = dict(max_steps=2 * N, grad_accum=2, batch_size=B * 2 // world, warmup_steps=2, checkpoint_every=N,
               keep_last=2, parallel=parallel)
     kw.update(train)
-    return tiny_config(out, curriculum=two_stage_curriculum(SWITCH), **kw)
+    return tiny_config(out, curriculum=two_stage_curriculum(SWITCH, 2 * N), **kw)
+
+
+def bf16_config(out, world: int, parallel: str = "fsdp"):
+    """A short bf16 run (autocast on CPU) with the same global batch for 1 or 2 processes."""
+    return run_config(out, world=world, parallel=parallel, max_steps=3, mixed_precision="bf16")
 
 
 def stop_at(trainer: Trainer, step: int) -> None:
@@ -68,15 +65,6 @@ def stop_at(trainer: Trainer, step: int) -> None:
     trainer._append_metrics = append
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int = 2) -> tuple:
-    return (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()))
 
 
 # Runs several training jobs one after another in the same torchrun workers (one start-up for all). Each job:
@@ -93,6 +81,27 @@ from mardini.training.trainer import Trainer
 jobs = json.loads(open(sys.argv[1]).read())
 end_training = Accelerator.end_training
 Accelerator.end_training = lambda self: None  # fit() would destroy the process group the next job needs
+
+def record_times(trainer):  # {step: [model time of each sample's generated frames]}, as the generator sees them
+    times, state = {}, {"step": None}
+    original = trainer._micro_step
+
+    def micro_step(batch, step):
+        state["step"] = step
+        try:
+            return original(batch, step)
+        finally:
+            state["step"] = None
+
+    def hook(module, args, out):
+        if state["step"] is not None:
+            mt, mask = args[2], args[1]
+            times.setdefault(state["step"], []).extend(
+                [{"dtype": str(mt.dtype), "t": float(mt[b][mask[b]].max())} for b in range(mt.shape[0])])
+
+    trainer._micro_step = micro_step
+    trainer.model.generator.register_forward_hook(hook)
+    return times
 
 def layout(t):
     if isinstance(t, DTensor):
@@ -118,9 +127,13 @@ for job in jobs:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         trainer._append_metrics = append
+    times = record_times(trainer) if job.get("times") else None
     result = trainer.fit()
     with open(job["result"] + f".rank{rank}", "w") as f:
         f.write(str(result))
+    if times is not None:
+        with open(f"{job['times']}.rank{rank}.json", "w") as f:
+            json.dump(times, f)
     dist.barrier()
 
 Accelerator.end_training = end_training
@@ -135,7 +148,7 @@ def runs(tmp_path_factory):
     2 processes."""
     root = tmp_path_factory.mktemp("fsdp")
     r = SimpleNamespace(root=root, reference=root / "reference", two_then_one=root / "two_then_one",
-                        one_then_two=root / "one_then_two")
+                        one_then_two=root / "one_then_two", bf16=root / "bf16")
 
     # 1 -> 2, first half: no torchrun, no process group, parallel=fsdp (whole model, sharded checkpoint format)
     first = Trainer(run_config(r.one_then_two, world=1))
@@ -152,13 +165,15 @@ def runs(tmp_path_factory):
         # checkpoint was written without it) and must not change the math
         ("one_then_two", run_config(r.one_then_two, world=2, resume="auto", activation_checkpointing=True),
          {"report": str(root / "layout_resumed")}),
+        # bf16 under FSDP: the timesteps the generator sees are recorded (compared with a DDP run in one process)
+        ("bf16", bf16_config(r.bf16, world=2), {"times": str(root / "times_bf16")}),
     ]:
         (root / f"{name}.yaml").write_text(cfg_to_yaml(cfg))
         jobs.append({"config": str(root / f"{name}.yaml"), "result": str(root / f"result_{name}"), **extra})
     (root / "jobs.json").write_text(json.dumps(jobs))
     run_script(root, "fsdp_worker.py", WORKER, [root / "jobs.json"], launcher=torchrun(2), timeout=300)
     r.results = {name: [(root / f"result_{name}.rank{k}").read_text() for k in range(2)]
-                 for name in ("reference", "two_then_one", "one_then_two")}
+                 for name in ("reference", "two_then_one", "one_then_two", "bf16")}
     return r
 
 
@@ -297,6 +312,51 @@ def test_fsdp_two_processes_match_single_process_ddp(runs, tmp_path):
     assert (checkpoint(single, 2 * N) / "model.safetensors").exists()  # the DDP (Accelerate) format
     assert_same_final_state(runs.reference, single)
     assert_same_losses(runs.reference, single)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_bf16_trains_the_ddp_objective_with_fp32_timesteps(runs, tmp_path):
+    """FSDP used to cast the model's inputs to bf16 at the root (t = 0.7771 reached the model as 0.77734375), so
+    it trained another objective than DDP. Under bf16 both must see the same fp32 timesteps, exactly, and log the
+    same losses up to bf16 rounding."""
+    from mardini.models.generator import Generator
+
+    single = tmp_path / "ddp_bf16"
+    trainer = Trainer(bf16_config(single, world=1, parallel="ddp"))
+    times, state = {}, {"step": None}
+    original = trainer._micro_step
+
+    def micro_step(batch, step):
+        state["step"] = step
+        try:
+            return original(batch, step)
+        finally:
+            state["step"] = None
+
+    def hook(module, args, out):
+        if state["step"] is not None:
+            mt, mask = args[2], args[1]
+            times.setdefault(str(state["step"]), []).extend(
+                [{"dtype": str(mt.dtype), "t": float(mt[b][mask[b]].max())} for b in range(mt.shape[0])])
+
+    trainer._micro_step = micro_step
+    next(m for m in trainer.model.modules() if isinstance(m, Generator)).register_forward_hook(hook)
+    trainer.fit()
+
+    fsdp = [json.loads(Path(f"{runs.root / 'times_bf16'}.rank{k}.json").read_text()) for k in range(2)]
+    assert sorted(times) == sorted(fsdp[0]) == sorted(fsdp[1]) == ["0", "1", "2"]
+    for step, records in times.items():
+        ddp_t = sorted(r["t"] for r in records)
+        fsdp_t = sorted(r["t"] for rank in fsdp for r in rank[step])
+        assert {r["dtype"] for rank in fsdp for r in rank[step]} == {r["dtype"] for r in records} == {"torch.float32"}
+        assert fsdp_t == ddp_t, f"step {step}: FSDP timesteps {fsdp_t} != DDP {ddp_t}"
+        assert any(float(torch.tensor(t).bfloat16()) != t for t in ddp_t), "times bf16 can hold prove nothing"
+    ref = {m["step"]: m["loss"] for m in read_metrics(single)}
+    got = {m["step"]: m["loss"] for m in read_metrics(runs.bf16)}
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-2), f"step {step}: FSDP {got[step]} vs DDP {ref[step]}"
 
 
 # ============================================================================ 5. sharded checkpoint readers

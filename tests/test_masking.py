@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers_training import paper_curriculum
 from mardini.masking import (
     STRATEGIES,
     CurriculumConfig,
@@ -19,7 +20,7 @@ from mardini.masking import (
     make_mask,
     mask_generator,
     mask_ratio,
-    paper_progression,
+    stage_steps,
     task_mask,
     validate_curriculum,
 )
@@ -46,7 +47,8 @@ def all_strategy_configs():
 
 
 def stage(start, end, strategies, ratio=(0.1, 0.9)):
-    return CurriculumStage(start_step=start, end_step=end, strategies=list(strategies), mask_ratio=list(ratio))
+    """A stage from start to end, fractions of train.max_steps (end None = the end of training)."""
+    return CurriculumStage(start=start, end=end, strategies=list(strategies), mask_ratio=list(ratio))
 
 
 # -----------------------------------------------------------------------------
@@ -141,12 +143,15 @@ def test_interpolation_k_from_ratio_range():
     assert kept(make_mask(MaskStrategyConfig(name="interpolation"), 9, gen(0), (0.9, 0.95))) == [0, 8]
 
 
-def test_loop_is_first_plus_last():
-    for T in TS[1:]:
-        for ratio in RATIOS:
-            m = make_mask(MaskStrategyConfig(name="loop", keep_every=2), T, gen(0), ratio)
-            assert kept(m) == [0, T - 1]
-            assert torch.equal(m, task_mask("loop", T))
+def test_loop_is_no_training_strategy():
+    """`loop` drew exactly the interpolation masks (the clip's last frame never equals its first in training data),
+    so it is refused with a pointer to interpolation; looping stays an inference task."""
+    with pytest.raises(ValueError, match=r"strategy\.name=loop is not a training strategy.*interpolation"):
+        make_mask(MaskStrategyConfig(name="loop"), 9, gen(0))
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[0\]\.strategies\[0\]\.name=loop"):
+        curriculum_from_dict({"stages": [_good_stage(strategies=[{"name": "loop"}])]})
+    assert "loop" not in STRATEGIES
+    assert kept(task_mask("loop", 9)) == [0, 8]
 
 
 def test_random_ratio_and_rounding():
@@ -195,7 +200,7 @@ def test_different_seeds_differ(cfg):
 
 
 def test_sampler_reproducible_and_batch_consistent():
-    sampler = MaskSampler(paper_progression(1000))
+    sampler = MaskSampler(paper_curriculum(), 1000)
     for step in (0, 300, 600, 900):
         gens = [mask_generator(123, step, i) for i in range(8)]
         batch = sampler.sample_batch(step, 8, 17, gens)
@@ -224,9 +229,9 @@ def test_strategy_frequencies_match_weights():
         MaskStrategyConfig(name="random", weight=1.0),
     ]
     lo, hi = 0.3, 0.7
-    cur = CurriculumConfig(stages=[stage(0, 100, [MaskStrategyConfig(name="i2v")]),
-                                   stage(100, None, strategies, (lo, hi))])
-    sampler = MaskSampler(cur)
+    cur = CurriculumConfig(stages=[stage(0.0, 0.5, [MaskStrategyConfig(name="i2v")]),
+                                   stage(0.5, None, strategies, (lo, hi))])
+    sampler = MaskSampler(cur, 200)
     T, N = 17, 2000
     counts = {s.name: 0 for s in strategies}
     for i in range(N):
@@ -249,10 +254,10 @@ def test_strategy_frequencies_match_weights():
 
 def test_sample_mixture_from_masks_alone():
     # i2v-first (weight 3) keeps frame 0 only; expand_backward keeps a suffix -> frame 0 is masked
-    cur = CurriculumConfig(stages=[stage(0, None, [MaskStrategyConfig(name="i2v", weight=3.0, position="first"),
-                                                   MaskStrategyConfig(name="expand_backward", weight=1.0)],
+    cur = CurriculumConfig(stages=[stage(0.0, None, [MaskStrategyConfig(name="i2v", weight=3.0, position="first"),
+                                                     MaskStrategyConfig(name="expand_backward", weight=1.0)],
                                          (0.1, 0.5))])
-    sampler = MaskSampler(cur)
+    sampler = MaskSampler(cur, 10)
     N = 2000
     n_i2v = 0
     for i in range(N):
@@ -266,36 +271,38 @@ def test_sample_mixture_from_masks_alone():
     assert abs(n_i2v - 0.75 * N) < 5 * math.sqrt(N * 0.75 * 0.25)
 
 
-def test_stage_switches_exactly_at_boundaries():
+def test_stage_boundaries_are_fractions_of_the_run():
     cur = CurriculumConfig(stages=[
-        stage(0, 100, [MaskStrategyConfig(name="i2v", position="last")]),
-        stage(100, 250, [MaskStrategyConfig(name="i2v", position="first")]),
-        stage(250, None, [MaskStrategyConfig(name="i2v", position="middle")]),
+        stage(0.0, 0.4, [MaskStrategyConfig(name="i2v", position="last")]),
+        stage(0.4, 0.625, [MaskStrategyConfig(name="i2v", position="first")]),
+        stage(0.625, None, [MaskStrategyConfig(name="i2v", position="middle")]),
     ])
-    sampler = MaskSampler(cur)
-    expected = {0: 0, 99: 0, 100: 1, 249: 1, 250: 2, 10**9: 2}
+    sampler = MaskSampler(cur, 400)
+    assert sampler.stage_starts == stage_steps(cur, 400) == [0, 160, 250]
+    expected = {0: 0, 159: 0, 160: 1, 249: 1, 250: 2, 399: 2, 10**9: 2}  # steps past max_steps: the last stage
     for step, idx in expected.items():
         assert sampler.stage_index(step) == idx
         assert sampler.stage_at(step) is sampler.stages[idx]
-    assert kept(sampler.sample(99, 9, gen(0))) == [8]
-    assert kept(sampler.sample(100, 9, gen(0))) == [0]
-    assert kept(sampler.sample(249, 9, gen(0))) == [0]
+    assert kept(sampler.sample(159, 9, gen(0))) == [8]
+    assert kept(sampler.sample(160, 9, gen(0))) == [0]
     assert kept(sampler.sample(250, 9, gen(0))) == [4]
     with pytest.raises(ValueError, match="step"):
         sampler.stage_index(-1)
-    bounded = MaskSampler(CurriculumConfig(stages=[stage(0, 10, [MaskStrategyConfig()])]))
-    assert bounded.stage_index(9) == 0
-    with pytest.raises(ValueError, match=r"past the last curriculum stage"):
-        bounded.stage_index(10)
+    # the same curriculum scales with the run; boundaries round half up (0.625 * 4 = 2.5 -> 3)
+    assert MaskSampler(cur, 40).stage_starts == [0, 16, 25]
+    assert MaskSampler(cur, 4).stage_starts == [0, 2, 3]
+    assert MaskSampler(cur, 1000).stage_starts == [0, 400, 625]
 
 
-def test_named_curricula():
-    pp = paper_progression(1000)
-    check_curriculum_reaches(pp, 1000)
-    sampler = MaskSampler(pp)
-    assert [s.start_step for s in pp.stages] == [0, 250, 500, 750]
-    for b in (250, 500, 750):
-        assert sampler.stage_index(b - 1) + 1 == sampler.stage_index(b)
+def test_paper_curriculum_runs_at_any_length_and_grows_harder():
+    pp = paper_curriculum()
+    assert [(s.start, s.end) for s in pp.stages] == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, None)]
+    for max_steps, starts in ((40, [0, 10, 20, 30]), (300, [0, 75, 150, 225]), (20000, [0, 5000, 10000, 15000]),
+                              (4, [0, 1, 2, 3])):
+        check_curriculum_reaches(pp, max_steps)
+        sampler = MaskSampler(pp, max_steps)
+        assert sampler.stage_starts == starts
+        assert [sampler.stage_index(b) for b in starts] == [0, 1, 2, 3]
     # ratio ranges grow; i2v weight share grows; the first stage is interpolation only
     assert [s.mask_ratio[1] for s in pp.stages] == sorted(s.mask_ratio[1] for s in pp.stages)
     assert [s.name for s in pp.stages[0].strategies] == ["interpolation"]
@@ -305,13 +312,13 @@ def test_named_curricula():
 
     shares = [i2v_share(st) for st in pp.stages]
     assert shares == sorted(shares) and shares[-1] > 0.5
-    with pytest.raises(ValueError, match="total_steps"):
-        paper_progression(3)
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[2\].*no step at train\.max_steps=3.*at least 4"):
+        MaskSampler(pp, 3)
 
     for T in (3, 5, 9, 17, 33):
-        assert kept(MaskSampler(interpolation_only()).sample(12345, T, gen(T))) == [0, T - 1]
-    s = MaskSampler(i2v_finetune())
-    assert len(s.stages) == 1 and s.stages[0].end_step is None
+        assert kept(MaskSampler(interpolation_only(), 1).sample(12345, T, gen(T))) == [0, T - 1]
+    s = MaskSampler(i2v_finetune(), 1)
+    assert len(s.stages) == 1 and s.stages[0].end is None
     positions = {kept(s.sample(10**6, 9, gen(i)))[0] for i in range(100)}
     assert len(positions) > 5
 
@@ -321,13 +328,13 @@ def test_named_curricula():
 
 
 def _good_stage(**kw):
-    d = {"start_step": 0, "end_step": None, "strategies": [{"name": "interpolation"}], "mask_ratio": [0.1, 0.9]}
+    d = {"start": 0.0, "end": None, "strategies": [{"name": "interpolation"}], "mask_ratio": [0.1, 0.9]}
     d.update(kw)
     return d
 
 
 BAD = [
-    ({"stages": [_good_stage(end_step=100), _good_stage(start_step=100, strategies=[{"name": "i2v", "weight": -1.0}])]},
+    ({"stages": [_good_stage(end=0.5), _good_stage(start=0.5, strategies=[{"name": "i2v", "weight": -1.0}])]},
      "curriculum.stages[1].strategies[0].weight must be > 0, got -1.0"),
     ({"stages": [_good_stage(strategies=[{"name": "i2v", "weight": 0.0}])]}, "stages[0].strategies[0].weight"),
     ({"stages": [_good_stage(mask_ratio=[0.0, 0.5])]}, "curriculum.stages[0].mask_ratio"),
@@ -335,13 +342,19 @@ BAD = [
     ({"stages": [_good_stage(mask_ratio=[-0.1, 0.5])]}, "curriculum.stages[0].mask_ratio"),
     ({"stages": [_good_stage(mask_ratio=[0.7, 0.3])]}, "curriculum.stages[0].mask_ratio must have min <= max"),
     ({"stages": [_good_stage(mask_ratio=[0.5])]}, "curriculum.stages[0].mask_ratio must be two numbers"),
-    ({"stages": [_good_stage(end_step=100), _good_stage(start_step=50)]}, "curriculum.stages[1] overlaps"),
-    ({"stages": [_good_stage(end_step=100), _good_stage(start_step=150)]}, "gap before curriculum.stages[1]"),
-    ({"stages": [_good_stage(end_step=100), _good_stage(start_step=200, end_step=300),
-                 _good_stage(start_step=100, end_step=200)]}, "curriculum.stages must be sorted"),
-    ({"stages": [_good_stage(), _good_stage(start_step=100)]}, "curriculum.stages[0].end_step is null"),
-    ({"stages": [_good_stage(start_step=10)]}, "curriculum.stages[0].start_step must be 0"),
-    ({"stages": [_good_stage(end_step=0)]}, "curriculum.stages[0].end_step must be > start_step"),
+    ({"stages": [_good_stage(end=0.5), _good_stage(start=0.25)]}, "curriculum.stages[1] overlaps"),
+    ({"stages": [_good_stage(end=0.5), _good_stage(start=0.75)]}, "gap before curriculum.stages[1]"),
+    ({"stages": [_good_stage(end=0.25), _good_stage(start=0.5, end=0.75),
+                 _good_stage(start=0.25, end=0.5)]}, "curriculum.stages must be sorted"),
+    ({"stages": [_good_stage(), _good_stage(start=0.5)]}, "curriculum.stages[0].end is null"),
+    ({"stages": [_good_stage(start=0.1)]}, "curriculum.stages[0].start must be 0"),
+    ({"stages": [_good_stage(end=0.0)]}, "curriculum.stages[0].end must be > start"),
+    ({"stages": [_good_stage(end=0.5)]}, "curriculum.stages[0].end=0.5: the last stage must reach the end"),
+    ({"stages": [_good_stage(end=1.5)]}, "curriculum.stages[0].end must be a fraction of train.max_steps"),
+    ({"stages": [_good_stage(end=100), _good_stage(start=100)]}, "curriculum.stages[0].end must be a fraction"),
+    ({"stages": [_good_stage(start=-0.1)]}, "curriculum.stages[0].start must be a fraction of train.max_steps"),
+    ({"stages": [{"start_step": 0, "end_step": None, "strategies": ["i2v"]}]},
+     "curriculum.stages[0] uses start_step/end_step: stage boundaries are now fractions"),
     ({"stages": [_good_stage(strategies=[{"name": "inpaint"}])]}, "curriculum.stages[0].strategies[0].name"),
     ({"stages": [_good_stage(strategies=[{"name": "i2v", "position": "center"}])]},
      "curriculum.stages[0].strategies[0].position"),
@@ -361,32 +374,35 @@ def test_invalid_curricula_raise(data, message):
 
 def test_invalid_structured_config_raises_with_key():
     cfg = OmegaConf.structured(CurriculumConfig(stages=[
-        stage(0, 10, [MaskStrategyConfig()]),
-        stage(10, None, [MaskStrategyConfig(name="i2v"), MaskStrategyConfig(name="random", weight=-2.0)]),
+        stage(0.0, 0.1, [MaskStrategyConfig()]),
+        stage(0.1, None, [MaskStrategyConfig(name="i2v"), MaskStrategyConfig(name="random", weight=-2.0)]),
     ]))
     with pytest.raises(ValueError, match=r"curriculum\.stages\[1\]\.strategies\[1\]\.weight must be > 0"):
-        MaskSampler(cfg)
+        MaskSampler(cfg, 100)
     with pytest.raises(ValueError, match=r"curriculum\.stages\[1\]\.strategies\[1\]\.weight"):
         validate_curriculum(cfg)
 
 
 def test_unknown_key_in_dict_raises():
     with pytest.raises(ValueError, match="mask_ratios"):
-        curriculum_from_dict({"stages": [{"start_step": 0, "mask_ratios": [0.1, 0.2]}]})
+        curriculum_from_dict({"stages": [{"start": 0.0, "mask_ratios": [0.1, 0.2]}]})
     with pytest.raises(ValueError, match="weigth"):
         curriculum_from_dict([{"strategies": [{"name": "i2v", "weigth": 2.0}]}])
 
 
-def test_check_curriculum_reaches():
-    with pytest.raises(ValueError, match=r"curriculum\.stages\[3\] starts at step 750.*never reached"):
-        check_curriculum_reaches(paper_progression(1000), 600)
-    check_curriculum_reaches(paper_progression(1000), 751)
-    bounded = CurriculumConfig(stages=[stage(0, 100, [MaskStrategyConfig()])])
-    check_curriculum_reaches(bounded, 100)
-    with pytest.raises(ValueError, match=r"curriculum\.stages\[0\]\.end_step=100 < max_steps=101"):
-        check_curriculum_reaches(bounded, 101)
-    with pytest.raises(ValueError, match="max_steps"):
-        check_curriculum_reaches(bounded, 0)
+def test_check_curriculum_reaches_names_a_stage_without_steps():
+    pp = paper_curriculum()
+    check_curriculum_reaches(pp, 4)
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[\d\] \(start=.*\) gets no step at "
+                                         r"train\.max_steps=2: raise train\.max_steps \(to at least 4\)"):
+        check_curriculum_reaches(pp, 2)
+    short = CurriculumConfig(stages=[stage(0.0, 0.99, [MaskStrategyConfig()]),
+                                     stage(0.99, None, [MaskStrategyConfig()])])
+    check_curriculum_reaches(short, 100)  # the last stage gets step 99
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[1\] \(start=0\.99, end=None\) gets no step"):
+        check_curriculum_reaches(short, 10)
+    with pytest.raises(ValueError, match="train.max_steps must be a positive integer"):
+        check_curriculum_reaches(short, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -394,19 +410,19 @@ def test_check_curriculum_reaches():
 
 
 def test_omegaconf_structured_gives_identical_masks():
-    dc = paper_progression(400)
+    dc = paper_curriculum()
     dc.stages[1].strategies.append(MaskStrategyConfig(name="interpolation", weight=0.3, keep_every=3))
     oc = OmegaConf.structured(dc)
-    a, b = MaskSampler(dc), MaskSampler(oc)
+    a, b = MaskSampler(dc, 400), MaskSampler(oc, 400)
     assert isinstance(b.stage_at(0), CurriculumStage)
     for step in (0, 99, 100, 250, 399, 5000):
         for seed in range(50):
             assert torch.equal(a.sample(step, 17, gen(seed)), b.sample(step, 17, gen(seed)))
     # a YAML-like override merged onto the schema works as well
-    yaml = OmegaConf.create({"stages": [{"start_step": 0, "end_step": None,
+    yaml = OmegaConf.create({"stages": [{"start": 0.0, "end": None,
                                          "strategies": [{"name": "i2v", "position": "last"}]}]})
     merged = OmegaConf.merge(OmegaConf.structured(CurriculumConfig), yaml)
-    assert kept(MaskSampler(merged).sample(3, 9, gen(0))) == [8]
+    assert kept(MaskSampler(merged, 10).sample(3, 9, gen(0))) == [8]
     check_curriculum_reaches(oc, 400)
 
 

@@ -12,8 +12,6 @@ import math
 import os
 import re
 import signal
-import socket
-import sys
 import time
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -22,13 +20,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers_training import single_thread, torchrun  # noqa: F401 (single_thread: autouse fixture)
 from helpers_training import (NUM_FRAMES, SCRIPT_PRELUDE, assert_optimizer_equal, assert_state_equal, checkpoint,
                               checkpoint_names, cfg_to_yaml, ema_weights, export_weights, max_abs_diff,
-                              model_weights, optimizer_state, read_metrics, run_script, tiny_config, trainer_state,
-                              two_stage_curriculum, unwrapped_state)
+                              model_weights, optimizer_state, paper_curriculum, read_metrics, run_script, tiny_config,
+                              trainer_state, two_stage_curriculum, unwrapped_state)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.export import load_model
-from mardini.masking import MaskSampler, interpolation_only, paper_progression
+from mardini.masking import MaskSampler, interpolation_only
 from mardini.training import checkpoint as ckpt
 from mardini.training.config import validate_config
 from mardini.training.data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
@@ -40,22 +39,12 @@ N = 3  # resume tests: stop after N steps, train to 2N; the curriculum switches 
 SWITCH = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: identical float reductions here and in the subprocess runs (OMP_NUM_THREADS=1), and
-    no oversubscription on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def resume_config(out, **train):
     """The run the resume / crash tests reproduce: 2N steps, grad_accum 2, checkpoints every N steps, a warm-up +
     cosine LR and a curriculum whose stage changes between N and 2N."""
     kw = dict(max_steps=2 * N, grad_accum=2, batch_size=2, warmup_steps=2, checkpoint_every=N, keep_last=2)
     kw.update(train)
-    return tiny_config(out, curriculum=two_stage_curriculum(SWITCH), **kw)
+    return tiny_config(out, curriculum=two_stage_curriculum(SWITCH, 2 * N), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +87,7 @@ def assert_same_run(reference: Path, other: Path, steps=range(1, 2 * N + 1)) -> 
 # ================================================================================================ 1. resume
 @pytest.mark.slow
 def test_exact_resume_auto_and_explicit_path(straight_run, tmp_path):
-    sampler = MaskSampler(two_stage_curriculum(SWITCH))
+    sampler = MaskSampler(two_stage_curriculum(SWITCH, 2 * N), 2 * N)
     assert sampler.stage_index(N - 1) == 0 and sampler.stage_index(2 * N - 1) == 1  # the resumed half switches
 
     stopped = tmp_path / "stopped"
@@ -189,11 +178,6 @@ Trainer(load_cfg(sys.argv[1])).fit()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.distributed
@@ -203,8 +187,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
                   curriculum=interpolation_only())
     ddp = tmp_path / "ddp"
     (tmp_path / "ddp.yaml").write_text(cfg_to_yaml(tiny_config(ddp, batch_size=b, **common)))
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()))
+    launcher = torchrun()
     run_script(tmp_path, "ddp_run.py", DDP_SCRIPT, [tmp_path / "ddp.yaml"], launcher=launcher, timeout=300)
 
     single = tmp_path / "single"
@@ -227,8 +210,10 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
 # ========================================================================================== 4. bad configs
 @pytest.mark.parametrize("case, overrides, keys", [
     ("negative lr", {"train.lr": -1e-4}, ["train.lr"]),
-    ("unreached stage", {"curriculum": paper_progression(100)}, ["curriculum.stages[1]", "max_steps=10"]),
-    ("stage at max_steps", {"curriculum": two_stage_curriculum(10)}, ["curriculum.stages[1]", "never reached"]),
+    ("stage without a step", {"curriculum": two_stage_curriculum(99, 100)},
+     ["curriculum.stages[1]", "gets no step at train.max_steps=10"]),
+    ("run shorter than the stages", {"curriculum": paper_curriculum(), "train.max_steps": 2},
+     ["curriculum.stages[", "train.max_steps=2", "at least 4"]),
     ("resume + init_from", {"train.resume": "auto", "train.init_from": "some/export"},
      ["train.init_from", "train.resume"]),
     ("latent channels", {"model.latent_channels": 16}, ["model.latent_channels", "12"]),
@@ -248,15 +233,31 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, case, overrid
     assert not out.exists(), "a rejected config must not create the run folder"
 
 
-@pytest.fixture(scope="module")
-def hydra_compose():
+def compose_checked():
+    """compose_config after one composition of the default tree, which must succeed."""
     from mardini.cli import compose_config
 
-    try:
-        compose_config([])
-    except Exception as e:  # the YAMLs are written by another helper and may be incomplete
-        pytest.skip(f"configs/ does not compose yet: {type(e).__name__}: {e}")
+    compose_config([])
     return compose_config
+
+
+@pytest.fixture(scope="module")
+def hydra_compose():
+    """The real config tree: a composition error fails the tests that use it (it once turned into a skip)."""
+    return compose_checked()
+
+
+def test_hydra_compose_fixture_fails_on_a_broken_config_tree(tmp_path, monkeypatch):
+    import shutil
+
+    import mardini.cli as cli
+
+    broken = tmp_path / "configs"
+    shutil.copytree(cli.CONFIG_DIR, broken)
+    (broken / "train" / "default.yaml").write_text("max_steps: [not, an, int]\n")
+    monkeypatch.setattr(cli, "CONFIG_DIR", broken)
+    with pytest.raises(Exception, match="max_steps"):
+        compose_checked()
 
 
 def test_hydra_unknown_key_fails_naming_it(hydra_compose):
@@ -336,6 +337,37 @@ def test_consecutive_nonfinite_losses_stop_with_checkpoint(tmp_path, monkeypatch
     assert (state["step"], state["nonfinite_total"], state["nonfinite_in_row"]) == (last, K, K)
     assert_state_equal(model_weights(saved), snapshots[first_bad - 1], "weights after the last good step")
     assert [m["skipped"] for m in read_metrics(out)] == [s >= first_bad for s in range(1, last + 1)]
+
+
+DDP_NAN_SCRIPT = SCRIPT_PRELUDE + """
+import os
+from mardini.training.trainer import Trainer
+original = Trainer._micro_step
+
+def micro_step(self, batch, step):  # rank 1 alone sees a NaN loss at step index 1 (the 2nd optimizer step)
+    loss = original(self, batch, step)
+    return loss * float("nan") if step == 1 and os.environ["RANK"] == "1" else loss
+
+Trainer._micro_step = micro_step
+Trainer(load_cfg(sys.argv[1])).fit()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The step checks finiteness once, on the all-reduced gradient norm: a NaN on rank 1 alone must still skip
+    the update on both ranks (else the replicas diverge) and be counted once."""
+    out = tmp_path / "ddp"
+    (tmp_path / "ddp.yaml").write_text(cfg_to_yaml(tiny_config(out, max_steps=3, batch_size=2, warmup_steps=1,
+                                                                 curriculum=interpolation_only())))
+    launcher = torchrun()
+    run_script(tmp_path, "ddp_nan.py", DDP_NAN_SCRIPT, [tmp_path / "ddp.yaml"], launcher=launcher, timeout=300)
+    metrics = read_metrics(out)
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert math.isnan(metrics[1]["grad_norm"]) and math.isfinite(metrics[2]["grad_norm"])
+    state = trainer_state(checkpoint(out, 3))
+    assert (state["nonfinite_total"], state["ema_updates"]) == (1, 2)
 
 
 # ========================================================================================== 6. fine-tuning
@@ -616,7 +648,7 @@ def test_epoch_permutation_covers_each_index_once_per_epoch():
 
 
 def test_draw_randomness_per_position_independent_of_batch():
-    sampler = MaskSampler(paper_progression(100))
+    sampler = MaskSampler(paper_curriculum(), 100)
     diffusion = Diffusion(DiffusionConfig())
     args = dict(seed=5, mask_sampler=sampler, diffusion=diffusion, num_frames=9, latent_shape=(12, 4, 4),
                 plan_dropout=0.3, device=torch.device("cpu"))

@@ -11,19 +11,26 @@
 Frame i is the i-th frame in presentation order (decord's indexing); PyAV finds it from timestamps
 (``round((pts - start) * time_base * fps)``), which agrees on constant-frame-rate files.
 
-Note on libraries: decord ships its own FFmpeg. Import PyAV before decord (this module does) - the other order
-can break PyAV's libvpx encoder in the same process.
+Libraries are optional and imported on first use (``backends.py``): decord or PyAV must be installed to read a
+video, not to import this module. decord ships its own FFmpeg, so PyAV is imported before it - the other order can
+break PyAV's libvpx encoder in the same process. What the decoders print on stderr while failing on a file
+("moov atom not found", decord's "video_reader.cc ... ERROR") is captured into that file's error message.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Optional
 
-import av  # imported before decord on purpose: see the module docstring
 import numpy as np
+
+from . import backends
+from .backends import MissingBackendError
 
 BACKENDS = ("auto", "decord", "pyav")
 CLIP_STARTS = ("random", "first", "center")
@@ -58,11 +65,49 @@ class VideoInfo:
 
 
 def decord_available() -> bool:
-    try:
-        import decord  # noqa: F401
-    except Exception:
+    return backends.available("decord")
+
+
+def _av():
+    return backends.require("reading this video", "av")
+
+
+class CapturedStderr:
+    """Redirects file descriptor 2 (where FFmpeg and decord print, below Python) to a temporary file for the
+    block; ``text`` then holds what was printed, so it can join the error message instead of cluttering the
+    console."""
+
+    def __enter__(self):
+        self.text = ""
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no fd 2 (embedded interpreters): capture nothing
+            self._saved = None
+            return self
+        self._file = tempfile.TemporaryFile()
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            return False
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
         return False
-    return True
+
+    def summary(self, limit: int = 300) -> str:
+        """The distinct non-empty lines, joined: '' when nothing was printed."""
+        lines = list(dict.fromkeys(line.strip() for line in self.text.splitlines() if line.strip()))
+        text = "; ".join(lines)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DecordReader:
@@ -71,8 +116,7 @@ class DecordReader:
     backend = "decord"
 
     def __init__(self, path: str, num_threads: int = 1):
-        import decord
-
+        decord = backends.require("reading with backend=decord", "decord")
         self.path = path
         self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
         self.num_frames = len(self._vr)
@@ -94,7 +138,7 @@ class PyAVReader:
 
     def __init__(self, path: str, num_threads: int = 1):
         self.path, self.num_threads = path, num_threads
-        with av.open(path) as container:
+        with _av().open(path) as container:
             if not container.streams.video:
                 raise VideoDecodeError("no video stream")
             stream = container.streams.video[0]
@@ -128,7 +172,7 @@ class PyAVReader:
         want, last = set(wanted), wanted[-1]
         found: dict[int, np.ndarray] = {}
         first_seen = None
-        with av.open(self.path) as container:
+        with _av().open(self.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             stream.thread_count = self.num_threads
@@ -163,11 +207,15 @@ def open_video(path: str, backend: str = "auto", num_threads: int = 1):
 
 
 def _backend_order(backend: str) -> list[str]:
+    """The backends read_clip tries, in order; MissingBackendError when auto finds neither package."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return ["decord", "pyav"] if decord_available() else ["pyav"]
-    return [backend]
+    if backend != "auto":
+        return [backend]
+    order = (["decord"] if decord_available() else []) + (["pyav"] if backends.available("av") else [])
+    if not order:
+        backends.require("reading videos", "decord", "av")
+    return order
 
 
 def read_clip(
@@ -184,17 +232,23 @@ def read_clip(
     """
     errors = []
     for name in _backend_order(backend):
+        stderr = CapturedStderr()
         try:
-            reader = DecordReader(path, num_threads) if name == "decord" else PyAVReader(path, num_threads)
-            indices = [int(i) for i in pick(reader.num_frames, reader.fps)]
-            frames = reader.get(indices)
+            with stderr:
+                reader = DecordReader(path, num_threads) if name == "decord" else PyAVReader(path, num_threads)
+                indices = [int(i) for i in pick(reader.num_frames, reader.fps)]
+                frames = reader.get(indices)
             if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
                 raise VideoDecodeError(f"decoded frames have shape {frames.shape}")
             return frames, indices, reader.fps
         except VideoTooShortError as e:
             raise VideoTooShortError(f"{path}: {e}") from None
+        except MissingBackendError:  # not the file's fault: it must not be skipped as a bad file
+            raise
         except Exception as e:  # decord raises its own DECORDError, PyAV av.error.*; both are "this file is bad"
-            errors.append(f"{name}: {type(e).__name__}: {str(e).strip()[:300]}")
+            said = stderr.summary()
+            errors.append(f"{name}: {type(e).__name__}: {str(e).strip()[:300]}"
+                          + (f" (decoder output: {said})" if said else ""))
     raise VideoDecodeError(f"cannot read {path}: " + " | ".join(errors))
 
 
@@ -207,13 +261,24 @@ def probe_video(path: str, decode_check: bool = True, backend: str = "auto") -> 
     """Frames, fps and size of a file, from its container metadata (PyAV). decode_check also decodes the first
     and the last frame (with ``backend``), which catches truncated files whose header promises more than is
     there. Raises VideoDecodeError."""
+    stderr = CapturedStderr()
     try:
-        reader = PyAVReader(path)
+        with stderr:
+            if backends.available("av"):
+                reader = PyAVReader(path)
+                height, width = reader.height, reader.width
+            else:  # decord only: the size comes from the first frame
+                reader = DecordReader(path)
+                height, width = reader.get([0]).shape[1:3]
+    except MissingBackendError:
+        raise
     except Exception as e:
-        raise VideoDecodeError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
+        said = stderr.summary()
+        raise VideoDecodeError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:300]}"
+                               + (f" (decoder output: {said})" if said else "")) from None
     if reader.num_frames < 1:
         raise VideoDecodeError(f"{path}: no frames")
-    info = VideoInfo(reader.num_frames, reader.fps, reader.height, reader.width)
+    info = VideoInfo(reader.num_frames, reader.fps, int(height), int(width))
     if decode_check:
         frames = read_frames(path, [0, info.num_frames - 1], backend)
         info.height, info.width = int(frames.shape[1]), int(frames.shape[2])

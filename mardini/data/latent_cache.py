@@ -66,6 +66,17 @@ def encode_hi_lo(autoencoder, video: Tensor, lowres_factor: int, lowres_mode: st
     return z_hi, z_lo
 
 
+def encode_given(autoencoder, video: Tensor, mask: Tensor, lowres_factor: int,
+                 lowres_mode: str = "latents") -> tuple[Tensor, Tensor]:
+    """The model inputs at inference, built as training builds them: pixels [B, T, 3, H, W] and mask [B, T]
+    (True = frame to generate; its pixels are ignored) -> (z_hi, z_lo) by encode_hi_lo, with the generated frames'
+    latents zeroed (the planner never reads them). A model trained with lowres_mode="pixels" must get its z_lo
+    this way too, not by pooling z_hi. Call under torch.no_grad()."""
+    z_hi, z_lo = encode_hi_lo(autoencoder, video, lowres_factor, lowres_mode)
+    generated = mask.to(z_hi.device)[:, :, None, None, None]
+    return torch.where(generated, 0.0, z_hi), torch.where(generated, 0.0, z_lo)
+
+
 def describe_autoencoder(autoencoder) -> dict:
     """A JSON-able description of an autoencoder (VideoAutoencoder.describe)."""
     return _jsonable(autoencoder.describe())
@@ -297,6 +308,33 @@ def _sample_records(batch: dict) -> list[dict]:
     return records
 
 
+def split_cache(root: str | os.PathLike, val_fraction: float, val_root: str | os.PathLike = "",
+                dtype: Optional[torch.dtype] = torch.float32) -> tuple[CachedLatentDataset, CachedLatentDataset, str]:
+    """(training items, validation items, a sentence saying what is held out) for data.source=cache.
+
+    val_root (data.val_cache_dir): a separate cache of validation clips, all used for validation. Otherwise the
+    items whose source file is held out by data.video's rule (a hash of the path below val_fraction, at least
+    one file) are validation only, so a cache of the same files holds out what data=video would.
+    """
+    from .video import held_out
+
+    if val_root:
+        return (CachedLatentDataset(root, dtype), CachedLatentDataset(val_root, dtype),
+                f"validation: all items of data.val_cache_dir={val_root}")
+    full = CachedLatentDataset(root, dtype)
+    keys = full.source_keys()
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise ValueError(f"latent cache {root} was made from {len(distinct)} source file(s): none can be held out "
+                         f"for validation; give data.val_cache_dir (a cache of validation clips)")
+    val_keys = {distinct[i] for i in held_out(distinct, val_fraction)}
+    val = [i for i, key in enumerate(keys) if key in val_keys]
+    train = [i for i, key in enumerate(keys) if key not in val_keys]
+    note = (f"validation: {len(val)} of {len(keys)} cached clips ({len(val_keys)} of {len(distinct)} source files, "
+            f"data.video.val_fraction={val_fraction}, by a hash of the path) held out of {root}; never trained on")
+    return CachedLatentDataset(root, dtype, indices=train), CachedLatentDataset(root, dtype, indices=val), note
+
+
 def build_latent_cache(root, dataset, autoencoder, *, lowres_factor: int = 2, lowres_mode: str = "latents",
                        shard_size: int = 256, dtype: str = "float16", batch_size: int = 8, num_workers: int = 0,
                        device: str | torch.device = "cpu", progress: bool = True) -> dict:
@@ -316,7 +354,9 @@ class CachedLatentDataset(Dataset):
     copies, cast on the GPU instead). Reading is cheap: with small latents, num_workers=0 is often fastest.
     """
 
-    def __init__(self, root: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, max_open: int = 32):
+    def __init__(self, root: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, max_open: int = 32,
+                 indices: Optional[list[int]] = None):
+        """indices: read only these cache items (item k of the dataset is cache item indices[k]); None = all."""
         self.root = Path(root)
         self.meta = read_cache_meta(self.root)
         if not self.meta.get("complete"):
@@ -329,8 +369,14 @@ class CachedLatentDataset(Dataset):
         self.dtype, self.max_open = dtype, max_open
         self.shard_size = int(self.meta["shard_size"])
         self._open: OrderedDict = OrderedDict()
+        self.indices = None if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
+        return int(self.meta["num_items"]) if self.indices is None else len(self.indices)
+
+    @property
+    def num_cached(self) -> int:
+        """Items in the cache folder (len(self) counts the selected ones)."""
         return int(self.meta["num_items"])
 
     @property
@@ -364,6 +410,8 @@ class CachedLatentDataset(Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
+        if self.indices is not None:
+            index = self.indices[index]
         k, row = divmod(index, self.shard_size)
         f = self._shard(k)
         # copy=True: the slices view the memory-mapped file; a copy never outlives (or faults on) the mapping
@@ -372,19 +420,38 @@ class CachedLatentDataset(Dataset):
         return {"z_hi": z_hi.to(dtype, copy=True), "z_lo": z_lo.to(dtype, copy=True), "index": index}
 
     def sample_metadata(self, index: int) -> dict:
-        """What was recorded for item index: source path, clip start, fps, frame indices, skipped files, ..."""
+        """What was recorded for cache item `index` (not a position in a selection): source path, clip start,
+        fps, frame indices, skipped files, ..."""
         k, row = divmod(int(index), self.shard_size)
         return json.loads(self._shard(k).metadata()["samples"])[row]
 
-    def check_compatible(self, autoencoder, lowres_factor: Optional[int] = None) -> None:
-        """Raise if the cache was made with another autoencoder (class, normalisation, latent size) or
-        lowres factor than the run will use."""
+    def source_keys(self) -> list[str]:
+        """Per cache item, what the validation hold-out hashes: the source file's path relative to the cached
+        dataset's root (the key data=video hashes, see data.video.split_key), or "index:i" for items without a
+        file (synthetic clips)."""
+        from .video import split_key
+
+        root = str(self.data_config.get("root", "") or "")
+        keys = []
+        for k in range(math.ceil(self.num_cached / self.shard_size)):
+            for record in json.loads(self._shard(k).metadata()["samples"]):
+                path = record.get("path")
+                keys.append(split_key(path, root) if path and root else f"index:{record.get('index', len(keys))}")
+        return keys
+
+    def check_compatible(self, autoencoder, lowres_factor: Optional[int] = None,
+                         lowres_mode: Optional[str] = None) -> None:
+        """Raise if the cache was made with another autoencoder (class, normalisation, latent size), lowres factor
+        or lowres mode than the run will use (the export records the mode, so it must be the cache's)."""
         cached, now = self.meta["autoencoder"], describe_autoencoder(autoencoder)
         keys = ("class", "scaling_factor", "shift_factor", "latent_channels", "spatial_compression",
                 "temporal_compression", "pretrained", "subfolder")
         diff = [f"{k}: cached {cached.get(k)!r} != {now.get(k)!r}" for k in keys if cached.get(k) != now.get(k)]
         if lowres_factor is not None and lowres_factor != self.lowres_factor:
             diff.append(f"lowres_factor: cached {self.lowres_factor} != {lowres_factor}")
+        cached_mode = self.meta.get("lowres_mode", "latents")
+        if lowres_mode is not None and lowres_mode != cached_mode:
+            diff.append(f"lowres_mode: cached {cached_mode!r} != data.lowres_mode={lowres_mode!r}")
         if diff:
             raise ValueError(f"latent cache {self.root} does not match this run: " + "; ".join(diff))
 

@@ -10,11 +10,17 @@ order, so any number of DataLoader workers, any rank split and an exact resume a
 that cannot be used (unreadable, truncated, too short) is logged, replaced by a deterministically chosen other
 entry, and named in the item's ``"skipped"`` field, so the main process can count failures across workers with
 ``SkipStats``. Too many failures raise ``TooManyFailuresError``.
+
+Validation never reads a training file: ``split_manifests`` gives the training and the validation files of a
+config, either ``val_root`` (a separate folder or manifest) or, when it is empty, a held-out ``val_fraction`` of
+``root``'s files chosen by a hash of each file's path (stable when files are added or reordered).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, List
@@ -136,6 +142,8 @@ class VideoDataConfig:
     """Clips from real video files (also an OmegaConf structured config)."""
 
     root: str = ""  # a folder of videos (scanned recursively) or a manifest (.csv / .jsonl with a 'path' column)
+    val_root: str = ""  # validation-only folder or manifest ("" = hold out val_fraction of root's files)
+    val_fraction: float = 0.05  # with val_root "": fraction of root's files held out for validation (>= 1 file)
     extensions: List[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))  # folder scan: file suffixes
     num_videos: int = 0  # use only the first N entries (0 = all)
     num_frames: int = 17  # frames per clip, T
@@ -176,6 +184,9 @@ def read_video_config(cfg: Any) -> VideoDataConfig:
             raise ValueError(f"data.video.{key} {msg}")
 
     need(isinstance(out.root, str), "root", f"must be a path string, got {out.root!r}")
+    need(isinstance(out.val_root, str), "val_root", f"must be a path string, got {out.val_root!r}")
+    need(0 < out.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {out.val_fraction} (validation files "
+                                                    f"are never trained on; give data.video.val_root instead)")
     for key, low in (("num_frames", 1), ("height", 1), ("width", 1), ("frame_stride", 1), ("max_attempts", 1),
                      ("num_videos", 0), ("decode_threads", 0), ("min_failures", 0), ("seed", 0)):
         value = getattr(out, key)
@@ -190,6 +201,60 @@ def read_video_config(cfg: Any) -> VideoDataConfig:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training / validation files
+# ---------------------------------------------------------------------------------------------------------------
+
+SPLITS = ("all", "train", "val")
+
+
+def _hash_fraction(key: str) -> float:
+    """A stable uniform number in [0, 1) for a string (the same on every machine and Python run)."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+
+
+def held_out(keys: list[str], fraction: float) -> list[int]:
+    """Indices of the keys held out for validation: those whose hash falls below `fraction`, or, if none does,
+    the one with the smallest hash (at least one file). Membership of a key does not depend on the other keys
+    (beyond that fallback), so adding files never moves a validation file into training."""
+    hashes = [_hash_fraction(k) for k in keys]
+    chosen = [i for i, h in enumerate(hashes) if h < fraction]
+    return chosen or ([min(range(len(keys)), key=hashes.__getitem__)] if keys else [])
+
+
+def split_key(path: str, root: str) -> str:
+    """What the hold-out hashes: the path relative to the folder of `root` (a folder or a manifest file), so a
+    dataset keeps its split when it is moved."""
+    base = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+
+
+def split_manifests(cfg: Any) -> tuple[Manifest, Manifest, str]:
+    """(training files, validation files, a sentence saying what is held out) for a data.video config."""
+    cfg = read_video_config(cfg)
+    if not cfg.root:
+        raise ValueError("data.video.root is empty: give a folder of videos or a manifest file")
+    root = load_manifest(cfg.root, cfg.extensions)
+    if cfg.val_root:
+        val = load_manifest(cfg.val_root, cfg.extensions)
+        shared = sorted({os.path.abspath(p) for p in root.paths} & {os.path.abspath(p) for p in val.paths})
+        if shared:
+            raise ValueError(f"data.video.val_root={cfg.val_root} shares {len(shared)} files with data.video.root "
+                             f"(e.g. {shared[0]}): validation files must never be trained on")
+        return root, val, f"validation: all {len(val)} files of data.video.val_root={cfg.val_root}"
+    paths = root.paths
+    if len(paths) < 2:
+        raise ValueError(f"data.video.root={cfg.root} has {len(paths)} file(s): none can be held out for "
+                         f"validation and still leave one to train on; give data.video.val_root")
+    chosen = set(held_out([split_key(p, cfg.root) for p in paths], cfg.val_fraction))
+    train = Manifest([root[i] for i in range(len(root)) if i not in chosen])
+    val = Manifest([root[i] for i in sorted(chosen)])
+    names = ", ".join(split_key(p, cfg.root) for p in val.paths[:5]) + (", ..." if len(val) > 5 else "")
+    note = (f"validation: {len(val)} of {len(root)} files of data.video.root held out (data.video.val_fraction="
+            f"{cfg.val_fraction}, by a hash of the path; never trained on): {names}")
+    return train, val, note
+
+
 class VideoDataset(Dataset):
     """Map-style dataset of clips from a folder or a manifest.
 
@@ -199,13 +264,23 @@ class VideoDataset(Dataset):
     "num_skipped": int}. All of it collates with the default collate_fn.
     """
 
-    def __init__(self, cfg: Any, manifest: Manifest | None = None):
+    def __init__(self, cfg: Any, manifest: Manifest | None = None, split: str = "all"):
+        """split: "all" reads every file of root; "train" / "val" the training / validation files of
+        split_manifests (the trainer uses these); an explicit manifest is read as given. num_videos limits
+        "all" and "train" (after the hold-out, so validation files do not depend on it)."""
         self.cfg = read_video_config(cfg)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split_note = ""
         if manifest is None:
             if not self.cfg.root:
                 raise ValueError("data.video.root is empty: give a folder of videos or a manifest file")
-            manifest = load_manifest(self.cfg.root, self.cfg.extensions)
-        if self.cfg.num_videos:
+            if split == "all":
+                manifest = load_manifest(self.cfg.root, self.cfg.extensions)
+            else:
+                train, val, self.split_note = split_manifests(self.cfg)
+                manifest = train if split == "train" else val
+        if self.cfg.num_videos and split != "val":
             manifest = manifest.head(self.cfg.num_videos)
         if len(manifest) == 0:
             raise ValueError(f"no videos in {self.cfg.root!r} (extensions {self.cfg.extensions})")

@@ -1,7 +1,10 @@
-"""Writing videos: sample previews for logs and files for evaluation. (Reading, with decord, lives elsewhere.)
+"""Writing videos: sample previews for logs and files for evaluation. (Reading lives in decode.py.)
 
 Every writer renders into a temporary name in the destination folder and then renames it into place with
 ``os.replace``, so a crash or a kill never leaves a half-written file where a finished one is expected.
+mp4 is encoded by the ffmpeg binary of imageio-ffmpeg when installed, else in-process by PyAV; both are imported
+only when an mp4 is written (see backends.py), and ``check_output`` says before any work whether a path can be
+written.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-import imageio.v3 as iio
-import imageio_ffmpeg
 import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from . import backends
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 GIVEN_BORDER_COLOR = (0.15, 0.85, 0.25)  # RGB in [0, 1]: outlines reference frames in make_grid_video
@@ -51,6 +54,25 @@ def _is_frame_folder(path: str | os.PathLike) -> bool:
     return text.endswith(("/", os.sep)) or Path(text).suffix == ""
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """Raise, naming the path, if write_video could not write it: an unknown suffix, no mp4 encoder installed,
+    or a destination folder that cannot be created or written. Writes nothing."""
+    as_folder = _is_frame_folder(path)
+    path = Path(path)
+    if not as_folder and path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use {' or '.join(VIDEO_SUFFIXES)}, or a "
+                         f"folder (no suffix) for PNG frames")
+    if not as_folder and path.suffix.lower() == ".mp4":
+        backends.require(f"writing {path.name}", "imageio_ffmpeg", "av")
+    if path.is_dir() and not as_folder:
+        raise IsADirectoryError(f"{path} is a folder; name a file ending in {' or '.join(VIDEO_SUFFIXES)}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: {folder} is not a writable folder")
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray | Tensor, fps: int = 8) -> Path:
     """Write frames (uint8 [T, H, W, 3], or a [T, 3, H, W] tensor in [-1, 1]) to path; return the final path.
 
@@ -81,6 +103,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | Tensor, fps: int =
         if suffix == ".mp4":
             _write_mp4(tmp_name, frames, fps)
         else:
+            import imageio.v3 as iio
+
             iio.imwrite(tmp_name, frames, extension=".gif", duration=1000.0 / fps, loop=0)
         os.replace(tmp_name, path)
     except BaseException:
@@ -98,7 +122,11 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
     """H.264 in yuv420p, which players everywhere accept; odd sizes padded to even by edge repetition."""
     _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    writer = imageio_ffmpeg.write_frames(
+    encoder = backends.require("writing mp4 videos", "imageio_ffmpeg", "av")
+    if encoder.__name__ == "av":
+        _write_mp4_pyav(encoder, path, frames, fps)
+        return
+    writer = encoder.write_frames(
         path,
         (frames.shape[2], frames.shape[1]),  # (width, height)
         fps=fps,
@@ -117,6 +145,20 @@ def _write_mp4(path: str, frames: np.ndarray, fps: int) -> None:
         writer.close()
 
 
+def _write_mp4_pyav(av, path: str, frames: np.ndarray, fps: int) -> None:
+    """The same H.264 / yuv420p / crf 18 encoding in-process, for machines without imageio-ffmpeg."""
+    from fractions import Fraction
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def _write_png_folder(path: Path, frames: np.ndarray) -> None:
     """Write the frames into a temporary folder beside path, then rename it into place.
 
@@ -129,6 +171,8 @@ def _write_png_folder(path: Path, frames: np.ndarray) -> None:
         foreign = [p.name for p in path.iterdir() if not (p.suffix == ".png" and p.stem.isdigit())]
         if foreign:
             raise FileExistsError(f"write_video: {path} holds files other than PNG frames: {foreign[:5]}")
+    import imageio.v3 as iio
+
     tmp = Path(_temporary_name(path, ""))
     tmp.mkdir()
     old = None

@@ -1,9 +1,14 @@
-"""Benchmark protocols: VIDIM-Bench-style interpolation and middle-frame image-to-video, on local data.
+"""Benchmark protocols: VIDIM-Bench interpolation and middle-frame image-to-video, on local data.
 
-A protocol fixes the clip length, which frames are given, the resolution and how clips are drawn:
-  interpolation  7-frame clips, first and last given, the 5 middle frames generated (VIDIM-Bench's own clips
-                 are 9 frames with 7 generated: set num_frames=9 to match it)
-  i2v            17-frame clips, the middle frame (index 8) given, 16 generated (MarDini's main i2v setting)
+A protocol fixes the clip length, which frames are given, the resolution and how clips are drawn. Presets are
+named after what they reproduce:
+  vidim          VIDIM-Bench (Jain et al. 2024, "Video Interpolation with Diffusion Models"; DAVIS and UCF101):
+                 9-frame clips, the first and last given, the 7 middle frames generated, at 256x256. VIDIM's
+                 subsets (350-400 videos per dataset, chosen for a mix of large and small motion) come from a
+                 script that is not reproduced here: clips are drawn one per video with a seed, and FVD follows
+                 the I3D file's lineage (i3d.FVD_SETTINGS) on the full 9-frame clips.
+  i2v_middle17   17-frame clips, the middle frame (index 8) given, 16 generated: this project's image-to-video
+                 check (no published protocol)
 
 Clips come from a local DAVIS-style root (``<root>/<video>/00000.jpg ...``) or UCF101-style root (``.avi/.mp4``
 files at any depth); see data.py. Selection is deterministic for a seed: videos sorted by id, a seeded numpy
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 
 from ..data.video_io import make_grid_video, write_video
 from .data import VideoSource, count_frames, list_videos, read_frames, to_model_frames
-from .fvd import FeatureStats, fvd_from_stats
+from .fvd import FeatureStats, extractor_ddof, fvd_from_stats
 from .metrics import masked_frame_metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +58,7 @@ class ProtocolConfig:
     """One benchmark protocol. Every field has a default; from_dict rejects unknown keys by name."""
 
     task: str = "interpolation"  # interpolation (first + last given) | i2v (one given frame)
-    num_frames: int = 7  # frames per clip, T
+    num_frames: int = 9  # frames per clip, T (VIDIM-Bench: 9, the first and last given)
     i2v_position: int | None = None  # i2v: index of the given frame (None = T // 2, the middle)
     height: int = 256  # evaluation resolution (frames are scaled to cover it, then centre-cropped)
     width: int = 256
@@ -100,10 +105,10 @@ class ProtocolConfig:
 
 
 PROTOCOLS = {
-    "interpolation": ProtocolConfig(task="interpolation", num_frames=7),
-    "vidim9": ProtocolConfig(task="interpolation", num_frames=9),  # VIDIM-Bench's 9-frame clips (7 generated)
-    "i2v": ProtocolConfig(task="i2v", num_frames=17),
+    "vidim": ProtocolConfig(task="interpolation", num_frames=9, height=256, width=256),  # VIDIM-Bench
+    "i2v_middle17": ProtocolConfig(task="i2v", num_frames=17, height=256, width=256),  # no published protocol
 }
+DEFAULT_PRESETS = {"interpolation": "vidim", "i2v": "i2v_middle17"}  # mardini-eval subcommand -> preset
 
 
 # ------------------------------------------------------------------------------------------ clips
@@ -300,7 +305,7 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
             raise ValueError(f"{clips_file} was drawn for protocol {asdict(file_protocol)}, not {asdict(protocol)}")
         protocol = file_protocol
     else:
-        protocol = protocol or PROTOCOLS["interpolation"]
+        protocol = protocol or PROTOCOLS[DEFAULT_PRESETS["interpolation"]]
         clips = select_clips(root, protocol)
         if clips_file is not None:
             save_clips(clips_file, clips, protocol, root)
@@ -355,15 +360,19 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
     notes = [f"methods, left to right in the sample grids: ground truth, {', '.join(methods)}"]
     if extractor is None:
         notes.append("FVD not computed (no I3D weights given)")
-    elif protocol.num_frames < 9:
-        notes.append(f"FVD on {protocol.num_frames}-frame clips: frames repeated to reach I3D's 9-frame minimum "
-                     f"(both sets alike), a deviation from FVD-16")
+    else:
+        notes.append(f"FVD settings: {getattr(extractor, 'settings', 'custom')} (covariance ddof="
+                     f"{extractor_ddof(extractor)}); see the README's FVD section for the numbers they match")
+        if protocol.num_frames < 9:
+            notes.append(f"FVD on {protocol.num_frames}-frame clips: frames repeated to reach I3D's 9-frame minimum "
+                         f"(both sets alike), a deviation from FVD-16")
     if lpips is None:
         notes.append("LPIPS not computed (no local LPIPS weights)")
     method_results = {}
     for name in methods:
         fs = frame_scores[name]
-        fvd = fvd_from_stats(fvd_stats[name], gt_stats) if extractor is not None and len(clips) > 1 else None
+        fvd = fvd_from_stats(fvd_stats[name], gt_stats, extractor_ddof(extractor)) \
+            if extractor is not None and len(clips) > 1 else None
         method_results[name] = {"psnr": _mean(fs["psnr"]), "ssim": _mean(fs["ssim"]),
                                 "lpips": _mean(fs["lpips"]) if lpips is not None else None, "fvd": fvd}
     results = {"protocol": asdict(protocol), "dataset_root": str(root), "num_clips": len(clips),

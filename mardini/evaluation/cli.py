@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .benchmarks import DEFAULT_PRESETS, PROTOCOLS
+from .i3d import FVD_SETTINGS
+
 log = logging.getLogger("mardini.eval")
 
 
@@ -27,14 +30,19 @@ def _add_i3d_args(p: argparse.ArgumentParser):
     p.add_argument("--i3d", default=None, help="I3D weights file (state_dict or TorchScript)")
     p.add_argument("--weights-dir", default=None, help="folder searched for the I3D / LPIPS files "
                                                         "(default $MARDINI_WEIGHTS or ../shared/weights/)")
-    p.add_argument("--resize", default="bilinear", choices=("bilinear", "tf_legacy"),
-                   help="resizing to 224 for I3D (see i3d.preprocess_for_i3d)")
+    p.add_argument("--fvd-settings", default=None, choices=sorted(FVD_SETTINGS),
+                   help="how the I3D file is run (default: its lineage: videogpt for i3d_pretrained_400.pt, "
+                        "stylegan_v for i3d_torchscript.pt; see the README's FVD section)")
+    p.add_argument("--resize", default=None, choices=("bilinear", "tf_legacy"),
+                   help="override the settings' resizing to 224 (see i3d.preprocess_for_i3d)")
     p.add_argument("--bn-eps", type=float, default=None,
-                   help="state_dict network's batch-norm eps (default 1e-3, TF; 1e-5 reproduces VideoGPT's code)")
-    p.add_argument("--stylegan-v-native", action="store_true",
-                   help="TorchScript detector: feed uint8 frames with rescale=True, resize=True (StyleGAN-V)")
+                   help="override the state_dict network's batch-norm eps (videogpt: 1e-5, tf: 1e-3)")
+    p.add_argument("--stylegan-v-native", action="store_true", default=None,
+                   help="TorchScript detector: feed uint8 frames with rescale=True, resize=True (StyleGAN-V's "
+                        "call; the default for that file)")
     p.add_argument("--i3d-batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", default=None, help="write the result as JSON here")
     _add_i3d_args(f)
 
-    for name, help_text in (("interpolation", "VIDIM-Bench-style interpolation (7 frames, first+last given)"),
+    for name, help_text in (("interpolation", "VIDIM-Bench interpolation (9 frames at 256x256, first + last "
+                                              "given, 7 generated)"),
                             ("i2v", "image-to-video (17 frames, the middle one given)")):
         b = sub.add_parser(name, help=help_text)
         b.add_argument("--data", required=True, help="DAVIS-style frame folders or UCF-style video files")
         b.add_argument("--out", required=True, help="output folder")
         b.add_argument("--clips", default=None, help="clips JSON: reused if it exists, else written")
-        b.add_argument("--preset", default=None, choices=("interpolation", "vidim9", "i2v"),
-                       help="protocol preset (default: the subcommand's)")
+        b.add_argument("--preset", default=None, choices=sorted(PROTOCOLS),
+                       help=f"protocol preset (default: {DEFAULT_PRESETS[name]})")
         b.add_argument("--num-frames", type=int, default=None)
         b.add_argument("--height", type=int, default=None)
         b.add_argument("--width", type=int, default=None)
@@ -82,17 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extractor(args, short_clips: str):
-    from .i3d import TF_BN_EPS, I3DFeatureExtractor
+    from .i3d import I3DFeatureExtractor
     from .weights import find_i3d_weights
 
     path = Path(args.i3d) if args.i3d else find_i3d_weights(args.weights_dir)
     if path is None or not path.is_file():
         return None, f"no I3D weights (looked for {args.i3d or 'i3d_pretrained_400.pt / i3d_torchscript.pt'})"
     extractor = I3DFeatureExtractor.from_file(
-        path, device=args.device, bn_eps=args.bn_eps if args.bn_eps is not None else TF_BN_EPS,
-        native_torchscript=args.stylegan_v_native, batch_size=args.i3d_batch_size, resize=args.resize,
+        path, device=args.device, settings=args.fvd_settings, bn_eps=args.bn_eps,
+        native_torchscript=args.stylegan_v_native, resize=args.resize, batch_size=args.i3d_batch_size,
         short_clips=short_clips)
-    log.info("I3D weights: %s", path)
+    log.info("I3D weights: %s (FVD settings %s)", path, extractor.settings)
     return extractor, str(path)
 
 
@@ -106,6 +115,7 @@ def run_fvd(args) -> dict:
                          batch_size=args.i3d_batch_size, height=args.height, width=args.width,
                          max_videos=args.max_videos)
     result["i3d_weights"] = where
+    result["fvd_settings"] = extractor.settings
     print(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
@@ -113,7 +123,7 @@ def run_fvd(args) -> dict:
 
 
 def run_protocol(args) -> dict:
-    from .benchmarks import BASELINES, PROTOCOLS, PipelineMethod, load_clips, run_benchmark
+    from .benchmarks import BASELINES, PipelineMethod, load_clips, run_benchmark
     from .metrics import load_lpips
     from .weights import find_lpips_weights
 
@@ -128,7 +138,7 @@ def run_protocol(args) -> dict:
             log.warning("the clips file fixes the protocol; ignoring %s", ", ".join(f"--{k.replace('_', '-')}"
                                                                             for k in ignored))
     else:
-        protocol = PROTOCOLS[args.preset or args.command]
+        protocol = PROTOCOLS[args.preset or DEFAULT_PRESETS[args.command]]
         overrides = {k: getattr(args, k) for k in ("num_frames", "height", "width", "frame_stride",
                                                     "clips_per_video", "max_clips", "seed")
                      if getattr(args, k) is not None}
@@ -157,12 +167,15 @@ def run_protocol(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import user_errors
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "fvd":
-        run_fvd(args)
-    else:
-        run_protocol(args)
+    with user_errors("mardini-eval", args.debug):
+        if args.command == "fvd":
+            run_fvd(args)
+        else:
+            run_protocol(args)
     return 0
 
 

@@ -12,8 +12,9 @@ between Gaussians fitted to I3D features (i3d.py) of two sets of videos. Content
   periodic_fvd         metrics on a small fixed validation set, for the trainer (see its docstring)
 
 An ``extractor`` is any callable ``videos [B, T, 3, H, W] in [-1, 1] -> features [B, D]`` (numpy or tensor);
-normally an ``I3DFeatureExtractor``. The covariance uses ddof=1 (unbiased, as ``np.cov``, TF-GAN and VideoGPT);
-StyleGAN-V divides by N instead (``ddof=0``); the difference is a factor N / (N - 1), negligible at FVD sizes.
+normally an ``I3DFeatureExtractor``. The covariance normalisation follows the extractor's lineage (its ``ddof``:
+1 = unbiased, as ``np.cov``, TF-GAN and VideoGPT; 0 = divide by N, as StyleGAN-V), unless a call passes ddof; a
+plain callable gets ddof=1.
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, imag_tol: floa
     return float(value)
 
 
+def extractor_ddof(extractor, ddof: int | None = None) -> int:
+    """The covariance normalisation to use: an explicit ddof, else the extractor's lineage (I3DFeatureExtractor
+    .ddof), else 1."""
+    return int(ddof if ddof is not None else getattr(extractor, "ddof", 1))
+
+
 def fvd_from_stats(a: FeatureStats, b: FeatureStats, ddof: int = 1) -> float:
     return frechet_distance(a.mean, a.cov(ddof), b.mean, b.cov(ddof))
 
@@ -179,9 +186,10 @@ def accumulate(batches: Iterable[torch.Tensor], extractor: Extractor, stats: Fea
 
 
 def fvd_between(videos_a: Iterable[torch.Tensor], videos_b: Iterable[torch.Tensor], extractor: Extractor,
-                ddof: int = 1) -> float:
+                ddof: int | None = None) -> float:
     """FVD between two iterables of video batches [B, T, 3, H, W] in [-1, 1]."""
-    return fvd_from_stats(accumulate(videos_a, extractor), accumulate(videos_b, extractor), ddof)
+    return fvd_from_stats(accumulate(videos_a, extractor), accumulate(videos_b, extractor),
+                          extractor_ddof(extractor, ddof))
 
 
 def iter_folder_batches(folder: str | Path, num_frames: int | None = 16, batch_size: int = 8,
@@ -218,7 +226,7 @@ def iter_folder_batches(folder: str | Path, num_frames: int | None = 16, batch_s
 
 def fvd_folders(folder_a: str | Path, folder_b: str | Path, extractor: Extractor, num_frames: int | None = 16,
                 batch_size: int = 8, height: int | None = None, width: int | None = None,
-                max_videos: int | None = None, ddof: int = 1) -> dict:
+                max_videos: int | None = None, ddof: int | None = None) -> dict:
     """FVD between two folders of videos (mp4/avi/... files and/or frame folders, any mix).
 
     Returns {"fvd", "num_videos_a", "num_videos_b", "skipped_a", "skipped_b", "num_frames"}."""
@@ -231,14 +239,15 @@ def fvd_folders(folder_a: str | Path, folder_b: str | Path, extractor: Extractor
         if count["used"] < 2:
             raise ValueError(f"FVD needs at least 2 videos with >= {num_frames} frames in {folder}; found "
                              f"{count['used']} ({count['skipped']} too short)")
-    return {"fvd": fvd_from_stats(stats_a, stats_b, ddof), "num_videos_a": count_a["used"],
+    return {"fvd": fvd_from_stats(stats_a, stats_b, extractor_ddof(extractor, ddof)), "num_videos_a": count_a["used"],
             "num_videos_b": count_b["used"], "skipped_a": count_a["skipped"], "skipped_b": count_b["skipped"],
             "num_frames": num_frames}
 
 
 def fvd_model_vs_reference(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                            reference: torch.Tensor, mask: torch.Tensor, extractor: Extractor,
-                           batch_size: int = 8, reference_stats: FeatureStats | None = None) -> float:
+                           batch_size: int = 8, reference_stats: FeatureStats | None = None,
+                           ddof: int | None = None) -> float:
     """FVD of generated videos against the reference clips they were conditioned on.
 
     reference: [N, T, 3, H, W] in [-1, 1]; mask: [T] or [N, T] bool (True = generate). ``generate(given, mask)``
@@ -255,7 +264,7 @@ def fvd_model_vs_reference(generate: Callable[[torch.Tensor, torch.Tensor], torc
         generated.update(extractor(generate(given, m)))
     if reference_stats is None:
         reference_stats = accumulate((reference[i:i + batch_size] for i in range(0, N, batch_size)), extractor)
-    return fvd_from_stats(generated, reference_stats)
+    return fvd_from_stats(generated, reference_stats, extractor_ddof(extractor, ddof))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -263,29 +272,34 @@ PERIODIC_TASKS = {"interpolation": dict(task="interpolation"), "i2v": dict(task=
 
 
 def load_default_extractor(weights: str | Path | None = None, weights_dir: str | Path | None = None,
-                           device="cpu", short_clips: str = "stretch", batch_size: int = 8):
-    """An I3DFeatureExtractor from an explicit file or the weights folder, or None when no file is there."""
+                           device="cpu", short_clips: str = "stretch", batch_size: int = 8,
+                           settings: str | None = None):
+    """An I3DFeatureExtractor from an explicit file or the weights folder (with the settings of the file's
+    lineage unless named, see i3d.FVD_SETTINGS), or None when no file is there."""
     from .i3d import I3DFeatureExtractor
     from .weights import find_i3d_weights
 
     path = Path(weights) if weights else find_i3d_weights(weights_dir)
     if path is None or not path.is_file():
         return None
-    return I3DFeatureExtractor.from_file(path, device=device, short_clips=short_clips, batch_size=batch_size)
+    return I3DFeatureExtractor.from_file(path, device=device, settings=settings, short_clips=short_clips,
+                                         batch_size=batch_size)
 
 
-def model_generate_fn(model, autoencoder, diffusion, lowres_fn, num_steps: int | None = None, seed: int = 0):
+def model_generate_fn(model, autoencoder, diffusion, lowres_mode: str = "latents", num_steps: int | None = None,
+                      seed: int = 0):
     """A ``generate(given, mask)`` for periodic_fvd from the trainer's objects (same calls as
-    training.sampling.validation_videos): encode, zero the masked latents, model.generate, decode."""
+    training.sampling.validation_videos): encode the given frames and build the planner input with the training
+    run's lowres_mode (data.latent_cache.encode_given), model.generate, decode."""
+    from ..data.latent_cache import encode_given
 
     @torch.no_grad()
     def generate(given: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
         given, mask = given.to(device), mask.to(device)
-        z = autoencoder.encode(given)
-        z = torch.where(mask[:, :, None, None, None], torch.zeros_like(z), z)
+        z, z_lo = encode_given(autoencoder, given, mask, model.cfg.lowres_factor, lowres_mode)
         generator = torch.Generator(device=device).manual_seed(seed)
-        out = model.generate(z, mask, diffusion, z_lo=lowres_fn(z), num_steps=num_steps, generator=generator)
+        out = model.generate(z, mask, diffusion, z_lo=z_lo, num_steps=num_steps, generator=generator)
         return autoencoder.decode(out).float()
 
     return generate
@@ -314,7 +328,7 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         fvd_extractor = load_default_extractor(weights_dir=cfg.eval.weights_dir, device=accelerator.device)
         fvd_cache = {}
         # every cfg.eval.fvd_every steps, with the EMA weights swapped in:
-        gen = model_generate_fn(ema_model, autoencoder, diffusion, lowres_fn, num_steps=cfg.eval.num_steps,
+        gen = model_generate_fn(ema_model, autoencoder, diffusion, cfg.data.lowres_mode, num_steps=cfg.eval.num_steps,
                                 seed=cfg.seed)
         metrics = periodic_fvd(gen, val_videos, fvd_extractor, cache=fvd_cache)
         accelerator.log(metrics, step=step)
@@ -348,5 +362,5 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         metrics[f"{prefix}{name}_psnr"] = float(torch.cat(psnrs).mean())
         metrics[f"{prefix}{name}_ssim"] = float(torch.cat(ssims).mean())
         if extractor is not None:
-            metrics[f"{prefix}{name}_fvd"] = fvd_from_stats(generated, reference_stats)
+            metrics[f"{prefix}{name}_fvd"] = fvd_from_stats(generated, reference_stats, extractor_ddof(extractor))
     return metrics

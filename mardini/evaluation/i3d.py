@@ -9,6 +9,7 @@ Contents, in reading order:
   constants      input size, frame-count floor, feature sizes
   layers         tf_same_pad (TensorFlow "SAME" padding), Unit3D, MaxPool3dSame, InceptionBlock
   network        InceptionI3d (+ ARCHITECTURE, the layer table) and expected_state_dict_keys
+  settings       FVDSettings, FVD_SETTINGS, DEFAULT_FVD_SETTINGS: how each published FVD lineage runs its file
   loading        load_i3d_state_dict (every key checked, errors name the key), TorchScriptI3D, load_i3d
   preprocessing  preprocess_for_i3d
   extractor      I3DFeatureExtractor: videos [B, T, 3, H, W] in [-1, 1] -> features [B, 400] (float64)
@@ -34,9 +35,13 @@ eval), 1x1x1 conv with bias, then the mean over the remaining time steps -> [B, 
 ``RGB/inception_i3d/Mean:0`` that the reference TF FVD (google-research ``frechet_video_distance.py``) reads,
 and what StyleGAN-V's TorchScript returns with ``return_features=True`` ("raw features before the softmax").
 
-Batch-norm epsilon: the TF/Sonnet original uses 1e-3 (so does piergiaj's pytorch-i3d, from which VideoGPT's copy
-descends); VideoGPT/TATS's copy changed it to 1e-5. The default here is 1e-3, the value of the network the weights
-come from (and of the TorchScript port); pass ``bn_eps=VIDEOGPT_BN_EPS`` to reproduce VideoGPT-style numbers.
+Settings follow the lineage of each weights file (FVD_SETTINGS), because FVD is only comparable with numbers
+computed the same way. ``i3d_pretrained_400.pt`` is the file of the PyTorch lineage (VideoGPT, TATS and the tools
+built on them), whose pytorch_i3d.py runs it with BatchNorm eps 1e-5 (piergiaj's pytorch-i3d and the TF/Sonnet
+original use 1e-3) and whose FVD uses the unbiased covariance: that is the default for this file ("videogpt"). The
+TF value 1e-3 moves FVD by about 20 % on the same file and inputs; it stays available as "tf". StyleGAN-V's
+TorchScript detector defaults to StyleGAN-V's own call (uint8 input, rescale + resize inside the network, biased
+covariance: "stylegan_v").
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -211,6 +217,50 @@ def expected_state_dict_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class FVDSettings:
+    """How one FVD lineage runs its detector: which weights file, the state-dict network's batch-norm eps, how
+    the TorchScript is called, the resize to 224 (this project's preprocessing) and the covariance normalisation."""
+
+    weights: str  # "state_dict" (i3d_pretrained_400.pt) | "torchscript" (i3d_torchscript.pt)
+    bn_eps: float | None  # state_dict: BatchNorm eps; None for the TorchScript
+    native: bool  # torchscript: uint8 input, the network rescales and resizes itself (StyleGAN-V's call)
+    resize: str  # "bilinear" | "tf_legacy" (ignored when native)
+    ddof: int  # covariance: 1 = unbiased (divide by N - 1), 0 = biased (divide by N)
+    reproduces: str  # which published numbers it reproduces (README's FVD table)
+
+
+FVD_SETTINGS = {
+    "videogpt": FVDSettings("state_dict", VIDEOGPT_BN_EPS, False, "bilinear", 1,
+                            "FVD of the PyTorch lineage: VideoGPT's / TATS' fvd code with i3d_pretrained_400.pt "
+                            "(eps 1e-5, unbiased covariance, [-1, 1] input as TATS fixed it) and the tools that "
+                            "copy it"),
+    "tf": FVDSettings("state_dict", TF_BN_EPS, False, "tf_legacy", 1,
+                      "the TF/Sonnet network's own eps (1e-3) with TF1 resizing: the closest this file gets to "
+                      "google-research's frechet_video_distance.py (its example: about 131)"),
+    "stylegan_v": FVDSettings("torchscript", None, True, "bilinear", 0,
+                              "StyleGAN-V's compute_fvd with i3d_torchscript.pt (uint8 in, rescale=True, "
+                              "resize=True, biased covariance) and works using its metrics code"),
+    "torchscript_preprocessed": FVDSettings("torchscript", None, False, "bilinear", 1,
+                                            "i3d_torchscript.pt fed this project's preprocessing ([-1, 1], 224) "
+                                            "with rescale=False, resize=False and an unbiased covariance"),
+}
+DEFAULT_FVD_SETTINGS = {"state_dict": "videogpt", "torchscript": "stylegan_v"}  # by the file's lineage
+
+
+def resolve_fvd_settings(path: str | Path, settings: str | None = None) -> tuple[str, FVDSettings]:
+    """(name, FVDSettings) for a weights file: the named settings, or the default of the file's lineage."""
+    kind = "torchscript" if is_torchscript_file(path) else "state_dict"
+    name = settings or DEFAULT_FVD_SETTINGS[kind]
+    if name not in FVD_SETTINGS:
+        raise ValueError(f"unknown FVD settings {name!r}; choose one of {sorted(FVD_SETTINGS)}")
+    if FVD_SETTINGS[name].weights != kind:
+        raise ValueError(f"FVD settings {name!r} are for the {FVD_SETTINGS[name].weights} file, but {path} is a "
+                         f"{kind} file; use one of {[n for n, s in FVD_SETTINGS.items() if s.weights == kind]}")
+    return name, FVD_SETTINGS[name]
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 def _unwrap_state_dict(obj) -> Mapping[str, torch.Tensor]:
     """Accept a bare state_dict, one under 'state_dict' / 'model', and strip a DataParallel 'module.' prefix."""
@@ -283,12 +333,17 @@ class TorchScriptI3D(nn.Module):
         return self.module(x, rescale=self.native, resize=self.native, return_features=True)
 
 
-def load_i3d(path: str | Path, device="cpu", bn_eps: float = TF_BN_EPS, native_torchscript: bool = False) -> nn.Module:
+def load_i3d(path: str | Path, device="cpu", bn_eps: float | None = None,
+             native_torchscript: bool | None = None) -> nn.Module:
     """Load either public weight file: a state_dict (``i3d_pretrained_400.pt`` layout) into InceptionI3d, or
-    StyleGAN-V's TorchScript detector (``i3d_torchscript.pt``). Returns an eval-mode module on device."""
+    StyleGAN-V's TorchScript detector (``i3d_torchscript.pt``). Returns an eval-mode module on device.
+    bn_eps / native_torchscript default to the file's lineage (DEFAULT_FVD_SETTINGS)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found: {path}")
+    _, default = resolve_fvd_settings(path)
+    bn_eps = default.bn_eps if bn_eps is None else bn_eps
+    native_torchscript = default.native if native_torchscript is None else native_torchscript
     if is_torchscript_file(path):
         module = torch.jit.load(str(path), map_location=device).eval()
         return TorchScriptI3D(module, native=native_torchscript).eval()
@@ -390,7 +445,10 @@ class I3DFeatureExtractor:
 
     def __init__(self, network: nn.Module, device="cpu", batch_size: int = 16, resize: str = "bilinear",
                  short_clips: str = "error", stretch_to: int = 16, layer: str = "logits",
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, ddof: int = 1, settings: str = "custom"):
+        """ddof: the covariance normalisation FVD computed from these features uses (the lineage's); settings:
+        the FVD_SETTINGS name it follows, recorded with results."""
+        self.ddof, self.settings = ddof, settings
         self.device = torch.device(device)
         self.network = network.to(self.device).eval().requires_grad_(False)
         self.batch_size, self.resize, self.layer = int(batch_size), resize, layer
@@ -402,8 +460,21 @@ class I3DFeatureExtractor:
         self.feature_dim = POOL_DIM if layer == "pool" else LOGITS_DIM
 
     @classmethod
-    def from_file(cls, path: str | Path, device="cpu", bn_eps: float = TF_BN_EPS, native_torchscript=False, **kw):
-        return cls(load_i3d(path, device, bn_eps=bn_eps, native_torchscript=native_torchscript), device, **kw)
+    def from_file(cls, path: str | Path, device="cpu", settings: str | None = None, bn_eps: float | None = None,
+                  native_torchscript: bool | None = None, resize: str | None = None, ddof: int | None = None, **kw):
+        """The extractor of a weights file with the settings of its lineage (settings=None: DEFAULT_FVD_SETTINGS
+        for the file's kind) or named ones; bn_eps / native_torchscript / resize / ddof override single fields
+        (then the settings are reported as "<name>+custom")."""
+        name, s = resolve_fvd_settings(path, settings)
+        overrides = {k: v for k, v in dict(bn_eps=bn_eps, native=native_torchscript, resize=resize, ddof=ddof).items()
+                     if v is not None and v != getattr(s, k)}
+        if overrides:
+            from dataclasses import replace
+
+            s, name = replace(s, **overrides), f"{name}+custom"
+        network = load_i3d(path, device, bn_eps=s.bn_eps if s.bn_eps is not None else TF_BN_EPS,
+                           native_torchscript=s.native)
+        return cls(network, device, resize=s.resize, ddof=s.ddof, settings=name, **kw)
 
     @classmethod
     def random(cls, device="cpu", seed: int = 0, **kw):

@@ -1,4 +1,10 @@
-"""`mardini-sample`: videos from a trained model (export or checkpoint folder) for any task."""
+"""`mardini-sample`: videos from a trained model (export or checkpoint folder) for any task.
+
+Everything that can be checked is checked before the model is loaded: the inputs are read (a missing or unreadable
+one is named), the outputs must have a known suffix, a writable folder and an encoder, and must not exist unless
+--overwrite is given; --task long shows the size of its plan and refuses more model calls than --max-windows.
+User errors print one line (mardini.cli.user_errors); --debug shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +12,41 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 TASKS = ("interpolate", "i2v", "expand", "loop", "slow_motion", "long")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mardini-sample", description=__doc__)
+    p = argparse.ArgumentParser(prog="mardini-sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export folder (config.json + model.safetensors) or checkpoint")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--inputs", nargs="+", required=True,
                    help="input images in order (interpolate: first last; i2v/loop: one; slow_motion/long: several); "
                         "expand: one video file or several images")
     p.add_argument("--output", required=True, help="out.mp4, out.gif, or a folder for PNG frames")
-    p.add_argument("--num-frames", type=int, default=None, help="window length (default: the training window); "
-                                                                 "long: total output frames")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="window length (default: the training window); long: total output frames")
     p.add_argument("--position", default="middle", help="i2v: first | middle | last | an index")
     p.add_argument("--positions", type=int, nargs="*", default=None,
                    help="long: output positions of the inputs (default: evenly spread over --num-frames)")
-    p.add_argument("--num-new", type=int, default=16, help="expand: frames to add")
+    p.add_argument("--num-new", type=positive_int, default=16, help="expand: frames to add")
     p.add_argument("--direction", default="forward", choices=("forward", "backward"), help="expand direction")
     p.add_argument("--factor", type=int, default=4, help="slow_motion: output frames per input interval")
-    p.add_argument("--stride", type=int, default=1, help="long: keyframe stride of the expansion stage")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the diffusion config's)")
+    p.add_argument("--stride", type=positive_int, default=1, help="long: keyframe stride of the expansion stage")
+    p.add_argument("--max-windows", type=positive_int, default=500,
+                   help="long: refuse a plan of more model calls (windows x seeds) than this")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the diffusion config's)")
     p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
                                                     "(DDPM models); default: the one the model was trained with")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the plan (needs a "
@@ -41,28 +58,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--no-preview", action="store_true", help="skip the side-by-side preview with inputs marked")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and the preview)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
-def _read_inputs(paths: list[str]) -> list:
-    """Images as paths (the pipeline opens them); a single video file becomes its frames."""
-    if len(paths) == 1 and Path(paths[0]).suffix.lower() in (".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif"):
-        import imageio.v3 as iio
+VIDEO_INPUTS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif")
 
-        return list(iio.imread(paths[0], plugin="pyav"))
+
+def read_inputs(paths: list[str]) -> list[np.ndarray]:
+    """uint8 [H, W, 3] frames: every image, or the frames of a single video file. Errors name the file."""
+    from ..data.decode import read_clip
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--inputs: {path} does not exist" + (" (it is a folder)" if Path(path).is_dir()
+                                                                          else ""))
+    if len(paths) == 1 and Path(paths[0]).suffix.lower() in VIDEO_INPUTS:
+        return list(read_clip(paths[0], lambda n, fps: list(range(n)))[0])
+    from PIL import Image
+
+    frames = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for a bad file
+            raise ValueError(f"--inputs: cannot read {path} as an image ({type(e).__name__}: {e})") from None
+    return frames
+
+
+def output_paths(args) -> list[Path]:
+    """Every file this run writes: one video per seed, then the preview (unless --no-preview)."""
+    out, seeds = Path(args.output), args.seeds or [args.seed]
+    paths = [_output_path(out, seed, len(seeds) > 1) for seed in seeds]
+    if not args.no_preview:
+        paths.append(out.with_name(f"{out.stem if out.suffix else out.name}_preview.mp4"))
     return paths
 
 
-def run(args, pipe) -> tuple[torch.Tensor, torch.Tensor]:
+def check_outputs(args) -> None:
+    """Before any work: suffix known, folder writable, an encoder installed, nothing replaced unasked."""
+    from ..data.backends import MissingBackendError
+    from ..data.video_io import check_output
+
+    for path in output_paths(args):
+        try:
+            check_output(path)
+        except MissingBackendError as e:
+            hint = "; or pass --no-preview" if path.name.endswith("_preview.mp4") else ""
+            raise MissingBackendError(f"{e}{hint}") from None
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or choose another --output")
+
+
+def check_long_plan(args, pipe, positions: list[int], num_frames: int) -> None:
+    """Show the plan's size; refuse more model calls than --max-windows before planning an absurd length."""
+    from .planning import long_video_plan, min_windows
+
+    seeds, window = len(args.seeds or [args.seed]), pipe.num_frames
+    least = min_windows(num_frames, len(set(positions)), window) * seeds
+    if least > args.max_windows:
+        raise ValueError(f"--num-frames {num_frames} needs at least {least} model calls ({window}-frame windows"
+                         f"{f' x {seeds} seeds' if seeds > 1 else ''}), more than --max-windows {args.max_windows}: "
+                         f"ask for fewer frames, or raise --max-windows")
+    plan = long_video_plan(sorted(set(positions)), num_frames, window, args.stride)
+    calls = len(plan) * seeds
+    gib = num_frames * 3 * pipe.height * pipe.width * 4 / 2**30
+    print(f"plan: {len(plan)} windows of up to {window} frames for {num_frames} frames"
+          f"{f', x {seeds} seeds' if seeds > 1 else ''} = {calls} model calls of "
+          f"{args.steps or pipe.diffusion.cfg.num_inference_steps} sampler steps; the video takes {gib:.2f} GiB")
+    if calls > args.max_windows:
+        raise ValueError(f"the plan has {calls} model calls, more than --max-windows {args.max_windows}: ask for "
+                         f"fewer frames, a larger --stride, or raise --max-windows")
+
+
+def run(args, pipe, inputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (videos [S, N, 3, H, W], given [N] bool)."""
-    inputs = _read_inputs(args.inputs)
+    inputs = read_inputs(args.inputs) if inputs is None else inputs
     seeds = args.seeds or [args.seed]
     kw = dict(num_steps=args.steps, guidance_scale=args.guidance)
     videos, given = [], None
     for seed in seeds:
         if args.task == "interpolate":
             if len(inputs) != 2:
-                raise SystemExit("interpolate takes exactly two inputs: first and last")
+                raise ValueError(f"--task interpolate takes exactly two --inputs (first and last), got {len(inputs)}")
             v = pipe.interpolate(inputs[0], inputs[1], args.num_frames, seed=seed, **kw)
             given_pos = [0, len(v) - 1]
         elif args.task == "i2v":
@@ -84,7 +164,9 @@ def run(args, pipe) -> tuple[torch.Tensor, torch.Tensor]:
             n = args.num_frames or 8 * pipe.num_frames
             positions = args.positions or [round(i * (n - 1) / max(1, len(inputs) - 1)) for i in range(len(inputs))]
             if len(positions) != len(inputs):
-                raise SystemExit(f"--positions has {len(positions)} entries for {len(inputs)} inputs")
+                raise ValueError(f"--positions has {len(positions)} entries for {len(inputs)} --inputs")
+            if seed == seeds[0]:
+                check_long_plan(args, pipe, positions, n)
             v = pipe.long_video(dict(zip(positions, inputs)), n, args.stride, seed=seed, **kw)
             given_pos = positions
         videos.append(v)
@@ -102,25 +184,33 @@ def _output_path(base: Path, seed: int, many: bool) -> Path:
 
 
 def main(argv=None) -> None:
+    from ..cli import user_errors
+
+    args = build_parser().parse_args(argv)
+    with user_errors("mardini-sample", args.debug):
+        sample(args)
+
+
+def sample(args) -> None:
     from ..data.video_io import make_grid_video, write_video
     from .pipeline import MarDiniPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such folder (give an export folder with config.json, "
+                                f"or a training checkpoint folder)")
+    inputs = read_inputs(args.inputs)
+    check_outputs(args)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler)
-    videos, given = run(args, pipe)
+    videos, given = run(args, pipe, inputs)
     fps = args.fps or pipe.fps
-    out = Path(args.output)
-    seeds = args.seeds or [args.seed]
-    for seed, video in zip(seeds, videos):
-        path = write_video(_output_path(out, seed, len(seeds) > 1), video, fps=fps)
-        print(f"wrote {path} ({len(video)} frames)")
+    paths = output_paths(args)
+    for path, video in zip(paths, videos):
+        print(f"wrote {write_video(path, video, fps=fps)} ({len(video)} frames)")
     if not args.no_preview:
         preview = make_grid_video(list(videos), given=[given] * len(videos))
-        stem = out.stem if out.suffix else out.name
-        path = write_video(out.with_name(f"{stem}_preview.mp4"), preview, fps=fps)
-        print(f"wrote {path} (side by side, given frames outlined)")
+        print(f"wrote {write_video(paths[-1], preview, fps=fps)} (side by side, given frames outlined)")
 
 
 if __name__ == "__main__":

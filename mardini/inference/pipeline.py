@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .. import export as export_format
 from ..autoencoders import build_autoencoder
 from ..diffusion import Diffusion
-from ..models import MarDini, lowres_from_hires
+from ..data.latent_cache import LOWRES_MODES, encode_given
+from ..models import MarDini
 from .planning import Window, check_plan, expansion_plan, interpolation_plan, long_video_plan
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class MarDiniPipeline:
         self.num_frames = int(config.get("num_frames", model.cfg.max_frames))  # the training window T
         self.height, self.width = int(config["height"]), int(config["width"])
         self.fps = int(config.get("fps", 8))
+        # How the planner's low-resolution input was made in training (exports before it was recorded pooled
+        # latents, the only mode inference then knew).
+        self.lowres_mode = config.get("lowres_mode", "latents")
+        if self.lowres_mode not in LOWRES_MODES:
+            raise ValueError(f"config.json lowres_mode={self.lowres_mode!r} must be one of {LOWRES_MODES}")
         self.planner_calls = 0  # how many times the planner ran (once per window)
 
     # ------------------------------------------------------------------------------------------- loading
@@ -70,6 +76,7 @@ class MarDiniPipeline:
         state = self.model.state_dict()
         config = {k: v for k, v in self.config.items() if k not in ("format", "format_version", "mardini_version")}
         config["model"] = self.model.cfg.to_dict()
+        config["lowres_mode"] = self.lowres_mode
         return export_format.save_export(path, state, config,
                                          scheduler_config=dict(self.diffusion.make_scheduler().config))
 
@@ -143,12 +150,12 @@ class MarDiniPipeline:
             video[:, p] = img
             mask[:, p] = False
         video, mask = video.to(device), mask.to(device)
-        z = self.autoencoder.encode(video).to(self.dtype)
-        z = torch.where(mask[:, :, None, None, None], torch.zeros_like(z), z)
+        z, z_lo = encode_given(self.autoencoder, video, mask, self.model.cfg.lowres_factor, self.lowres_mode)
+        z, z_lo = z.to(self.dtype), z_lo.to(self.dtype)
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds]).to(device, self.dtype)
         self.planner_calls += 1
-        out = self.model.generate(z, mask, self.diffusion, z_lo=lowres_from_hires(z, self.model.cfg.lowres_factor),
+        out = self.model.generate(z, mask, self.diffusion, z_lo=z_lo,
                                   num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
                                   generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
                                   progress=progress)

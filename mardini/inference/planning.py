@@ -120,6 +120,12 @@ def _expand_on_grid(ctx: list[int], targets: list[int], window: int, context: in
     return plan
 
 
+def min_windows(num_frames: int, num_given: int, window: int) -> int:
+    """A lower bound on the windows of any plan, computed without planning: each window generates at most
+    window - 1 frames. Lets a caller refuse an absurd length before building a plan of that length."""
+    return -(-max(num_frames - num_given, 0) // max(window - 1, 1))
+
+
 def check_plan(plan: list[Window], given: list[int], num_frames: int, window: int) -> None:
     """Raise ValueError unless every frame is produced exactly once and context is always known beforehand."""
     known = set(given)

@@ -19,7 +19,7 @@ from ..masking import (CurriculumConfig, CurriculumStage, MaskStrategyConfig, ch
                        validate_curriculum)
 from ..models.config import GeneratorConfig, MarDiniConfig, PlannerConfig, validate_model_config
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # fp16 is named so that its refusal can explain itself
 PARALLEL_MODES = ("ddp", "fsdp")
 LR_SCHEDULES = ("cosine", "constant")
 TRACKERS = ("wandb", "tensorboard")
@@ -51,10 +51,11 @@ class DataConfig:
     synthetic: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)  # source=synthetic: the dataset
     video: VideoDataConfig = field(default_factory=VideoDataConfig)  # source=video: files, clip size and sampling
     cache_dir: str = ""  # source=cache: folder written by scripts/cache_latents.py
-    lowres_mode: str = "latents"  # planner input: pooled hi-res latents (latents) or encoded r-times smaller pixels
+    val_cache_dir: str = ""  # source=cache: a cache of validation clips ("" = hold out data.video.val_fraction)
+    lowres_mode: str = "latents"  # planner input: pooled hi-res latents (latents) or encoded smaller pixels; in exports
     prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (with num_workers > 0)
     fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
-    val_seed: int = 1_000_003  # seed of the validation clips (a stream disjoint from training)
+    val_seed: int = 1_000_003  # validation clips' seed (synthetic: its own stream; video: starts in held-out files)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     pin_memory: bool = True  # pin host memory when training on a GPU
 
@@ -73,7 +74,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant (after warm-up)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 (fp16 is refused: no loss scaling)
     parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 per block; sharded checkpoints)
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     compile: bool = False  # torch.compile each transformer block
@@ -208,6 +209,11 @@ def validate_config(cfg) -> None:
     need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision",
          f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
+    # fp16 would need loss scaling carried through gradient clipping and skipped (non-finite) steps; refused rather
+    # than half-supported.
+    need(t.mixed_precision != "fp16", "train.mixed_precision=fp16",
+         "is not supported (the trainer does no loss scaling): use train.mixed_precision=bf16 (Ampere or newer "
+         "GPUs) or no")
     need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):
@@ -237,6 +243,9 @@ def validate_config(cfg) -> None:
         read_video_config(d.video)
     if d.source == "cache":
         need(bool(d.cache_dir), "data.cache_dir", "must name a folder made by scripts/cache_latents.py")
+        need(d.val_cache_dir != d.cache_dir, "data.val_cache_dir", "must differ from data.cache_dir (validation "
+                                                                   "clips are never trained on)")
+        read_video_config(d.video)  # data.video.val_fraction rules the hold-out when data.val_cache_dir is empty
 
     validate_model_config(cfg.model)
     validate_diffusion_config(cfg.diffusion)

@@ -3,7 +3,9 @@
 - activation checkpointing per block (composable API: parameter names stay the same, so checkpoints and EMA
   do not care whether it is on);
 - ``torch.compile`` per block (``Module.compile`` also keeps names);
-- FSDP2 (``fully_shard``) per block and then the root, with bf16 parameters and fp32 gradient reduction.
+- FSDP2 (``fully_shard``) per block and then the root, with bf16 parameters and fp32 gradient reduction. The
+  forward inputs are never cast: latents, noise and timesteps reach the model in fp32 and the trainer's autocast
+  casts the networks' ops, exactly as under DDP, so both train the same objective.
 
 Sharded training state is saved with torch.distributed.checkpoint (see checkpoint.py), which reshards on load, so
 a run can continue on a different number of processes.
@@ -40,7 +42,10 @@ def apply_compile(model, **compile_kwargs) -> None:
 
 def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True, device_type: str | None = None) -> None:
-    """Shard every block, then the remaining parameters at the root. Needs an initialised process group."""
+    """Shard every block, then the remaining parameters at the root. Needs an initialised process group.
+
+    cast_forward_inputs=False: FSDP's default would cast the root's inputs (latents, noise, timesteps) to bf16
+    and change the training target; run the forward under autocast instead (the trainer does)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -48,7 +53,8 @@ def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torc
         raise RuntimeError("FSDP needs torch.distributed to be initialised (launch with torchrun/accelerate)")
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None,
+                              cast_forward_inputs=False)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.latent_cache import encode_given
 from ..data.video_io import make_grid_video, write_video
 from ..masking import task_mask
 
@@ -20,22 +21,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def validation_videos(model, autoencoder, diffusion, videos: torch.Tensor, lowres_fn, out_dir: Path, step: int,
-                      num_steps: int, seed: int, fps: int = 8) -> tuple[dict, dict[str, Path]]:
+def validation_videos(model, autoencoder, diffusion, videos: torch.Tensor, lowres_mode: str, out_dir: Path,
+                      step: int, num_steps: int, seed: int, fps: int = 8) -> tuple[dict, dict[str, Path]]:
     """videos: [N, T, 3, H, W] ground-truth clips in [-1, 1]. For each task: generate the masked frames from the
-    given ones, write a grid (ground truth | generated, given frames outlined) to out_dir, and measure PSNR on
-    the generated frames. Returns (metrics, {task: mp4 path})."""
+    given ones (planner input made with the run's data.lowres_mode, as in training), write a grid (ground truth |
+    generated, given frames outlined) to out_dir, and measure PSNR on the generated frames. Returns (metrics,
+    {task: mp4 path})."""
     device = next(model.parameters()).device
     videos = videos.to(device)
     N, T = videos.shape[:2]
-    z_hi = autoencoder.encode(videos)
     metrics, paths = {}, {}
     for name, spec in VALIDATION_TASKS.items():
         mask = task_mask(spec["task"], T, **{k: v for k, v in spec.items() if k != "task"})
         mask = mask.to(device)[None].expand(N, T)
-        given = torch.where(mask[:, :, None, None, None], torch.zeros_like(z_hi), z_hi)
+        given, z_lo = encode_given(autoencoder, videos, mask, model.cfg.lowres_factor, lowres_mode)
         generator = torch.Generator(device=device).manual_seed(seed)
-        z = model.generate(given, mask, diffusion, z_lo=lowres_fn(given), num_steps=num_steps, generator=generator)
+        z = model.generate(given, mask, diffusion, z_lo=z_lo, num_steps=num_steps, generator=generator)
         frames = autoencoder.decode(z)
         metrics[f"val/{name}_psnr"] = psnr(frames[mask], videos[mask])
         grid = torch.cat([make_grid_video([videos[i], frames[i]], given=[~mask[i].cpu(), ~mask[i].cpu()])

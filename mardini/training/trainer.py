@@ -15,6 +15,8 @@ import math
 import os
 import signal
 import time
+import weakref
+from functools import wraps
 from pathlib import Path
 
 import torch
@@ -24,26 +26,38 @@ from tqdm.auto import tqdm
 
 from ..autoencoders import build_autoencoder
 from ..autoencoders.kl import kl_kwargs_from_config
-from ..data.latent_cache import CachedLatentDataset, encode_hi_lo
+from ..data import backends, video_io
+from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
-from ..data.video import SkipStats, VideoDataConfig, VideoDataset
+from ..data.video import SkipStats, VideoDataset
 from ..diffusion import Diffusion
-from ..masking import MaskSampler
-from ..models import MarDini, as_model_config, lowres_from_hires
+from ..masking import MaskSampler, task_mask
+from ..models import MarDini, as_model_config
 from .. import export as export_format
 from . import checkpoint as ckpt
+from . import runlock
 from .config import Config, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
 from .parallel import clip_grad_norm, full_tensor, is_sharded, parallelize, set_gradient_sync
-from .sampling import validation_videos
+from .sampling import VALIDATION_TASKS, validation_videos
 
 log = logging.getLogger("mardini.train")
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL, "try again later"): not 0, so a
+# scheduler or `torchrun --max-restarts` can tell a pre-empted run from a finished one, and not 1 or 143, which
+# mean an error and a kill without checkpoint. Written by mardini-train (cli.py); documented in the README.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class RankFailedError(RuntimeError):
+    """Another process of the job failed; this one stops too instead of waiting for it at a collective."""
 
 
 def _as_dictconfig(cfg) -> DictConfig:
@@ -76,6 +90,83 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path("outputs") / cfg.experiment / cfg.run_name
 
 
+def _exchange_through_store(key: str, value: str) -> list[str]:
+    """Every rank's `value` under `key`, through the process group's key-value store rather than a collective.
+
+    A gather of Python objects would leave gloo's worker thread holding the last reference to Python tensors; if
+    that is the last collective of the run, the thread needs the GIL while the interpreter tears down the process
+    group under it, and the job hangs at exit (seen on CPU with 2 processes). The store involves no worker thread
+    and no device."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store.set(f"mardini/{key}/{rank}", value)
+    keys = [f"mardini/{key}/{r}" for r in range(world)]
+    store.wait(keys)
+    return [store.get(k).decode() for k in keys]
+
+
+def _outcome_shared(method):
+    """For sample / evaluate / export, whose work runs on the main process while the others wait: the wait is an
+    exchange of every rank's outcome, so a failure on one rank (say, writing the final video) raises on all of them
+    at once instead of leaving the others blocked at a barrier until the job is killed."""
+
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            result, error = method(self, *args, **kwargs), None
+        except Exception as e:
+            result, error = None, e
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            said = "" if error is None else f"rank {acc.process_index}: {type(error).__name__}: {error}"
+            self._shared_outcomes += 1
+            failed = [x for x in _exchange_through_store(f"{method.__name__}/{self._shared_outcomes}", said) if x]
+            if failed and error is None:
+                raise RankFailedError(f"{method.__name__} failed on another process ({'; '.join(failed)})")
+        if error is not None:
+            raise error
+        return result
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGTERM / SIGINT while DataLoader workers are forked, so that they start with the signals blocked
+    until they have left the process group (_worker_leaves_process_group). A signal that arrives meanwhile is
+    delivered to the main process when the block ends."""
+    if not _in_main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_leaves_process_group(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a SIGTERM / SIGINT to the whole process group (timeout, SLURM, Kubernetes,
+    Ctrl-C) must reach only the main process, which checkpoints and stops; a worker killed under it ends the run
+    without one ("DataLoader worker ... is killed by signal: Terminated"). The worker moves to a process group of
+    its own, still stopped by its parent's terminate() (SIGTERM to its pid), which a worker ignoring SIGTERM would
+    turn into a hang at exit. Ignoring first discards a group signal pending since the fork."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # not allowed here (a sandbox?): stay, as before
+        os.setpgid(0, 0)
+    try:  # torch's worker handler again: a SIGTERM from the parent ends the worker quietly
+        from torch.utils.data._utils.signal_handling import _set_worker_signal_handlers
+
+        _set_worker_signal_handlers()
+    except Exception:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class Trainer:
     def __init__(self, cfg):
         from accelerate import Accelerator
@@ -94,26 +185,44 @@ class Trainer:
         # cpu=True also tells Accelerate to use gloo when torchrun starts several CPU processes.
         use_cpu = t.cpu or not torch.cuda.is_available()
         self.fsdp = t.parallel == "fsdp"
-        # Under FSDP the precision is FSDP's MixedPrecisionPolicy (bf16 params, fp32 reduction), not autocast.
-        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision="no" if self.fsdp else mixed,
+        # One objective under every parallelism: _micro_step's autocast runs the networks' ops in bf16 for DDP and
+        # FSDP alike, while the inputs (latents, noise, timesteps) and the targets stay fp32. FSDP adds bf16
+        # parameter all-gathers and fp32 gradient reduction (parallel.apply_fsdp), never casting the forward
+        # inputs. Accelerate is left at "no": its precision is process-global state, fixed by the first Trainer.
+        self.autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
+        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision="no",
                                              log_with=trackers or None, project_dir=str(run_dir))
-        # Every rank must write to rank 0's folder (Hydra's timestamp may differ by a second between ranks).
-        self.run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+        # Every rank must write to rank 0's folder (Hydra's timestamp may differ by a second between ranks), and
+        # one run at a time: rank 0 locks the folder and every rank learns the outcome, so all stop together.
+        locked = None
+        if acc.is_main_process:
+            try:
+                runlock.acquire(run_dir)
+            except (runlock.RunLockedError, OSError) as e:
+                locked = e
+        run_dir, locked = broadcast_object_list([str(run_dir), locked])
+        if locked is not None:
+            raise locked
+        self.run_dir = Path(run_dir)
+        # Released at the end of fit(), or when this Trainer is collected or the process exits.
+        self._unlock = weakref.finalize(self, runlock.release, self.run_dir) if acc.is_main_process else None
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = acc.device
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._preflight()
 
         # ---- data, latent space, objective, curriculum
         self.dataset, clip = self._build_dataset()
         self.num_frames, self.height, self.width = clip["num_frames"], clip["height"], clip["width"]
         self.autoencoder = self._build_autoencoder()
         if cfg.data.source == "cache":
-            self.dataset.check_compatible(self.autoencoder, cfg.model.lowres_factor)
+            self.dataset.check_compatible(self.autoencoder, cfg.model.lowres_factor, cfg.data.lowres_mode)
         self.latent_frames, c, h, w = self.autoencoder.latent_shape(self.num_frames, self.height, self.width)
         self.latent_shape = (c, h, w)
+        self._check_validation_frames()
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
-        self.mask_sampler = MaskSampler(cfg.curriculum)
+        self.mask_sampler = MaskSampler(cfg.curriculum, t.max_steps)
         self.model_cfg = as_model_config(cfg.model)
 
         # ---- model (same init on every rank), fine-tuning, EMA, optimizer
@@ -130,7 +239,7 @@ class Trainer:
         if t.freeze_generator:
             model.generator.requires_grad_(False)
         model.to(self.device)
-        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) if self.fsdp else None
+        param_dtype = torch.bfloat16 if self.fsdp and mixed == "bf16" else None
         parallelize(model, t.parallel, t.activation_checkpointing, t.compile, param_dtype)
         self.ema = EMA(model, t.ema_decay)
         optimizer = build_optimizer(model, t, fused=False if is_sharded(model) else None)
@@ -152,16 +261,24 @@ class Trainer:
         log.info("model parameters: planner %.2fM, generator %.2fM; %d processes on %s; mixed precision %s; "
                  "global batch %d; run dir %s", counts["planner"] / 1e6, counts["generator"] / 1e6,
                  acc.num_processes, self.device, mixed, self.layout.samples_per_step, self.run_dir)
+        log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
+                 self.mask_sampler.stage_starts, t.max_steps)
 
         # ---- state
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.stop_requested = False
+        self._shared_outcomes = 0  # calls of the _outcome_shared methods (the same count on every rank)
+        self.preempted = False  # fit() stopped on SIGTERM after a checkpoint (the CLI exits PREEMPTED_EXIT_CODE)
         self._resume()
         if acc.is_main_process:  # after _resume: a refused run must not overwrite the existing run's record
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            # Lines past the starting step are a stopped run's, written after its checkpoint (or, on a fresh
+            # start, all of them): drop them so that metrics.jsonl holds each step once.
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            _truncate_metrics(self.run_dir / "eval.jsonl", self.step)
 
         if trackers:
             run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -170,16 +287,57 @@ class Trainer:
             acc.init_trackers(t.wandb_project, config=_flatten(run_config), init_kwargs=init_kwargs)
 
     # ------------------------------------------------------------------------------------------------- state
+    def _preflight(self) -> None:
+        """Fail now, naming the key, on what would otherwise fail after the model is built or after training: a
+        folder holding another run's checkpoints, a train.resume path that does not exist, no package to write
+        the sample videos, or none to read data.source=video."""
+        t = self.cfg.train
+        if not t.resume and ckpt.list_checkpoints(self.checkpoint_dir):  # every rank checks, so none is left waiting
+            raise FileExistsError(
+                f"{self.checkpoint_dir} already holds checkpoints: pass train.resume=auto to continue that run, "
+                f"or choose another run_name / train.output_dir")
+        if t.resume and t.resume != "auto" and not Path(t.resume).is_dir():
+            raise FileNotFoundError(f"train.resume={t.resume} does not exist: give a checkpoint folder (such as "
+                                    f"<run dir>/checkpoints/step_000500) or train.resume=auto")
+        video_io.check_output(self.run_dir / "samples" / "step_000000.mp4")
+        if self.cfg.data.source == "video":
+            backends.require("data.source=video", "decord", "av")
+
+    def _check_validation_frames(self) -> None:
+        """The validation videos (at the end and every train.sample_every / eval_every steps) generate frames in
+        every task: a clip too short for one fails here, not after training."""
+        if self.latent_frames != self.num_frames:
+            return  # validation is skipped for temporally compressing autoencoders
+        d, n = self.cfg.data, self.num_frames
+        where = f"the clips in data.cache_dir={d.cache_dir} ({n} frames)" if d.source == "cache" else \
+            f"data.{d.source}.num_frames={n}"
+        for name, spec in VALIDATION_TASKS.items():
+            try:
+                task_mask(spec["task"], n, **{k: v for k, v in spec.items() if k != "task"})
+            except ValueError as e:
+                raise ValueError(f"{where} is too short for the {name} validation videos ({e}): use at least 3 "
+                                 f"frames") from None
+
     def _build_dataset(self):
-        """(dataset, clip size) for data.source: synthetic | video (decoded files) | cache (latents)."""
+        """(training dataset, clip size) for data.source: synthetic | video (decoded files) | cache (latents).
+        Also sets self.val_dataset: validation files (video) or items (cache) that training never reads; None for
+        synthetic clips, whose validation stream is another seed (data.val_seed)."""
         d = self.cfg.data
+        self.val_dataset = None
         if d.source == "synthetic":
             clip = d.synthetic
+            log.info("validation: synthetic clips of data.val_seed=%d (training uses data.synthetic.seed=%d)",
+                     d.val_seed, clip.seed)
             return SyntheticVideoDataset(clip), dict(num_frames=clip.num_frames, height=clip.height, width=clip.width)
         if d.source == "video":
             clip = d.video
-            return VideoDataset(clip), dict(num_frames=clip.num_frames, height=clip.height, width=clip.width)
-        dataset = CachedLatentDataset(d.cache_dir)
+            dataset = VideoDataset(clip, split="train")
+            self.val_dataset = VideoDataset(dict(OmegaConf.to_container(clip, resolve=True), seed=d.val_seed),
+                                            split="val")
+            log.info(dataset.split_note)
+            return dataset, dict(num_frames=clip.num_frames, height=clip.height, width=clip.width)
+        dataset, self.val_dataset, note = split_cache(d.cache_dir, d.video.val_fraction, d.val_cache_dir)
+        log.info(note)
         clip = dataset.data_config
         return dataset, dict(num_frames=clip["num_frames"], height=clip["height"], width=clip["width"])
 
@@ -209,11 +367,7 @@ class Trainer:
 
     def _resume(self) -> None:
         resume = self.cfg.train.resume
-        if not resume:
-            if ckpt.list_checkpoints(self.checkpoint_dir):  # every rank checks, so none is left waiting
-                raise FileExistsError(
-                    f"{self.checkpoint_dir} already holds checkpoints: pass train.resume=auto to continue that run, "
-                    f"or choose another run_name / train.output_dir")
+        if not resume:  # _preflight refused a folder that holds checkpoints
             return
         path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
         if path is None:
@@ -229,8 +383,6 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
-        if self.accelerator.is_main_process:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
@@ -248,6 +400,7 @@ class Trainer:
             log.info("saved checkpoint %s", path)
         return path
 
+    @_outcome_shared
     def export(self) -> Path:
         """EMA (and raw) weights as a diffusers-style folder that MarDiniPipeline.from_pretrained loads."""
         path = self.run_dir / "export"
@@ -257,11 +410,11 @@ class Trainer:
                       "diffusion": OmegaConf.to_container(self.cfg.diffusion, resolve=True),
                       "autoencoder": OmegaConf.to_container(self.cfg.autoencoder, resolve=True),
                       "num_frames": self.num_frames, "height": self.height, "width": self.width,
-                      "fps": self.cfg.data.fps, "step": self.step}
+                      "fps": self.cfg.data.fps, "lowres_mode": self.cfg.data.lowres_mode, "step": self.step,
+                      "data": OmegaConf.to_container(self.cfg.data, resolve=True)}
             export_format.save_export(path, ema, config, raw_state=raw,
                                       scheduler_config=dict(self.diffusion.make_scheduler().config))
             log.info("exported EMA weights to %s", path)
-        self.accelerator.wait_for_everyone()
         return path
 
     def full_ema_state(self) -> dict[str, torch.Tensor]:
@@ -282,7 +435,8 @@ class Trainer:
         return DataLoader(EpochPermutation(self.dataset, self.cfg.seed),
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
-                          persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None)
+                          persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None,
+                          worker_init_fn=_worker_leaves_process_group if workers else None)
 
     def _micro_step(self, batch: dict, step: int) -> torch.Tensor:
         """Forward one micro-batch; returns the (unscaled) loss."""
@@ -290,15 +444,19 @@ class Trainer:
         rnd = draw_randomness(batch["position"].tolist(), step, self.cfg.seed, self.mask_sampler, self.diffusion,
                               self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
-        with self.accelerator.autocast():
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
         return out["loss"]
 
     def train_step(self, batches) -> dict:
         """One optimizer step over grad_accum micro-batches. Skips the update if any loss or the gradient norm is
-        non-finite on any rank."""
+        non-finite on any rank.
+
+        The step waits for the GPU once, on the global gradient norm: a non-finite loss on any rank makes the
+        all-reduced gradients, hence the norm, non-finite on every rank, so all ranks skip together without a
+        check (and a host sync) between forward and backward."""
         acc, t = self.accelerator, self.cfg.train
-        losses, finite = [], True
+        losses = []
         for micro in range(t.grad_accum):
             batch = next(batches)
             last = micro == t.grad_accum - 1
@@ -307,18 +465,11 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.fsdp else acc.no_sync(self.model)
             with sync:
                 loss = self._micro_step(batch, self.step)
-                finite_here = torch.isfinite(loss.detach()).float()
-                if acc.num_processes > 1:
-                    finite_here = acc.reduce(finite_here, reduction="min")
-                finite = finite and bool(finite_here.item())
-                if finite:
-                    acc.backward(loss / t.grad_accum)
+                acc.backward(loss / t.grad_accum)
             losses.append(loss.detach())
-        grad_norm = float("nan")
-        if finite:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            finite = math.isfinite(grad_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -338,8 +489,13 @@ class Trainer:
         acc, t = self.accelerator, self.cfg.train
         if self.step >= t.max_steps:
             log.info("already at step %d >= train.max_steps=%d; nothing to train", self.step, t.max_steps)
-            return self.export()
-        batches = iter(self._dataloader())
+            try:
+                return self.export()
+            finally:
+                self._release_lock()
+        start_step = self.step
+        with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
+            batches = iter(self._dataloader())
         previous_handler = self._install_sigterm()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
@@ -351,7 +507,7 @@ class Trainer:
                 self.step += 1
                 window.append(result["loss"])
                 window_steps += 1
-                self._append_metrics({"step": self.step, "lr": lr, **result})
+                self._append_metrics({"step": self.step, "lr": lr, **result, "time": round(time.time(), 3)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
                 if result["skipped"]:
@@ -385,10 +541,18 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 or self.stop_requested:
                     self.save_checkpoint()
                 if self.stop_requested:
-                    log.warning("SIGTERM received: checkpoint saved at step %d, stopping", self.step)
+                    self._log_data_summary(start_step)
+                    self.preempted = True
+                    log.warning("SIGTERM received: checkpoint saved at step %d, stopping (continue with "
+                                "train.resume=auto)", self.step)
                     return self.checkpoint_dir
             if self.step % t.checkpoint_every:
                 self.save_checkpoint()
+            self._log_data_summary(start_step)
+            # The final checkpoint is saved: from here SIGTERM ends the process at once (resume=auto redoes only
+            # the videos and the export), so a rank waiting on a failed one dies when the launcher signals it.
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             self.sample()
             return self.export()
         except KeyboardInterrupt:
@@ -400,7 +564,11 @@ class Trainer:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
             acc.end_training()
+            self._release_lock()
+            # Stop the DataLoader workers now, not when a traceback that holds the iterator lets go of it.
+            getattr(batches, "_shutdown_workers", lambda: None)()
 
+    @_outcome_shared
     def sample(self) -> dict:
         """Validation videos with the EMA weights (main process only)."""
         acc, t = self.accelerator, self.cfg.train
@@ -413,15 +581,13 @@ class Trainer:
             videos = self.validation_clips(t.num_sample_videos)
             steps = t.sample_steps or self.diffusion.cfg.num_inference_steps
             metrics, paths = validation_videos(
-                model, self.autoencoder, self.diffusion, videos,
-                lambda z: lowres_from_hires(z, self.model_cfg.lowres_factor),
+                model, self.autoencoder, self.diffusion, videos, self.cfg.data.lowres_mode,
                 self.run_dir / "samples", self.step, steps, seed=self.cfg.seed, fps=self.cfg.data.fps)
             acc.log(metrics, step=self.step)
             self._log_videos(paths)
             log.info("step %d validation: %s (videos in %s)", self.step,
                      ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()), self.run_dir / "samples")
         del model
-        acc.wait_for_everyone()
         return metrics
 
     def ema_model(self) -> MarDini | None:
@@ -435,21 +601,23 @@ class Trainer:
         return model
 
     def validation_clips(self, count: int) -> torch.Tensor:
-        """[count, T, 3, H, W] fixed pixel clips: synthetic clips from the validation seed's stream (disjoint from
-        training); for video data, clips sampled with the validation seed; for a cache, its first clips decoded."""
+        """[count, T, 3, H, W] fixed pixel clips that training never sees: synthetic clips from the validation
+        seed's stream; for video data, clips of the held-out files (data.video.val_root or val_fraction; more
+        clips than files take other starts in the same files); for a cache, its held-out items decoded."""
         d = self.cfg.data
         if d.source == "cache":
-            z = torch.stack([self.dataset[i]["z_hi"] for i in range(min(count, len(self.dataset)))])
+            val = self.val_dataset
+            z = torch.stack([val[i]["z_hi"] for i in range(min(count, len(val)))])
             with torch.no_grad():
                 return self.autoencoder.decode(z.to(self.device).float()).cpu()
-        node = d.synthetic if d.source == "synthetic" else d.video
-        values = dict(OmegaConf.to_container(node, resolve=True), seed=d.val_seed)
-        if d.source == "synthetic":
-            data = SyntheticVideoDataset(SyntheticVideoConfig(**dict(values, num_videos=count)))
-        else:
-            data = VideoDataset(VideoDataConfig(**values))
+        if d.source == "video":
+            val = self.val_dataset
+            return torch.stack([val.get(i % len(val), epoch=i // len(val))["video"] for i in range(count)])
+        values = dict(OmegaConf.to_container(d.synthetic, resolve=True), seed=d.val_seed)
+        data = SyntheticVideoDataset(SyntheticVideoConfig(**dict(values, num_videos=count)))
         return torch.stack([data[i]["video"] for i in range(min(count, len(data)))])
 
+    @_outcome_shared
     def evaluate(self) -> dict:
         """PSNR / SSIM (and FVD when I3D weights are found) of interpolation and i2v on the fixed validation set,
         with the EMA weights; logged under val/."""
@@ -468,16 +636,32 @@ class Trainer:
                                                              device=self.device)
                 if self._fvd_extractor is None:
                     log.warning("no I3D weights found (train.eval_weights_dir): evaluating PSNR/SSIM only")
-            generate = model_generate_fn(model, self.autoencoder, self.diffusion,
-                                         lambda z: lowres_from_hires(z, self.model_cfg.lowres_factor),
+            generate = model_generate_fn(model, self.autoencoder, self.diffusion, self.cfg.data.lowres_mode,
                                          num_steps=t.sample_steps or None, seed=self.cfg.seed)
-            metrics = periodic_fvd(generate, self.validation_clips(t.eval_num_videos), self._fvd_extractor,
-                                   cache=self._fvd_cache)
+            clips = self.validation_clips(t.eval_num_videos)
+            metrics = periodic_fvd(generate, clips, self._fvd_extractor, cache=self._fvd_cache)
+            metrics.update(self._learning_metrics(model, clips))
             acc.log(metrics, step=self.step)
+            self._append_metrics({"step": self.step, **metrics}, "eval.jsonl")
             log.info("step %d evaluation: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         del model
-        acc.wait_for_everyone()
         return metrics
+
+    def _learning_metrics(self, model: MarDini, clips: torch.Tensor) -> dict:
+        """Posterior-mean PSNR of interpolation beside its baseline, the linear blend (mardini.evaluation.learning):
+        a posterior mean below the blend means the network has not learned; above it with poor samples, that the
+        sampler is at fault."""
+        from ..evaluation.learning import baseline, clip_psnr, posterior_mean
+        from ..inference import MarDiniPipeline
+
+        pipe = MarDiniPipeline(model, self.diffusion, self.autoencoder,
+                               {"num_frames": self.num_frames, "height": self.height, "width": self.width,
+                                "fps": self.cfg.data.fps, "lowres_mode": self.cfg.data.lowres_mode})
+        mask = task_mask("interpolation", clips.shape[1])
+        estimate = posterior_mean(pipe, clips, mask, seed=self.cfg.seed)
+        blend = baseline(clips, mask, "linear_blend")
+        return {"val/interpolation_posterior_mean_psnr": clip_psnr(estimate, clips, mask).mean().item(),
+                "val/interpolation_blend_psnr": clip_psnr(blend, clips, mask).mean().item()}
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _log_videos(self, paths: dict) -> None:
@@ -488,15 +672,39 @@ class Trainer:
                 tracker.log({f"samples/{k}": wandb.Video(str(p), format="mp4") for k, p in paths.items()},
                             step=self.step)
             elif tracker.name == "tensorboard":
-                import imageio.v3 as iio
+                from ..data.decode import read_clip
 
                 for k, p in paths.items():
-                    frames = iio.imread(p, plugin="pyav")  # [T, H, W, 3] uint8
+                    frames = read_clip(str(p), lambda n, fps: list(range(n)))[0]  # [T, H, W, 3] uint8
                     tracker.writer.add_images(f"samples/{k}", frames, self.step, dataformats="NHWC")
 
-    def _append_metrics(self, record: dict) -> None:
+    def _release_lock(self) -> None:
+        if self._unlock is not None:
+            self._unlock()  # a weakref.finalize: runs once
+
+    def _log_data_summary(self, start_step: int) -> None:
+        """Bad video files of the whole job (all ranks) to the console and the log when the run ends or stops,
+        whatever the trackers."""
+        if self.cfg.data.source != "video":
+            return
+        acc, stats = self.accelerator, self.skip_stats
+        counts = torch.tensor([stats.loaded, stats.failed], dtype=torch.int64, device=self.device)
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        loaded, failed = counts.tolist()
+        if not acc.is_main_process:
+            return
+        if failed == 0:
+            log.info("data: all %d video loads of steps %d-%d succeeded", loaded, start_step + 1, self.step)
+            return
+        names = ", ".join(p for p, _ in stats.paths.most_common(5))
+        log.warning("data: %d of %d video loads failed (%.1f%%) in steps %d-%d and were replaced by other clips; "
+                    "e.g. %s. List the bad files with scripts/make_manifest.py", failed, loaded + failed,
+                    100 * failed / (loaded + failed), start_step + 1, self.step, names)
+
+    def _append_metrics(self, record: dict, name: str = "metrics.jsonl") -> None:
         if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / name, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _install_sigterm(self):

@@ -1,0 +1,449 @@
+"""Reliability and command-line behaviour (issue 13): scheduler signals, one run per folder, one-line user errors,
+start-up checks, nothing overwritten by accident, skip counts, a failed rank ending the job, lazy media backends.
+
+The command-line tests start `python -m mardini.train` (Hydra, as a user runs it) in a subprocess with the tiny
+default experiment; every subprocess has a timeout, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_training import single_thread, torchrun  # noqa: F401 (single_thread: autouse fixture)
+from helpers_training import checkpoint, checkpoint_names, read_metrics, subprocess_env, tiny_config
+from mardini.cli import USER_ERROR_EXIT_CODE
+from mardini.data.counter_videos import write_test_video
+from mardini.data.decode import VideoDecodeError, read_clip
+from mardini.evaluation.cli import main as eval_main
+from mardini.inference import cli as sample_cli
+from mardini.inference.pipeline import MarDiniPipeline
+from mardini.masking import i2v_finetune
+from mardini.training import checkpoint as ckpt
+from mardini.training import trainer as trainer_module
+from mardini.training.runlock import LOCK_NAME, RunLockedError
+from mardini.training.trainer import PREEMPTED_EXIT_CODE, Trainer
+
+# Tiny, fast settings for the command-line runs (the default experiment is the tiny synthetic one).
+TINY = ["curriculum=interpolation", "train.trackers=[]", "train.progress=false", "train.batch_size=2",
+        "train.warmup_steps=1", "train.num_sample_videos=1", "train.sample_steps=1"]
+
+
+def train_command(run_dir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "mardini.train", *TINY, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def run_train(tmp_path, run_dir, *overrides, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(run_dir, *overrides), cwd=tmp_path, env=env or subprocess_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def lines_in(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+# ====================================================================== 1. SIGTERM to the whole process group
+@pytest.mark.slow
+def test_sigterm_to_process_group_with_workers_checkpoints_and_exits_preempted(tmp_path):
+    """What `timeout`, SLURM and Kubernetes do: SIGTERM to every process of the job, DataLoader workers included.
+    The run must save a checkpoint at the step it reached and exit with the documented pre-emption status."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_command(run, "train.max_steps=100000", "train.checkpoint_every=100000",
+                                          "data.num_workers=2"),
+                            cwd=tmp_path, env=subprocess_env(tmp_path), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: lines_in(run / "metrics.jsonl") >= 2 or proc.poll() is not None, 180, "two steps")
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 75, out[-4000:]
+    assert "killed by signal" not in out and "Traceback" not in out, out[-4000:]
+    last = read_metrics(run)[-1]["step"]
+    assert ckpt.latest_checkpoint(run / "checkpoints") == checkpoint(run, last)
+    assert not (run / LOCK_NAME).exists()
+
+
+# ============================================================================= 2. one run per run folder
+HOLDER = """
+import sys, time
+from mardini.training import runlock
+runlock.acquire(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, caplog):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env(tmp_path))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"in use by another run \\(pid {holder.pid} on "):
+            Trainer(tiny_config(run))
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # the refused run wrote nothing
+    finally:
+        holder.kill()  # kill -9: no clean-up, the lock file stays
+        holder.wait(timeout=60)
+    assert (run / LOCK_NAME).exists()
+    with caplog.at_level(logging.WARNING, logger="mardini.train"):
+        trainer = Trainer(tiny_config(run, max_steps=1))
+    assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    trainer.fit()
+    assert not (run / LOCK_NAME).exists()  # a run that ends releases the folder
+
+
+# ============================================================== 3. a fresh start truncates metrics.jsonl
+@pytest.mark.parametrize("resume", ["", "auto"])
+def test_fresh_start_truncates_metrics_of_an_earlier_attempt(tmp_path, resume):
+    """An attempt killed before its first checkpoint left steps 1..5; the fresh start must not append to them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+    trainer = Trainer(tiny_config(run, max_steps=2, resume=resume))
+    assert trainer.step == 0 and read_metrics(run) == []
+
+
+# ======================================================================== 4. one-line user errors
+@pytest.mark.slow
+def test_train_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    run = tmp_path / "run"
+    plain = run_train(tmp_path, run, "train.lr=-1")
+    assert plain.returncode == USER_ERROR_EXIT_CODE == 2, plain.stderr
+    lines = plain.stderr.strip().splitlines()
+    assert lines[0] == "mardini-train: error: train.lr must be > 0, got -1.0" and len(lines) == 2, plain.stderr
+    assert "Traceback" not in plain.stdout + plain.stderr
+    assert not run.exists()  # nothing left behind (Hydra had made the folder)
+    debug = subprocess.run(train_command(run, "train.lr=-1") + ["--debug"], cwd=tmp_path, capture_output=True,
+                           text=True, env=subprocess_env(tmp_path), timeout=240)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.lr must be > 0" in debug.stderr
+    full = run_train(tmp_path, run, "train.lr=-1", env=dict(subprocess_env(tmp_path), HYDRA_FULL_ERROR="1"))
+    assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_videos")
+    for i in range(4):
+        (root / f"broken{i}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    return root
+
+
+@pytest.mark.slow
+def test_train_with_only_bad_data_fails_in_one_line(tmp_path, bad_videos):
+    """The error raised in a DataLoader worker reaches the console as the worker's own one-line message."""
+    result = run_train(tmp_path, tmp_path / "run", "data=video", f"data.video.root={bad_videos}",
+                       "data.video.num_frames=9", "data.video.height=32", "data.video.width=32", "data.num_workers=2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("mardini-train: error: sample "), result.stderr[-3000:]
+    assert "attempts failed" in lines[0] and "broken" in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_eval_user_error_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["interpolation", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("mardini-eval: error: ") and str(tmp_path / "missing") in lines[0]
+    assert len(lines) == 2
+    with pytest.raises(Exception, match="missing"):  # --debug: the exception itself, with its traceback
+        eval_main(["interpolation", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--debug"])
+
+
+# ============================================== 5. a rejected config writes nothing into an existing run folder
+@pytest.mark.slow
+def test_rejected_runs_leave_an_existing_run_folder_untouched(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints" / "step_000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_000003" / ckpt.COMPLETE).write_text("")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "cli.log", "config.yaml", "metrics.jsonl"):
+        (run / name).write_text(f"the first run's {name}\n")
+
+    def snapshot():
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    bad_value = run_train(tmp_path, run, "train.lr=-1")
+    assert bad_value.returncode == 2 and "train.lr" in bad_value.stderr
+    rerun = run_train(tmp_path, run, "train.max_steps=4")  # no train.resume: refused, the folder holds checkpoints
+    assert rerun.returncode == 2 and "train.resume=auto" in rerun.stderr
+    assert snapshot() == before
+
+
+# ========================================================= 6. start-up checks of what would fail later
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building the model fails the test: a start-up check must fire before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the start-up checks")
+
+    monkeypatch.setattr(trainer_module, "MarDini", refuse)
+
+
+def test_clip_too_short_for_validation_fails_at_start(tmp_path, no_model):
+    cfg = tiny_config(tmp_path / "run", curriculum=i2v_finetune())
+    cfg.data.synthetic.num_frames = 2  # trains (image-to-video), but leaves interpolation nothing to generate
+    with pytest.raises(ValueError, match="data.synthetic.num_frames=2 is too short for the interpolation"):
+        Trainer(cfg)
+
+
+def test_missing_resume_path_fails_before_the_model_is_built(tmp_path, no_model):
+    with pytest.raises(FileNotFoundError, match="train.resume=.*nowhere does not exist"):
+        Trainer(tiny_config(tmp_path / "run", resume=str(tmp_path / "nowhere")))
+
+
+def test_missing_mp4_encoder_fails_at_start_naming_the_packages(tmp_path, no_model, monkeypatch):
+    from mardini.data import backends
+
+    real_load = backends.load
+
+    def load(module):
+        if module in ("imageio_ffmpeg", "av"):
+            raise ImportError(f"no {module} here")
+        return real_load(module)
+
+    monkeypatch.setattr(backends, "load", load)
+    with pytest.raises(backends.MissingBackendError, match="imageio-ffmpeg or PyAV"):
+        Trainer(tiny_config(tmp_path / "run"))
+
+
+# ===================================================================== 7. mardini-sample input and output
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sample_export")
+    trainer = Trainer(tiny_config(run, max_steps=1))
+    path = trainer.export()  # untrained weights: enough for the command line's checks
+    trainer._release_lock()
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("sample_inputs")
+    rng = np.random.default_rng(0)
+    paths = [folder / f"in{i}.png" for i in range(2)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+    (folder / "broken.png").write_bytes(b"not a png")
+    return paths + [folder / "broken.png"]
+
+
+def sample(capsys, export, task, inputs, output, *extra):
+    """Run mardini-sample in this process -> (exit code, stderr lines, stdout)."""
+    args = ["--model", str(export), "--task", task, "--inputs", *map(str, inputs), "--output", str(output),
+            "--steps", "1", "--device", "cpu", *map(str, extra)]
+    try:
+        sample_cli.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+@pytest.fixture
+def model_not_loaded(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the checks")
+
+    monkeypatch.setattr(MarDiniPipeline, "from_pretrained", refuse)
+
+
+def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_path, capsys, export, images,
+                                                                           model_not_loaded):
+    good, _, broken = images
+    cases = [
+        ([good, tmp_path / "missing.png"], tmp_path / "o.mp4", [], f"--inputs: {tmp_path / 'missing.png'} does not"),
+        ([good, broken], tmp_path / "o.mp4", [], f"cannot read {broken} as an image"),
+        ([good, good], tmp_path / "o.avi", [], "unsupported suffix '.avi'"),
+        ([good, good], tmp_path / "a_file" / "o.mp4", [], "is not a writable folder"),
+    ]
+    (tmp_path / "a_file").write_text("")
+    for inputs, output, extra, message in cases:
+        code, err, _ = sample(capsys, export, "interpolate", inputs, output, *extra)
+        assert code == 2 and len(err) == 2 and err[0].startswith("mardini-sample: error: "), err
+        assert message in err[0], err
+    code, err, _ = sample(capsys, tmp_path / "no_export", "interpolate", [good, good], tmp_path / "o.mp4")
+    assert code == 2 and "--model" in err[0] and "no such folder" in err[0]
+    code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--num-frames", "0")
+    assert code == 2 and "--num-frames: must be >= 1, got 0" in err[-1]
+    with pytest.raises(FileNotFoundError):  # --debug: the exception itself
+        sample_cli.main(["--model", str(export), "--task", "i2v", "--inputs", str(tmp_path / "missing.png"),
+                         "--output", str(tmp_path / "o.mp4"), "--debug"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing was written
+
+
+def test_sample_never_overwrites_without_overwrite(tmp_path, capsys, export, images):
+    good = images[0]
+    out = tmp_path / "clip.mp4"
+    assert sample(capsys, export, "i2v", [good], out)[0] == 0
+    assert out.exists() and (tmp_path / "clip_preview.mp4").exists()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, err, _ = sample(capsys, export, "i2v", [good], out, "--seed", "1")
+    assert code == 2 and f"{out} exists: pass --overwrite" in err[0]
+    out.unlink()  # the preview alone is protected too
+    code, err, _ = sample(capsys, export, "i2v", [good], out, "--seed", "1")
+    assert code == 2 and f"{tmp_path / 'clip_preview.mp4'} exists" in err[0] and not out.exists()
+    assert (tmp_path / "clip_preview.mp4").read_bytes() == before["clip_preview.mp4"]
+    assert sample(capsys, export, "i2v", [good], out, "--seed", "1", "--overwrite")[0] == 0
+    assert (tmp_path / "clip_preview.mp4").read_bytes() != before["clip_preview.mp4"]
+
+
+def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, export, images):
+    good = images[0]
+    start = time.monotonic()
+    code, err, _ = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "100000")
+    assert code == 2 and "needs at least" in err[0] and "--max-windows 500" in err[0], err
+    assert time.monotonic() - start < 30  # refused without planning 100000 frames
+    code, err, out = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "40",
+                            "--max-windows", "6")
+    assert code == 2 and "the plan has" in err[0] and "--max-windows 6" in err[0], err
+    assert out.startswith("plan: ") and "windows" in out and "model calls" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+# ================================================================ 8. skip counts, decoder noise captured
+def test_decoder_stderr_is_captured_into_the_files_error(tmp_path, capfd):
+    good = write_test_video(tmp_path / "good.mp4", num_frames=20, height=32, width=32)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    capfd.readouterr()
+    with pytest.raises(VideoDecodeError) as error:
+        read_clip(str(truncated), lambda n, fps: [0, 1])
+    assert "moov atom not found" in str(error.value) and str(truncated) in str(error.value)
+    assert capfd.readouterr().err == ""  # nothing reached the console outside the message
+    frames, _, _ = read_clip(str(good), lambda n, fps: [0, 1])
+    assert frames.shape == (2, 32, 32, 3)
+
+
+def test_skip_counts_reach_the_log_at_the_end_without_trackers(tmp_path, caplog):
+    root, val = tmp_path / "videos", tmp_path / "val"
+    for i in range(3):
+        write_test_video(root / f"clip{i}.mp4", num_frames=30, fps=24, height=32, width=32)
+    write_test_video(val / "val.mp4", num_frames=30, fps=24, height=32, width=32)
+    (root / "empty.mp4").write_bytes(b"")
+    cfg = tiny_config(tmp_path / "run", max_steps=3, batch_size=2)
+    cfg.data.source = "video"
+    cfg.data.video.root, cfg.data.video.val_root = str(root), str(val)
+    cfg.data.video.num_frames, cfg.data.video.height, cfg.data.video.width = 9, 32, 32
+    cfg.data.video.fps, cfg.data.video.min_failures = 12.0, 100
+    cfg.data.num_workers = 0
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        Trainer(cfg).fit()
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert len(summary) == 1 and "video loads failed" in summary[0] and "empty.mp4" in summary[0], summary
+    failed, total = (int(x) for x in summary[0].split()[1:4:2])
+    assert 1 <= failed < total
+
+
+# ================================================================ 9. a failed rank ends the job
+FAILING_RANK = """
+import os, sys, threading, time
+import mardini.training.sampling as sampling
+
+if os.environ["RANK"] == "0":
+    def full_disk(*args, **kwargs):
+        # A thread that never ends blocks this process's normal exit, as an NCCL process group can: the job must
+        # end anyway.
+        threading.Thread(target=time.sleep, args=(3600,)).start()
+        raise OSError(28, "No space left on device (simulated)")
+
+    sampling.write_video = full_disk
+
+from mardini.cli import train_main
+
+sys.argv = ["mardini-train", *sys.argv[1:]]
+train_main()
+"""
+
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_failing_in_end_of_run_work_ends_the_job(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(textwrap.dedent(FAILING_RANK))
+    command = [*torchrun(), str(script), *TINY,
+               "train.max_steps=2", "train.cpu=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                            timeout=240)
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "mardini-train: error (rank 0): [Errno 28] No space left on device (simulated)" in output, output[-4000:]
+    assert "mardini-train: error (rank 1): sample failed on another process (rank 0: OSError" in output, \
+        output[-4000:]
+    assert checkpoint_names(tmp_path / "run") == ["step_000002"]  # the final checkpoint precedes the videos
+    print(f"job ended {elapsed:.0f} s after its start")
+
+
+# ====================================================================== 10. optional media backends
+LAZY = """
+import sys
+blocked = sys.argv[1].split(",")
+for name in blocked:
+    sys.modules[name] = None  # `import name` raises ImportError
+import mardini.training, mardini.training.trainer, mardini.inference, mardini.inference.cli, mardini.evaluation.cli
+import numpy as np
+from mardini.data.backends import MissingBackendError
+from mardini.data.decode import read_frames
+from mardini.data.video_io import write_video
+
+frames = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+write_video("clip.gif", frames)
+try:
+    write_video("clip.mp4", frames)
+    print("mp4 written")
+except MissingBackendError as e:
+    print("mp4:", e)
+try:
+    print("read", read_frames(sys.argv[2], [0, 3]).shape)
+except MissingBackendError as e:
+    print("read:", e)
+loaded = sorted(m for m in ("av", "decord", "imageio_ffmpeg") if sys.modules.get(m) is not None)
+print("loaded:", loaded)
+"""
+
+
+@pytest.mark.parametrize("blocked, expected", [
+    ("av,decord,imageio_ffmpeg", ["mp4: writing mp4 videos needs imageio-ffmpeg or PyAV", "read: reading videos "
+                                  "needs decord or PyAV", "loaded: []"]),
+    ("imageio_ffmpeg,decord", ["mp4 written", "read (2, 64, 64, 3)", "loaded: ['av']"]),
+    ("av", ["mp4 written", "read (2, 64, 64, 3)", "loaded: ['decord', 'imageio_ffmpeg']"]),
+])
+def test_media_backends_are_optional_and_loaded_lazily(tmp_path, blocked, expected):
+    if blocked == "av":
+        pytest.importorskip("decord")
+    video = write_test_video(tmp_path / "source.mp4", num_frames=8, height=64, width=64)  # decord: width % 32 == 0
+    result = subprocess.run([sys.executable, "-c", LAZY, blocked, str(video)], cwd=tmp_path, capture_output=True,
+                            text=True, env=subprocess_env(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(e) for line, e in zip(lines, expected)), lines
