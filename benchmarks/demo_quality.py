@@ -1,45 +1,106 @@
-"""Sample quality of a model trained on the synthetic data, against the trivial baselines, on validation clips.
+"""The learning benchmark: a trained model against the trivial baselines, on clips it never trained on.
 
-    python benchmarks/demo_quality.py outputs/tiny_synthetic/<run>/export [--clips 8 --steps 25]
+    python benchmarks/demo_quality.py outputs/tiny_synthetic/<run>/export
+    python benchmarks/demo_quality.py EXPORT --data data/photo_motion/val.csv --device cuda --json out.json
+    python benchmarks/demo_quality.py EXPORT --step-sweep 4 10 25 50
 
-Interpolation (first and last frame given): PSNR of the 7 generated frames vs a linear blend of the two ends.
-Image-to-video (middle frame given): PSNR of the 8 generated frames vs repeating the given frame.
-Clips come from the validation stream (seed 1000003), so they were never trained on.
+Clips: by default the held-out part of the data the model was trained on (recorded in the export: synthetic clips
+of the validation seed, or the held-out video files); --data synthetic | a manifest or folder of videos overrides it.
+Reports (mardini/evaluation/learning.py):
+  interpolation    first + last given: one sample per clip, PSNR / SSIM of the generated frames
+  linear blend     the same frames as a blend of the two given ones (the baseline to beat)
+  posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
+                   is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
+  image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, and the motion energy of generated
+                   vs real clips
 """
 
+from __future__ import annotations
+
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
 import torch
 
-from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+from mardini.evaluation.learning import held_out_clips, learning_report, video_clips
 from mardini.inference import MarDiniPipeline
-from mardini.training.sampling import psnr
 
 
-def main():
+def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[torch.Tensor, str]:
+    """(clips [N, T, 3, H, W], a description of where they come from)."""
+    config, T, H, W = pipe.config, pipe.num_frames, pipe.height, pipe.width
+    if source is None and "data" in config:
+        data = config["data"]
+        where = {"synthetic": f"synthetic clips of the validation seed {data.get('val_seed')}",
+                 "video": "held-out video files of the training data"}.get(data.get("source"), "")
+        if data.get("source") in ("synthetic", "video"):
+            return held_out_clips(data, count), where
+    if source in (None, "synthetic"):
+        from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+        dataset = SyntheticVideoDataset(SyntheticVideoConfig(seed=1_000_003, num_videos=count, num_frames=T,
+                                                             height=H, width=W, max_shapes=3 if H <= 32 else 4))
+        return torch.stack([dataset[i]["video"] for i in range(count)]), "synthetic clips of seed 1000003"
+    if not Path(source).exists():
+        raise SystemExit(f"--data {source}: no such manifest or folder")
+    return video_clips(source, count, T, H, W, fps=pipe.fps), f"video files of {source}"
+
+
+def print_report(report: dict) -> None:
+    i = report["interpolation"]
+    print(f"interpolation    PSNR {i['psnr']:6.2f} dB  SSIM {i['ssim']:.3f}   (one sample per clip, "
+          f"{report['num_steps']} steps)")
+    print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
+    print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
+    for name in ("null_plan", "shuffled_plan", "noise_references"):
+        key = f"posterior_mean_psnr_{name}"
+        if key in i:
+            drop = i["posterior_mean_psnr"] - i[key]
+            print(f"  {name.replace('_', ' '):17s}PSNR {i[key]:6.2f} dB   (drop {drop:+.2f})")
+    if "i2v" in report:
+        v = report["i2v"]
+        print(f"image-to-video   PSNR {v['best_psnr']:6.2f} dB   best of {v['best_of']} (mean {v['mean_psnr']:.2f})")
+        print(f"repeat frame     PSNR {v['repeat_psnr']:6.2f} dB")
+        print(f"motion energy    {v['motion_energy']:.4f} generated vs {v['real_motion_energy']:.4f} real "
+              f"(ratio {v['motion_ratio']:.2f})")
+    for steps, value in report.get("step_sweep", {}).items():
+        print(f"  {steps:3d} steps      PSNR {value:6.2f} dB")
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export or checkpoint folder")
-    p.add_argument("--clips", type=int, default=8)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--data", default=None, help="synthetic | a manifest (.csv/.jsonl) or folder of videos "
+                                                "(default: the held-out part of the model's training data)")
+    p.add_argument("--clips", type=int, default=32, help="held-out clips to evaluate")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
+    p.add_argument("--step-sweep", type=int, nargs="*", default=[], help="also sample with these step counts")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
-    args = p.parse_args()
-    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights)
-    T = pipe.num_frames
-    data = SyntheticVideoDataset(SyntheticVideoConfig(seed=1_000_003, num_videos=args.clips, num_frames=T,
-                                                      height=pipe.height, width=pipe.width))
-    scores = {"interpolation": [], "linear blend": [], "image-to-video": [], "repeat frame": []}
-    w = torch.linspace(0, 1, T)[:, None, None, None]
-    others = [i for i in range(T) if i != T // 2]
-    for i in range(args.clips):
-        video = data[i]["video"]
-        generated = pipe.interpolate(video[0], video[-1], num_steps=args.steps, seed=i)
-        scores["interpolation"].append(psnr(generated[1:-1], video[1:-1]))
-        scores["linear blend"].append(psnr(((1 - w) * video[0] + w * video[-1])[1:-1], video[1:-1]))
-        generated = pipe.image_to_video(video[T // 2], num_steps=args.steps, seed=i)
-        scores["image-to-video"].append(psnr(generated[others], video[others]))
-        scores["repeat frame"].append(psnr(video[T // 2].expand(len(others), -1, -1, -1), video[others]))
-    for name, values in scores.items():
-        print(f"{name:16s} PSNR {sum(values) / len(values):6.2f} dB")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    if args.clips < 1:
+        p.error("--clips must be >= 1")
+    start = time.perf_counter()
+    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
+    videos, where = load_clips(pipe, args.data, args.clips)
+    print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
+          f"({where})", file=sys.stderr)
+    report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
+                             args.step_sweep)
+    report.update(model=str(args.model), weights=args.weights, clips_from=where, device=str(args.device),
+                  seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

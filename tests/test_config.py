@@ -22,7 +22,6 @@ from mardini.masking import (
     curriculum_from_dict,
     i2v_finetune,
     interpolation_only,
-    paper_progression,
 )
 from mardini.models.config import MODEL_SIZES, MarDiniConfig
 from mardini.training.config import AutoencoderConfig, DataConfig, TrainConfig, latent_space
@@ -61,13 +60,16 @@ def test_default_config_composes_and_validates():
     assert cfg.experiment == "tiny_synthetic"
     assert OmegaConf.select(cfg, "run_name")  # the timestamp resolves
     tiny = MODEL_SIZES["tiny"]
-    for part in ("planner", "generator"):
-        for key, value in tiny[part].items():
-            assert cfg.model[part][key] == value, f"model.{part}.{key}"
+    for part, values in tiny.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert cfg.model[part][key] == value, f"model.{part}.{key}"
+        else:
+            assert cfg.model[part] == values, f"model.{part}"
     assert cfg.model.latent_channels == latent_space(cfg.autoencoder)["latent_channels"] == 12
     assert (cfg.data.synthetic.num_frames, cfg.data.synthetic.height, cfg.data.synthetic.width) == (9, 32, 32)
     assert cfg.diffusion.formulation == "rectified_flow"
-    assert len(cfg.curriculum.stages) == 4 and cfg.curriculum.stages[-1].end_step is None
+    assert len(cfg.curriculum.stages) == 4 and cfg.curriculum.stages[-1].end is None
     assert cfg.train.mixed_precision == "auto" and cfg.train.checkpoint_every <= cfg.train.max_steps
     assert set(cfg.train.trackers) == {"tensorboard", "wandb"} and cfg.train.wandb_mode == "auto"
 
@@ -165,7 +167,7 @@ def test_unknown_key_in_a_group_yaml_fails_naming_it(config_copy):
 
 def test_unknown_key_in_a_curriculum_stage_fails_naming_it(config_copy):
     path = config_copy / "curriculum" / "interpolation.yaml"
-    path.write_text(path.read_text().replace("    end_step: null", "    end_stpe: null"))
+    path.write_text(path.read_text().replace("    end: null", "    end_stpe: null"))
     with pytest.raises(ConfigCompositionException) as excinfo:
         compose_config(["curriculum=interpolation"])
     assert "end_stpe" in _message(excinfo)
@@ -192,9 +194,10 @@ def test_bad_value_fails_validation_naming_the_key(override, key):
         compose_config([override])
 
 
-def test_curriculum_stage_never_reached_fails_naming_the_stage():
-    with pytest.raises(ValueError, match=r"curriculum\.stages\[1\] starts at step 75 .* max_steps=10"):
-        compose_config(["train.max_steps=10"])
+def test_curriculum_stage_without_steps_fails_naming_the_stage():
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[2\] \(start=0\.5, end=0\.75\) gets no step at "
+                                         r"train\.max_steps=3"):
+        compose_config(["train.max_steps=3"])
 
 
 @pytest.mark.parametrize("override", ["model.latent_channels=4", "autoencoder.patch_size=4", "model=paper"])
@@ -210,6 +213,9 @@ def test_latent_channel_mismatch_names_model_latent_channels(override):
 def test_model_files_mirror_model_sizes(size):
     node = OmegaConf.load(CONFIGS / "model" / f"{size}.yaml")
     for part, values in MODEL_SIZES[size].items():
+        if not isinstance(values, dict):
+            assert node[part] == values, f"configs/model/{size}.yaml {part} != MODEL_SIZES[{size!r}]"
+            continue
         for key, value in values.items():
             assert node[part][key] == value, f"configs/model/{size}.yaml {part}.{key} != MODEL_SIZES[{size!r}]"
 
@@ -220,14 +226,37 @@ def test_named_curricula_mirror_masking_presets():
 
     assert load("interpolation") == interpolation_only()
     assert load("i2v_finetune") == i2v_finetune()
-    paper = load("paper")
-    quarter = paper.stages[1].start_step
-    assert paper == paper_progression(4 * quarter), "curriculum/paper.yaml must be paper_progression at some scale"
 
 
-def test_small_synthetic_curriculum_is_the_progression_scaled_to_its_run():
-    cfg = compose_config(["experiment=small_synthetic"])
-    assert to_curriculum(cfg.curriculum) == paper_progression(cfg.train.max_steps)
+def test_paper_curriculum_is_written_once_and_presets_use_it_at_their_length():
+    """The progression lives in curriculum/paper.yaml only (fractions of train.max_steps); presets select it and
+    copy nothing, so every run length gets the same progression."""
+    paper = to_curriculum(OmegaConf.load(CONFIGS / "curriculum" / "paper.yaml"))
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        if path != CONFIGS / "curriculum" / "paper.yaml":
+            assert "stages" not in OmegaConf.to_container(OmegaConf.load(path)).get("curriculum", {}), \
+                f"{path.relative_to(ROOT)} copies curriculum stages"
+    for overrides, steps in ((["experiment=tiny_synthetic"], [0, 100, 200, 300]),
+                             (["experiment=small_synthetic", "curriculum=paper"], [0, 750, 1500, 2250]),
+                             (["experiment=small_synthetic", "curriculum=paper", "train.max_steps=20000"],
+                              [0, 5000, 10000, 15000])):
+        cfg = compose_config(overrides)
+        assert to_curriculum(cfg.curriculum) == paper
+        from mardini.masking import stage_steps
+
+        assert stage_steps(paper, cfg.train.max_steps) == steps
+
+
+def test_short_default_run_composes_and_trains(tmp_path):
+    """`mardini-train train.max_steps=40` was refused (stages in absolute steps up to 225); now the stages scale."""
+    from mardini.training.trainer import Trainer
+
+    cfg = compose_config(["train.max_steps=40", f"train.output_dir={tmp_path / 'run'}", "train.trackers=[]",
+                          "train.progress=false"])
+    trainer = Trainer(cfg)
+    assert trainer.mask_sampler.stage_starts == [0, 10, 20, 30]
+    with pytest.raises(ValueError, match=r"curriculum\.stages\[\d\].*gets no step at train\.max_steps=3"):
+        compose_config(["train.max_steps=3"])
 
 
 def _missing_fields(node, cls, path: str) -> list[str]:

@@ -12,6 +12,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
+from mardini.evaluation.learning import held_out_clips, interpolation_report
 from mardini.inference import MarDiniPipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,17 +32,29 @@ def test_default_mardini_train_finishes_learns_and_writes_outputs(tmp_path):
     run = tmp_path / "run"
 
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 300
+    assert len(losses) == 400
     first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
     assert last < 0.7 * first, (first, last)
 
     for task in ("interpolation", "i2v"):
-        frames = iio.imread(run / "samples" / f"step_000300_{task}.mp4", plugin="pyav")
+        frames = iio.imread(run / "samples" / f"step_000400_{task}.mp4", plugin="pyav")
         assert frames.shape[0] == 9
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000200", "step_000300"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000200", "step_000400"]
 
     pipe = MarDiniPipeline.from_pretrained(run / "export")
     image = torch.rand(3, 32, 32) * 2 - 1
     video = pipe.interpolate(image, -image, num_steps=2)
     assert video.shape == (9, 3, 32, 32) and torch.equal(video[0], image) and torch.equal(video[-1], -image)
     assert (run / "wandb").is_dir() and any((run / "mardini").iterdir())  # offline wandb run, tensorboard events
+
+    # It learned the task, on validation clips it never saw (the learning benchmark, mardini.evaluation.learning).
+    # Before the fixes of issue 11 (logit-normal t, ill-posed synthetic motion) this model's best guess was 7 dB
+    # below a blend of the given frames. The bar asked for (sampled interpolation above the blend) is not reached by
+    # this 2-minute job: see BENCHMARKS.md, "Learning".
+    videos = held_out_clips(pipe.config["data"], 16)
+    report = interpolation_report(pipe, videos, num_steps=10)
+    blend, best_guess = report["blend_psnr"], report["posterior_mean_psnr"]
+    assert best_guess > blend - 1.5, report
+    assert report["psnr"] > blend - 3.5, report
+    assert best_guess - report["posterior_mean_psnr_null_plan"] > 1.0, report  # it reads the plan ...
+    assert best_guess - report["posterior_mean_psnr_noise_references"] > 3.0, report  # ... and the given frames

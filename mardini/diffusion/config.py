@@ -19,7 +19,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 class DiffusionConfig:
     formulation: str = "rectified_flow"  # rectified_flow | ddpm
     prediction: str = "velocity"  # rectified_flow: velocity ; ddpm: epsilon | v
-    timestep_sampling: str = "logit_normal"  # uniform | logit_normal (training-time t ~ sigmoid(N(mean, std)))
+    timestep_sampling: str = "uniform"  # uniform | logit_normal (t ~ sigmoid(N(mean, std)); starves t near 1)
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
     logit_std: float = 1.0  # logit_normal: std of the normal before the sigmoid (> 0)
     num_train_timesteps: int = 1000  # scale of the timestep fed to the network; number of DDPM steps

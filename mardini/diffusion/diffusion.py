@@ -43,7 +43,10 @@ class Diffusion:
 
     # ----------------------------------------------------------------------------------------------- time
     def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
-        """Training noise levels t [B] in (0, 1): uniform, or logit-normal (SD3) to focus on mid noise levels."""
+        """Training noise levels t [B] in (0, 1): uniform (the default), or logit-normal (SD3) to focus on mid
+        noise levels. Conditioned video tasks are decided at high noise, where the model must build the frames from
+        the given ones: logit-normal(0, 1) puts 0.16 % of the samples above t = 0.95, and models trained with it lost
+        to a blend of the given frames (BENCHMARKS.md, "Learning")."""
         gen_device = generator.device if generator is not None else device
         if self.cfg.timestep_sampling == "uniform":
             t = torch.rand(batch_size, generator=generator, device=gen_device)

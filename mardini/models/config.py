@@ -108,10 +108,15 @@ def validate_model_config(cfg) -> None:
          f"must be one of {IDENTITY_IMPLS}, got {cfg.generator.identity_impl!r}")
 
 
-# Named sizes, in the spirit of DiT's table. Parameter counts (printed by `MarDini.num_parameters`) at
-# latent_channels=16: tiny ~0.2M, small ~25M, base ~150M, paper ~1.4B planner + ~0.28B generator.
+# Named sizes, in the spirit of DiT's table (a size may also set top-level fields). Parameter counts (printed by
+# `MarDini.num_parameters`) at latent_channels=16: tiny ~0.6M, small ~25M, base ~150M, paper ~1.4B planner +
+# ~0.28B generator.
 MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(planner=dict(dim=64, depth=2, num_heads=4), generator=dict(dim=48, depth=2, num_heads=4)),
+    # tiny: the CPU default job. Head dims 32 / 48, a RoPE base for grids of ~10 tokens and no qk-norm learned
+    # interpolation fastest in 500-step CPU runs (BENCHMARKS.md, "Learning"); a generator width of 48 trained
+    # 1.6 dB worse.
+    "tiny": dict(qk_norm=False, rope_theta=100.0, planner=dict(dim=64, depth=2, num_heads=2),
+                 generator=dict(dim=96, depth=2, num_heads=2)),
     "small": dict(planner=dict(dim=384, depth=8, num_heads=6), generator=dict(dim=192, depth=6, num_heads=3)),
     "base": dict(planner=dict(dim=1024, depth=12, num_heads=16), generator=dict(dim=384, depth=8, num_heads=6)),
     "paper": dict(planner=dict(dim=2048, depth=24, num_heads=16), generator=dict(dim=1024, depth=12, num_heads=16)),
@@ -124,7 +129,7 @@ def model_config(size: str, **overrides) -> MarDiniConfig:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
     d = copy.deepcopy(MODEL_SIZES[size])
     for key in ("planner", "generator"):
-        d[key].update(overrides.pop(key, {}))
+        d.setdefault(key, {}).update(overrides.pop(key, {}))
     d.update(overrides)
     return MarDiniConfig.from_dict(d)
 

@@ -2,7 +2,10 @@
 
 Every frame enters as tokens: masked frames carry the noisy latent x_t, reference frames their clean latent.
 Each frame is conditioned on its own diffusion time (reference frames: t = 0) through adaLN-Zero, and reads the
-planner's signals for that same frame through cross-attention. Self-attention comes in three flavours:
+planner's signals for that same frame through cross-attention, where queries and plan keys carry their spatial
+positions (2D RoPE, plan tokens placed at their centres on the generator's grid): a token at (y, x) can find the
+plan tokens that cover (y, x). Without it the plan is a bag of tokens and only its global content reaches a frame.
+Self-attention comes in three flavours:
 
 - ``identity`` (MarDini's): queries of a reference frame attend only to their own frame, so clean tokens are never
   mixed with noisy ones; queries of a masked frame attend to all frames.
@@ -20,7 +23,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import MarDiniConfig
-from .layers import MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, modulate, patchify, unpatchify
+from .layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, grid_coords, modulate,
+                     patchify, unpatchify)
 
 
 def per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -72,14 +76,17 @@ class GeneratorBlock(nn.Module):
             out = torch.where(is_ref, own, full)
         return self.attn.output(out)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
-        """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope,
+                plan_rope=(None, None)) -> torch.Tensor:
+        """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T];
+        rope: (cos, sin) of every token; plan_rope: (rope of a frame's n tokens, rope of its m plan tokens)."""
         B, T, n, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, :, None].chunk(6, dim=-1)  # [B, T, 1, D]
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
         x = x + gate1 * self.self_attention(h, mask, rope).reshape(B, T, n, D)
         # Per-frame cross-attention: frame i's tokens read plan[i] only.
-        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"))
+        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"),
+                       *plan_rope)
         x = x + h.reshape(B, T, n, D)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -127,6 +134,21 @@ class Generator(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def plan_rope(self, H: int, W: int, num_plan_tokens: int, device):
+        """Spatial RoPE for the cross-attention: a frame's tokens at their (y, x) on the generator's token grid,
+        plan tokens at their centres mapped onto the same grid, so that attention scores depend on the offset
+        between a token and a plan token. Time is 0 for both (the cross-attention is per frame).
+        Returns ((cos, sin) [n, d/2], (cos, sin) [m, d/2])."""
+        p, cfg = self.patch_size, self.cfg
+        lo = cfg.lowres_factor * cfg.planner.patch_size  # high-res latent cells per plan token side
+        if H % lo or W % lo or (H // lo) * (W // lo) != num_plan_tokens:
+            raise ValueError(f"plan has {num_plan_tokens} tokens per frame; latents of {H}x{W} with "
+                             f"lowres_factor * planner.patch_size = {lo} give {(H // lo) * (W // lo)}")
+        spacing = lo / p  # generator tokens per plan token
+        queries = grid_coords(1, H // p, W // p, device=device)
+        keys = grid_coords(1, H // lo, W // lo, device=device, spacing=spacing, offset=(spacing - 1) / 2)
+        return self.rope.angles(queries), self.rope.angles(keys)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, model_time: torch.Tensor, plan: torch.Tensor,
                 return_hidden: bool = False):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
@@ -141,9 +163,10 @@ class Generator(nn.Module):
         tokens = self.patch_embed(patchify(x, p))                                  # [B, T, n, D]
         c = self.time_embed(model_time) + self.frame_type(mask.long())             # [B, T, D]
         rope = self.rope(T, H // p, W // p, device=x.device)
+        plan_rope = self.plan_rope(H, W, plan.shape[2], x.device)
         hidden = []
         for block in self.blocks:
-            tokens = block(tokens, c, plan, mask, rope)
+            tokens = block(tokens, c, plan, mask, rope, plan_rope)
             hidden.append(tokens)
         out = unpatchify(self.final(tokens, c), p, H, W)
         return (out, hidden) if return_hidden else out

@@ -79,7 +79,8 @@ class RotaryEmbedding3D(nn.Module):
     """Rotary position embedding over (t, y, x).
 
     The head dimension is split into three even parts; each part rotates by angles proportional to one axis'
-    integer coordinate. Time gets the remainder so that every axis has at least a few frequencies.
+    coordinate. Time gets the remainder so that every axis has at least a few frequencies. Coordinates may be
+    fractional: the generator's cross-attention places plan tokens at their centres on the high-resolution grid.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
@@ -93,24 +94,29 @@ class RotaryEmbedding3D(nn.Module):
             inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
             self.register_buffer(f"inv_freq_{name}", inv_freq.float(), persistent=False)
 
+    def angles(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """coords [N, 3] float (t, y, x) -> cos, sin [N, head_dim // 2]."""
+        device = coords.device
+        angles = torch.cat([coords[:, i:i + 1] * getattr(self, f"inv_freq_{name}").to(device)
+                            for i, name in enumerate("tyx")], dim=-1)
+        return angles.cos(), angles.sin()
+
     def forward(self, frames: int, height: int, width: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [frames * height * width, head_dim // 2] in (t, y, x) raster order."""
-        device = device or self.inv_freq_t.device
-        t, y, x = torch.meshgrid(
-            torch.arange(frames, device=device, dtype=torch.float32),
-            torch.arange(height, device=device, dtype=torch.float32),
-            torch.arange(width, device=device, dtype=torch.float32),
-            indexing="ij",
-        )
-        angles = torch.cat(
-            [
-                t.reshape(-1, 1) * self.inv_freq_t.to(device),
-                y.reshape(-1, 1) * self.inv_freq_y.to(device),
-                x.reshape(-1, 1) * self.inv_freq_x.to(device),
-            ],
-            dim=-1,
-        )
-        return angles.cos(), angles.sin()
+        return self.angles(grid_coords(frames, height, width, device=device or self.inv_freq_t.device))
+
+
+def grid_coords(frames: int, height: int, width: int, device=None, spacing: float = 1.0,
+                offset: float = 0.0) -> torch.Tensor:
+    """(t, y, x) coordinates [frames * height * width, 3] in raster order; the spatial ones are
+    ``offset + spacing * index`` (the time one is the frame index)."""
+    t, y, x = torch.meshgrid(
+        torch.arange(frames, device=device, dtype=torch.float32),
+        offset + spacing * torch.arange(height, device=device, dtype=torch.float32),
+        offset + spacing * torch.arange(width, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([t.reshape(-1), y.reshape(-1), x.reshape(-1)], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,7 +171,10 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from x [B, N, D] attend to a context [B, M, Dc] (the planning signals)."""
+    """Queries from x [B, N, D] attend to a context [B, M, Dc] (the planning signals).
+
+    With ``rope_q`` / ``rope_k`` (cos, sin of [N, d/2] and [M, d/2]) queries and keys are rotated by their
+    positions, so that a query can find the context tokens that cover its place."""
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = True,
                  backend: str = "sdpa", sdpa_kernel: str = "auto"):
@@ -179,10 +188,13 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, rope_q=None, rope_k=None) -> torch.Tensor:
+        q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads))
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
-        out = attention(self.q_norm(q), self.k_norm(k), v, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
+        k = self.k_norm(k)
+        if rope_q is not None:
+            q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
+        out = attention(q, k, v, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

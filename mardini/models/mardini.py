@@ -80,11 +80,29 @@ class MarDini(nn.Module):
         x_t, target = diffusion.noisy_and_target(z_hi, noise, t)
         is_gen = mask[:, :, None, None, None]
         x_in = torch.where(is_gen, x_t, z_hi)                      # reference frames stay clean
-        frame_time = torch.where(mask, diffusion.model_time(t).to(z_hi.dtype)[:, None], 0.0)  # [B, T]
+        frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
         plan = self.plan(z_lo, mask, drop_plan)
         prediction = self.generator(x_in, mask, frame_time, plan)
         loss = diffusion.loss(prediction.float(), target.float(), mask)
         return {"loss": loss, "prediction": prediction, "target": target}
+
+    @torch.no_grad()
+    def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,
+                       z_lo: torch.Tensor | None = None, plan: torch.Tensor | None = None) -> torch.Tensor:
+        """The one-step estimate of the clean latents of the masked frames from noise level t [B] (near 1: the
+        model's mean-squared-optimal guess from its conditioning alone). z_hi [B, T, C, H, W] with the reference
+        frames given; plan (optional) replaces the planner's signals (conditioning ablations).
+        Returns [B, T, C, H, W] with the reference frames as given."""
+        check_mask(mask, z_hi.shape[1])
+        if plan is None:
+            if z_lo is None:
+                z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
+            plan = self.plan(z_lo, mask)
+        is_gen = mask[:, :, None, None, None]
+        x_t, _ = diffusion.noisy_and_target(z_hi, noise.to(z_hi.dtype), t)
+        frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)
+        prediction = self.generator(torch.where(is_gen, x_t, z_hi), mask, frame_time, plan)
+        return torch.where(is_gen, diffusion.predict_x0(x_t, prediction, t), z_hi)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -120,7 +138,8 @@ class MarDini(nn.Module):
             return torch.where(is_gen, x, z_hi)
 
         def denoise(x, model_time):
-            frame_time = torch.where(mask, model_time.reshape(-1).expand(B).to(x.dtype)[:, None], 0.0)
+            # fp32 whatever the model dtype: bf16 would round timesteps (997 -> 996) before the embedding
+            frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
             if not guided:
                 return self.generator(x, mask, frame_time, plan)
             cond, uncond = self.generator(torch.cat([x, x]), torch.cat([mask, mask]),

@@ -1,0 +1,193 @@
+"""The learning benchmark: what a trained model does with clips it never saw, against the trivial answers.
+
+A video model that loses to copying its input has learned nothing useful, whatever its loss, so every figure here
+comes with the baseline it must beat, computed on the same held-out clips:
+
+- interpolation (first and last frame given): PSNR / SSIM of one sample per clip vs the linear blend of the ends;
+- posterior mean: the one-step clean estimate from (almost) pure noise, the model's mean-squared-optimal guess of
+  the generated frames. It separates "the network has not learned" (posterior mean below the blend) from "the
+  sampler is wrong" (posterior mean above the blend, samples far below it);
+- conditioning ablations: the posterior mean again with the plan replaced by the null plan (zeros when the model has
+  none), with each frame's plan tokens shuffled, and with the given frames replaced by noise: an input the model
+  ignores shows no drop;
+- image-to-video (middle frame given): best-of-K PSNR vs repeating the given frame, and the motion energy (mean
+  absolute difference of consecutive frames) of generated vs real clips: a model that only copies has ratio 0;
+- optionally a sweep of the sampler's step count.
+
+PSNR is per clip over its generated frames, then averaged over clips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data.latent_cache import encode_given
+from ..masking import task_mask
+from .benchmarks import linear_blend, repeat_nearest
+from .metrics import ssim_frames
+
+POSTERIOR_T = 0.999  # "pure noise": t = 1 is outside the training range (0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ clips
+def held_out_clips(data: Mapping, count: int, num_frames: int | None = None) -> Tensor:
+    """[count, T, 3, H, W] clips in [-1, 1] that training never read, from a training data config (the ``data``
+    entry of an export's config.json): synthetic clips of ``val_seed``'s stream, or clips of the held-out video files
+    (``video.val_root``, else the ``val_fraction`` of the training files). More clips than files take other
+    starts in the same files."""
+    source = data.get("source")
+    if source == "synthetic":
+        from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+        values = dict(data["synthetic"], seed=data["val_seed"], num_videos=count)
+        if num_frames:
+            values["num_frames"] = num_frames
+        dataset = SyntheticVideoDataset(SyntheticVideoConfig(**values))
+        return torch.stack([dataset[i]["video"] for i in range(count)])
+    if source == "video":
+        from ..data.video import VideoDataset
+
+        values = dict(data["video"], seed=data.get("val_seed", 0))
+        if num_frames:
+            values["num_frames"] = num_frames
+        dataset = VideoDataset(values, split="val")
+        return torch.stack([dataset.get(i % len(dataset), epoch=i // len(dataset))["video"] for i in range(count)])
+    raise ValueError(f"held-out clips of data.source={source!r} cannot be read without the training run (a latent "
+                     f"cache needs its autoencoder): pass the clips' source explicitly (a manifest or 'synthetic')")
+
+
+def video_clips(root: str, count: int, num_frames: int, height: int, width: int, fps: float = 8.0) -> Tensor:
+    """[count, T, 3, H, W] clips from every file of a folder or manifest (for files held out by construction,
+    e.g. a corpus's val.csv), taken from each file's centre, cycling through the files."""
+    from ..data.video import VideoDataConfig, VideoDataset
+
+    dataset = VideoDataset(VideoDataConfig(root=root, num_frames=num_frames, height=height, width=width, fps=fps,
+                                           clip_start="center"))
+    return torch.stack([dataset.get(i % len(dataset), epoch=i // len(dataset))["video"] for i in range(count)])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def clip_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """PSNR per clip over its generated frames: pred/target [N, T, 3, H, W] in [-1, 1], mask [T] -> [N] (dB)."""
+    mse = ((pred[:, mask].double().clamp(-1, 1) - target[:, mask].double().clamp(-1, 1)) / 2).pow(2)
+    return -10.0 * torch.log10(mse.flatten(1).mean(1).clamp_min(1e-20))
+
+
+def clip_ssim(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean SSIM per clip over its generated frames -> [N]."""
+    return torch.stack([ssim_frames(p[mask], t[mask]).mean() for p, t in zip(pred, target)])
+
+
+def motion_energy(videos: Tensor) -> float:
+    """Mean absolute difference of consecutive frames (in [-1, 1] units) of [N, T, 3, H, W]."""
+    return (videos[:, 1:].float() - videos[:, :-1].float()).abs().mean().item()
+
+
+def baseline(videos: Tensor, mask: Tensor, name: str) -> Tensor:
+    """The linear blend or the repeat-nearest answer for every clip: [N, T, 3, H, W]."""
+    fn = {"linear_blend": linear_blend, "repeat_nearest": repeat_nearest}[name]
+    return torch.stack([fn(v, mask) for v in videos])
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@torch.no_grad()
+def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, seed: int = 0,
+                   plan: str = "model", references: str = "given", batch_size: int = 16) -> Tensor:
+    """The model's one-step clean estimate of the generated frames from noise level t: [N, T, 3, H, W] pixels with
+    the given frames copied back. plan: "model" | "null" (the learned null plan, zeros without one) | "shuffled"
+    (each frame's plan tokens permuted: same content, wrong places); references: "given" | "noise" (the given
+    frames replaced by uniform noise images, for the planner and the generator alike)."""
+    model, diffusion, device = pipe.model, pipe.diffusion, pipe.device
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for chunk in videos.split(batch_size):
+        n, T = chunk.shape[:2]
+        m = mask[None].expand(n, T).to(device)
+        pixels = chunk.to(device)
+        if references == "noise":
+            noise_images = torch.rand(pixels.shape, generator=g).to(device) * 2 - 1
+            pixels = torch.where(m[:, :, None, None, None], pixels, noise_images)
+        z, z_lo = encode_given(pipe.autoencoder, pixels, m, model.cfg.lowres_factor, pipe.lowres_mode)
+        z, z_lo = z.to(pipe.dtype), z_lo.to(pipe.dtype)
+        signals = model.plan(z_lo, m)
+        if plan == "null":
+            null = model.null_plan if model.null_plan is not None else torch.zeros(signals.shape[-1], device=device)
+            signals = null.to(signals.dtype).expand_as(signals)
+        elif plan == "shuffled":
+            perm = torch.randperm(signals.shape[2], generator=g).to(device)
+            signals = signals[:, :, perm]
+        elif plan != "model":
+            raise ValueError(f"plan must be model, null or shuffled; got {plan!r}")
+        noise = torch.randn(z.shape, generator=g).to(device, z.dtype)
+        estimate = model.clean_estimate(z, m, diffusion, torch.full((n,), t, device=device), noise, plan=signals)
+        frames = pipe.autoencoder.decode(estimate.float()).cpu()
+        out.append(torch.where(m.cpu()[:, :, None, None, None], frames, chunk))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, seed: int = 0) -> Tensor:
+    """One sample per clip (seed + clip index): [N, T, 3, H, W], given frames exactly as given."""
+    out = []
+    for i, video in enumerate(videos):
+        given = {int(p): video[p] for p in (~mask).nonzero().flatten()}
+        out.append(pipe(frames=given, num_frames=video.shape[0], num_steps=num_steps, seed=seed + i))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def _mean(x: Tensor) -> float:
+    return float(x.float().mean())
+
+
+def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0,
+                         ablations: bool = True) -> dict:
+    """Interpolation (first + last given) of every clip: sampled, posterior mean, blend, and the ablations."""
+    T = videos.shape[1]
+    mask = task_mask("interpolation", T)
+    blend = baseline(videos, mask, "linear_blend")
+    sampled = samples(pipe, videos, mask, num_steps, seed)
+    report = {
+        "psnr": _mean(clip_psnr(sampled, videos, mask)), "ssim": _mean(clip_ssim(sampled, videos, mask)),
+        "blend_psnr": _mean(clip_psnr(blend, videos, mask)), "blend_ssim": _mean(clip_ssim(blend, videos, mask)),
+        "posterior_mean_psnr": _mean(clip_psnr(posterior_mean(pipe, videos, mask, seed=seed), videos, mask)),
+    }
+    if ablations:
+        for name, kw in (("null_plan", dict(plan="null")), ("shuffled_plan", dict(plan="shuffled")),
+                         ("noise_references", dict(references="noise"))):
+            estimate = posterior_mean(pipe, videos, mask, seed=seed, **kw)
+            report[f"posterior_mean_psnr_{name}"] = _mean(clip_psnr(estimate, videos, mask))
+    return report
+
+
+def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None = None, seed: int = 0) -> dict:
+    """Image-to-video from the middle frame: best-of-K and mean PSNR vs repeating the frame; motion energy."""
+    T = videos.shape[1]
+    mask = task_mask("i2v", T, position="middle")
+    runs = [samples(pipe, videos, mask, num_steps, seed + 1000 * k) for k in range(num_seeds)]
+    psnr = torch.stack([clip_psnr(r, videos, mask) for r in runs])  # [K, N]
+    real = motion_energy(videos)
+    generated = sum(motion_energy(r) for r in runs) / len(runs)
+    return {"best_of": num_seeds, "best_psnr": _mean(psnr.max(0).values), "mean_psnr": _mean(psnr),
+            "repeat_psnr": _mean(clip_psnr(baseline(videos, mask, "repeat_nearest"), videos, mask)),
+            "motion_energy": generated, "real_motion_energy": real,
+            "motion_ratio": generated / real if real > 0 else math.nan}
+
+
+def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0, i2v_seeds: int = 4,
+                    ablations: bool = True, step_sweep: Sequence[int] = ()) -> dict:
+    """The whole benchmark on clips [N, T, 3, H, W]; a JSON-able dict."""
+    report = {"clips": int(videos.shape[0]), "num_frames": int(videos.shape[1]),
+              "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps,
+              "interpolation": interpolation_report(pipe, videos, num_steps, seed, ablations)}
+    if i2v_seeds:
+        report["i2v"] = i2v_report(pipe, videos, i2v_seeds, num_steps, seed)
+    if step_sweep:
+        mask = task_mask("interpolation", videos.shape[1])
+        report["step_sweep"] = {int(n): _mean(clip_psnr(samples(pipe, videos, mask, n, seed), videos, mask))
+                                for n in step_sweep}
+    return report

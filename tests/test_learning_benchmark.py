@@ -1,0 +1,139 @@
+"""The learning benchmark (mardini/evaluation/learning.py, benchmarks/demo_quality.py): held-out clips, the
+baselines, the posterior mean and its ablations, and the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mardini.autoencoders.identity import IdentityAutoencoder
+from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
+from mardini.evaluation.learning import (baseline, clip_psnr, held_out_clips, interpolation_report, motion_energy,
+                                         posterior_mean)
+from mardini.inference import MarDiniPipeline
+from mardini.masking import task_mask
+from mardini.models import MarDini, model_config
+
+REPO = Path(__file__).resolve().parent.parent
+T, H = 5, 16
+
+
+def random_pipeline(seed: int = 0) -> MarDiniPipeline:
+    """A tiny model with every parameter random (no zero-initialised layer hides a dependence)."""
+    torch.manual_seed(seed)
+    model = MarDini(model_config("tiny", latent_channels=12))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in m.named_parameters(recurse=False):
+                gain = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and name == "weight"
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if gain else 0.0))
+    config = {"num_frames": T, "height": H, "width": H, "fps": 8, "lowres_mode": "latents",
+              "diffusion": dataclasses.asdict(DiffusionConfig()),
+              "autoencoder": {"name": "identity", "patch_size": 2, "scale": 3.5, "shift": -0.38}}
+    return MarDiniPipeline(model, Diffusion(DiffusionConfig()), IdentityAutoencoder(2, 3.5, -0.38), config)
+
+
+def clips(n: int = 3) -> torch.Tensor:
+    data = SyntheticVideoDataset(SyntheticVideoConfig(seed=7, num_videos=n, num_frames=T, height=H, width=H))
+    return torch.stack([data[i]["video"] for i in range(n)])
+
+
+def test_held_out_clips_are_the_validation_seeds_stream():
+    data = {"source": "synthetic", "val_seed": 11,
+            "synthetic": dict(num_videos=64, num_frames=T, height=H, width=H, min_shapes=1, max_shapes=3, seed=0)}
+    videos = held_out_clips(data, 3)
+    expected = SyntheticVideoDataset(SyntheticVideoConfig(seed=11, num_videos=3, num_frames=T, height=H, width=H))
+    assert torch.equal(videos, torch.stack([expected[i]["video"] for i in range(3)]))
+    train = SyntheticVideoDataset(SyntheticVideoConfig(seed=0, num_videos=64, num_frames=T, height=H, width=H))
+    assert not any(torch.equal(videos[0], train[i]["video"]) for i in range(64))
+    with pytest.raises(ValueError, match="data.source='cache'"):
+        held_out_clips({"source": "cache"}, 3)
+
+
+def test_baselines_and_metrics():
+    videos = clips()
+    mask = task_mask("interpolation", T)
+    blend = baseline(videos, mask, "linear_blend")
+    assert torch.equal(blend[1], linear_blend(videos[1], mask))
+    assert torch.allclose(blend[:, 2], (videos[:, 0] + videos[:, -1]) / 2)
+    assert torch.equal(baseline(videos, task_mask("i2v", T, position="middle"), "repeat_nearest")[0],
+                       repeat_nearest(videos[0], task_mask("i2v", T, position="middle")))
+    assert (clip_psnr(videos, videos, mask) > 150).all()  # identical: clamped, not inf
+    noisy = videos + 0.1 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
+    noisier = videos + 0.2 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
+    assert (clip_psnr(noisy, videos, mask) > clip_psnr(noisier, videos, mask) + 5).all()
+    still = videos[:, :1].expand_as(videos)
+    assert motion_energy(still) == 0 and motion_energy(videos) > 0
+
+
+def test_posterior_mean_keeps_given_frames_and_each_ablation_changes_it():
+    pipe, videos = random_pipeline(), clips()
+    mask = task_mask("interpolation", T)
+    estimate = posterior_mean(pipe, videos, mask)
+    assert torch.equal(estimate[:, ~mask], videos[:, ~mask])
+    assert torch.equal(estimate, posterior_mean(pipe, videos, mask))  # seeded
+    for kw in (dict(plan="null"), dict(plan="shuffled"), dict(references="noise")):
+        ablated = posterior_mean(pipe, videos, mask, **kw)
+        assert (ablated - estimate)[:, mask].abs().max() > 1e-3, kw
+    # one denoising step from t = 0.999 with the same noise, done by hand
+    model, diffusion = pipe.model, pipe.diffusion
+    with torch.no_grad():
+        z = pipe.autoencoder.encode(videos)
+        m = mask[None].expand(len(videos), T)
+        z = torch.where(m[:, :, None, None, None], 0.0, z)
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.full((len(videos),), 0.999)
+        x_t, _ = diffusion.noisy_and_target(z, noise, t)
+        plan = model.plan(model_lowres(model, z), m)
+        pred = model.generator(torch.where(m[:, :, None, None, None], x_t, z), m, torch.where(m, 999.0, 0.0), plan)
+        by_hand = pipe.autoencoder.decode(diffusion.predict_x0(x_t, pred, t))
+    assert torch.allclose(estimate[:, mask], by_hand[:, mask], atol=1e-5)
+    with pytest.raises(ValueError, match="plan must be"):
+        posterior_mean(pipe, videos, mask, plan="other")
+
+
+def model_lowres(model, z):
+    from mardini.models import lowres_from_hires
+
+    return lowres_from_hires(z, model.cfg.lowres_factor)
+
+
+def test_interpolation_report_scores_the_blend_independently():
+    pipe, videos = random_pipeline(), clips()
+    report = interpolation_report(pipe, videos, num_steps=2, ablations=False)
+    mask = task_mask("interpolation", T)
+    expected = clip_psnr(torch.stack([linear_blend(v, mask) for v in videos]), videos, mask).mean().item()
+    assert report["blend_psnr"] == pytest.approx(expected)
+    assert report["psnr"] < report["blend_psnr"]  # a random model loses to the blend
+    assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr"}
+
+
+@pytest.mark.slow
+def test_demo_quality_cli_writes_the_report(tmp_path):
+    pipe = random_pipeline()
+    pipe.config["data"] = {"source": "synthetic", "val_seed": 5, "synthetic": dict(
+        num_videos=10, num_frames=T, height=H, width=H, min_shapes=1, max_shapes=3, seed=0)}
+    export = pipe.save_pretrained(tmp_path / "export")
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export), "--clips", "2",
+                             "--steps", "2", "--i2v-seeds", "2", "--step-sweep", "1", "--device", "cpu",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "interpolation    PSNR" in result.stdout and "linear blend     PSNR" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["clips"] == 2 and "validation seed 5" in report["clips_from"]
+    i, v = report["interpolation"], report["i2v"]
+    assert i["posterior_mean_psnr_noise_references"] != i["posterior_mean_psnr"]
+    assert v["best_psnr"] >= v["mean_psnr"] and v["best_of"] == 2 and math.isfinite(v["motion_ratio"])
+    assert set(report["step_sweep"]) == {"1"} and math.isfinite(report["step_sweep"]["1"])
