@@ -29,9 +29,9 @@ def main():
     p.add_argument("--latent", type=int, default=64)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lowres", type=int, default=4)
+    p.add_argument("--size", default="paper", help="model size (mardini/models/config.py MODEL_SIZES)")
     p.add_argument("--out", default="profile.json")
     args = p.parse_args()
-    args.size = "paper"
     step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn")
 
     for _ in range(4):
