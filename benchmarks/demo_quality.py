@@ -13,6 +13,8 @@ Reports (mardini/evaluation/learning.py):
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
   image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, and the motion energy of generated
                    vs real clips
+  attention        (--attention) per generator block, for generated-frame queries at t = 0.5 and 0.999: the mass
+                   on the given frames' keys and its share near the query's own place, each beside uniform attention
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from mardini.evaluation.learning import held_out_clips, learning_report, video_clips
+from mardini.evaluation.learning import generator_attention, held_out_clips, learning_report, video_clips
+from mardini.masking import task_mask
 from mardini.inference import MarDiniPipeline
 
 
@@ -68,6 +71,12 @@ def print_report(report: dict) -> None:
               f"(ratio {v['motion_ratio']:.2f})")
     for steps, value in report.get("step_sweep", {}).items():
         print(f"  {steps:3d} steps      PSNR {value:6.2f} dB")
+    for t, rows in report.get("attention", {}).items():
+        print(f"attention at t={t} (interpolation; generated-frame queries; uniform attention in brackets)")
+        for r in rows:
+            print(f"  block {r['block']}: on given frames {r['ref_mass']:.2f} ({r['uniform_ref_mass']:.2f}), "
+                  f"near own place {r['local_share_of_ref_mass']:.2f} ({r['uniform_local_share']:.2f}), "
+                  f"own frame {r['own_frame_mass']:.2f} ({r['uniform_own_frame_mass']:.2f})")
 
 
 def main(argv=None) -> dict:
@@ -80,6 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--step-sweep", type=int, nargs="*", default=[], help="also sample with these step counts")
+    p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -94,6 +104,9 @@ def main(argv=None) -> dict:
           f"({where})", file=sys.stderr)
     report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
                              args.step_sweep)
+    if args.attention:
+        mask = task_mask("interpolation", videos.shape[1])
+        report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}
     report.update(model=str(args.model), weights=args.weights, clips_from=where, device=str(args.device),
                   seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
     print_report(report)

@@ -5,9 +5,10 @@ MFU = model FLOPs per second / peak bf16 matmul rate. Model FLOPs come from the 
 reference queries x own frame) times 3 for forward + backward. The peak defaults to 803 TFLOP/s, the bf16 matmul
 rate measured on this project's H100 (8192^3 matmul).
 
-    python benchmarks/train_step.py --variants eager,compile --out results.json
+    python benchmarks/train_step.py --parts joint --compile 0,1 --kernels cudnn,xformers --out results.json
 
-Each variant: eager/compile x activation checkpointing x SDPA kernel x identity-attention implementation.
+Each variant: eager/compile x activation checkpointing x attention kernel (an SDPA kernel, or xformers) x
+identity-attention implementation.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ def make_batch(args, device):
 
 
 def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel: str = "cudnn",
-               impl: str = "split"):
+               impl: str = "split", backend: str = "sdpa"):
     """(step, model, mask): one bf16 training step of `part` (planner | generator | joint) with fused AdamW on a
     fixed paper-like batch; shared with profile_step.py."""
     device = torch.device("cuda")
     cfg = model_config(args.size, latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
-                       sdpa_kernel=kernel, generator=dict(identity_impl=impl))
+                       sdpa_kernel=kernel, attn_backend=backend, generator=dict(identity_impl=impl))
     torch.manual_seed(0)
     model = MarDini(cfg).to(device)
     if ac:
@@ -79,7 +80,10 @@ def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel
 
 
 def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str) -> dict:
-    step, model, mask = build_step(args, part, compile_, ac, kernel, impl)
+    """kernel: an SDPA kernel (cudnn, flash, efficient, math, auto) or "xformers" (the xformers backend)."""
+    backend = "xformers" if kernel == "xformers" else "sdpa"
+    step, model, mask = build_step(args, part, compile_, ac, "auto" if backend == "xformers" else kernel, impl,
+                                   backend)
     cfg, (B, T) = model.cfg, mask.shape
     seconds, peak = timed(step, args.warmup + (3 if compile_ else 0), args.iters)
     flops = model.estimate_flops(T, (args.latent, args.latent), int(mask[0].sum()), B)
@@ -105,7 +109,7 @@ def main():
     p.add_argument("--parts", default="planner,generator,joint")
     p.add_argument("--compile", default="0,1")
     p.add_argument("--ac", default="0")
-    p.add_argument("--kernels", default="cudnn,flash")
+    p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers (the xformers backend)")
     p.add_argument("--impls", default="split")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)

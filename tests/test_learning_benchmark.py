@@ -18,8 +18,8 @@ from mardini.autoencoders.identity import IdentityAutoencoder
 from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
-from mardini.evaluation.learning import (baseline, clip_psnr, held_out_clips, interpolation_report, motion_energy,
-                                         posterior_mean)
+from mardini.evaluation.learning import (baseline, clip_psnr, generator_attention, held_out_clips,
+                                         interpolation_report, motion_energy, posterior_mean)
 from mardini.inference import MarDiniPipeline
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
@@ -128,7 +128,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export), "--clips", "2",
                              "--steps", "2", "--i2v-seeds", "2", "--step-sweep", "1", "--device", "cpu",
-                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+                             "--attention", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "interpolation    PSNR" in result.stdout and "linear blend     PSNR" in result.stdout
     report = json.loads(out.read_text())
@@ -137,3 +137,37 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert i["posterior_mean_psnr_noise_references"] != i["posterior_mean_psnr"]
     assert v["best_psnr"] >= v["mean_psnr"] and v["best_of"] == 2 and math.isfinite(v["motion_ratio"])
     assert set(report["step_sweep"]) == {"1"} and math.isfinite(report["step_sweep"]["1"])
+    blocks = len(pipe.model.generator.blocks)
+    assert {t: len(rows) for t, rows in report["attention"].items()} == {"0.5": blocks, "0.999": blocks}
+    assert "attention at t=0.5" in result.stdout
+
+
+def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> None:
+    """Every generator self-attention's queries and keys = weight_scale * W x + bias (values untouched)."""
+    with torch.no_grad():
+        for block in pipe.model.generator.blocks:
+            D = block.attn.qkv.in_features
+            block.attn.qkv.weight[: 2 * D] *= weight_scale
+            block.attn.qkv.bias[: 2 * D] = bias
+
+
+def test_attention_diagnostic_reads_uniform_attention_as_uniform():
+    """Queries and keys of zero give uniform attention: every figure must equal its uniform reference exactly."""
+    pipe = random_pipeline()
+    _set_query_key(pipe, 0.0, 0.0)
+    mask = task_mask("interpolation", T)
+    for row in generator_attention(pipe, clips(2), mask):
+        assert row["ref_mass"] == pytest.approx(row["uniform_ref_mass"], abs=1e-5) == 2 / T
+        assert row["own_frame_mass"] == pytest.approx(row["uniform_own_frame_mass"], abs=1e-5)
+        assert row["local_share_of_ref_mass"] == pytest.approx(row["uniform_local_share"], abs=1e-5)
+
+
+def test_attention_diagnostic_sees_attention_that_stays_at_its_place():
+    """Constant queries and keys rotated by RoPE attend most where the key sits at the query's own place and frame:
+    the diagnostic must report own-frame mass and local share far above uniform."""
+    pipe = random_pipeline()
+    _set_query_key(pipe, 0.0, 3.0)
+    mask = task_mask("interpolation", T)
+    for row in generator_attention(pipe, clips(2), mask):
+        assert row["own_frame_mass"] > 2 * row["uniform_own_frame_mass"]
+        assert row["local_share_of_ref_mass"] > 2 * row["uniform_local_share"]

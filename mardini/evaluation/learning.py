@@ -139,6 +139,65 @@ def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, se
     return torch.stack(out)
 
 
+@torch.no_grad()
+def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed: int = 0, radius: int = 1,
+                        batch_size: int = 8) -> list[dict]:
+    """Where the generated frames look, per generator block: for the self-attention queries of generated frames
+    (heads and clips pooled), the attention mass on reference-frame keys and, of that mass, the share within
+    `radius` tokens of the query's own place. Each figure comes with what uniform attention would give, so a
+    block that ignores the given frames (mass at or below uniform) or cannot find the matching place in them
+    (local share at uniform) shows it. Runs the model's clean estimate from noise level t."""
+    model, diffusion, device = pipe.model, pipe.diffusion, pipe.device
+    p = model.cfg.generator.patch_size
+    g = torch.Generator().manual_seed(seed)
+    blocks = model.generator.blocks
+    totals = [{"ref_mass": 0.0, "local_mass": 0.0, "own_frame_mass": 0.0, "queries": 0} for _ in blocks]
+    originals = [block.attn.attend for block in blocks]
+    for chunk in videos.split(batch_size):
+        n, T = chunk.shape[:2]
+        m = mask[None].expand(n, T).to(device)
+        z, z_lo = encode_given(pipe.autoencoder, chunk.to(device), m, model.cfg.lowres_factor, pipe.lowres_mode)
+        h, w = z.shape[-2] // p, z.shape[-1] // p
+        ys, xs = torch.arange(h, device=device).repeat_interleave(w), torch.arange(w, device=device).repeat(h)
+        near = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)  # [n, n]
+        frame_of = torch.arange(T, device=device).repeat_interleave(h * w)                              # [N]
+        gen_query = mask.to(device)[frame_of]                                                             # [N]
+        ref_key = ~gen_query
+        same_place = near.repeat(T, T)                                                                    # [N, N]
+        same_frame = frame_of[:, None] == frame_of[None]
+
+        def recorder(index, original):
+            def attend(q, k, v, attn_mask=None):
+                if q.shape[2] == T * h * w:  # the full (cross-frame) call; the own-frame call is per frame
+                    logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+                    if attn_mask is not None:
+                        logits = logits.masked_fill(~attn_mask, float("-inf"))
+                    probs = logits.softmax(-1)[:, :, gen_query]                  # [B, H, Ng, N]
+                    tot = totals[index]
+                    tot["ref_mass"] += float(probs[..., ref_key].sum())
+                    tot["local_mass"] += float((probs * same_place[gen_query])[..., ref_key].sum())
+                    tot["own_frame_mass"] += float((probs * same_frame[gen_query]).sum())
+                    tot["queries"] += probs.shape[0] * probs.shape[1] * probs.shape[2]
+                return original(q, k, v, attn_mask)
+            return attend
+
+        try:
+            for i, block in enumerate(blocks):
+                block.attn.attend = recorder(i, originals[i])
+            noise = torch.randn(z.shape, generator=g).to(device, z.dtype)
+            model.clean_estimate(z.to(pipe.dtype), m, diffusion, torch.full((n,), t, device=device), noise,
+                                 z_lo=z_lo.to(pipe.dtype))
+        finally:
+            for block, original in zip(blocks, originals):
+                block.attn.attend = original
+    n_ref, T = int((~mask).sum()), mask.shape[0]
+    window = float(near.sum(1).float().mean()) / (h * w)  # uniform share of a frame within the radius
+    return [{"block": i, "ref_mass": tot["ref_mass"] / tot["queries"], "uniform_ref_mass": n_ref / T,
+             "local_share_of_ref_mass": tot["local_mass"] / max(tot["ref_mass"], 1e-12), "uniform_local_share": window,
+             "own_frame_mass": tot["own_frame_mass"] / tot["queries"], "uniform_own_frame_mass": 1 / T}
+            for i, tot in enumerate(totals)]
+
+
 # ------------------------------------------------------------------------------------------------ the report
 def _mean(x: Tensor) -> float:
     return float(x.float().mean())

@@ -68,9 +68,13 @@ def attention(
             full = torch.zeros(B, H, Nq, Nk + pad, dtype=q.dtype, device=q.device)
             full[..., :Nk].masked_fill_(~mask.expand(B, H, Nq, Nk), float("-inf"))
             bias = full[..., :Nk]
-        out = xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
-        )
+        try:
+            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  attn_bias=bias)
+        except NotImplementedError as e:  # e.g. a wheel built for another torch / CUDA: its kernels do not load
+            raise RuntimeError(f"xformers has no kernel for these inputs on {q.device} ({q.dtype}); its build may "
+                               f"not match torch {torch.__version__} (python -m xformers.info); use "
+                               f"model.attn_backend=sdpa\n{str(e)[:500]}") from e
         return out.transpose(1, 2)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
