@@ -69,8 +69,8 @@ def take_flag(argv: list[str], flag: str) -> bool:
     return found
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"):
-    """Compose and validate the run config without starting a run (tests, notebooks, tools)."""
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config", validate: bool = True):
+    """Compose (and validate) the run config without starting a run (tests, notebooks, tools)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -80,8 +80,43 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
-    validate_config(cfg)
+    if validate:
+        validate_config(cfg)
     return cfg
+
+
+def check_overrides(prog: str, overrides: list[str]) -> None:
+    """Compose the config once before Hydra does: an unknown key or option is then one line that names it and the
+    nearest valid one, instead of Hydra's block (whose suggestion, `+key=value`, would only fail later)."""
+    import difflib
+    import re
+
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    overrides = [o for o in overrides if not o.startswith(("-", "hydra.", "+hydra.", "++hydra.", "~hydra."))]
+    if not overrides:
+        return
+    try:
+        compose_config(overrides, validate=False)
+    except HydraException as e:
+        message = f"{e}\n{e.__cause__ or ''}"
+        first = message.strip().splitlines()[0]
+        key = re.search(r"full_key: (\S+)", message)
+        group = re.search(r"Could not find '([^/']+)/([^']+)'", message)
+        if key:
+            parent = key.group(1).rpartition(".")[0]
+            node = compose_config(validate=False)
+            node = OmegaConf.select(node, parent) if parent else node
+            known = [f"{parent}.{k}" if parent else str(k) for k in (node.keys() if node is not None else [])]
+            near = difflib.get_close_matches(key.group(1), known, n=1)
+            first = f"unknown config key {key.group(1)}" + (f" (did you mean {near[0]}?)" if near else "")
+        elif group:
+            options = sorted(p.stem for p in (CONFIG_DIR / group.group(1)).glob("*.yaml"))
+            first = f"{group.group(1)}={group.group(2)}: no such option (choose one of {', '.join(options)})"
+        where = "; the keys are listed in docs/CONFIG.md" if key else ""
+        print(f"{prog}: error: {first}{where}\n(--debug shows Hydra's message)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE) from None
 
 
 def train_main() -> None:
@@ -92,6 +127,9 @@ def train_main() -> None:
 
     debug = take_flag(sys.argv, "--debug")
     register_configs()
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    if not (debug or multirun or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+        check_overrides("mardini-train", sys.argv[1:])
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg) -> None:

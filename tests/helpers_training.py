@@ -142,7 +142,8 @@ def unwrapped_state(trainer) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ subprocess
 def subprocess_env(tmp_path) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1",
                WANDB_MODE="disabled", WANDB_DIR=str(tmp_path), TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     for key in list(env):  # never inherit a distributed launch from the test runner
@@ -178,13 +179,16 @@ def load_cfg(path, **train):
 """
 
 
-def torchrun(nproc: int = 2) -> tuple[str, ...]:
-    """The command that launches a script on `nproc` local CPU processes (gloo), on a free port."""
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> tuple[str, ...]:
+    """The command that launches a script on `nproc` local CPU processes (gloo), on a free port."""
     return (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port))
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,3 +199,29 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def record_times(trainer) -> dict[str, list[dict]]:
+    """Record, per training step (str, as JSON keys are), the dtype and value of the model time that the generator
+    receives for each sample's generated frames; the dict fills in as the trainer runs."""
+    from mardini.models.generator import Generator
+
+    times, state = {}, {"step": None}
+    original = trainer._micro_step
+
+    def micro_step(batch, step):
+        state["step"] = step
+        try:
+            return original(batch, step)
+        finally:
+            state["step"] = None
+
+    def hook(module, args, out):
+        if state["step"] is not None:
+            mt, mask = args[2], args[1]
+            times.setdefault(str(state["step"]), []).extend(
+                [{"dtype": str(mt.dtype), "t": float(mt[b][mask[b]].max())} for b in range(mt.shape[0])])
+
+    trainer._micro_step = micro_step
+    next(m for m in trainer.model.modules() if isinstance(m, Generator)).register_forward_hook(hook)
+    return times

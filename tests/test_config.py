@@ -291,7 +291,7 @@ def test_accelerate_configs_load():
 
     from mardini.models import generator, planner
 
-    expected = {"single_gpu": (1, 1, None), "fsdp_8gpu": (8, 1, 2), "multi_node": (16, 2, 2)}
+    expected = {"single_gpu": (1, 1, None), "fsdp_2gpu": (2, 1, 2), "fsdp_8gpu": (8, 1, 2), "multi_node": (16, 2, 2)}
     assert sorted(expected) == options("accelerate")
     for name, (processes, machines, fsdp_version) in expected.items():
         cfg = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))

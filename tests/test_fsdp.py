@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from helpers_training import single_thread, torchrun  # noqa: F401 (single_thread: autouse fixture)
-from helpers_training import (SCRIPT_PRELUDE, assert_state_equal, checkpoint, checkpoint_names, cfg_to_yaml,
+from helpers_training import (SCRIPT_PRELUDE, record_times, assert_state_equal, checkpoint, checkpoint_names, cfg_to_yaml,
                               max_abs_diff, read_metrics, run_script, tiny_config, trainer_state,
                               two_stage_curriculum)
 from mardini.training.trainer import Trainer
@@ -76,32 +76,12 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
+from helpers_training import record_times
 from mardini.training.trainer import Trainer
 
 jobs = json.loads(open(sys.argv[1]).read())
 end_training = Accelerator.end_training
 Accelerator.end_training = lambda self: None  # fit() would destroy the process group the next job needs
-
-def record_times(trainer):  # {step: [model time of each sample's generated frames]}, as the generator sees them
-    times, state = {}, {"step": None}
-    original = trainer._micro_step
-
-    def micro_step(batch, step):
-        state["step"] = step
-        try:
-            return original(batch, step)
-        finally:
-            state["step"] = None
-
-    def hook(module, args, out):
-        if state["step"] is not None:
-            mt, mask = args[2], args[1]
-            times.setdefault(state["step"], []).extend(
-                [{"dtype": str(mt.dtype), "t": float(mt[b][mask[b]].max())} for b in range(mt.shape[0])])
-
-    trainer._micro_step = micro_step
-    trainer.model.generator.register_forward_hook(hook)
-    return times
 
 def layout(t):
     if isinstance(t, DTensor):
@@ -320,28 +300,9 @@ def test_fsdp_bf16_trains_the_ddp_objective_with_fp32_timesteps(runs, tmp_path):
     """FSDP used to cast the model's inputs to bf16 at the root (t = 0.7771 reached the model as 0.77734375), so
     it trained another objective than DDP. Under bf16 both must see the same fp32 timesteps, exactly, and log the
     same losses up to bf16 rounding."""
-    from mardini.models.generator import Generator
-
     single = tmp_path / "ddp_bf16"
     trainer = Trainer(bf16_config(single, world=1, parallel="ddp"))
-    times, state = {}, {"step": None}
-    original = trainer._micro_step
-
-    def micro_step(batch, step):
-        state["step"] = step
-        try:
-            return original(batch, step)
-        finally:
-            state["step"] = None
-
-    def hook(module, args, out):
-        if state["step"] is not None:
-            mt, mask = args[2], args[1]
-            times.setdefault(str(state["step"]), []).extend(
-                [{"dtype": str(mt.dtype), "t": float(mt[b][mask[b]].max())} for b in range(mt.shape[0])])
-
-    trainer._micro_step = micro_step
-    next(m for m in trainer.model.modules() if isinstance(m, Generator)).register_forward_hook(hook)
+    times = record_times(trainer)
     trainer.fit()
 
     fsdp = [json.loads(Path(f"{runs.root / 'times_bf16'}.rank{k}.json").read_text()) for k in range(2)]

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_training import single_thread, torchrun  # noqa: F401 (single_thread: autouse fixture)
-from helpers_training import checkpoint, checkpoint_names, read_metrics, subprocess_env, tiny_config
+from helpers_training import (REPO, checkpoint, checkpoint_names, free_port, read_metrics, single_thread,  # noqa: F401
+                              subprocess_env, tiny_config, torchrun)
 from mardini.cli import USER_ERROR_EXIT_CODE
 from mardini.data.counter_videos import write_test_video
 from mardini.data.decode import VideoDecodeError, read_clip
@@ -140,6 +140,18 @@ def test_train_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "train.lr must be > 0" in debug.stderr
     full = run_train(tmp_path, run, "train.lr=-1", env=dict(subprocess_env(tmp_path), HYDRA_FULL_ERROR="1"))
     assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "mardini-train: error: unknown config key train.lrr (did you mean train.lr?)"),
+    ("model=hugee", "mardini-train: error: model=hugee: no such option (choose one of base, paper, small, tiny)"),
+])
+def test_unknown_key_or_option_is_one_line_with_the_nearest_valid_one(tmp_path, override, expected):
+    result = run_train(tmp_path, tmp_path / "run", override)
+    assert result.returncode == USER_ERROR_EXIT_CODE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(expected), result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +414,27 @@ def test_a_rank_failing_in_end_of_run_work_ends_the_job(tmp_path):
         output[-4000:]
     assert checkpoint_names(tmp_path / "run") == ["step_000002"]  # the final checkpoint precedes the videos
     print(f"job ended {elapsed:.0f} s after its start")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_launch_with_the_two_gpu_fsdp_config_runs_to_a_clean_finish(tmp_path):
+    """configs/accelerate/fsdp_2gpu.yaml launches two processes (gloo on CPU here: train.cpu=true, and no `--cpu`,
+    which would make Accelerate start one process); with train.parallel=fsdp the run trains, writes a sharded
+    checkpoint, videos and an export, and every rank exits 0."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "fsdp_2gpu.yaml"), "--main_process_port", str(free_port()),
+               "-m", "mardini.train", *TINY, "train.max_steps=2", "train.parallel=fsdp", "train.cpu=true",
+               "run_name=two", f"hydra.run.dir={run}"]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                            timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "FSDP2: 4 blocks sharded over 2 processes" in output and "2 processes on cpu" in output, output[-4000:]
+    assert checkpoint_names(run) == ["step_000002"] and (run / "checkpoints" / "step_000002" / "sharded").is_dir()
+    assert (run / "export" / "model.safetensors").exists() and any((run / "samples").iterdir())
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
 
 
 # ====================================================================== 10. optional media backends
