@@ -94,7 +94,9 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    overrides = [o for o in overrides if not o.startswith(("-", "hydra.", "+hydra.", "++hydra.", "~hydra."))]
+    if any(o.startswith("-") for o in overrides):  # Hydra's own flags (--config-name X, -m, ...): leave it to Hydra
+        return
+    overrides = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "++hydra.", "~hydra."))]
     if not overrides:
         return
     try:
@@ -127,8 +129,7 @@ def train_main() -> None:
 
     debug = take_flag(sys.argv, "--debug")
     register_configs()
-    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
-    if not (debug or multirun or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+    if not (debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
         check_overrides("mardini-train", sys.argv[1:])
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
