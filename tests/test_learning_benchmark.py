@@ -151,9 +151,13 @@ def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> N
             block.attn.qkv.bias[: 2 * D] = bias
 
 
-def test_attention_diagnostic_reads_uniform_attention_as_uniform():
-    """Queries and keys of zero give uniform attention: every figure must equal its uniform reference exactly."""
+@pytest.mark.parametrize("impl", ["split", "mask"])
+def test_attention_diagnostic_reads_uniform_attention_as_uniform(impl):
+    """Queries and keys of zero give uniform attention: every figure must equal its uniform reference exactly (both
+    identity-attention implementations: generated frames attend to every frame in each)."""
     pipe = random_pipeline()
+    for block in pipe.model.generator.blocks:
+        block.identity_impl = impl
     _set_query_key(pipe, 0.0, 0.0)
     mask = task_mask("interpolation", T)
     for row in generator_attention(pipe, clips(2), mask):

@@ -169,15 +169,18 @@ def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed
         def recorder(index, original):
             def attend(q, k, v, attn_mask=None):
                 if q.shape[2] == T * h * w:  # the full (cross-frame) call; the own-frame call is per frame
-                    logits = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-                    if attn_mask is not None:
-                        logits = logits.masked_fill(~attn_mask, float("-inf"))
-                    probs = logits.softmax(-1)[:, :, gen_query]                  # [B, H, Ng, N]
                     tot = totals[index]
-                    tot["ref_mass"] += float(probs[..., ref_key].sum())
-                    tot["local_mass"] += float((probs * same_place[gen_query])[..., ref_key].sum())
-                    tot["own_frame_mass"] += float((probs * same_frame[gen_query]).sum())
-                    tot["queries"] += probs.shape[0] * probs.shape[1] * probs.shape[2]
+                    for b in range(q.shape[0]):  # one clip and head at a time: [Ng, N] probabilities
+                        for head in range(q.shape[1]):
+                            logits = q[b, head, gen_query].float() @ k[b, head].float().T * q.shape[-1] ** -0.5
+                            if attn_mask is not None:
+                                allowed = attn_mask.expand(q.shape[0], q.shape[1], -1, -1)[b, head, gen_query]
+                                logits = logits.masked_fill(~allowed, float("-inf"))
+                            probs = logits.softmax(-1)
+                            tot["ref_mass"] += float(probs[:, ref_key].sum())
+                            tot["local_mass"] += float((probs * same_place[gen_query])[:, ref_key].sum())
+                            tot["own_frame_mass"] += float((probs * same_frame[gen_query]).sum())
+                            tot["queries"] += probs.shape[0]
                 return original(q, k, v, attn_mask)
             return attend
 
