@@ -110,7 +110,7 @@ def main():
     p.add_argument("--compile", default="0,1")
     p.add_argument("--ac", default="0")
     p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers (the xformers backend)")
-    p.add_argument("--impls", default="split")
+    p.add_argument("--impls", default="split", help="identity-attention implementations: split, mask, gather")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=803.0)

@@ -155,7 +155,7 @@ def _attention_setup(seed=0, T=5, H=8, W=8):
     return mask, (x, model_time, plan), (x2, model_time2, plan)
 
 
-@pytest.mark.parametrize("impl", ["split", "mask"])
+@pytest.mark.parametrize("impl", ["split", "mask", "gather"])
 def test_identity_attention_keeps_reference_tokens_clean(impl):
     """Perturbing the noisy latents and timesteps of the masked frames leaves every block's hidden states of the
     reference-frame tokens unchanged, while the masked-frame tokens change."""
@@ -307,25 +307,36 @@ def test_generator_learns_a_task_only_the_plan_carries():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_identity_split_and_mask_implementations_agree(seed):
-    """Both identity implementations compute the same function (same weights, random inputs and masks)."""
+def test_identity_implementations_agree_with_the_dense_mask(seed):
+    """split, gather and the dense-mask reference compute the same function and the same gradients (same weights,
+    random inputs, masks whose generated-frame counts differ between clips, so gather pads)."""
     g = torch.Generator().manual_seed(seed)
-    split = randomize(tiny(generator=dict(identity_impl="split")), seed=seed)
-    dense = tiny(generator=dict(identity_impl="mask"))
-    dense.load_state_dict(split.state_dict())
+    reference = randomize(tiny(generator=dict(identity_impl="mask")), seed=seed)
     B, T = 3, 6
     mask = torch.rand(B, T, generator=g) < 0.5
     mask[:, 0], mask[:, -1] = False, True  # at least one of each
+    mask[0, 1:] = True  # clip 0 generates all but one frame, the others fewer
     x = torch.randn(B, T, C, 8, 8, generator=g)
     model_time = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
-    plan = torch.randn(B, T, 16, split.cfg.signal_dim, generator=g)
-    with torch.no_grad():
-        out_s, hid_s = split.generator(x, mask, model_time, plan, return_hidden=True)
-        out_m, hid_m = dense.generator(x, mask, model_time, plan, return_hidden=True)
-    assert out_s.abs().max() > 1e-3  # not a trivially zero output
-    torch.testing.assert_close(out_m, out_s, rtol=1e-5, atol=1e-5)
-    for hs, hm in zip(hid_s, hid_m):
-        torch.testing.assert_close(hm, hs, rtol=1e-5, atol=1e-5)
+    plan = torch.randn(B, T, 16, reference.cfg.signal_dim, generator=g)
+
+    def run(model):
+        out, hidden = model.generator(x, mask, model_time, plan, return_hidden=True)
+        out.square().mean().backward()
+        return out.detach(), [h.detach() for h in hidden], {n: p.grad for n, p in model.named_parameters()}
+
+    out_ref, hid_ref, grad_ref = run(reference)
+    assert out_ref.abs().max() > 1e-3  # not a trivially zero output
+    for impl in ("split", "gather"):
+        model = tiny(generator=dict(identity_impl=impl))
+        model.load_state_dict(reference.state_dict())
+        out, hidden, grads = run(model)
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        for h, h_ref in zip(hidden, hid_ref):
+            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            if grad_ref[name] is not None:
+                torch.testing.assert_close(grad, grad_ref[name], rtol=1e-4, atol=1e-6, msg=f"{impl}: {name}")
 
 
 # ------------------------------------------------------------------------------------------------ 3. loss

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from .layers import ATTENTION_BACKENDS, SDPA_KERNELS
 
 GENERATOR_ATTENTION = ("identity", "full", "spatial")
-IDENTITY_IMPLS = ("split", "mask")
+IDENTITY_IMPLS = ("split", "mask", "gather")
 MLP_TYPES = ("swiglu", "gelu")
 
 
@@ -33,7 +33,7 @@ class GeneratorConfig:
     patch_size: int = 2     # latent cells per token side, on the high-resolution latents
     mlp_ratio: float = 4.0  # MLP hidden width / dim
     attention: str = "identity"   # identity | full | spatial  (see generator.py)
-    identity_impl: str = "split"  # split: two mask-free attention calls (fast kernels) | mask: one dense boolean mask
+    identity_impl: str = "split"  # split: two mask-free attention calls (fast kernels) | mask: one dense boolean mask | gather: each query once (experimental)
 
 
 @dataclass

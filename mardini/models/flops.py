@@ -52,9 +52,9 @@ def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, i
         pairs = own_pairs
     elif executed and g.identity_impl == "split":
         pairs = full_pairs + own_pairs
-    elif executed:  # dense mask: the kernel computes every pair
+    elif executed and g.identity_impl == "mask":  # dense mask: the kernel computes every pair
         pairs = full_pairs
-    else:
+    else:  # the useful pairs; what identity_impl=gather executes for a clip (a batch pads to its largest count)
         pairs = num_masked * n * N + (T - num_masked) * n * n
     per_block = _linear(N, g.dim, 3 * g.dim) + _linear(N, g.dim, g.dim) + _attention_core(pairs, g.dim)
     per_block += _linear(N, g.dim, g.dim) + _linear(T * m, cfg.signal_dim, 2 * g.dim)  # cross q, kv

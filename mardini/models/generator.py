@@ -42,6 +42,29 @@ def identity_attention_mask(mask: torch.Tensor, tokens_per_frame: int) -> torch.
     return (noisy_query[:, :, None] | same_frame[None]).unsqueeze(1)
 
 
+def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Identity attention that computes each query once: generated-frame queries (gathered per clip, padded to the
+    clip with the most) against every key, reference-frame queries against their own frame only. `split` computes
+    both for every query and keeps one. q, k, v: [B, H, T*n, d]; mask: [B, T]. Experimental: it reads the largest
+    generated-frame count on the host and its shapes follow the mask (torch.compile recompiles per count)."""
+    B, T = mask.shape
+    frames = lambda x: rearrange(x, "b h (t n) d -> (b t) h n d", t=T)  # noqa: E731
+    q_frames = frames(q)
+    out = torch.zeros_like(q_frames)                                       # [(B T), H, n, d]
+    ref = (~mask).flatten().nonzero().squeeze(1)
+    if ref.numel():
+        out[ref] = attend(q_frames[ref], frames(k)[ref], frames(v)[ref])
+    counts = mask.sum(1)
+    most = int(counts.max())
+    if most:
+        order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]  # [B, G]
+        picked = (torch.arange(B, device=mask.device)[:, None] * T + order).flatten()                   # [B*G]
+        generated = attend(rearrange(q_frames[picked], "(b g) h n d -> b h (g n) d", b=B), k, v)
+        real = (torch.arange(most, device=mask.device)[None] < counts[:, None]).flatten()              # not padding
+        out[picked[real]] = rearrange(generated, "b h (g n) d -> (b g) h n d", g=most)[real]
+    return rearrange(out, "(b t) h n d -> b h (t n) d", b=B)
+
+
 class GeneratorBlock(nn.Module):
     """adaLN-Zero DiT block with per-frame cross-attention to the planning signals."""
 
@@ -68,6 +91,8 @@ class GeneratorBlock(nn.Module):
                             "(b t) h n d -> b h (t n) d", t=T)
         elif self.identity_impl == "mask":
             out = self.attn.attend(q, k, v, identity_attention_mask(mask, x.shape[1] // T))
+        elif self.identity_impl == "gather":
+            out = identity_gathered(self.attn.attend, q, k, v, mask)
         else:  # identity, split: full attention for generated frames, own-frame attention for reference frames
             full = self.attn.attend(q, k, v)
             own = rearrange(self.attn.attend(per_frame(q, T), per_frame(k, T), per_frame(v, T)),
