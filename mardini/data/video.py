@@ -297,6 +297,11 @@ class VideoDataset(Dataset):
         """The generator behind sample (index, epoch, attempt): clip start, crop, replacement."""
         return np.random.default_rng([self.cfg.seed, epoch, index, attempt])
 
+    def clips(self, count: int) -> torch.Tensor:
+        """[count, T, 3, H, W]: one clip per file in order, then further rounds with other starts (epochs) when
+        `count` exceeds the number of files (fixed validation and benchmark sets)."""
+        return torch.stack([self.get(i % len(self), epoch=i // len(self))["video"] for i in range(count)])
+
     def get(self, index: int, epoch: int = 0) -> dict:
         """Item `index`; a different `epoch` draws other clip starts and crops from the same files."""
         index = int(index)

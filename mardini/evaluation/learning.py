@@ -54,8 +54,7 @@ def held_out_clips(data: Mapping, count: int, num_frames: int | None = None) -> 
         values = dict(data["video"], seed=data.get("val_seed", 0))
         if num_frames:
             values["num_frames"] = num_frames
-        dataset = VideoDataset(values, split="val")
-        return torch.stack([dataset.get(i % len(dataset), epoch=i // len(dataset))["video"] for i in range(count)])
+        return VideoDataset(values, split="val").clips(count)
     raise ValueError(f"held-out clips of data.source={source!r} cannot be read without the training run (a latent "
                      f"cache needs its autoencoder): pass the clips' source explicitly (a manifest or 'synthetic')")
 
@@ -65,9 +64,8 @@ def video_clips(root: str, count: int, num_frames: int, height: int, width: int,
     e.g. a corpus's val.csv), taken from each file's centre, cycling through the files."""
     from ..data.video import VideoDataConfig, VideoDataset
 
-    dataset = VideoDataset(VideoDataConfig(root=root, num_frames=num_frames, height=height, width=width, fps=fps,
-                                           clip_start="center"))
-    return torch.stack([dataset.get(i % len(dataset), epoch=i // len(dataset))["video"] for i in range(count)])
+    return VideoDataset(VideoDataConfig(root=root, num_frames=num_frames, height=height, width=width, fps=fps,
+                                        clip_start="center")).clips(count)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

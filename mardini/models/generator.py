@@ -48,7 +48,10 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     both for every query and keeps one. q, k, v: [B, H, T*n, d]; mask: [B, T]. Experimental: it reads the largest
     generated-frame count on the host and its shapes follow the mask (torch.compile recompiles per count)."""
     B, T = mask.shape
-    frames = lambda x: rearrange(x, "b h (t n) d -> (b t) h n d", t=T)  # noqa: E731
+
+    def frames(x):  # [B, H, T*n, d] -> [(B T), H, n, d]
+        return rearrange(x, "b h (t n) d -> (b t) h n d", t=T)
+
     q_frames = frames(q)
     out = torch.zeros_like(q_frames)                                       # [(B T), H, n, d]
     ref = (~mask).flatten().nonzero().squeeze(1)

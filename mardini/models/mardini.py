@@ -77,14 +77,16 @@ class MarDini(nn.Module):
             drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
-        x_t, target = diffusion.noisy_and_target(z_hi, noise, t)
-        is_gen = mask[:, :, None, None, None]
-        x_in = torch.where(is_gen, x_t, z_hi)                      # reference frames stay clean
-        frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
-        plan = self.plan(z_lo, mask, drop_plan)
-        prediction = self.generator(x_in, mask, frame_time, plan)
+        x_t, target, prediction = self._denoise_at(z_hi, mask, diffusion, t, noise, self.plan(z_lo, mask, drop_plan))
         loss = diffusion.loss(prediction.float(), target.float(), mask)
         return {"loss": loss, "prediction": prediction, "target": target}
+
+    def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan):
+        """Noise the masked frames of z_hi to level t [B] and run the generator: (x_t, target, prediction)."""
+        x_t, target = diffusion.noisy_and_target(z_hi, noise.to(z_hi.dtype), t)
+        x_in = torch.where(mask[:, :, None, None, None], x_t, z_hi)  # reference frames stay clean
+        frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
+        return x_t, target, self.generator(x_in, mask, frame_time, plan)
 
     @torch.no_grad()
     def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,
@@ -98,11 +100,8 @@ class MarDini(nn.Module):
             if z_lo is None:
                 z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
             plan = self.plan(z_lo, mask)
-        is_gen = mask[:, :, None, None, None]
-        x_t, _ = diffusion.noisy_and_target(z_hi, noise.to(z_hi.dtype), t)
-        frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)
-        prediction = self.generator(torch.where(is_gen, x_t, z_hi), mask, frame_time, plan)
-        return torch.where(is_gen, diffusion.predict_x0(x_t, prediction, t), z_hi)
+        x_t, _, prediction = self._denoise_at(z_hi, mask, diffusion, t, noise, plan)
+        return torch.where(mask[:, :, None, None, None], diffusion.predict_x0(x_t, prediction, t), z_hi)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -28,9 +28,10 @@ from ..autoencoders import build_autoencoder
 from ..autoencoders.kl import kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
-from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+from ..data.synthetic import SyntheticVideoDataset
 from ..data.video import SkipStats, VideoDataset
 from ..diffusion import Diffusion
+from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask
 from ..models import MarDini, as_model_config
 from .. import export as export_format
@@ -611,11 +612,8 @@ class Trainer:
             with torch.no_grad():
                 return self.autoencoder.decode(z.to(self.device).float()).cpu()
         if d.source == "video":
-            val = self.val_dataset
-            return torch.stack([val.get(i % len(val), epoch=i // len(val))["video"] for i in range(count)])
-        values = dict(OmegaConf.to_container(d.synthetic, resolve=True), seed=d.val_seed)
-        data = SyntheticVideoDataset(SyntheticVideoConfig(**dict(values, num_videos=count)))
-        return torch.stack([data[i]["video"] for i in range(min(count, len(data)))])
+            return self.val_dataset.clips(count)
+        return held_out_clips(OmegaConf.to_container(d, resolve=True), count)  # the learning benchmark's clips
 
     @_outcome_shared
     def evaluate(self) -> dict:
@@ -651,7 +649,6 @@ class Trainer:
         """Posterior-mean PSNR of interpolation beside its baseline, the linear blend (mardini.evaluation.learning):
         a posterior mean below the blend means the network has not learned; above it with poor samples, that the
         sampler is at fault."""
-        from ..evaluation.learning import baseline, clip_psnr, posterior_mean
         from ..inference import MarDiniPipeline
 
         pipe = MarDiniPipeline(model, self.diffusion, self.autoencoder,
