@@ -48,7 +48,11 @@ def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
         model = MarDini(as_model_config(cfg.model))
     latent_hw = (data.height // cfg.autoencoder.patch_size, data.width // cfg.autoencoder.patch_size)
     flops = model.estimate_flops(frames, latent_hw, round(masked), batch)
-    return 3 * flops["total"], {**shape, "latent_hw": latent_hw}
+    m = model.cfg
+    n_hi = (latent_hw[0] // m.generator.patch_size) * (latent_hw[1] // m.generator.patch_size)
+    lo = m.lowres_factor * m.planner.patch_size
+    tokens = frames * (n_hi + (latent_hw[0] // lo) * (latent_hw[1] // lo))  # generator + planner tokens
+    return 3 * flops["total"], {**shape, "latent_hw": latent_hw, "tokens_per_sample": tokens}
 
 
 def run_variant(name: str, overrides: list[str], steps: int, workdir: Path, log) -> dict:

@@ -265,6 +265,42 @@ def test_resume_two_processes_in_one(runs):
     assert sharded_files(checkpoint(stopped, 2 * N)) == [".metadata", "__0_0.distcp"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_checkpoint_resaved_by_one_process_is_identical(runs, tmp_path):
+    """The GPU check of issue 14 in small (benchmarks/resave_checkpoint.py): a 2-process sharded checkpoint, loaded
+    by one process and saved again at once; scripts/compare_checkpoints.py finds every model, optimizer and EMA
+    tensor equal, and finds a single changed element."""
+    import importlib.util
+
+    from mardini.training.checkpoint import read_checkpoint_tensors
+
+    spec = importlib.util.spec_from_file_location("compare_checkpoints",
+                                                  Path(__file__).parent.parent / "scripts" / "compare_checkpoints.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    saved = checkpoint(runs.reference, N)
+    out = tmp_path / "resaved"
+    Trainer(run_config(out, world=1, resume=str(saved))).save_checkpoint()
+    resaved = checkpoint(out, N)
+    assert trainer_state(saved)["world_size"] == 2 and trainer_state(resaved)["world_size"] == 1
+    assert script.main([str(saved), str(resaved), "--json", str(tmp_path / "compare.json")]) == 0
+    report = json.loads((tmp_path / "compare.json").read_text())["results"][0]
+    groups = report["groups"]
+    assert set(groups) == {"model", "optim", "ema"} and report["identical"]
+    n_params = len(export_of(runs.reference, "raw"))
+    assert groups["model"]["tensors"] == groups["ema"]["tensors"] == n_params
+    assert groups["optim"]["tensors"] >= 2 * n_params  # exp_avg and exp_avg_sq of every parameter (+ steps)
+
+    tensors = read_checkpoint_tensors(resaved)
+    name = next(k for k in tensors if k.startswith("model.") and tensors[k].numel() > 1)
+    changed = dict(tensors, **{name: tensors[name].clone().index_fill_(0, torch.tensor([0]), 0.5)})
+    found = script.compare(tensors, changed)
+    assert not found["identical"] and found["groups"]["model"]["different"] == 1
+    assert found["groups"]["ema"]["different"] == found["groups"]["optim"]["different"] == 0
+
+
 # ======================================================================================= 3. 1 -> 2 processes
 @pytest.mark.slow
 @pytest.mark.distributed

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers_training import (REPO, checkpoint, checkpoint_names, free_port, read_metrics, single_thread,  # noqa: F401
                               subprocess_env, tiny_config, torchrun)
@@ -480,3 +481,29 @@ def test_media_backends_are_optional_and_loaded_lazily(tmp_path, blocked, expect
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith(e) for line, e in zip(lines, expected)), lines
+
+
+def test_cuda_rng_state_is_this_devices_and_resumes_on_fewer_gpus(monkeypatch):
+    """A checkpoint stored the CUDA RNG state of every device the rank could see, and restoring it on a host that
+    shows fewer GPUs (resuming a 2-GPU run on 1) failed with IndexError (found on the 2-GPU H200). Now each rank
+    stores its own device's state; a state list from an older checkpoint gives the current device its entry."""
+    fake = lambda v: torch.tensor([v], dtype=torch.uint8)  # noqa: E731
+    restored, device = [], {"index": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": fake(7))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state.tolist()))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device["index"])
+    for name in ("get_rng_state_all", "set_rng_state_all"):  # every visible device: what broke the resume
+        monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"torch.cuda.{name} used"))
+
+    state = ckpt._rng_state()
+    assert state["cuda"].tolist() == [7]
+    ckpt._set_rng_state(state)
+    assert restored == [[7]]
+    older = dict(state, cuda=[fake(1), fake(2)])  # written on a host that showed 2 GPUs
+    device["index"] = 1
+    ckpt._set_rng_state(older)
+    assert restored[-1] == [2]
+    device["index"] = 2  # more GPUs now than then: no state for this device, the rest is restored
+    ckpt._set_rng_state(older)
+    assert len(restored) == 2

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -167,6 +168,37 @@ def load_sharded_checkpoint(accelerator, path: str | Path, model, optimizer, sch
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete checkpoint (model, optimizer, EMA), flattened to dotted names, in one plain
+    process (no process group; a sharded checkpoint is read whole whatever world size wrote it). For comparing
+    checkpoints written by different world sizes: scripts/compare_checkpoints.py."""
+    path = _complete(path)
+    if is_sharded_checkpoint(path):
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+            nested = _load_state_dict_from_keys(checkpoint_id=str(path / SHARDED))
+    else:
+        nested = {"model": load_file(str(path / MODEL_FILE)), "ema": load_file(str(path / EMA_FILE))}
+        if (path / "optimizer.bin").exists():
+            nested["optim"] = torch.load(path / "optimizer.bin", map_location="cpu", weights_only=False)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{prefix}.{i}")
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk(nested, "")
+    return flat
+
+
 def _complete(path: str | Path) -> Path:
     path = Path(path)
     if not (path / COMPLETE).exists():
@@ -180,8 +212,8 @@ def _rng_state() -> dict:
     import numpy as np
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may see fewer GPUs than the save did
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -193,5 +225,10 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: the state of every device the rank could see
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

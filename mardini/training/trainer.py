@@ -508,7 +508,10 @@ class Trainer:
                 self.step += 1
                 window.append(result["loss"])
                 window_steps += 1
-                self._append_metrics({"step": self.step, "lr": lr, **result, "time": round(time.time(), 3)})
+                record = {"step": self.step, "lr": lr, **result, "time": round(time.time(), 3)}
+                if self.device.type == "cuda":  # this rank's high-water mark (host-side counter: no sync)
+                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+                self._append_metrics(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
                 if result["skipped"]:
@@ -530,6 +533,7 @@ class Trainer:
                              "train/steps_per_s": window_steps / max(elapsed, 1e-9),
                              "train/nonfinite_total": self.nonfinite_total,
                              "train/curriculum_stage": self.mask_sampler.stage_index(self.step - 1),
+                             **({"train/peak_mem_gib": record["peak_mem_gib"]} if "peak_mem_gib" in record else {}),
                              **self.skip_stats.log_dict()}, step=self.step)
                     window, window_start, window_steps = [], time.perf_counter(), 0
                 if t.sample_every and self.step % t.sample_every == 0 and self.step < t.max_steps:

@@ -1,0 +1,371 @@
+"""Two-GPU training figures (BENCHMARKS.md "Multi-GPU", issue 14): every run is a real `mardini.train` launch.
+
+    python benchmarks/multi_gpu.py --out results/            # 2 GPUs, about 25 minutes
+    python benchmarks/multi_gpu.py --preset cpu --out /tmp/mg # the same phases with the tiny model on 2 CPU
+                                                              # processes (gloo): checks the script, not the speed
+Phases (in this order; --phases picks some, --deadline-min skips those that would start too late):
+  paper_torchrun   paper-size model, FSDP2, bf16, compiled, `torchrun --nproc_per_node 2`: periodic validation,
+                   final samples, export, exit status 0; steps/s, tokens/s, MFU and peak memory per GPU
+  weak_scaling     the same per-GPU batch on 1 GPU (torchrun, 1 process, FSDP) -> efficiency 1 -> 2 GPUs;
+                   meanwhile on the other GPU: the 2-GPU checkpoint loaded and saved again by 1 process
+  reshard          that 1-process checkpoint loaded and saved again by 2 processes under `accelerate launch`;
+                   scripts/compare_checkpoints.py: model, optimizer and EMA identical across 2 -> 1 -> 2
+  paper_accelerate paper-size model under `accelerate launch --config_file configs/accelerate/fsdp_2gpu.yaml`,
+                   activation checkpointing on, a larger batch
+  loss_equality    `small`, FSDP: 2 GPUs x batch b vs 1 GPU x batch b x grad_accum 2 (same global batch, same
+                   samples, noise and masks): the per-step losses; meanwhile on the other GPU: identity_impl
+  ddp_small        `small`, DDP: 1 vs 2 GPUs, torch.compile on and off
+  max_batch        benchmarks/max_batch.py: the largest per-GPU batch of the paper-size run, activation
+                   checkpointing off and on
+  identity_impl    benchmarks/train_step.py: the paper joint step with identity attention split vs gather (1 GPU;
+                   runs inside loss_equality unless that phase is left out)
+Writes --out/multi_gpu.json (after every phase) and --out/logs.tar.gz. MFU = model FLOPs per step per GPU (3 x the
+analytic forward count at the curriculum's mean number of generated frames, benchmarks/train_throughput.py) x
+steps/s / --peak-tflops (790: bf16 matmul measured on the lent H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from train_throughput import model_flops_per_step, steady_rate  # benchmarks/ (the script's folder)
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("paper_torchrun", "weak_scaling", "reshard", "paper_accelerate", "loss_equality", "ddp_small",
+          "max_batch", "identity_impl")
+
+QUIET = ["train.trackers=[]", "train.progress=false"]
+PRESETS = {
+    "gpu": dict(
+        gpus=2, peak_tflops=790.0,
+        # The paper-size model at 512 px latents: 17 frames of 64x64 latents (identity autoencoder on 128x128
+        # synthetic clips: 12 channels; a 16-channel VAE changes only the patch embedding's input width), the
+        # planner at r = 4 (16x16 latents), as in BENCHMARKS.md's training-step tables.
+        paper=["model=paper", "model.latent_channels=12", "model.lowres_factor=4", "data=synthetic_large",
+               "data.synthetic.height=128", "data.synthetic.width=128", "data.num_workers=6", "train=gpu",
+               "train.parallel=fsdp", "train.warmup_steps=10", "train.log_every=10", "train.eval_num_videos=4",
+               "train.num_sample_videos=1", "train.sample_steps=10", "train.keep_last=1",
+               "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0", *QUIET],
+        paper_batch=4, paper_steps=60, paper_eval_every=30, paper_ac_batch=8, paper_ac_steps=24,
+        small=["experiment=small_synthetic", "train.eval_every=0", "train.sample_every=0",
+               "train.checkpoint_every=100000", "train.num_sample_videos=1", *QUIET],
+        small_batch=32, loss_batch=16, loss_steps=200, ddp_steps=160,
+        identity_impl=["--parts", "joint", "--compile", "1", "--kernels", "cudnn", "--impls", "split,gather",
+                       "--batch", "2"],
+        max_batch=["--ac", "0,1", "--sizes", "2,4"]),
+    "cpu": dict(
+        gpus=2, peak_tflops=1.0,
+        paper=["model=tiny", "data=synthetic", "train.cpu=true", "train.parallel=fsdp", "train.warmup_steps=2",
+               "train.log_every=2", "train.eval_num_videos=2", "train.num_sample_videos=1", "train.sample_steps=2",
+               "train.keep_last=1", "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0",
+               "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
+        paper_batch=2, paper_steps=6, paper_eval_every=3, paper_ac_batch=4, paper_ac_steps=4,
+        small=["model=tiny", "data=synthetic", "train.cpu=true", "train.eval_every=0", "train.sample_every=0",
+               "train.checkpoint_every=100000", "train.num_sample_videos=1", "train.sample_steps=2",
+               "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
+        small_batch=2, loss_batch=2, loss_steps=6, ddp_steps=6, identity_impl=None, max_batch=["--ac", "0", "--sizes", "1,2"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.p = args, PRESETS[args.preset]
+        self.out = Path(args.out).resolve()
+        self.runs = Path(args.runs).resolve()
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
+        import torch
+
+        self.results: dict = {"preset": args.preset, "commit": git_commit(), "torch": torch.__version__,
+                              "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                              "phases": {}}
+        self.start = time.time()
+
+    # ------------------------------------------------------------------------------------------ launching
+    def launch(self, name: str, target: list[str], nproc: int, gpus: str | None = None, launcher: str = "torchrun",
+               timeout: float = 600) -> dict:
+        """Run `target` (['-m', module, ...] or [script, ...]) under torchrun or accelerate; wait; log."""
+        port = str(free_port())
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", port, *target]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "configs" / "accelerate" / "fsdp_2gpu.yaml"), "--num_processes", str(nproc),
+                   "--main_process_port", port, *target]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+        if gpus is not None and self.args.preset == "gpu":
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        began = time.time()
+        with open(self.logs / f"{name}.txt", "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                    timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        record = {"exit_status": rc, "wall_s": round(time.time() - began, 1), "processes": nproc,
+                  "launcher": launcher}
+        print(f"[{self.elapsed():6.0f} s] {name}: exit {rc} in {record['wall_s']} s", flush=True)
+        return record
+
+    def train(self, name: str, overrides: list[str], nproc: int, gpus: str | None = None,
+              launcher: str = "torchrun", timeout: float = 600) -> dict:
+        run_dir = self.runs / name
+        overrides = [*overrides, f"train.output_dir={run_dir}", f"run_name={name}"]
+        record = self.launch(name, ["-m", "mardini.train", *overrides], nproc, gpus, launcher, timeout)
+        record.update(self.throughput(run_dir, overrides, nproc))
+        return record
+
+    def throughput(self, run_dir: Path, overrides: list[str], nproc: int) -> dict:
+        """Steady-state figures from rank 0's metrics.jsonl (second half of the run)."""
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            return {}
+        metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(metrics) < 4:
+            return {"steps": len(metrics)}
+        rate = steady_rate(metrics)
+        flops, shape = model_flops_per_step(overrides)
+        batch = shape["batch_per_process"]
+        record = {"steps": len(metrics), "steps_per_s": round(rate, 4), "batch_per_gpu": batch,
+                  "global_batch": batch * nproc, "samples_per_s": round(rate * batch * nproc, 2),
+                  "final_loss": round(sum(m["loss"] for m in metrics[-10:]) / len(metrics[-10:]), 5)}
+        if "tokens_per_sample" in shape:
+            record["tokens_per_s_per_gpu"] = round(rate * batch * shape["tokens_per_sample"])
+        if flops:
+            record["tflops_per_gpu"] = round(flops * rate / 1e12, 1)
+            record["mfu_per_gpu"] = round(flops * rate / (self.p["peak_tflops"] * 1e12), 4)
+        peaks = [m["peak_mem_gib"] for m in metrics if "peak_mem_gib" in m]
+        if peaks:
+            record["peak_mem_gib_rank0"] = max(peaks)
+        evals = run_dir / "eval.jsonl"
+        if evals.exists():
+            record["evaluations_at_steps"] = [json.loads(line)["step"] for line in evals.read_text().splitlines()]
+        record["export_written"] = (run_dir / "export" / "model.safetensors").exists()
+        record["samples_written"] = sorted(p.name for p in (run_dir / "samples").glob("*.mp4")) \
+            if (run_dir / "samples").is_dir() else []
+        return record
+
+    def drop_heavy(self, *names: str) -> None:
+        """Checkpoints and exports of finished runs (tens of GB at paper size): the disk holds a few."""
+        if self.args.keep_heavy:
+            return
+        for name in names:
+            for sub in ("checkpoints", "export"):
+                shutil.rmtree(self.runs / name / sub, ignore_errors=True)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def save(self) -> None:
+        (self.out / "multi_gpu.json").write_text(json.dumps(self.results, indent=1))
+
+    # ------------------------------------------------------------------------------------------ phases
+    def paper(self, batch: int, steps: int, *extra: str) -> list[str]:
+        return [*self.p["paper"], f"train.batch_size={batch}", f"train.max_steps={steps}", *extra]
+
+    def paper_torchrun(self) -> dict:
+        p = self.p
+        return {"run": self.train("paper_torchrun", self.paper(p["paper_batch"], p["paper_steps"],
+                                                                f"train.eval_every={p['paper_eval_every']}"),
+                                  nproc=p["gpus"])}
+
+    def weak_scaling(self) -> dict:
+        """1 GPU at the 2-GPU run's per-GPU batch; meanwhile the 2-GPU checkpoint is resaved by 1 process."""
+        p = self.p
+        ckpt = self.checkpoint_of("paper_torchrun")
+        with ThreadPoolExecutor(2) as pool:
+            one = pool.submit(self.train, "paper_1gpu", self.paper(p["paper_batch"], p["paper_steps"]), 1, "0")
+            resave = pool.submit(self.resave, "resaved_1gpu", ckpt, 1, "1", "torchrun") if ckpt else None
+            result = {"run_1gpu": one.result(), "resave_1gpu": resave.result() if resave else "no checkpoint"}
+        self.drop_heavy("paper_1gpu")
+        two = self.results["phases"].get("paper_torchrun", {}).get("run", {})
+        if "steps_per_s" in two and "steps_per_s" in result["run_1gpu"]:
+            result["efficiency_1_to_2"] = round(two["steps_per_s"] / result["run_1gpu"]["steps_per_s"], 4)
+        return result
+
+    def checkpoint_of(self, name: str) -> str | None:
+        found = sorted((self.runs / name / "checkpoints").glob("step_*"))
+        return str(found[-1]) if found else None
+
+    def resave(self, name: str, ckpt: str, nproc: int, gpus: str | None, launcher: str) -> dict:
+        p = self.p
+        overrides = [*self.paper(p["paper_batch"], p["paper_steps"]), f"train.output_dir={self.runs / name}"]
+        return self.launch(name, [str(REPO / "benchmarks" / "resave_checkpoint.py"), ckpt, *overrides], nproc, gpus,
+                           launcher, timeout=400)
+
+    def reshard(self) -> dict:
+        one = self.checkpoint_of("resaved_1gpu")
+        if one is None:
+            return {"error": "no 1-process checkpoint (weak_scaling phase)"}
+        result = {"resave_2gpu": self.resave("resaved_2gpu", one, self.p["gpus"], None, "accelerate")}
+        chain = [self.checkpoint_of(n) for n in ("paper_torchrun", "resaved_1gpu", "resaved_2gpu")]
+        if all(chain):
+            report = self.out / "compare_checkpoints.json"
+            cmd = [sys.executable, str(REPO / "scripts" / "compare_checkpoints.py"), *chain, "--json", str(report)]
+            with open(self.logs / "compare_checkpoints.txt", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+            result.update(compare_exit_status=rc, chain=chain,
+                          compare=json.loads(report.read_text()) if report.exists() else None)
+        self.drop_heavy("paper_torchrun", "resaved_1gpu", "resaved_2gpu")
+        return result
+
+    def paper_accelerate(self) -> dict:
+        p = self.p
+        run = self.train("paper_accelerate_ac", self.paper(p["paper_ac_batch"], p["paper_ac_steps"],
+                                                             "train.activation_checkpointing=true"),
+                         nproc=p["gpus"], launcher="accelerate")
+        self.drop_heavy("paper_accelerate_ac")
+        return {"run": run}
+
+    def loss_equality(self) -> dict:
+        p = self.p
+        common = [*p["small"], "train.parallel=fsdp", f"train.max_steps={p['loss_steps']}", "train.log_every=10"]
+        two = self.train("loss_2gpu", [*common, f"train.batch_size={p['loss_batch']}"], nproc=p["gpus"])
+        with ThreadPoolExecutor(2) as pool:  # the other GPU meanwhile: the identity-attention benchmark
+            one = pool.submit(self.train, "loss_1gpu_accum2",
+                              [*common, f"train.batch_size={p['loss_batch']}", "train.grad_accum=2"], 1, "0")
+            side = pool.submit(self.identity_impl)
+            one, side = one.result(), side.result()
+        result = {"run_2gpu": two, "run_1gpu_accum2": one, **compare_losses(self.runs / "loss_2gpu",
+                                                                            self.runs / "loss_1gpu_accum2")}
+        self.results["phases"]["identity_impl"] = side
+        self.drop_heavy("loss_2gpu", "loss_1gpu_accum2")
+        return result
+
+    def ddp_small(self) -> dict:
+        p = self.p
+        common = [*p["small"], "train.parallel=ddp", f"train.max_steps={p['ddp_steps']}",
+                  f"train.batch_size={p['small_batch']}"]
+        result = {}
+        with ThreadPoolExecutor(2) as pool:  # the two 1-GPU runs side by side, one per GPU
+            futures = {f"1gpu_compile_{c}": pool.submit(self.train, f"ddp_1gpu_compile_{c}",
+                                                        [*common, f"train.compile={str(c).lower()}"], 1, gpu)
+                       for c, gpu in ((True, "0"), (False, "1"))}
+            result.update({k: f.result() for k, f in futures.items()})
+        for c in (True, False):
+            result[f"2gpu_compile_{c}"] = self.train(f"ddp_2gpu_compile_{c}",
+                                                     [*common, f"train.compile={str(c).lower()}"], p["gpus"])
+        for c in (True, False):
+            one, two = result[f"1gpu_compile_{c}"], result[f"2gpu_compile_{c}"]
+            if "steps_per_s" in one and "steps_per_s" in two:
+                result[f"efficiency_compile_{c}"] = round(two["steps_per_s"] / one["steps_per_s"], 4)
+        self.drop_heavy(*(f"ddp_{n}gpu_compile_{c}" for n in (1, 2) for c in (True, False)))
+        return result
+
+    def identity_impl(self) -> dict:
+        if not self.p["identity_impl"]:
+            return {"skipped": "GPU only"}
+        out = self.out / "identity_impl.json"
+        record = self.launch("identity_impl", [str(REPO / "benchmarks" / "train_step.py"), *self.p["identity_impl"],
+                                               "--peak-tflops", str(self.p["peak_tflops"]), "--out", str(out)],
+                             1, "0", timeout=500)
+        record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
+        return record
+
+    def max_batch(self) -> dict:
+        p = self.p
+        out = self.out / "max_batch.json"
+        record = self.launch("max_batch", [str(REPO / "benchmarks" / "max_batch.py"), *p["max_batch"], "--json",
+                                           str(out), "--", *self.paper(p["paper_batch"], p["paper_steps"])],
+                             p["gpus"], timeout=900)
+        record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
+        return record
+
+    # ------------------------------------------------------------------------------------------ driver
+    def run(self, phases: list[str]) -> None:
+        for phase in phases:
+            if phase in self.results["phases"]:  # identity_impl already ran beside loss_equality
+                continue
+            budget = self.args.phase_minutes.get(phase, 3.0) * 60
+            if self.elapsed() + budget > self.args.deadline_min * 60:
+                self.results["phases"][phase] = {"skipped": f"deadline: {self.elapsed():.0f} s elapsed"}
+                print(f"skipping {phase}: deadline", flush=True)
+                continue
+            print(f"[{self.elapsed():6.0f} s] phase {phase}", flush=True)
+            began = time.time()
+            try:
+                result = getattr(self, phase)()
+            except Exception as e:  # keep going: later phases are independent
+                result = {"error": f"{type(e).__name__}: {e}"}
+            result["phase_wall_s"] = round(time.time() - began, 1)
+            self.results["phases"][phase] = result
+            self.save()
+        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as tar:
+            tar.add(self.logs, arcname="logs")
+            for run in sorted(self.runs.iterdir()):
+                for name in ("metrics.jsonl", "eval.jsonl", "config.yaml"):
+                    if (run / name).exists():
+                        tar.add(run / name, arcname=f"runs/{run.name}/{name}")
+        self.save()
+
+
+def compare_losses(a: Path, b: Path) -> dict:
+    """Per-step losses of two runs with the same global batch: differences, and 20-step window means."""
+    la = {m["step"]: m["loss"] for m in map(json.loads, (a / "metrics.jsonl").read_text().splitlines())}
+    lb = {m["step"]: m["loss"] for m in map(json.loads, (b / "metrics.jsonl").read_text().splitlines())}
+    steps = sorted(la.keys() & lb.keys())
+    if not steps:
+        return {"loss_comparison": "no common steps"}
+    diffs = [abs(la[s] - lb[s]) for s in steps]
+    rel = [abs(la[s] - lb[s]) / max(abs(lb[s]), 1e-12) for s in steps]
+    window = max(1, min(20, len(steps) // 5))
+    windows = []
+    for i in range(0, len(steps) - window + 1, window):
+        chunk = steps[i:i + window]
+        windows.append({"steps": f"{chunk[0]}-{chunk[-1]}", "a": round(sum(la[s] for s in chunk) / window, 5),
+                        "b": round(sum(lb[s] for s in chunk) / window, 5)})
+    return {"loss_comparison": {"steps": len(steps), "step1": [la[steps[0]], lb[steps[0]]],
+                                "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+                                "mean_rel_diff": sum(rel) / len(rel), "first5_rel_diff": rel[:5],
+                                "window_means": windows}}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--out", default="multi_gpu_results")
+    p.add_argument("--runs", default="/tmp/mardini_multi_gpu", help="run folders (checkpoints: tens of GB)")
+    p.add_argument("--deadline-min", type=float, default=1e9, help="start no phase that would end after this")
+    p.add_argument("--phase-minutes", type=json.loads, default={
+        "paper_torchrun": 4, "weak_scaling": 3.5, "reshard": 2, "paper_accelerate": 3, "loss_equality": 3,
+        "ddp_small": 4, "identity_impl": 3, "max_batch": 5}, help="JSON: expected minutes per phase")
+    p.add_argument("--keep-heavy", action="store_true", help="keep checkpoints and exports of finished runs")
+    args = p.parse_args()
+    phases = args.phases.split(",")
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        p.error(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
+    Bench(args).run(phases)
+
+
+if __name__ == "__main__":
+    main()
