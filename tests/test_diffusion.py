@@ -13,11 +13,13 @@ from omegaconf import OmegaConf
 from mardini.diffusion import Diffusion, DiffusionConfig, validate_diffusion_config
 
 RF = dict(formulation="rectified_flow", prediction="velocity", sampler="euler")
+RF_X0 = dict(formulation="rectified_flow", prediction="sample", sampler="euler")
 DDIM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddim")
 DDIM_V = dict(formulation="ddpm", prediction="v", sampler="ddim")
 DDPM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddpm")
 DDPM_V = dict(formulation="ddpm", prediction="v", sampler="ddpm")
-ALL = {"rf_euler": RF, "ddim_eps": DDIM_EPS, "ddim_v": DDIM_V, "ddpm_eps": DDPM_EPS, "ddpm_v": DDPM_V}
+ALL = {"rf_euler": RF, "rf_x0_euler": RF_X0, "ddim_eps": DDIM_EPS, "ddim_v": DDIM_V, "ddpm_eps": DDPM_EPS,
+       "ddpm_v": DDPM_V}
 
 
 def make(**kw) -> Diffusion:
@@ -34,6 +36,8 @@ def oracle(diffusion: Diffusion, x0_hat_fn):
 
         def fn(x, mt):
             t = (mt / n).reshape(-1, *([1] * (x.ndim - 1)))
+            if cfg.prediction == "sample":
+                return x0_hat_fn(x, t)
             # x_t = (1-t) x0 + t eps  =>  E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / t
             return (x - x0_hat_fn(x, t)) / t
 
@@ -160,6 +164,18 @@ def test_rectified_flow_path_and_x0():
     assert torch.allclose(d.predict_x0(xt, v, t), x0, atol=1e-5)
 
 
+def test_rectified_flow_sample_prediction_targets_x0():
+    """prediction=sample: same noise path, the target is the clean x0, and the model output is the clean estimate
+    (the sampler converts it to the velocity the Euler scheduler steps along)."""
+    d, v = make(**RF_X0), make(**RF)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 5, 5, generator=g), torch.randn(3, 2, 4, 5, 5, generator=g)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    xt, target = d.noisy_and_target(x0, noise, t)
+    assert torch.equal(xt, v.noisy_and_target(x0, noise, t)[0]) and torch.equal(target, x0)
+    assert torch.equal(d.predict_x0(xt, target, t), x0)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_ddpm_path_and_x0(prediction):
     d = make(formulation="ddpm", prediction=prediction, sampler="ddim")
@@ -259,12 +275,13 @@ def test_sampler_recovers_point_mass(name, steps):
     assert out.shape == noise.shape
     assert torch.allclose(out, x0.expand_as(out), atol=1e-4), (out - x0).abs().max()
     assert len(seen) == steps
-    assert seen[0][0] == (1000.0 if name == "rf_euler" else 999.0)  # starts at full noise
+    assert seen[0][0] == (1000.0 if name.startswith("rf") else 999.0)  # starts at full noise
     assert all((a > b).all() for a, b in zip(seen, seen[1:]))  # noise level decreases
 
 
 @pytest.mark.parametrize(
-    "name, steps, tol", [("rf_euler", 50, 0.02), ("ddim_eps", 50, 0.05), ("ddim_v", 50, 0.05), ("ddpm_eps", 200, 0.05)]
+    "name, steps, tol", [("rf_euler", 50, 0.02), ("rf_x0_euler", 50, 0.02), ("ddim_eps", 50, 0.05),
+                         ("ddim_v", 50, 0.05), ("ddpm_eps", 200, 0.05)]
 )
 def test_sampler_matches_gaussian_data(name, steps, tol):
     """Data N(mu, s^2): samples from the exact denoiser must have mean mu and std s (loose: discretisation,

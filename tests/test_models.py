@@ -22,6 +22,7 @@ from mardini.models.layers import RotaryEmbedding3D, apply_rope, grid_coords, pa
 C = 4  # latent channels everywhere below
 
 RF = dict(formulation="rectified_flow", prediction="velocity", sampler="euler")
+RF_X0 = dict(formulation="rectified_flow", prediction="sample", sampler="euler")
 DDIM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddim")
 DDIM_V = dict(formulation="ddpm", prediction="v", sampler="ddim")
 DDPM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddpm")
@@ -446,7 +447,8 @@ def random_model():
     return randomize(tiny(), seed=3)
 
 
-@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS, DDIM_V, DDPM_EPS], ids=["rf_euler", "ddim_eps", "ddim_v", "ddpm_eps"])
+@pytest.mark.parametrize("dcfg", [RF, RF_X0, DDIM_EPS, DDIM_V, DDPM_EPS],
+                         ids=["rf_euler", "rf_sample_euler", "ddim_eps", "ddim_v", "ddpm_eps"])
 @pytest.mark.parametrize("task", list(TASKS))
 def test_generate_returns_reference_frames_bit_identical(random_model, task, dcfg):
     kw = dict(TASKS[task])
@@ -514,7 +516,8 @@ def test_guidance_changes_output_and_needs_null_plan():
 
 
 # ------------------------------------------------------------------------------------------------ 6. learning
-@pytest.mark.parametrize("dcfg", [RF, DDIM_EPS, DDIM_V], ids=["rf_velocity", "ddpm_epsilon", "ddpm_v"])
+@pytest.mark.parametrize("dcfg", [RF, RF_X0, DDIM_EPS, DDIM_V],
+                         ids=["rf_velocity", "rf_sample", "ddpm_epsilon", "ddpm_v"])
 def test_tiny_model_overfits_a_fixed_batch(dcfg):
     torch.manual_seed(0)
     model = MarDini(model_config("tiny", latent_channels=C)).train()

@@ -248,8 +248,13 @@ def test_missing_mp4_encoder_fails_at_start_naming_the_packages(tmp_path, no_mod
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sample_export")
-    trainer = Trainer(tiny_config(run, max_steps=1))
-    path = trainer.export()  # untrained weights: enough for the command line's checks
+    cfg = tiny_config(run, max_steps=1)
+    # Untrained weights (zero output at the adaLN-Zero init) are enough for the command line's checks. A velocity
+    # model then passes its noise through, so two seeds give two videos; an untrained clean-sample model would
+    # return the same video (zeros) for every seed.
+    cfg.diffusion.prediction = "velocity"
+    trainer = Trainer(cfg)
+    path = trainer.export()
     trainer._release_lock()
     return path
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 # Allowed values. The keys of the two dicts below are the formulations.
 FORMULATIONS = ("rectified_flow", "ddpm")
-PREDICTIONS = {"rectified_flow": ("velocity",), "ddpm": ("epsilon", "v")}
+PREDICTIONS = {"rectified_flow": ("velocity", "sample"), "ddpm": ("epsilon", "v")}
 SAMPLERS = {"rectified_flow": ("euler",), "ddpm": ("ddim", "ddpm")}
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -18,7 +18,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 @dataclass
 class DiffusionConfig:
     formulation: str = "rectified_flow"  # rectified_flow | ddpm
-    prediction: str = "velocity"  # rectified_flow: velocity ; ddpm: epsilon | v
+    prediction: str = "sample"  # rectified_flow: sample (the clean latents x0) | velocity (noise - x0) ; ddpm: epsilon | v
     timestep_sampling: str = "uniform"  # uniform | logit_normal (t ~ sigmoid(N(mean, std)); starves t near 1)
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
     logit_std: float = 1.0  # logit_normal: std of the normal before the sigmoid (> 0)

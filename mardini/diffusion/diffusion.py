@@ -3,7 +3,8 @@
 Conventions (the model code relies on them):
 - continuous noise level t in [0, 1] per sample, shape [B]: 0 = clean data, 1 = pure noise;
 - model_time(t) in [0, num_train_timesteps] is what the network's timestep embedder sees (0 = clean);
-- rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0 (diffusers FlowMatchEuler: sigma = t);
+- rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0 (diffusers FlowMatchEuler: sigma = t), or with
+  prediction "sample" the clean x0 itself (the sampler turns it into v = (x_t - x0) / t);
 - ddpm: x_t from DDPMScheduler.add_noise at k = floor(t N), target epsilon (= noise) or v.
 """
 
@@ -36,6 +37,7 @@ class Diffusion:
         self.cfg = validate_diffusion_config(cfg)
         self.num_train_timesteps = self.cfg.num_train_timesteps
         self.is_flow = self.cfg.formulation == "rectified_flow"
+        self.predicts_sample = self.is_flow and self.cfg.prediction == "sample"
         # DDPM: the training noise schedule. add_noise / get_velocity are stateless, so one instance is enough.
         self.noise_scheduler = None if self.is_flow else ddpm_noise_scheduler(self.cfg)
         # A private CPU copy: diffusers' add_noise moves the scheduler's own tensor to the data's device.
@@ -79,7 +81,7 @@ class Diffusion:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
         if self.is_flow:
             tt = _expand(t, x0).to(x0.dtype)
-            return (1 - tt) * x0 + tt * noise, noise - x0
+            return (1 - tt) * x0 + tt * noise, x0 if self.predicts_sample else noise - x0
         k = self.timestep_index(t).to(x0.device)
         _expand(k, x0)  # shape check
         x_t = self.noise_scheduler.add_noise(x0, noise, k)
@@ -111,6 +113,8 @@ class Diffusion:
     def predict_x0(self, x_t: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
         """Clean estimate from a model output at noise level t [B]; x_t, model_output [B, ...]."""
         if self.is_flow:
+            if self.predicts_sample:
+                return model_output
             return x_t - _expand(t, x_t).to(x_t.dtype) * model_output
         a = self._alpha_bar(t, x_t)
         x, out = x_t.float(), model_output.float()
@@ -138,7 +142,7 @@ class Diffusion:
     ) -> Tensor:
         """Run the sampler from `noise` [B, ...] and return the x0 estimate, shaped like `noise`.
 
-        denoise_fn(x_t, model_time [B]) returns the configured prediction (velocity / epsilon / v).
+        denoise_fn(x_t, model_time [B]) returns the configured prediction (velocity / sample / epsilon / v).
         project(x) is applied before every denoise call and once at the end; the joint model uses it to hold
         reference frames at their clean latents. The generator drives the DDPM sampler's fresh noise.
         """
@@ -152,6 +156,9 @@ class Diffusion:
             # The scheduler's timesteps are already in model-time units: sigma * N (flow) or the index k (DDPM).
             mt = timestep.to(device=x.device, dtype=torch.float32).expand(batch)
             out = denoise_fn(x, mt)
+            if self.predicts_sample:  # the Euler scheduler steps along v = (x_t - x0) / sigma (sigma > 0 here)
+                sigma = _expand(mt / self.num_train_timesteps, x).to(x.dtype)
+                out = (x - out) / sigma
             step = scheduler.step(out, timestep, x, generator=generator)
             x = step.prev_sample
         if not self.is_flow:
