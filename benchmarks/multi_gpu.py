@@ -1,6 +1,8 @@
-"""Two-GPU training figures (BENCHMARKS.md "Multi-GPU", issue 14): every run is a real `mardini.train` launch.
+"""Multi-GPU training figures (BENCHMARKS.md "Multi-GPU", issues 14 and 15): every run is a real `mardini.train`
+launch; "2 GPUs" below means --gpus N (default 2; with 8, accelerate reads configs/accelerate/fsdp_8gpu.yaml).
 
     python benchmarks/multi_gpu.py --out results/            # 2 GPUs, about 25 minutes
+    python benchmarks/multi_gpu.py --gpus 8 --out results/   # 8 GPUs: scaling 1 -> 8, resharding 8 -> 1 -> 8
     python benchmarks/multi_gpu.py --preset cpu --out /tmp/mg # the same phases with the tiny model on 2 CPU
                                                               # processes (gloo): checks the script, not the speed
 Phases (in this order; --phases picks some, --deadline-min skips those that would start too late):
@@ -47,7 +49,7 @@ PHASES = ("paper_torchrun", "weak_scaling", "reshard", "paper_accelerate", "loss
 QUIET = ["train.trackers=[]", "train.progress=false"]
 PRESETS = {
     "gpu": dict(
-        gpus=2, peak_tflops=790.0,
+        peak_tflops=790.0,
         # The paper-size model at 512 px latents: 17 frames of 64x64 latents (identity autoencoder on 128x128
         # synthetic clips: 12 channels; a 16-channel VAE changes only the patch embedding's input width), the
         # planner at r = 4 (16x16 latents), as in BENCHMARKS.md's training-step tables.
@@ -64,7 +66,7 @@ PRESETS = {
                        "--batch", "2"],
         max_batch=["--ac", "0,1", "--sizes", "2,4"]),
     "cpu": dict(
-        gpus=2, peak_tflops=1.0,
+        peak_tflops=1.0,
         paper=["model=tiny", "data=synthetic", "train.cpu=true", "train.parallel=fsdp", "train.warmup_steps=2",
                "train.log_every=2", "train.eval_num_videos=2", "train.num_sample_videos=1", "train.sample_steps=2",
                "train.keep_last=1", "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0",
@@ -85,7 +87,7 @@ def free_port() -> int:
 
 class Bench:
     def __init__(self, args):
-        self.args, self.p = args, PRESETS[args.preset]
+        self.args, self.p = args, dict(PRESETS[args.preset], gpus=args.gpus)
         self.out = Path(args.out).resolve()
         self.runs = Path(args.runs).resolve()
         self.logs = self.out / "logs"
@@ -107,8 +109,9 @@ class Bench:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_port", port, *target]
         else:
+            config = "fsdp_8gpu.yaml" if nproc == 8 else "fsdp_2gpu.yaml"  # --num_processes overrides its count
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs" / "accelerate" / "fsdp_2gpu.yaml"), "--num_processes", str(nproc),
+                   str(REPO / "configs" / "accelerate" / config), "--num_processes", str(nproc),
                    "--main_process_port", port, *target]
         env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
         if gpus is not None and self.args.preset == "gpu":
@@ -200,7 +203,7 @@ class Bench:
         self.drop_heavy("paper_1gpu")
         two = self.results["phases"].get("paper_torchrun", {}).get("run", {})
         if "steps_per_s" in two and "steps_per_s" in result["run_1gpu"]:
-            result["efficiency_1_to_2"] = round(two["steps_per_s"] / result["run_1gpu"]["steps_per_s"], 4)
+            result["efficiency_1_to_n"] = round(two["steps_per_s"] / result["run_1gpu"]["steps_per_s"], 4)
         return result
 
     def checkpoint_of(self, name: str) -> str | None:
@@ -242,14 +245,14 @@ class Bench:
         common = [*p["small"], "train.parallel=fsdp", f"train.max_steps={p['loss_steps']}", "train.log_every=10"]
         two = self.train("loss_2gpu", [*common, f"train.batch_size={p['loss_batch']}"], nproc=p["gpus"])
         with ThreadPoolExecutor(2) as pool:  # the other GPU meanwhile: the identity-attention benchmark
-            one = pool.submit(self.train, "loss_1gpu_accum2",
-                              [*common, f"train.batch_size={p['loss_batch']}", "train.grad_accum=2"], 1, "0")
+            one = pool.submit(self.train, "loss_1gpu_accum",  # grad_accum = number of GPUs: same global batch
+                              [*common, f"train.batch_size={p['loss_batch']}", f"train.grad_accum={p['gpus']}"], 1, "0")
             side = pool.submit(self.identity_impl)
             one, side = one.result(), side.result()
-        result = {"run_2gpu": two, "run_1gpu_accum2": one, **compare_losses(self.runs / "loss_2gpu",
-                                                                            self.runs / "loss_1gpu_accum2")}
+        result = {"run_2gpu": two, "run_1gpu_accum": one, **compare_losses(self.runs / "loss_2gpu",
+                                                                           self.runs / "loss_1gpu_accum")}
         self.results["phases"]["identity_impl"] = side
-        self.drop_heavy("loss_2gpu", "loss_1gpu_accum2")
+        self.drop_heavy("loss_2gpu", "loss_1gpu_accum")
         return result
 
     def ddp_small(self) -> dict:
@@ -351,6 +354,8 @@ def git_commit() -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    p.add_argument("--gpus", type=int, default=2, help="processes of the multi-GPU runs (4 or 8 on larger machines; "
+                   "the 1-GPU comparisons use GPUs 0 and 1)")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--out", default="multi_gpu_results")
     p.add_argument("--runs", default="/tmp/mardini_multi_gpu", help="run folders (checkpoints: tens of GB)")
