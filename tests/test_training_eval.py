@@ -39,3 +39,38 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     metrics = Trainer(no_weights).evaluate()
     assert "val/interpolation_psnr" in metrics and not any(k.endswith("_fvd") for k in metrics)
     assert metrics["val/interpolation_psnr"] == first["val/interpolation_psnr"]  # same init, same clips, same seed
+
+
+def test_validation_samples_in_the_training_precision_and_fvd_features_in_fp32(tmp_path, monkeypatch):
+    """Under train.mixed_precision=bf16 the EMA copy samples under bf16 autocast (the validation videos, the periodic
+    evaluation and its posterior mean); the I3D features of FVD are computed outside it, as their fp32 reference."""
+    from mardini.models.generator import Generator
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    torch.save(InceptionI3d().state_dict(), weights / "i3d_pretrained_400.pt")
+    seen = {"generator": [], "i3d": []}
+
+    def recording(cls, method, key):
+        original = getattr(cls, method)
+
+        def call(self, *args, **kwargs):
+            seen[key].append(torch.is_autocast_enabled("cpu"))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, call)
+
+    recording(Generator, "forward", "generator")
+    recording(InceptionI3d, "features", "i3d")
+    for precision, autocast in (("bf16", True), ("no", False)):
+        seen["generator"].clear()
+        seen["i3d"].clear()
+        trainer = Trainer(tiny_config(tmp_path / precision, max_steps=2, eval_num_videos=2, sample_steps=2,
+                                      eval_weights_dir=str(weights), mixed_precision=precision))
+        metrics = trainer.evaluate()
+        trainer.sample()
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        assert len(seen["generator"]) > 4 and all(x is autocast for x in seen["generator"]), (precision, seen)
+        assert seen["i3d"] and not any(seen["i3d"]), seen["i3d"]
+        trainer._release_lock()
