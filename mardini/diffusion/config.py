@@ -18,7 +18,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 @dataclass
 class DiffusionConfig:
     formulation: str = "rectified_flow"  # rectified_flow | ddpm
-    prediction: str = "sample"  # rectified_flow: sample (the clean latents x0) | velocity (noise - x0) ; ddpm: epsilon | v
+    prediction: str = "sample"  # rectified_flow: sample (clean latents x0) | velocity (noise - x0); ddpm: epsilon | v
     timestep_sampling: str = "uniform"  # uniform | logit_normal (t ~ sigmoid(N(mean, std)); starves t near 1)
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
     logit_std: float = 1.0  # logit_normal: std of the normal before the sigmoid (> 0)
