@@ -445,7 +445,7 @@ class Trainer:
         rnd = draw_randomness(batch["position"].tolist(), step, self.cfg.seed, self.mask_sampler, self.diffusion,
                               self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with self._autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
         return out["loss"]
 
@@ -585,7 +585,7 @@ class Trainer:
         if acc.is_main_process:
             videos = self.validation_clips(t.num_sample_videos)
             steps = t.sample_steps or self.diffusion.cfg.num_inference_steps
-            with self._inference_autocast():
+            with self._autocast():
                 metrics, paths = validation_videos(
                     model, self.autoencoder, self.diffusion, videos, self.cfg.data.lowres_mode,
                     self.run_dir / "samples", self.step, steps, seed=self.cfg.seed, fps=self.cfg.data.fps)
@@ -596,10 +596,10 @@ class Trainer:
         del model
         return metrics
 
-    def _inference_autocast(self):
-        """Validation sampling in the training precision: the EMA copy keeps fp32 weights and autocast runs its ops
-        in bf16 under train.mixed_precision=bf16 (fp32 sampling of a paper-size model took 55-110 s per
-        evaluation of 4 clips on an H200). Feature extraction for FVD stays outside (its reference is fp32)."""
+    def _autocast(self):
+        """The training precision (train.mixed_precision) for the networks' ops: bf16 autocast, or nothing. Training
+        steps use it, and so does validation sampling, where the EMA copy keeps fp32 weights (fp32 sampling of a
+        paper-size model took 55-110 s per evaluation of 4 clips on an H200); FVD features stay outside (fp32)."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def ema_model(self) -> MarDini | None:
@@ -649,8 +649,8 @@ class Trainer:
                                             num_steps=t.sample_steps or None, seed=self.cfg.seed)
 
             def generate(given: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                with self._inference_autocast():
-                    return generate_fn(given, mask).float()
+                with self._autocast():
+                    return generate_fn(given, mask)  # decoded pixels, float32
 
             clips = self.validation_clips(t.eval_num_videos)
             metrics = periodic_fvd(generate, clips, self._fvd_extractor, cache=self._fvd_cache)
@@ -671,7 +671,7 @@ class Trainer:
                                {"num_frames": self.num_frames, "height": self.height, "width": self.width,
                                 "fps": self.cfg.data.fps, "lowres_mode": self.cfg.data.lowres_mode})
         mask = task_mask("interpolation", clips.shape[1])
-        with self._inference_autocast():
+        with self._autocast():
             estimate = posterior_mean(pipe, clips, mask, seed=self.cfg.seed).float()
         blend = baseline(clips, mask, "linear_blend")
         return {"val/interpolation_posterior_mean_psnr": clip_psnr(estimate, clips, mask).mean().item(),
