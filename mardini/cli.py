@@ -2,24 +2,31 @@
 
 Errors a user can fix (a bad value, a missing or unreadable file, a run folder in use, bad data, a missing
 package) print one line naming the key or file, and exit with status 2; ``--debug`` or ``HYDRA_FULL_ERROR=1``
-shows the traceback instead. mardini-sample and mardini-eval use the same ``user_errors``.
+shows the traceback instead. mardini-sample and mardini-eval use the same ``user_errors``, and ``ArgumentParser``
+for their command-line errors.
 
 Exit status of mardini-train: 0 finished; 2 a user error; 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM after
-saving a checkpoint, continue with train.resume=auto; 1 any other failure.
+saving a checkpoint; 130 (INTERRUPTED_EXIT_CODE) stopped by Ctrl-C (SIGINT), after saving a checkpoint if it
+came during training (continue either with train.resume=auto); 1 any other failure.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 CONFIG_DIR = Path(os.environ.get("MARDINI_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 USER_ERROR_EXIT_CODE = 2
+# Exit status after Ctrl-C (SIGINT): the shell's 128 + SIGINT, so that a wrapper that requeues a pre-empted run (75,
+# trainer.PREEMPTED_EXIT_CODE) leaves a run its user stopped alone.
+INTERRUPTED_EXIT_CODE = 130
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
 # Exceptions that are the user's to fix, beside ValueError and OSError, by module (checked only once the module
 # is loaded: an exception of a module that was never imported cannot have been raised).
@@ -59,6 +66,31 @@ def user_errors(prog: str, debug: bool = False, hint: str = "--debug shows the t
         rank = f" (rank {os.environ.get('RANK')})" if _world_size() > 1 else ""
         print(f"{prog}: error{rank}: {error_message(e)}\n({hint})", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like the other user errors, instead of the whole usage block first."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}\n({self.prog} --help shows the options)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def interrupts(prog: str, debug: bool = False):
+    """Ctrl-C where the training loop does not catch it (start-up, the end-of-run videos and export, a second
+    Ctrl-C): one line and status 130 instead of a KeyboardInterrupt traceback."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(_interrupted_line(prog, e), file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+
+
+def _interrupted_line(prog: str, error: KeyboardInterrupt) -> str:
+    return f"{prog}: interrupted" + (f" ({error})" if str(error) else "")
 
 
 def take_flag(argv: list[str], flag: str) -> bool:
@@ -123,41 +155,41 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
 
 def train_main() -> None:
     """`mardini-train [--debug] [hydra overrides]`: train; the default runs the tiny synthetic experiment on CPU."""
-    import hydra
-
-    from .training.config import register_configs
-
     debug = take_flag(sys.argv, "--debug")
-    register_configs()
-    if not (debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
-        check_overrides("mardini-train", sys.argv[1:])
+    with interrupts("mardini-train", debug):
+        import hydra
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-    def app(cfg) -> None:
-        from .training.trainer import PREEMPTED_EXIT_CODE
+        from .training.config import register_configs
 
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout, force=True)
-        try:
-            with user_errors("mardini-train", debug, "--debug or HYDRA_FULL_ERROR=1 shows the traceback"):
-                preempted = _train(cfg)
-        except BaseException as e:
-            if _world_size() > 1:
-                _exit_at_once(e)
-            raise
-        _end_process_group()
-        if preempted:
-            sys.exit(PREEMPTED_EXIT_CODE)
+        register_configs()
+        if not (debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
+            check_overrides("mardini-train", sys.argv[1:])
 
-    app()
+        @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+        def app(cfg) -> None:
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout, force=True)
+            try:
+                with user_errors("mardini-train", debug, "--debug or HYDRA_FULL_ERROR=1 shows the traceback"):
+                    status = _train(cfg)
+            except BaseException as e:
+                if _world_size() > 1:
+                    _exit_at_once(e)
+                raise
+            _end_process_group()
+            if status:
+                sys.exit(status)
+
+        app()
 
 
-def _train(cfg) -> bool:
+def _train(cfg) -> int:
     """Build the Trainer (it validates the config, locks the run folder and checks what the run will need), and
     only then record the run in its folder (.hydra/, <job>.log, with the log lines of the start-up): a refused
-    run writes nothing there. Train; True when the run stopped on SIGTERM."""
+    run writes nothing there, and the folder Hydra made for it is removed (the Trainer released its lock). Train;
+    returns the exit status: 0, or that of a run stopped by SIGTERM / SIGINT after its checkpoint."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .training.trainer import Trainer
+    from .training.trainer import PREEMPTED_EXIT_CODE, Trainer
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     startup = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
@@ -175,7 +207,9 @@ def _train(cfg) -> bool:
         _record_run(cfg, trainer.run_dir, startup)
     startup.close()
     trainer.fit()
-    return trainer.preempted
+    if not trainer.preempted:
+        return 0
+    return INTERRUPTED_EXIT_CODE if trainer.stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE
 
 
 def _record_run(cfg, run_dir: Path, startup: logging.handlers.MemoryHandler) -> None:
@@ -221,7 +255,8 @@ def _exit_at_once(error: BaseException) -> None:
     if isinstance(error, SystemExit):
         code = error.code if isinstance(error.code, int) else 1
     elif isinstance(error, KeyboardInterrupt):
-        code = 130
+        print(_interrupted_line("mardini-train", error), file=sys.stderr)
+        code = INTERRUPTED_EXIT_CODE
     else:
         traceback.print_exc()
         code = 1

@@ -20,7 +20,7 @@ from mardini.evaluation import fvd as fvd_mod
 from mardini.evaluation import i3d as i3d_mod
 from mardini.evaluation.cli import main as eval_main
 from mardini.evaluation.data import list_videos, read_frames, to_model_frames
-from mardini.evaluation.metrics import psnr_frames, ssim_frames
+from mardini.evaluation.metrics import masked_frame_metrics, psnr_frames, ssim_frames
 from mardini.evaluation.weights import default_weights_dir, find_i3d_weights
 
 
@@ -460,6 +460,54 @@ def test_interpolation_protocol_defaults_to_vidim_bench():
     assert set(bm.PROTOCOLS) == {"vidim", "i2v_middle17"}  # presets are named after what they reproduce
 
 
+def test_vidim_reads_the_official_bench_folders_whole(tmp_path):
+    """VIDIM's scripts write DAVIS-7 / UCF101-7 as one folder of 9 frames per example (frame_000.png ...): the vidim
+    preset takes every example whole, pixel for pixel at the protocol's size."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = {}
+    for example in ("0000", "0001"):
+        (tmp_path / example).mkdir()
+        frames[example] = rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+        for i, f in enumerate(frames[example]):
+            Image.fromarray(f).save(tmp_path / example / f"frame_{i:03d}.png")
+    proto = replace(bm.PROTOCOLS["vidim"], height=16, width=16)
+    clips = bm.select_clips(tmp_path, proto)
+    assert [(c.video, c.frames) for c in clips] == [("0000", list(range(9))), ("0001", list(range(9)))]
+    sources = {s.id: s for s in list_videos(tmp_path)}
+    for clip in clips:
+        expected = torch.from_numpy(frames[clip.video]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert torch.equal(bm.load_clip(tmp_path, clip, proto, sources), expected)
+def test_vidim_fvd_uses_the_full_9_frame_clips_and_the_files_lineage_settings(tmp_path):
+    """VIDIM does not publish how its FVD was computed (README, Evaluate). The vidim preset computes it on the whole
+    9-frame clips, the two given frames included (I3D's minimum length: no frame is repeated), for the ground
+    truth and every method alike, with the weights file's default settings (videogpt for i3d_pretrained_400.pt,
+    the TATS/VideoGPT code), named in the results."""
+    from dataclasses import replace
+
+    seen = []
+
+    def extractor(videos):  # a stand-in for I3D that keeps what it was given
+        seen.append(videos.clone())
+        return videos.float().mean(dim=(2, 3, 4))
+
+    extractor.settings = "videogpt"
+    root, proto = _davis_root(tmp_path), replace(bm.PROTOCOLS["vidim"], height=16, width=16)
+    res = bm.run_benchmark(root, bm.BASELINES, tmp_path / "out", protocol=proto, extractor=extractor, num_grids=0)
+    videos = [v for batch in seen for v in batch]
+    assert all(v.shape == (9, 3, 16, 16) for v in videos) and len(videos) == res["num_clips"] * 3
+    sources = {s.id: s for s in list_videos(root)}
+    for clip in bm.select_clips(root, proto):
+        gt = bm.load_clip(root, clip, proto, sources)
+        assert any(torch.equal(v, gt) for v in videos), f"the ground truth of {clip.name} was not fed whole"
+    assert res["methods"]["linear_blend"]["fvd"] is not None
+    assert any("FVD settings: videogpt" in n for n in res["notes"]) and not any("repeated" in n for n in res["notes"])
+    assert i3d_mod.MIN_FRAMES == 9 and i3d_mod.DEFAULT_FVD_SETTINGS["state_dict"] == "videogpt"
+
+
 def test_benchmark_static_video_repeat_is_perfect_and_runs_are_identical(tmp_path):
     root = _davis_root(tmp_path, static=True)
     proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=2, seed=3)
@@ -617,15 +665,25 @@ def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
                       "--num-grids", "1", "--device", "cpu"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["repeat_nearest", "linear_blend", "mardini"]
-    model = res["methods"]["mardini"]
-    assert isinstance(model["psnr"], float) and -1 < model["ssim"] < 1  # a random model: finite, imperfect
+    model, blend = res["methods"]["mardini"], res["methods"]["linear_blend"]
+    # the model is scored as the baselines are: run by hand on the written clips (given frames only, the rest
+    # zeroed), it gives the same per-clip numbers; with random weights its PSNR is far below the blend's
+    clips, protocol = bm.load_clips(out / "clips.json")
+    method, mask = bm.PipelineMethod.from_pretrained(export, num_steps=2), protocol.mask()
+    sources = {s.id: s for s in list_videos(root)}
+    for clip in clips:
+        gt = bm.load_clip(root, clip, protocol, sources)
+        scores = masked_frame_metrics(method(gt.masked_fill(mask[:, None, None, None], 0), mask), gt, mask)
+        for k in ("psnr", "ssim"):
+            assert res["per_clip"][clip.name]["mardini"][k] == pytest.approx(float(np.mean(scores[k])), rel=1e-4)
+    assert model["psnr"] < blend["psnr"] - 3, (model, blend)
     assert res["num_clips"] == 2 and all(set(v) == set(res["methods"]) for v in res["per_clip"].values())
     grid = read_frames(list_videos(out / "samples")[0])
     assert grid.shape[0] == 9  # ground truth | 3 methods, side by side, 9 frames (VIDIM-Bench clips)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_cli_fvd_between_folders(tmp_path, monkeypatch):
+def test_cli_fvd_between_folders(tmp_path, monkeypatch, capsys):
     class ColourStats(torch.nn.Module):  # a cheap TorchScript stand-in for the I3D detector
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
                     return_features: bool = False) -> torch.Tensor:
@@ -656,8 +714,10 @@ def test_cli_fvd_between_folders(tmp_path, monkeypatch):
         values.append(json.loads(out.read_text())["fvd"])
     assert abs(values[0]) < 1e-6 * max(values) and values[0] < values[1] < values[2], values
     monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="no I3D weights"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # a user error: one line, status 2
         eval_main(["fvd", str(a), str(b)])
+    assert stopped.value.code == 2 and "no I3D weights" in capsys.readouterr().err
 
 
 def test_eval_config_rejects_unknown_keys():

@@ -1,11 +1,11 @@
 """FSDP2 on CPU: real sharding over two gloo processes (torchrun), sharded (torch.distributed.checkpoint)
 checkpoints that resume across world sizes (2 processes -> 1 plain process and 1 -> 2) with the same weights,
 losses and EMA as an uninterrupted run, equivalence with the DDP / single-process path (in fp32, and under bf16
-autocast with the same fp32 timesteps), loading sharded checkpoints for inference, and unit tests of
-mardini.training.parallel.
+autocast, where FSDP and DDP on two processes and one process see the same fp32 timesteps), loading sharded
+checkpoints for inference, and unit tests of mardini.training.parallel.
 
 The 1 -> 2 resume also turns activation checkpointing on (a checkpoint written without it must resume with it,
-with the same math). Cost: one torchrun launch (four training jobs run one after another in the same two worker
+with the same math). Cost: one torchrun launch (five training jobs run one after another in the same two worker
 processes, to pay the start-up once), plus a few tiny in-process runs. Every run uses the tiny model of helpers_training,
 single-threaded, so that in-process and subprocess runs are comparable.
 """
@@ -128,7 +128,7 @@ def runs(tmp_path_factory):
     2 processes."""
     root = tmp_path_factory.mktemp("fsdp")
     r = SimpleNamespace(root=root, reference=root / "reference", two_then_one=root / "two_then_one",
-                        one_then_two=root / "one_then_two", bf16=root / "bf16")
+                        one_then_two=root / "one_then_two", bf16=root / "bf16", bf16_ddp=root / "bf16_ddp")
 
     # 1 -> 2, first half: no torchrun, no process group, parallel=fsdp (whole model, sharded checkpoint format)
     first = Trainer(run_config(r.one_then_two, world=1))
@@ -145,15 +145,17 @@ def runs(tmp_path_factory):
         # checkpoint was written without it) and must not change the math
         ("one_then_two", run_config(r.one_then_two, world=2, resume="auto", activation_checkpointing=True),
          {"report": str(root / "layout_resumed")}),
-        # bf16 under FSDP: the timesteps the generator sees are recorded (compared with a DDP run in one process)
+        # bf16 under FSDP and under DDP: the timesteps the generator sees are recorded (compared with a DDP run in
+        # one process)
         ("bf16", bf16_config(r.bf16, world=2), {"times": str(root / "times_bf16")}),
+        ("bf16_ddp", bf16_config(r.bf16_ddp, world=2, parallel="ddp"), {"times": str(root / "times_bf16_ddp")}),
     ]:
         (root / f"{name}.yaml").write_text(cfg_to_yaml(cfg))
         jobs.append({"config": str(root / f"{name}.yaml"), "result": str(root / f"result_{name}"), **extra})
     (root / "jobs.json").write_text(json.dumps(jobs))
     run_script(root, "fsdp_worker.py", WORKER, [root / "jobs.json"], launcher=torchrun(2), timeout=300)
     r.results = {name: [(root / f"result_{name}.rank{k}").read_text() for k in range(2)]
-                 for name in ("reference", "two_then_one", "one_then_two", "bf16")}
+                 for name in ("reference", "two_then_one", "one_then_two", "bf16", "bf16_ddp")}
     return r
 
 
@@ -334,26 +336,32 @@ def test_fsdp_two_processes_match_single_process_ddp(runs, tmp_path):
 @pytest.mark.distributed
 def test_fsdp_bf16_trains_the_ddp_objective_with_fp32_timesteps(runs, tmp_path):
     """FSDP used to cast the model's inputs to bf16 at the root (t = 0.7771 reached the model as 0.77734375), so
-    it trained another objective than DDP. Under bf16 both must see the same fp32 timesteps, exactly, and log the
-    same losses up to bf16 rounding."""
+    it trained another objective than DDP. Under bf16 autocast, FSDP and DDP on 2 processes and DDP in one process
+    must all see the same fp32 timesteps, exactly, and log the same losses up to bf16 rounding."""
     single = tmp_path / "ddp_bf16"
     trainer = Trainer(bf16_config(single, world=1, parallel="ddp"))
     times = record_times(trainer)
     trainer.fit()
 
-    fsdp = [json.loads(Path(f"{runs.root / 'times_bf16'}.rank{k}.json").read_text()) for k in range(2)]
-    assert sorted(times) == sorted(fsdp[0]) == sorted(fsdp[1]) == ["0", "1", "2"]
-    for step, records in times.items():
-        ddp_t = sorted(r["t"] for r in records)
-        fsdp_t = sorted(r["t"] for rank in fsdp for r in rank[step])
-        assert {r["dtype"] for rank in fsdp for r in rank[step]} == {r["dtype"] for r in records} == {"torch.float32"}
-        assert fsdp_t == ddp_t, f"step {step}: FSDP timesteps {fsdp_t} != DDP {ddp_t}"
-        assert any(float(torch.tensor(t).bfloat16()) != t for t in ddp_t), "times bf16 can hold prove nothing"
+    two = {name: [json.loads(Path(f"{runs.root / f'times_{run}'}.rank{k}.json").read_text()) for k in range(2)]
+           for name, run in (("FSDP", "bf16"), ("DDP on 2 processes", "bf16_ddp"))}
+    assert runs.results["bf16_ddp"] == [str(runs.bf16_ddp / "export")] * 2
+    for name, ranks in two.items():
+        assert sorted(times) == sorted(ranks[0]) == sorted(ranks[1]) == ["0", "1", "2"], name
+        for step, records in times.items():
+            ddp_t = sorted(r["t"] for r in records)
+            got_t = sorted(r["t"] for rank in ranks for r in rank[step])
+            assert {r["dtype"] for rank in ranks for r in rank[step]} == {r["dtype"] for r in records} == \
+                {"torch.float32"}, name
+            assert got_t == ddp_t, f"step {step}: {name} timesteps {got_t} != one process {ddp_t}"
+            assert any(float(torch.tensor(t).bfloat16()) != t for t in ddp_t), "times bf16 can hold prove nothing"
     ref = {m["step"]: m["loss"] for m in read_metrics(single)}
-    got = {m["step"]: m["loss"] for m in read_metrics(runs.bf16)}
-    assert sorted(got) == sorted(ref) == [1, 2, 3]
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=2e-2), f"step {step}: FSDP {got[step]} vs DDP {ref[step]}"
+    for name, run in (("FSDP", runs.bf16), ("DDP on 2 processes", runs.bf16_ddp)):
+        got = {m["step"]: m["loss"] for m in read_metrics(run)}
+        assert sorted(got) == sorted(ref) == [1, 2, 3], name
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], rel=2e-2), \
+                f"step {step}: {name} {got[step]} vs one process {ref[step]}"
 
 
 # ============================================================================ 5. sharded checkpoint readers

@@ -135,8 +135,29 @@ def test_cache_training_never_reads_held_out_clips(grey_folder, tmp_path, caplog
     assert train_files == set(range(NUM_FILES)) - expected_val
     assert {file_of(c) for c in trainer.validation_clips(4)} <= expected_val
     assert any("cached clips" in r.getMessage() and "held out" in r.getMessage() for r in caplog.records)
-    # or a separate validation cache
-    build_latent_cache(tmp_path / "val_cache", VideoDataset(VideoDataConfig(**video_cfg(grey_folder)), split="val"),
-                       ae, lowres_factor=2, dtype="float32", progress=False)
-    train, val, note = split_cache(tmp_path / "cache", 0.05, tmp_path / "val_cache")
-    assert len(train) == NUM_FILES and len(val) >= 1 and "data.val_cache_dir" in note
+
+
+def test_separate_validation_cache_shares_no_file_with_training(grey_folder, tmp_path):
+    """data.val_cache_dir: files are held out, never trained on. A training cache of the other files trains on all
+    of them; one that also holds clips of a validation file is refused (as data.video.val_root is), naming both
+    folders and how many files they share, by the training run too."""
+    ae = build_autoencoder("identity", patch_size=2)
+    decode = lambda z: ae.decode(z[None])[0]  # noqa: E731
+    cfg = VideoDataConfig(**video_cfg(grey_folder, val_fraction=0.15))
+    for name, split in (("val_cache", "val"), ("train_cache", "train"), ("all_cache", "all")):
+        build_latent_cache(tmp_path / name, VideoDataset(cfg, split=split), ae, lowres_factor=2, dtype="float32",
+                           progress=False)
+    train, val, note = split_cache(tmp_path / "train_cache", 0.05, tmp_path / "val_cache")
+    train_files = {file_of(decode(train[i]["z_hi"])) for i in range(len(train))}
+    val_files = {file_of(decode(val[i]["z_hi"])) for i in range(len(val))}
+    assert val_files and not train_files & val_files and train_files | val_files == set(range(NUM_FILES))
+    assert f"all {len(val)} items of data.val_cache_dir" in note and f"{len(val_files)} source files" in note
+
+    leak = rf"data\.val_cache_dir=\S*val_cache shares {len(val_files)} source files with data\.cache_dir=\S*all_cache"
+    with pytest.raises(ValueError, match=leak):
+        split_cache(tmp_path / "all_cache", 0.05, tmp_path / "val_cache")
+    run = tiny_config(tmp_path / "run", max_steps=1)
+    run.data.source, run.data.cache_dir = "cache", str(tmp_path / "all_cache")
+    run.data.val_cache_dir = str(tmp_path / "val_cache")
+    with pytest.raises(ValueError, match=leak):
+        Trainer(run)

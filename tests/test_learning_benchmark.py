@@ -175,3 +175,34 @@ def test_attention_diagnostic_sees_attention_that_stays_at_its_place():
     for row in generator_attention(pipe, clips(2), mask):
         assert row["own_frame_mass"] > 2 * row["uniform_own_frame_mass"]
         assert row["local_share_of_ref_mass"] > 2 * row["uniform_local_share"]
+
+
+def test_learning_sweep_trains_each_variant_and_scores_it(tmp_path):
+    """benchmarks/learning_sweep.py: one real run per variant and seed, its overrides applied, each scored."""
+    out = tmp_path / "sweep.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "learning_sweep.py"), "--variant", "base=",
+         "--variant", "slow=train.lr=1e-5 train.lr_schedule=constant", "--seeds", "3", "--clips", "2",
+         "--i2v-seeds", "0", "--out", str(out), "--runs", str(tmp_path / "runs"),
+         "--", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"base", "slow"}
+    for name, row in rows.items():
+        assert row["exit"] == 0 and row["seed"] == 3, row
+        interpolation = row["report"]["interpolation"]
+        assert interpolation["blend_psnr"] > 10 and "posterior_mean_psnr" in interpolation, row
+        config = (tmp_path / "runs" / f"sweep_{name}_s3" / "config.yaml").read_text()
+        assert "seed: 3" in config
+        assert ("lr: 1.0e-05" in config) == (name == "slow"), name
+    # the same clips for every variant: the blend is the same
+    assert rows["base"]["report"]["interpolation"]["blend_psnr"] == rows["slow"]["report"]["interpolation"]["blend_psnr"]
+    assert "base" in result.stdout and "slow" in result.stdout  # the summary table
+    with pytest.raises(SystemExit, match="NAME=OVERRIDES"):
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        try:
+            import learning_sweep
+        finally:
+            sys.path.pop(0)
+        learning_sweep.parse_variant("no_equals_sign")

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_training import (REPO, checkpoint, checkpoint_names, free_port, read_metrics, single_thread,  # noqa: F401
-                              subprocess_env, tiny_config, torchrun)
-from mardini.cli import USER_ERROR_EXIT_CODE
+from helpers_training import (REPO, checkpoint, checkpoint_names, free_port, read_metrics, run_script,  # noqa: F401
+                              single_thread, subprocess_env, tiny_config, torchrun)
+from mardini.cli import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 from mardini.data.counter_videos import write_test_video
 from mardini.data.decode import VideoDecodeError, read_clip
 from mardini.evaluation.cli import main as eval_main
@@ -60,28 +60,141 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-# ====================================================================== 1. SIGTERM to the whole process group
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes ({} for no folder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_long_run(run: Path, tmp_path, *overrides) -> subprocess.Popen:
+    """A run in its own session with 2 DataLoader workers, returned once it has logged two steps."""
+    proc = subprocess.Popen(train_command(run, "train.max_steps=100000", "train.checkpoint_every=100000",
+                                          "data.num_workers=2", *overrides),
+                            cwd=tmp_path, env=subprocess_env(tmp_path), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: lines_in(run / "metrics.jsonl") >= 2 or proc.poll() is not None, 180, "two steps")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
+
+
+def signal_long_run(run: Path, tmp_path, send) -> tuple[subprocess.Popen, str]:
+    """Start a long run, call send(proc) to signal it, and return (proc, its output) once it has ended."""
+    proc = start_long_run(run, tmp_path)
+    try:
+        send(proc)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc, out
+
+
+# ============================================= 1. SIGTERM to the process group or to every process; Ctrl-C
 @pytest.mark.slow
 def test_sigterm_to_process_group_with_workers_checkpoints_and_exits_preempted(tmp_path):
     """What `timeout`, SLURM and Kubernetes do: SIGTERM to every process of the job, DataLoader workers included.
     The run must save a checkpoint at the step it reached and exit with the documented pre-emption status."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_command(run, "train.max_steps=100000", "train.checkpoint_every=100000",
-                                          "data.num_workers=2"),
-                            cwd=tmp_path, env=subprocess_env(tmp_path), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: lines_in(run / "metrics.jsonl") >= 2 or proc.poll() is not None, 180, "two steps")
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, out = signal_long_run(run, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
     assert proc.returncode == PREEMPTED_EXIT_CODE == 75, out[-4000:]
     assert "killed by signal" not in out and "Traceback" not in out, out[-4000:]
     last = read_metrics(run)[-1]["step"]
     assert ckpt.latest_checkpoint(run / "checkpoints") == checkpoint(run, last)
     assert not (run / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_by_pid_checkpoints_and_exits_preempted(tmp_path):
+    """What SLURM (every process of the job step), `pkill -f` and systemd do: SIGTERM to each process by pid, the
+    DataLoader workers first. The workers ignore it; the run checkpoints, exits 75 and takes its workers along."""
+    run = tmp_path / "run"
+    workers = []
+
+    def to_every_process(proc):
+        workers.extend(descendants(proc.pid))
+        assert len(workers) >= 2, workers
+        for pid in [*workers, proc.pid]:
+            os.kill(pid, signal.SIGTERM)
+
+    proc, out = signal_long_run(run, tmp_path, to_every_process)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-4000:]
+    assert "killed by signal" not in out and "Traceback" not in out, out[-4000:]
+    assert "SIGTERM received: checkpoint saved" in out, out[-4000:]
+    last = read_metrics(run)[-1]["step"]
+    assert ckpt.latest_checkpoint(run / "checkpoints") == checkpoint(run, last)
+    wait_for(lambda: not any(map(running, workers)), 30, "the workers to exit")
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_130_without_a_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) stops like SIGTERM, with the status of an interrupt."""
+    run = tmp_path / "run"
+    proc, out = signal_long_run(run, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert proc.returncode == INTERRUPTED_EXIT_CODE == 130, out[-4000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    assert "SIGINT received: checkpoint saved" in out, out[-4000:]
+    last = read_metrics(run)[-1]["step"]
+    assert ckpt.latest_checkpoint(run / "checkpoints") == checkpoint(run, last)
+    assert not (run / LOCK_NAME).exists()
+
+
+CTRL_C_TWICE = """
+import os, signal, sys, time
+from mardini.cli import train_main
+from mardini.training.trainer import Trainer
+
+real_step = Trainer.train_step
+
+def long_step(self, batches):  # the second step outlasts the user's patience: Ctrl-C, and again
+    result = real_step(self, batches)
+    if self.step == 1:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    return result
+
+Trainer.train_step = long_step
+sys.argv = ["mardini-train", *sys.argv[1:]]
+train_main()
+"""
+
+
+def test_ctrl_c_twice_stops_at_once_in_one_line(tmp_path):
+    """The way out of a long step: a second Ctrl-C stops at once, without a checkpoint, in one line."""
+    run = tmp_path / "run"
+    result = run_script(tmp_path, "ctrl_c_twice.py", CTRL_C_TWICE,
+                        [*TINY, "train.max_steps=100", f"hydra.run.dir={run}"], check=False)
+    assert result.returncode == INTERRUPTED_EXIT_CODE, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "mardini-train: interrupted (Ctrl-C twice: stopped without saving a checkpoint)"], result.stderr[-3000:]
+    assert checkpoint_names(run) == [] and not (run / LOCK_NAME).exists()
 
 
 # ============================================================================= 2. one run per run folder
@@ -186,6 +299,41 @@ def test_eval_user_error_is_one_line(tmp_path, capsys):
         eval_main(["interpolation", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--debug"])
 
 
+@pytest.mark.parametrize("main, argv, expected", [
+    (sample_cli.main, ["--model", "m", "--task", "i2v", "--inputs", "a.png", "--output", "o.mp4", "--num-frames", "0"],
+     "mardini-sample: error: argument --num-frames: must be >= 1, got 0"),
+    (sample_cli.main, ["--model", "m", "--task", "zoom"], "mardini-sample: error: argument --task: invalid choice"),
+    (eval_main, ["fvd", "a"], "mardini-eval fvd: error: the following arguments are required: folder_b"),
+    (eval_main, ["psnr"], "mardini-eval: error: argument command: invalid choice: 'psnr'"),
+])
+def test_command_line_errors_are_one_line(capsys, main, argv, expected):
+    """argparse's own errors come as one line with a pointer to --help, not after the whole usage block."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(expected) and "--help" in lines[1], lines
+
+
+def test_eval_refusals_are_user_errors(tmp_path, capsys):
+    """No I3D weights for fvd or for --fvd require, an unknown baseline: one line, status 2, nothing written."""
+    no_weights, out = tmp_path / "weights", tmp_path / "out"
+    no_weights.mkdir()
+    protocol = ["interpolation", "--data", str(tmp_path), "--out", str(out), "--weights-dir", str(no_weights)]
+    cases = [
+        (["fvd", str(tmp_path), str(tmp_path), "--weights-dir", str(no_weights)], "no I3D weights (looked for"),
+        ([*protocol, "--baselines", "nearest"], "--baselines: unknown baseline(s) ['nearest']; choose from"),
+        ([*protocol, "--fvd", "require"], "--fvd require, but no I3D weights"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == USER_ERROR_EXIT_CODE and len(lines) == 2, lines
+        assert lines[0].startswith("mardini-eval: error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
 # ============================================== 5. a rejected config writes nothing into an existing run folder
 @pytest.mark.slow
 def test_rejected_runs_leave_an_existing_run_folder_untouched(tmp_path):
@@ -196,15 +344,12 @@ def test_rejected_runs_leave_an_existing_run_folder_untouched(tmp_path):
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "cli.log", "config.yaml", "metrics.jsonl"):
         (run / name).write_text(f"the first run's {name}\n")
 
-    def snapshot():
-        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-
-    before = snapshot()
+    before = snapshot(run)
     bad_value = run_train(tmp_path, run, "train.lr=-1")
     assert bad_value.returncode == 2 and "train.lr" in bad_value.stderr
     rerun = run_train(tmp_path, run, "train.max_steps=4")  # no train.resume: refused, the folder holds checkpoints
     assert rerun.returncode == 2 and "train.resume=auto" in rerun.stderr
-    assert snapshot() == before
+    assert snapshot(run) == before
 
 
 # ========================================================= 6. start-up checks of what would fail later
@@ -227,6 +372,31 @@ def test_clip_too_short_for_validation_fails_at_start(tmp_path, no_model):
 def test_missing_resume_path_fails_before_the_model_is_built(tmp_path, no_model):
     with pytest.raises(FileNotFoundError, match="train.resume=.*nowhere does not exist"):
         Trainer(tiny_config(tmp_path / "run", resume=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new_folder", "existing_folder"])
+def test_a_run_refused_after_taking_the_lock_leaves_no_trace(tmp_path, no_model, existing):
+    """The start-up checks run with the folder locked. A refused run releases it at once, while its exception (which
+    holds the half-built Trainer) is still alive, as when mardini-train removes the folder: a folder made for it is
+    gone, an existing one is left byte for byte."""
+    run = tmp_path / "run"
+    if existing:
+        (run / "checkpoints" / "step_000003").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    before = snapshot(run)
+    short = tiny_config(run, resume="auto", curriculum=i2v_finetune())
+    short.data.synthetic.num_frames = 2
+    for cfg in (tiny_config(run, resume=str(tmp_path / "nowhere")), short):
+        with pytest.raises((FileNotFoundError, ValueError)) as error:
+            Trainer(cfg)
+        assert run.exists() == existing and snapshot(run) == before, error.value
+
+
+def test_a_new_run_refused_by_the_cli_leaves_no_folder(tmp_path):
+    """mardini-train train.resume=<missing> (or any check after the lock) with a new run name."""
+    result = run_train(tmp_path, tmp_path / "nf2", f"train.resume={tmp_path / 'nowhere'}")
+    assert result.returncode == USER_ERROR_EXIT_CODE and "train.resume=" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "nf2").exists()
 
 
 def test_missing_mp4_encoder_fails_at_start_naming_the_packages(tmp_path, no_model, monkeypatch):
@@ -310,7 +480,7 @@ def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_pa
     code, err, _ = sample(capsys, tmp_path / "no_export", "interpolate", [good, good], tmp_path / "o.mp4")
     assert code == 2 and "--model" in err[0] and "no such folder" in err[0]
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--num-frames", "0")
-    assert code == 2 and "--num-frames: must be >= 1, got 0" in err[-1]
+    assert code == 2 and len(err) == 2 and err[0].endswith("--num-frames: must be >= 1, got 0"), err
     with pytest.raises(FileNotFoundError):  # --debug: the exception itself
         sample_cli.main(["--model", str(export), "--task", "i2v", "--inputs", str(tmp_path / "missing.png"),
                          "--output", str(tmp_path / "o.mp4"), "--debug"])

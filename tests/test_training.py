@@ -415,6 +415,19 @@ def test_init_from_mismatched_model_names_parameter_and_shapes(straight_run, tmp
     assert re.search(r"planner\.[\w.]+: checkpoint \(64[,)].* vs model \(32[,)]", message), message
 
 
+@pytest.mark.parametrize("source", ["export", "checkpoint"])
+def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp_path, source):
+    """Weights trained to predict the clean sample must not be fine-tuned as a velocity model (or the reverse)."""
+    path = straight_run / "export" if source == "export" else checkpoint(straight_run, 2 * N)
+    trained = tiny_config(tmp_path / "same", init_from=str(path)).diffusion.prediction
+    other = {"sample": "velocity", "velocity": "sample"}[trained]
+    cfg = tiny_config(tmp_path / "ft", init_from=str(path))
+    cfg.diffusion.prediction = other
+    with pytest.raises(ValueError, match=f"diffusion.prediction={trained} to fine-tune"):
+        Trainer(cfg)
+    Trainer(tiny_config(tmp_path / "same", init_from=str(path)))  # the same objective loads
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

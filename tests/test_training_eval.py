@@ -18,21 +18,28 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
                       eval_weights_dir=str(weights))
     trainer = Trainer(cfg)
     first = trainer.evaluate()
-    for task in ("interpolation", "i2v"):
-        assert math.isfinite(first[f"val/{task}_psnr"]) and 0 < first[f"val/{task}_ssim"] <= 1
-        assert math.isfinite(first[f"val/{task}_fvd"])
+    assert {f"val/{task}_{m}" for task in ("interpolation", "i2v") for m in ("psnr", "ssim", "fvd")} <= set(first)
     # The reference features are computed once and reused; the fixed set and seeds make it deterministic.
     assert len(trainer._fvd_cache) == 1
     assert trainer.evaluate() == first
-    # the same metric on a method that returns the validation clips themselves: FVD ~0, and it grows with noise
+    # the same metrics on methods that return the validation clips themselves, plus noise: the clips score
+    # perfectly (PSNR inf, SSIM 1, FVD ~0), and every metric gets worse as the noise grows
     from mardini.evaluation.fvd import periodic_fvd
 
     clips = trainer.validation_clips(2)
     noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
-    fvd = [periodic_fvd(lambda given, mask, s=s: (clips + s * noise).clamp(-1, 1), clips, trainer._fvd_extractor,
-                        tasks=("interpolation",), cache=trainer._fvd_cache)["val/interpolation_fvd"]
-           for s in (0.0, 0.5)]
-    assert abs(fvd[0]) < 1e-6 * fvd[1] and fvd[1] > 0, fvd
+    scores = {s: periodic_fvd(lambda given, mask, s=s: (clips + s * noise).clamp(-1, 1), clips,
+                              trainer._fvd_extractor, tasks=("interpolation",), cache=trainer._fvd_cache)
+              for s in (0.0, 0.1, 0.5)}
+    psnr, ssim, fvd = ([scores[s][f"val/interpolation_{m}"] for s in (0.0, 0.1, 0.5)] for m in ("psnr", "ssim", "fvd"))
+    assert psnr[0] == math.inf and psnr[1] > psnr[2] and ssim[0] == 1.0 and ssim[1] > ssim[2], (psnr, ssim)
+    assert abs(fvd[0]) < 1e-6 * fvd[1] and fvd[1] < fvd[2], fvd
+    # a model that has never trained (2 sampler steps) is imperfect: on both tasks its PSNR is below that of the
+    # clips with mild noise, and its FVD is above theirs
+    i2v = periodic_fvd(lambda given, mask: (clips + 0.1 * noise).clamp(-1, 1), clips, tasks=("i2v",))
+    assert first["val/interpolation_psnr"] < psnr[1] and first["val/interpolation_ssim"] < 1.0, first
+    assert first["val/interpolation_fvd"] > fvd[1], (first, fvd)
+    assert first["val/i2v_psnr"] < i2v["val/i2v_psnr"] and first["val/i2v_ssim"] < 1.0, (first, i2v)
 
     no_weights = tiny_config(tmp_path / "run2", max_steps=2, eval_num_videos=2, sample_steps=2,
                              eval_weights_dir=str(tmp_path / "empty"))

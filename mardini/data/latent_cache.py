@@ -312,15 +312,24 @@ def split_cache(root: str | os.PathLike, val_fraction: float, val_root: str | os
                 dtype: Optional[torch.dtype] = torch.float32) -> tuple[CachedLatentDataset, CachedLatentDataset, str]:
     """(training items, validation items, a sentence saying what is held out) for data.source=cache.
 
-    val_root (data.val_cache_dir): a separate cache of validation clips, all used for validation. Otherwise the
-    items whose source file is held out by data.video's rule (a hash of the path below val_fraction, at least
-    one file) are validation only, so a cache of the same files holds out what data=video would.
+    val_root (data.val_cache_dir): a separate cache of validation clips, all used for validation; like
+    data.video.val_root, it is refused when it shares a source file with the training cache (files are held out,
+    never trained on). Otherwise the items whose source file is held out by data.video's rule (a hash of the path
+    below val_fraction, at least one file) are validation only, so a cache of the same files holds out what
+    data=video would.
     """
     from .video import held_out
 
     if val_root:
-        return (CachedLatentDataset(root, dtype), CachedLatentDataset(val_root, dtype),
-                f"validation: all items of data.val_cache_dir={val_root}")
+        train, val = CachedLatentDataset(root, dtype), CachedLatentDataset(val_root, dtype)
+        val_files = {p for p in val.source_paths() if p}
+        shared = sorted(val_files & {p for p in train.source_paths() if p})
+        if shared:
+            raise ValueError(f"data.val_cache_dir={val_root} shares {len(shared)} source files with data.cache_dir="
+                             f"{root} (e.g. {shared[0]}): validation files must never be trained on; cache the "
+                             f"training files without them")
+        return train, val, (f"validation: all {len(val)} items of data.val_cache_dir={val_root} ({len(val_files)} "
+                            f"source files, none of them in data.cache_dir)")
     full = CachedLatentDataset(root, dtype)
     keys = full.source_keys()
     distinct = sorted(set(keys))
@@ -433,11 +442,20 @@ class CachedLatentDataset(Dataset):
 
         root = str(self.data_config.get("root", "") or "")
         keys = []
-        for k in range(math.ceil(self.num_cached / self.shard_size)):
-            for record in json.loads(self._shard(k).metadata()["samples"]):
-                path = record.get("path")
-                keys.append(split_key(path, root) if path and root else f"index:{record.get('index', len(keys))}")
+        for record in self._records():
+            path = record.get("path")
+            keys.append(split_key(path, root) if path and root else f"index:{record.get('index', len(keys))}")
         return keys
+
+    def source_paths(self) -> list[Optional[str]]:
+        """Per cache item, the absolute path of the file it was cut from (None for synthetic clips): what two
+        caches are compared by, as data.video compares its root and val_root."""
+        return [os.path.abspath(r["path"]) if r.get("path") else None for r in self._records()]
+
+    def _records(self):
+        """Every cache item's recorded metadata, in item order."""
+        for k in range(math.ceil(self.num_cached / self.shard_size)):
+            yield from json.loads(self._shard(k).metadata()["samples"])
 
     def check_compatible(self, autoencoder, lowres_factor: Optional[int] = None,
                          lowres_mode: Optional[str] = None) -> None:

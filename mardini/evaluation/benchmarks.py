@@ -4,9 +4,12 @@ A protocol fixes the clip length, which frames are given, the resolution and how
 named after what they reproduce:
   vidim          VIDIM-Bench (Jain et al. 2024, "Video Interpolation with Diffusion Models"; DAVIS and UCF101):
                  9-frame clips, the first and last given, the 7 middle frames generated, at 256x256. VIDIM's
-                 subsets (350-400 videos per dataset, chosen for a mix of large and small motion) come from a
-                 script that is not reproduced here: clips are drawn one per video with a seed, and FVD follows
-                 the I3D file's lineage (i3d.FVD_SETTINGS) on the full 9-frame clips.
+                 subsets (DAVIS-7: 357 non-overlapping 9-frame chunks of the DAVIS 2017 shots; UCF101-7: the first
+                 400 of the UCF101 test split) come from its published scripts, whose output folders (9 frames
+                 each) this preset reads whole; on other roots it draws one seeded clip per video. VIDIM does not
+                 publish its FVD recipe: FVD here is on the full 9-frame clips, with the I3D file's lineage
+                 (i3d.FVD_SETTINGS; videogpt for i3d_pretrained_400.pt). The README's Evaluate section cites
+                 the sources.
   i2v_middle17   17-frame clips, the middle frame (index 8) given, 16 generated: this project's image-to-video
                  check (no published protocol)
 

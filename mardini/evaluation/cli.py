@@ -46,8 +46,9 @@ def _add_i3d_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mardini-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import ArgumentParser  # one-line errors, for the subcommands too
+
+    p = ArgumentParser(prog="mardini-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fvd", help="FVD between two folders of videos (video files and/or frame folders)")
@@ -110,7 +111,7 @@ def run_fvd(args) -> dict:
 
     extractor, where = _extractor(args, short_clips="error")
     if extractor is None:
-        raise SystemExit(f"mardini-eval fvd: {where}; pass --i3d or --weights-dir (scripts/download_weights.py)")
+        raise FileNotFoundError(f"{where}; pass --i3d or --weights-dir (scripts/download_weights.py)")
     result = fvd_folders(args.folder_a, args.folder_b, extractor, num_frames=args.num_frames,
                          batch_size=args.i3d_batch_size, height=args.height, width=args.width,
                          max_videos=args.max_videos)
@@ -145,18 +146,18 @@ def run_protocol(args) -> dict:
         protocol = replace(protocol, **overrides)
     unknown = [b for b in args.baselines if b not in BASELINES]
     if unknown:
-        raise SystemExit(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+        raise ValueError(f"--baselines: unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    extractor = None
+    if args.fvd != "off":  # before the model: --fvd require fails without loading it
+        extractor, where = _extractor(args, short_clips="stretch")
+        if extractor is None:
+            if args.fvd == "require":
+                raise FileNotFoundError(f"--fvd require, but {where}; pass --i3d or --weights-dir, or --fvd auto")
+            log.warning("FVD skipped: %s", where)
     methods = {b: BASELINES[b] for b in args.baselines}
     if args.model:
         methods[args.model_name] = PipelineMethod.from_pretrained(args.model, device=args.device,
                                                                   num_steps=args.steps, seed=args.model_seed)
-    extractor = None
-    if args.fvd != "off":
-        extractor, where = _extractor(args, short_clips="stretch")
-        if extractor is None:
-            if args.fvd == "require":
-                raise SystemExit(f"mardini-eval: --fvd require but {where}")
-            log.warning("FVD skipped: %s", where)
     lpips_path = args.lpips or find_lpips_weights(args.weights_dir)
     lpips = load_lpips(lpips_path, device=args.device) if lpips_path else None
     results = run_benchmark(args.data, methods, args.out, protocol=None if clips_exist else protocol,

@@ -27,8 +27,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mardini-sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import ArgumentParser  # one-line errors
+
+    p = ArgumentParser(prog="mardini-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export folder (config.json + model.safetensors) or checkpoint")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--inputs", nargs="+", required=True,

@@ -3,9 +3,10 @@
 The file holds JSON ``{"pid", "host", "started", "command"}`` of the holder, and the holder keeps an exclusive
 ``flock`` on it. The kernel drops an flock when its process dies, however it dies (kill -9 included), so a lock
 file whose flock can be taken is stale: the next run takes it over and logs whose it was. A clean release deletes
-the file. Locking the same folder again in one process is re-entrant (tests and notebooks build several Trainers);
-forked children (DataLoader workers) close their copy, so a dead run's workers never keep its lock alive. Where
-the filesystem has no flock (some network mounts) the run warns and goes on unprotected.
+the file, and the folder too when acquire() created it and nothing else was written there (a run refused at
+start-up leaves no empty folder). Locking the same folder again in one process is re-entrant (tests and notebooks
+build several Trainers); forked children (DataLoader workers) close their copy, so a dead run's workers never keep
+its lock alive. Where the filesystem has no flock (some network mounts) the run warns and goes on unprotected.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ except ImportError:  # Windows
 LOCK_NAME = "run.lock"
 log = logging.getLogger("mardini.train")
 
-_held: dict[str, list] = {}  # lock path -> [file descriptor or None (unprotected), how many acquire() calls]
+# lock path -> [file descriptor or None (unprotected), how many acquire() calls, whether acquire() made the folder]
+_held: dict[str, list] = {}
 
 
 class RunLockedError(RuntimeError):
@@ -39,10 +41,12 @@ def acquire(run_dir: str | os.PathLike) -> None:
     if path in _held:
         _held[path][1] += 1
         return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    created = not os.path.isdir(run_dir)
     if fcntl is None:
-        return _unprotected(path, "this platform has no flock")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return _unprotected(path, "this platform has no flock", created)
     while True:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)  # again: a run that made it may have removed it
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -54,7 +58,7 @@ def acquire(run_dir: str | os.PathLike) -> None:
                 f"stop it, or choose another run_name / train.output_dir") from None
         except OSError as e:
             os.close(fd)
-            return _unprotected(path, f"flock failed: {e}")
+            return _unprotected(path, f"flock failed: {e}", created)
         if _still_at(fd, path):
             break
         os.close(fd)  # the holder released (deleted) the file between our open and flock: lock the new one
@@ -65,11 +69,12 @@ def acquire(run_dir: str | os.PathLike) -> None:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-    _held[path] = [fd, 1]
+    _held[path] = [fd, 1, created]
 
 
 def release(run_dir: str | os.PathLike) -> None:
-    """Undo one acquire(); the last one deletes the lock file (while still holding it) and unlocks."""
+    """Undo one acquire(); the last one deletes the lock file (while still holding it), unlocks, and removes the
+    folder if acquire() created it and it is empty."""
     path = os.path.join(os.path.abspath(run_dir), LOCK_NAME)
     entry = _held.get(path)
     if entry is None:
@@ -84,11 +89,16 @@ def release(run_dir: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
         os.close(entry[0])
+    if entry[2]:
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:  # not empty: the run wrote there
+            pass
 
 
-def _unprotected(path: str, why: str) -> None:
+def _unprotected(path: str, why: str, created: bool) -> None:
     log.warning("cannot lock %s (%s): nothing stops a second run from using this folder", path, why)
-    _held[path] = [None, 1]
+    _held[path] = [None, 1, created]
 
 
 def _still_at(fd: int, path: str) -> bool:
@@ -115,7 +125,7 @@ def _describe(holder: dict) -> str:
 
 def _close_in_child() -> None:
     """After fork: the child must not keep the parent's locks alive (the flock lives while any copy is open)."""
-    for fd, _ in _held.values():
+    for fd, *_ in _held.values():
         if fd is not None:
             try:
                 os.close(fd)

@@ -136,8 +136,8 @@ def _outcome_shared(method):
 @contextlib.contextmanager
 def _stop_signals_blocked():
     """Block SIGTERM / SIGINT while DataLoader workers are forked, so that they start with the signals blocked
-    until they have left the process group (_worker_leaves_process_group). A signal that arrives meanwhile is
-    delivered to the main process when the block ends."""
+    until they ignore them (_worker_ignores_stop_signals). A signal that arrives meanwhile is delivered to the main
+    process when the block ends."""
     if not _in_main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -148,27 +148,66 @@ def _stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker_leaves_process_group(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a SIGTERM / SIGINT to the whole process group (timeout, SLURM, Kubernetes,
-    Ctrl-C) must reach only the main process, which checkpoints and stops; a worker killed under it ends the run
-    without one ("DataLoader worker ... is killed by signal: Terminated"). The worker moves to a process group of
-    its own, still stopped by its parent's terminate() (SIGTERM to its pid), which a worker ignoring SIGTERM would
-    turn into a hang at exit. Ignoring first discards a group signal pending since the fork."""
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM / SIGINT are for the main process, which finishes the step, checkpoints
+    and stops; a worker killed by one ends the run without a checkpoint ("DataLoader worker ... is killed by
+    signal: Terminated"). They reach the workers through the process group (timeout, Kubernetes, Ctrl-C) and by pid
+    (SLURM signals every process of the job step; pkill, systemd), so the workers ignore them. This replaces the
+    SIGTERM handler torch installs before calling worker_init_fn (and never again). The workers still end when the
+    main process shuts the loader down (_stop_workers) or dies: they watch their parent. Ignoring also discards a
+    signal pending since the fork."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # not allowed here (a sandbox?): stay, as before
-        os.setpgid(0, 0)
-    try:  # torch's worker handler again: a SIGTERM from the parent ends the worker quietly
-        from torch.utils.data._utils.signal_handling import _set_worker_signal_handlers
-
-        _set_worker_signal_handlers()
-    except Exception:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def _stop_workers(batches) -> None:
+    """Stop the DataLoader workers now, not when a traceback that holds the iterator lets go of it. torch's last
+    resort for a worker that does not finish, terminate(), is a SIGTERM the workers ignore: kill it instead, so
+    that the process never waits for it at exit."""
+    getattr(batches, "_shutdown_workers", lambda: None)()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+def _releases_lock_on_failure(init):
+    """A Trainer that fails to start releases the run folder at once, not when the exception (which holds the
+    half-built Trainer) is collected: the lock file is gone before mardini-train removes the run's empty folder."""
+    @wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "_unlock", None) is not None:
+                self._unlock()
+            raise
+
+    return wrapper
+
+
+def _check_same_objective(source: str, diffusion) -> None:
+    """Fine-tuning keeps the objective the weights learned: their output means x0, velocity, epsilon or v, and
+    training it as another would silently start the output over. Compares the export's (config.json) or the
+    checkpoint's (config.yaml) diffusion formulation and prediction with this run's."""
+    path = Path(source)
+    if (path / export_format.CONFIG_FILE).exists():
+        trained = json.loads((path / export_format.CONFIG_FILE).read_text()).get("diffusion", {})
+    elif (path / "config.yaml").exists():
+        trained = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")).get("diffusion", {})
+    else:
+        return
+    for key in ("formulation", "prediction"):
+        theirs, ours = trained.get(key), getattr(diffusion, key)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"train.init_from={source} was trained with diffusion.{key}={theirs}; this run has "
+                             f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to fine-tune it")
+
+
 class Trainer:
+    @_releases_lock_on_failure
     def __init__(self, cfg):
         from accelerate import Accelerator
         from accelerate.utils import broadcast_object_list
@@ -234,6 +273,7 @@ class Trainer:
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
             export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
+            _check_same_objective(t.init_from, cfg.diffusion)
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
@@ -271,7 +311,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.stop_requested = False
         self._shared_outcomes = 0  # calls of the _outcome_shared methods (the same count on every rank)
-        self.preempted = False  # fit() stopped on SIGTERM after a checkpoint (the CLI exits PREEMPTED_EXIT_CODE)
+        self.preempted = False  # fit() stopped on a signal after a checkpoint (the CLI exits 75, or 130 for SIGINT)
+        self.stop_signal = None  # the first SIGTERM / SIGINT this process received in fit()
         self._resume()
         if acc.is_main_process:  # after _resume: a refused run must not overwrite the existing run's record
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -437,7 +478,7 @@ class Trainer:
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
                           persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None,
-                          worker_init_fn=_worker_leaves_process_group if workers else None)
+                          worker_init_fn=_worker_ignores_stop_signals if workers else None)
 
     def _micro_step(self, batch: dict, step: int) -> torch.Tensor:
         """Forward one micro-batch; returns the (unscaled) loss."""
@@ -495,13 +536,14 @@ class Trainer:
             finally:
                 self._release_lock()
         start_step = self.step
-        with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
-            batches = iter(self._dataloader())
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_handlers()  # a signal from here on stops after the next step
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
         window, window_start, window_steps = [], time.perf_counter(), 0
+        batches = None
         try:
+            with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
+                batches = iter(self._dataloader())
             while self.step < t.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 result = self.train_step(batches)
@@ -548,30 +590,25 @@ class Trainer:
                 if self.stop_requested:
                     self._log_data_summary(start_step)
                     self.preempted = True
-                    log.warning("SIGTERM received: checkpoint saved at step %d, stopping (continue with "
-                                "train.resume=auto)", self.step)
+                    why = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
+                    log.warning("%s received: checkpoint saved at step %d, stopping (continue with "
+                                "train.resume=auto)", why, self.step)
                     return self.checkpoint_dir
             if self.step % t.checkpoint_every:
                 self.save_checkpoint()
             self._log_data_summary(start_step)
-            # The final checkpoint is saved: from here SIGTERM ends the process at once (resume=auto redoes only
-            # the videos and the export), so a rank waiting on a failed one dies when the launcher signals it.
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            # The final checkpoint is saved: from here SIGTERM ends the process at once and SIGINT raises
+            # KeyboardInterrupt (resume=auto redoes only the videos and the export), so a rank waiting on a failed
+            # one dies when the launcher signals it.
+            _restore_handlers(previous_handlers)
             self.sample()
             return self.export()
-        except KeyboardInterrupt:
-            log.warning("interrupted: saving a checkpoint at step %d", self.step)
-            self.save_checkpoint()
-            raise
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            _restore_handlers(previous_handlers)
             acc.end_training()
             self._release_lock()
-            # Stop the DataLoader workers now, not when a traceback that holds the iterator lets go of it.
-            getattr(batches, "_shutdown_workers", lambda: None)()
+            _stop_workers(batches)
 
     @_outcome_shared
     def sample(self) -> dict:
@@ -721,15 +758,25 @@ class Trainer:
             with open(self.run_dir / name, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _install_sigterm(self):
-        """SIGTERM (cluster pre-emption) finishes the current step, saves a checkpoint and stops."""
+    def _install_stop_handlers(self) -> dict:
+        """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) finish the current step, save a checkpoint and stop.
+        A second SIGINT raises KeyboardInterrupt at once: the way out of a long step, without a checkpoint.
+        Returns the previous handlers (none outside the main thread, where Python cannot set handlers)."""
         if not _in_main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt("Ctrl-C twice: stopped without saving a checkpoint")
+            self.stop_signal = self.stop_signal or signum
             self.stop_requested = True
 
-        return signal.signal(signal.SIGTERM, handler)
+        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _in_main_thread() -> bool:
