@@ -78,8 +78,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def interrupts(prog: str, debug: bool = False):
-    """Ctrl-C where the training loop does not catch it (start-up, the end-of-run videos and export, a second
-    Ctrl-C): one line and status 130 instead of a KeyboardInterrupt traceback."""
+    """Ctrl-C where nothing catches it (mardini-train's start-up, end-of-run videos and export, a second Ctrl-C;
+    anywhere in mardini-sample and mardini-eval): one line and status 130 instead of a KeyboardInterrupt traceback."""
     try:
         yield
     except KeyboardInterrupt as e:

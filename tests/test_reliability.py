@@ -334,6 +334,32 @@ def test_eval_refusals_are_user_errors(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("prog", ["mardini-sample", "mardini-eval"])
+def test_ctrl_c_in_sample_and_eval_is_one_line_and_130(prog, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while sampling or evaluating: `<prog>: interrupted` and status 130, no traceback; --debug raises."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if prog == "mardini-sample":
+        monkeypatch.setattr(sample_cli, "sample", interrupted)
+        main, argv = sample_cli.main, ["--model", str(tmp_path), "--task", "i2v", "--inputs", "x.png", "--output",
+                                       str(tmp_path / "o.mp4")]
+    else:
+        from mardini.evaluation import cli as eval_cli
+
+        monkeypatch.setattr(eval_cli, "run_fvd", interrupted)
+        main, argv = eval_main, ["fvd", str(tmp_path), str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            main(argv)
+        except KeyboardInterrupt:  # caught here, so that it fails this test instead of stopping pytest
+            pytest.fail(f"Ctrl-C escaped {prog} as a KeyboardInterrupt (a traceback)")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == INTERRUPTED_EXIT_CODE and err == [f"{prog}: interrupted"], err
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--debug"])
+
+
 # ============================================== 5. a rejected config writes nothing into an existing run folder
 @pytest.mark.slow
 def test_rejected_runs_leave_an_existing_run_folder_untouched(tmp_path):

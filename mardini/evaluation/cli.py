@@ -168,11 +168,11 @@ def run_protocol(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import user_errors
+    from ..cli import interrupts, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    with user_errors("mardini-eval", args.debug):
+    with interrupts("mardini-eval", args.debug), user_errors("mardini-eval", args.debug):
         if args.command == "fvd":
             run_fvd(args)
         else:

@@ -185,10 +185,10 @@ def _output_path(base: Path, seed: int, many: bool) -> Path:
 
 
 def main(argv=None) -> None:
-    from ..cli import user_errors
+    from ..cli import interrupts, user_errors
 
     args = build_parser().parse_args(argv)
-    with user_errors("mardini-sample", args.debug):
+    with interrupts("mardini-sample", args.debug), user_errors("mardini-sample", args.debug):
         sample(args)
 
 
