@@ -529,7 +529,11 @@ def test_sample_never_overwrites_without_overwrite(tmp_path, capsys, export, ima
     assert (tmp_path / "clip_preview.mp4").read_bytes() != before["clip_preview.mp4"]
 
 
-def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, export, images):
+def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, export, images, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for a plan that is refused")
+
+    monkeypatch.setattr(MarDiniPipeline, "from_pretrained", no_loading)  # refusals come before loading
     good = images[0]
     start = time.monotonic()
     code, err, _ = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "100000")

@@ -113,11 +113,22 @@ def check_outputs(args) -> None:
             raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or choose another --output")
 
 
-def check_long_plan(args, pipe, positions: list[int], num_frames: int) -> None:
-    """Show the plan's size; refuse more model calls than --max-windows before planning an absurd length."""
+def long_positions(args, num_inputs: int, window: int) -> tuple[int, list[int]]:
+    """--task long: (frames to make, where the inputs go): --num-frames (default 8 windows) and --positions (default
+    the inputs spread evenly)."""
+    n = args.num_frames or 8 * window
+    positions = args.positions or [round(i * (n - 1) / max(1, num_inputs - 1)) for i in range(num_inputs)]
+    if len(positions) != num_inputs:
+        raise ValueError(f"--positions has {len(positions)} entries for {num_inputs} --inputs")
+    return n, positions
+
+
+def check_long_plan(args, config: dict, positions: list[int], num_frames: int) -> None:
+    """Show the plan's size; refuse more model calls than --max-windows before planning an absurd length. config:
+    the export's (mardini.export.read_config), so that this runs before the model is loaded."""
     from .planning import long_video_plan, min_windows
 
-    seeds, window = len(args.seeds or [args.seed]), pipe.num_frames
+    seeds, window = len(args.seeds or [args.seed]), config["num_frames"]
     least = min_windows(num_frames, len(set(positions)), window) * seeds
     if least > args.max_windows:
         raise ValueError(f"--num-frames {num_frames} needs at least {least} model calls ({window}-frame windows"
@@ -125,10 +136,10 @@ def check_long_plan(args, pipe, positions: list[int], num_frames: int) -> None:
                          f"ask for fewer frames, or raise --max-windows")
     plan = long_video_plan(sorted(set(positions)), num_frames, window, args.stride)
     calls = len(plan) * seeds
-    gib = num_frames * 3 * pipe.height * pipe.width * 4 / 2**30
+    gib = num_frames * 3 * config["height"] * config["width"] * 4 / 2**30
     print(f"plan: {len(plan)} windows of up to {window} frames for {num_frames} frames"
           f"{f', x {seeds} seeds' if seeds > 1 else ''} = {calls} model calls of "
-          f"{args.steps or pipe.diffusion.cfg.num_inference_steps} sampler steps; the video takes {gib:.2f} GiB")
+          f"{args.steps or config['diffusion']['num_inference_steps']} sampler steps; the video takes {gib:.2f} GiB")
     if calls > args.max_windows:
         raise ValueError(f"the plan has {calls} model calls, more than --max-windows {args.max_windows}: ask for "
                          f"fewer frames, a larger --stride, or raise --max-windows")
@@ -162,12 +173,7 @@ def run(args, pipe, inputs: list | None = None) -> tuple[torch.Tensor, torch.Ten
             v = pipe.slow_motion(inputs, args.factor, seed=seed, **kw)
             given_pos = [i * args.factor for i in range(len(inputs))]
         else:  # long
-            n = args.num_frames or 8 * pipe.num_frames
-            positions = args.positions or [round(i * (n - 1) / max(1, len(inputs) - 1)) for i in range(len(inputs))]
-            if len(positions) != len(inputs):
-                raise ValueError(f"--positions has {len(positions)} entries for {len(inputs)} --inputs")
-            if seed == seeds[0]:
-                check_long_plan(args, pipe, positions, n)
+            n, positions = long_positions(args, len(inputs), pipe.num_frames)
             v = pipe.long_video(dict(zip(positions, inputs)), n, args.stride, seed=seed, **kw)
             given_pos = positions
         videos.append(v)
@@ -194,6 +200,7 @@ def main(argv=None) -> None:
 
 def sample(args) -> None:
     from ..data.video_io import make_grid_video, write_video
+    from ..export import read_config
     from .pipeline import MarDiniPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -202,6 +209,9 @@ def sample(args) -> None:
                                 f"or a training checkpoint folder)")
     inputs = read_inputs(args.inputs)
     check_outputs(args)
+    if args.task == "long":  # its size is known from the export's config: refuse an absurd one before loading
+        config = read_config(args.model)
+        check_long_plan(args, config, *reversed(long_positions(args, len(inputs), config["num_frames"])))
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler)
     videos, given = run(args, pipe, inputs)
