@@ -211,7 +211,8 @@ def sample(args) -> None:
     check_outputs(args)
     if args.task == "long":  # its size is known from the export's config: refuse an absurd one before loading
         config = read_config(args.model)
-        check_long_plan(args, config, *reversed(long_positions(args, len(inputs), config["num_frames"])))
+        num_frames, positions = long_positions(args, len(inputs), config["num_frames"])
+        check_long_plan(args, config, positions, num_frames)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler)
     videos, given = run(args, pipe, inputs)
