@@ -5,9 +5,10 @@
 
 Each variant is `name=override override ...` (overrides as on the `mardini-train` command line, space-separated);
 every variant runs once per seed as `python -m mardini.train run_name=sweep_<name>_s<seed> seed=<seed> <common>
-<overrides>`, then `benchmarks/demo_quality.py` scores its export. Runs go `--parallel` at a time (on one GPU they
-share it; on CPU give each a thread count with --threads). One JSON line per run: variant, seed, overrides, wall
-seconds, exit status and the benchmark's figures; then a table of the means per variant.
+<overrides>` in its own folder under --runs, then `benchmarks/demo_quality.py` scores its export. Runs go
+`--parallel` at a time (on one GPU they share it; on CPU give each a thread count with --threads). One JSON line
+per run: variant, seed, overrides, wall seconds, exit status and the benchmark's figures; then a table of the means
+per variant.
 
 This is how the learning-rate, objective and model-shape comparisons in BENCHMARKS.md ("Learning") were made: the
 same code path as the default job, many runs side by side, each judged on held-out clips against the blend.
@@ -42,10 +43,9 @@ def run_one(name: str, overrides: list[str], seed: int, args, common: list[str])
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    run_dir = Path(args.runs).resolve() / run_name
     train = [sys.executable, "-m", "mardini.train", f"run_name={run_name}", f"seed={seed}", "train.trackers=[]",
-             "train.progress=false", *common, *overrides]
-    if args.runs:
-        train.append(f"train.output_dir={Path(args.runs).resolve() / run_name}")
+             "train.progress=false", f"train.output_dir={run_dir}", *common, *overrides]
     start = time.time()
     with open(log, "w") as f:
         f.write(" ".join(shlex.quote(a) for a in train) + "\n")
@@ -53,8 +53,8 @@ def run_one(name: str, overrides: list[str], seed: int, args, common: list[str])
         status = subprocess.run(train, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     row = {"variant": name, "seed": seed, "overrides": overrides, "common": common, "exit": status,
            "train_s": round(time.time() - start, 1)}
-    export = _export_dir(log)
-    if status == 0 and export is not None:
+    export = run_dir / "export"
+    if status == 0 and export.is_dir():
         report = Path(args.logs) / f"{run_name}.json"
         bench = [sys.executable, str(ROOT / "benchmarks" / "demo_quality.py"), str(export), "--json", str(report),
                  "--clips", str(args.clips), "--i2v-seeds", str(args.i2v_seeds)]
@@ -65,14 +65,6 @@ def run_one(name: str, overrides: list[str], seed: int, args, common: list[str])
         if report.exists():
             row["report"] = json.loads(report.read_text())
     return row
-
-
-def _export_dir(log: Path) -> Path | None:
-    """The export folder the trainer named in its log ('exported ... weights to DIR')."""
-    for line in reversed(log.read_text().splitlines()):
-        if "weights to " in line and "export" in line:
-            return Path(line.rsplit("weights to ", 1)[1].strip())
-    return None
 
 
 def summary(rows: list[dict]) -> str:
@@ -107,7 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--i2v-seeds", type=int, default=4)
     p.add_argument("--out", default="learning_sweep.jsonl")
-    p.add_argument("--runs", default=None, help="parent folder of the run folders (default: outputs/<experiment>/)")
+    p.add_argument("--runs", default="outputs/sweep", help="parent folder of the run folders (one per variant and seed)")
     p.add_argument("--logs", default=None, help="folder for per-run logs and reports (default: next to --out)")
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant]

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..data.latent_cache import encode_given
 from ..masking import task_mask
 from .benchmarks import linear_blend, repeat_nearest
-from .metrics import _check_pair, ssim_frames
+from .metrics import unit_range_pair, ssim_frames
 
 POSTERIOR_T = 0.999  # "pure noise": t = 1 is outside the training range (0, 1)
 
@@ -71,7 +71,7 @@ def video_clips(root: str, count: int, num_frames: int, height: int, width: int,
 # ------------------------------------------------------------------------------------------------ metrics
 def clip_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """PSNR per clip over its generated frames: pred/target [N, T, 3, H, W] in [-1, 1], mask [T] -> [N] (dB)."""
-    p, t = _check_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))  # frames in [0, 1], float64
+    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))  # frames in [0, 1], float64
     mse = (p - t).pow(2).reshape(pred.shape[0], -1).mean(1)
     return -10.0 * torch.log10(mse.clamp_min(1e-20))
 

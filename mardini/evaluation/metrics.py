@@ -25,7 +25,9 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_range_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [N, C, H, W] (or [C, H, W]) in [-1, 1] -> the same in [0, 1], float64, shapes checked: what every pixel
+    metric here (and the learning benchmark's per-clip PSNR) compares."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     if pred.ndim == 3:
@@ -38,7 +40,7 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 def psnr_frames(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per frame ([N] float64); inf where a frame is identical to its target."""
-    p, t = _check_pair(pred, target)
+    p, t = unit_range_pair(pred, target)
     mse = (p - t).pow(2).flatten(1).mean(1)
     return torch.where(mse == 0, torch.full_like(mse, math.inf), -10.0 * torch.log10(mse.clamp_min(1e-300)))
 
@@ -62,7 +64,7 @@ def _band(g: torch.Tensor, n: int) -> torch.Tensor:
 def ssim_frames(pred: torch.Tensor, target: torch.Tensor, window: int = SSIM_WINDOW,
                 sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """SSIM per frame ([N] float64) with a Gaussian window; 1.0 for identical frames."""
-    p, t = _check_pair(pred, target)
+    p, t = unit_range_pair(pred, target)
     n, c, h, w = p.shape
     size = min(window, h, w)
     size -= (size + 1) % 2  # odd
