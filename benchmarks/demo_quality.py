@@ -13,6 +13,8 @@ Reports (mardini/evaluation/learning.py):
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
   image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, and the motion energy of generated
                    vs real clips
+  noise levels     (--noise-levels 0.04 0.3 0.7 0.999) the real clip noised to each t and denoised in one step,
+                   PSNR where the scene moves / is still, beside the blend and the rescaled noisy input
   attention        (--attention) per generator block, for generated-frame queries at t = 0.5 and 0.999: the mass
                    on the given frames' keys and its share near the query's own place, each beside uniform attention
 """
@@ -71,6 +73,16 @@ def print_report(report: dict) -> None:
               f"(ratio {v['motion_ratio']:.2f})")
     for steps, value in report.get("step_sweep", {}).items():
         print(f"  {steps:3d} steps      PSNR {value:6.2f} dB")
+    levels = report.get("noise_levels")
+    if levels:
+        b = levels["blend"]
+        print(f"clean estimate by noise level (interpolation; {levels['moving_fraction']:.0%} of pixels move) "
+              f"PSNR all / moving / still")
+        print(f"  blend            {b['all']:6.2f} {b['moving']:6.2f} {b['still']:6.2f}")
+        for t, r in levels["levels"].items():
+            m, x = r["model"], r["rescaled_input"]
+            print(f"  t={float(t):<5.3f} model    {m['all']:6.2f} {m['moving']:6.2f} {m['still']:6.2f}   "
+                  f"(noisy input rescaled {x['all']:6.2f})")
     for t, rows in report.get("attention", {}).items():
         print(f"attention at t={t} (interpolation; generated-frame queries; uniform attention in brackets)")
         for r in rows:
@@ -89,6 +101,8 @@ def main(argv=None) -> dict:
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--step-sweep", type=int, nargs="*", default=[], help="also sample with these step counts")
+    p.add_argument("--noise-levels", type=float, nargs="*", default=[],
+                   help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,13 +111,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.clips < 1:
         p.error("--clips must be >= 1")
+    if any(not 0 < t < 1 for t in args.noise_levels):
+        p.error("--noise-levels must lie in (0, 1)")
     start = time.perf_counter()
     pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
     videos, where = load_clips(pipe, args.data, args.clips)
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)
     report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
-                             args.step_sweep)
+                             args.step_sweep, args.noise_levels)
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}

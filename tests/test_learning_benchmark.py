@@ -18,8 +18,8 @@ from mardini.autoencoders.identity import IdentityAutoencoder
 from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
-from mardini.evaluation.learning import (baseline, clip_psnr, generator_attention, held_out_clips,
-                                         interpolation_report, motion_energy, posterior_mean)
+from mardini.evaluation.learning import (MOVING_THRESHOLD, baseline, clip_psnr, generator_attention, held_out_clips,
+                                         interpolation_report, motion_energy, noise_level_report, posterior_mean)
 from mardini.inference import MarDiniPipeline
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
@@ -101,6 +101,8 @@ def test_posterior_mean_keeps_given_frames_and_each_ablation_changes_it():
     assert torch.allclose(estimate[:, mask], by_hand[:, mask], atol=1e-5)
     with pytest.raises(ValueError, match="plan must be"):
         posterior_mean(pipe, videos, mask, plan="other")
+    with pytest.raises(ValueError, match="noise_level_report"):
+        posterior_mean(pipe, videos, mask, t=0.7)
 
 
 def model_lowres(model, z):
@@ -119,6 +121,38 @@ def test_interpolation_report_scores_the_blend_independently():
     assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr"}
 
 
+def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_input(monkeypatch):
+    pipe, videos = random_pipeline(), clips(4)
+    mask = task_mask("interpolation", T)
+    blend = baseline(videos, mask, "linear_blend")
+    moving = ((blend[:, mask] - videos[:, mask]).abs().mean(2) / 2) > MOVING_THRESHOLD
+    assert 0 < moving.float().mean() < 0.5  # the clips have both moving and still pixels
+    report = noise_level_report(pipe, videos, [0.01, 0.5, 0.99], batch_size=3)  # two chunks
+    assert report["moving_fraction"] == pytest.approx(moving.float().mean().item())
+    still_mse = ((blend[:, mask] - videos[:, mask]) / 2).pow(2).mean(2)[~moving].mean()
+    assert report["blend"]["still"] == pytest.approx(-10 * math.log10(still_mse), rel=1e-6)
+    assert report["blend"]["moving"] < report["blend"]["all"] < report["blend"]["still"]
+    rescaled = [report["levels"][t]["rescaled_input"]["all"] for t in (0.01, 0.5, 0.99)]
+    assert rescaled[0] > rescaled[1] > rescaled[2]  # less noise, closer input
+    assert rescaled[0] > 35  # rectified flow at t = 0.01: the input is the clip up to 1 % of noise
+    random_model = report["levels"][0.01]["model"]["all"]
+    assert random_model < rescaled[0] - 10  # a random network does not return its input
+
+    # An oracle that returns the real latents scores far above everything; one that returns the blend scores as
+    # the blend, region by region (the estimate, the regions and the decoding line up).
+    def oracle(answer):
+        def clean_estimate(z_hi, mask_, diffusion, t, noise, z_lo=None, plan=None):
+            return pipe.autoencoder.encode(answer[: z_hi.shape[0]]) if answer is blend else z_hi
+        return clean_estimate
+
+    monkeypatch.setattr(pipe.model, "clean_estimate", oracle(videos))
+    exact = noise_level_report(pipe, videos, [0.5])["levels"][0.5]["model"]
+    assert min(exact.values()) > 100
+    monkeypatch.setattr(pipe.model, "clean_estimate", oracle(blend))
+    as_blend = noise_level_report(pipe, videos, [0.5], batch_size=len(videos))["levels"][0.5]["model"]
+    assert as_blend == pytest.approx(report["blend"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_demo_quality_cli_writes_the_report(tmp_path):
     pipe = random_pipeline()
@@ -128,7 +162,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export), "--clips", "2",
                              "--steps", "2", "--i2v-seeds", "2", "--step-sweep", "1", "--device", "cpu",
-                             "--attention", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                             "--attention", "--noise-levels", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "interpolation    PSNR" in result.stdout and "linear blend     PSNR" in result.stdout
     report = json.loads(out.read_text())
@@ -140,6 +174,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     blocks = len(pipe.model.generator.blocks)
     assert {t: len(rows) for t, rows in report["attention"].items()} == {"0.5": blocks, "0.999": blocks}
     assert "attention at t=0.5" in result.stdout
+    assert list(report["noise_levels"]["levels"]) == ["0.5"] and "clean estimate by noise level" in result.stdout
 
 
 def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> None:

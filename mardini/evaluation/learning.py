@@ -12,7 +12,10 @@ comes with the baseline it must beat, computed on the same held-out clips:
   ignores shows no drop;
 - image-to-video (middle frame given): best-of-K PSNR vs repeating the given frame, and the motion energy (mean
   absolute difference of consecutive frames) of generated vs real clips: a model that only copies has ratio 0;
-- optionally a sweep of the sampler's step count.
+- optionally a sweep of the sampler's step count;
+- optionally the clean estimate by noise level: the real clip noised to level t, denoised in one step, scored where
+  the scene moves and where it does not (beside the blend and beside just rescaling the noisy input). The sampler
+  ends on the estimates at low t, so a model that cannot return its nearly clean input there caps every sample.
 
 PSNR is per clip over its generated frames, then averaged over clips.
 """
@@ -96,10 +99,14 @@ def baseline(videos: Tensor, mask: Tensor, name: str) -> Tensor:
 @torch.no_grad()
 def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, seed: int = 0,
                    plan: str = "model", references: str = "given", batch_size: int = 16) -> Tensor:
-    """The model's one-step clean estimate of the generated frames from noise level t: [N, T, 3, H, W] pixels with
-    the given frames copied back. plan: "model" | "null" (the learned null plan, zeros without one) | "shuffled"
+    """The model's one-step clean estimate of the generated frames from (almost) pure noise: [N, T, 3, H, W] pixels
+    with the given frames copied back. The generated frames are unknown here, so their noisy input is t * noise
+    alone: only t near 1 is a real noise level (below 0.99 it is refused; noise_level_report noises the real clip). plan: "model" | "null" (the learned null plan, zeros without one) | "shuffled"
     (each frame's plan tokens permuted: same content, wrong places); references: "given" | "noise" (the given
     frames replaced by uniform noise images, for the planner and the generator alike)."""
+    if t < 0.99:
+        raise ValueError(f"posterior_mean: t={t} leaves signal the unknown frames cannot have; use t >= 0.99, or "
+                         f"noise_level_report for lower noise levels")
     model, diffusion, device = pipe.model, pipe.diffusion, pipe.device
     out = []
     g = torch.Generator().manual_seed(seed)
@@ -200,6 +207,54 @@ def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed
             for i, tot in enumerate(totals)]
 
 
+MOVING_THRESHOLD = 0.05  # a pixel "moves" where the blend misses it by more than this (mean abs over RGB, [0, 1])
+
+
+def _region_psnr(pred: Tensor, target: Tensor, region: Tensor) -> float:
+    """PSNR over the pixels of `region` [N, T', H, W]; pred/target [N, T', 3, H, W] in [-1, 1] (nan if empty)."""
+    if not bool(region.any()):
+        return math.nan
+    err = ((pred.double().clamp(-1, 1) - target.double().clamp(-1, 1)) / 2).pow(2).mean(2)  # [N, T', H, W]
+    return float(-10.0 * torch.log10(err[region].mean().clamp_min(1e-20)))
+
+
+@torch.no_grad()
+def noise_level_report(pipe, videos: Tensor, levels: Sequence[float], seed: int = 0, batch_size: int = 16) -> dict:
+    """Interpolation (first + last given), real clips noised to each level t and denoised in one step: PSNR of the
+    generated frames overall, where the scene moves and where it is still (MOVING_THRESHOLD), beside the blend and
+    beside the noisy input rescaled to unit signal (what a model that only removes the mean of the noise gives).
+    Every level uses the same noise draw."""
+    model, diffusion, device = pipe.model, pipe.diffusion, pipe.device
+    T = videos.shape[1]
+    mask = task_mask("interpolation", T)
+    blend = baseline(videos, mask, "linear_blend")
+    real = videos[:, mask]
+    moving = ((blend[:, mask] - real).abs().mean(2) / 2) > MOVING_THRESHOLD  # [N, T', H, W]
+    regions = {"all": torch.ones_like(moving), "moving": moving, "still": ~moving}
+    row = lambda x: {name: _region_psnr(x, real, r) for name, r in regions.items()}  # noqa: E731
+    report = {"moving_fraction": float(moving.float().mean()), "blend": row(blend[:, mask]), "levels": {}}
+    for t in levels:
+        estimates, rescaled = [], []
+        for i, chunk in enumerate(videos.split(batch_size)):
+            n = chunk.shape[0]
+            m = mask[None].expand(n, T).to(device)
+            pixels = chunk.to(device)
+            z = pipe.autoencoder.encode(pixels).to(pipe.dtype)                     # every frame, the real latents
+            z_given, z_lo = encode_given(pipe.autoencoder, pixels, m, model.cfg.lowres_factor, pipe.lowres_mode)
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(device, z.dtype)
+            tt = torch.full((n,), float(t), device=device)
+            plan = model.plan(z_lo.to(pipe.dtype), m)
+            estimates.append(pipe.autoencoder.decode(model.clean_estimate(z, m, diffusion, tt, noise, plan=plan)
+                                                     .float()).cpu())
+            x_t, _ = diffusion.noisy_and_target(z, noise, tt)
+            signal, _ = diffusion.noisy_and_target(torch.ones_like(z), torch.zeros_like(z), tt)  # x0's coefficient
+            rescaled.append(pipe.autoencoder.decode(torch.where(m[:, :, None, None, None], x_t / signal, z)
+                                                    .float()).cpu())
+        report["levels"][float(t)] = {"model": row(torch.cat(estimates)[:, mask]),
+                                      "rescaled_input": row(torch.cat(rescaled)[:, mask])}
+    return report
+
+
 # ------------------------------------------------------------------------------------------------ the report
 def _mean(x: Tensor) -> float:
     return float(x.float().mean())
@@ -240,7 +295,7 @@ def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None =
 
 
 def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0, i2v_seeds: int = 4,
-                    ablations: bool = True, step_sweep: Sequence[int] = ()) -> dict:
+                    ablations: bool = True, step_sweep: Sequence[int] = (), noise_levels: Sequence[float] = ()) -> dict:
     """The whole benchmark on clips [N, T, 3, H, W]; a JSON-able dict."""
     report = {"clips": int(videos.shape[0]), "num_frames": int(videos.shape[1]),
               "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps,
@@ -251,4 +306,6 @@ def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: in
         mask = task_mask("interpolation", videos.shape[1])
         report["step_sweep"] = {int(n): _mean(clip_psnr(samples(pipe, videos, mask, n, seed), videos, mask))
                                 for n in step_sweep}
+    if noise_levels:
+        report["noise_levels"] = noise_level_report(pipe, videos, noise_levels, seed)
     return report
