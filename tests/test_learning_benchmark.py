@@ -162,7 +162,8 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export), "--clips", "2",
                              "--steps", "2", "--i2v-seeds", "2", "--step-sweep", "1", "--device", "cpu",
-                             "--attention", "--noise-levels", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                             "--attention", "--noise-levels", "0.5", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "interpolation    PSNR" in result.stdout and "linear blend     PSNR" in result.stdout
     report = json.loads(out.read_text())

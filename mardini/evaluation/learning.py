@@ -101,9 +101,10 @@ def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, s
                    plan: str = "model", references: str = "given", batch_size: int = 16) -> Tensor:
     """The model's one-step clean estimate of the generated frames from (almost) pure noise: [N, T, 3, H, W] pixels
     with the given frames copied back. The generated frames are unknown here, so their noisy input is t * noise
-    alone: only t near 1 is a real noise level (below 0.99 it is refused; noise_level_report noises the real clip). plan: "model" | "null" (the learned null plan, zeros without one) | "shuffled"
-    (each frame's plan tokens permuted: same content, wrong places); references: "given" | "noise" (the given
-    frames replaced by uniform noise images, for the planner and the generator alike)."""
+    alone: only t near 1 is a real noise level (below 0.99 it is refused; noise_level_report noises the real clip).
+    plan: "model" | "null" (the learned null plan, zeros without one) | "shuffled" (each frame's plan tokens
+    permuted: same content, wrong places); references: "given" | "noise" (the given frames replaced by uniform noise
+    images, for the planner and the generator alike)."""
     if t < 0.99:
         raise ValueError(f"posterior_mean: t={t} leaves signal the unknown frames cannot have; use t >= 0.99, or "
                          f"noise_level_report for lower noise levels")
@@ -232,27 +233,27 @@ def noise_level_report(pipe, videos: Tensor, levels: Sequence[float], seed: int 
     moving = ((blend[:, mask] - real).abs().mean(2) / 2) > MOVING_THRESHOLD  # [N, T', H, W]
     regions = {"all": torch.ones_like(moving), "moving": moving, "still": ~moving}
     row = lambda x: {name: _region_psnr(x, real, r) for name, r in regions.items()}  # noqa: E731
-    report = {"moving_fraction": float(moving.float().mean()), "blend": row(blend[:, mask]), "levels": {}}
-    for t in levels:
-        estimates, rescaled = [], []
-        for i, chunk in enumerate(videos.split(batch_size)):
-            n = chunk.shape[0]
-            m = mask[None].expand(n, T).to(device)
-            pixels = chunk.to(device)
-            z = pipe.autoencoder.encode(pixels).to(pipe.dtype)                     # every frame, the real latents
-            z_given, z_lo = encode_given(pipe.autoencoder, pixels, m, model.cfg.lowres_factor, pipe.lowres_mode)
-            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(device, z.dtype)
-            tt = torch.full((n,), float(t), device=device)
-            plan = model.plan(z_lo.to(pipe.dtype), m)
-            estimates.append(pipe.autoencoder.decode(model.clean_estimate(z, m, diffusion, tt, noise, plan=plan)
-                                                     .float()).cpu())
+    estimates = {float(t): [] for t in levels}
+    rescaled = {float(t): [] for t in levels}
+    for i, chunk in enumerate(videos.split(batch_size)):
+        n = chunk.shape[0]
+        m = mask[None].expand(n, T).to(device)
+        pixels = chunk.to(device)
+        z = pipe.autoencoder.encode(pixels).to(pipe.dtype)                              # every frame, the real latents
+        _, z_lo = encode_given(pipe.autoencoder, pixels, m, model.cfg.lowres_factor, pipe.lowres_mode)
+        plan = model.plan(z_lo.to(pipe.dtype), m)                                      # from the given frames only
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(device, z.dtype)
+        for t in estimates:
+            tt = torch.full((n,), t, device=device)
+            estimate = model.clean_estimate(z, m, diffusion, tt, noise, plan=plan)
+            estimates[t].append(pipe.autoencoder.decode(estimate.float()).cpu())
             x_t, _ = diffusion.noisy_and_target(z, noise, tt)
             signal, _ = diffusion.noisy_and_target(torch.ones_like(z), torch.zeros_like(z), tt)  # x0's coefficient
-            rescaled.append(pipe.autoencoder.decode(torch.where(m[:, :, None, None, None], x_t / signal, z)
-                                                    .float()).cpu())
-        report["levels"][float(t)] = {"model": row(torch.cat(estimates)[:, mask]),
-                                      "rescaled_input": row(torch.cat(rescaled)[:, mask])}
-    return report
+            scaled = torch.where(m[:, :, None, None, None], x_t / signal, z)
+            rescaled[t].append(pipe.autoencoder.decode(scaled.float()).cpu())
+    return {"moving_fraction": float(moving.float().mean()), "blend": row(blend[:, mask]),
+            "levels": {t: {"model": row(torch.cat(estimates[t])[:, mask]),
+                           "rescaled_input": row(torch.cat(rescaled[t])[:, mask])} for t in estimates}}
 
 
 # ------------------------------------------------------------------------------------------------ the report
