@@ -11,6 +11,9 @@ Reports (mardini/evaluation/learning.py):
   linear blend     the same frames as a blend of the two given ones (the baseline to beat)
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
+  plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
+                   on half of the clips, scored on the other half) beside the low-resolution blend's, and how much
+                   the plan tokens vary across a frame
   image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, and the motion energy of generated
                    vs real clips
   noise levels     (--noise-levels 0.04 0.3 0.7 0.999) the real clip noised to each t and denoised in one step,
@@ -65,6 +68,10 @@ def print_report(report: dict) -> None:
         if key in i:
             drop = i["posterior_mean_psnr"] - i[key]
             print(f"  {name.replace('_', ' '):17s}PSNR {i[key]:6.2f} dB   (drop {drop:+.2f})")
+    if "plan_probe" in report:
+        q = report["plan_probe"]
+        print(f"plan probe       R^2 {q['r2']:.2f} (low-res blend {q['blend_r2']:.2f}); plan tokens' spread over a "
+              f"frame {q['spatial_share']:.3f} of their mean square")
     if "i2v" in report:
         v = report["i2v"]
         print(f"image-to-video   PSNR {v['best_psnr']:6.2f} dB   best of {v['best_of']} (mean {v['mean_psnr']:.2f})")

@@ -19,10 +19,13 @@ from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
 from mardini.evaluation.learning import (MOVING_THRESHOLD, baseline, clip_psnr, generator_attention, held_out_clips,
-                                         interpolation_report, motion_energy, noise_level_report, posterior_mean)
+                                         interpolation_report, motion_energy, noise_level_report, plan_probe,
+                                         posterior_mean)
 from mardini.inference import MarDiniPipeline
+from mardini.data.latent_cache import encode_given
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
+from mardini.models.layers import patchify
 
 REPO = Path(__file__).resolve().parent.parent
 T, H = 5, 16
@@ -153,6 +156,29 @@ def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_in
     assert as_blend == pytest.approx(report["blend"], rel=1e-5)
 
 
+def test_plan_probe_tells_a_plan_with_layout_from_one_without(monkeypatch):
+    pipe, videos = random_pipeline(), clips(6)
+    mask = task_mask("interpolation", T)
+    model = pipe.model
+    D = model.cfg.signal_dim
+    with torch.no_grad():
+        _, real_lo = encode_given(pipe.autoencoder, videos, torch.zeros(len(videos), T, dtype=torch.bool),
+                                  model.cfg.lowres_factor)
+    tokens = patchify(real_lo, model.cfg.planner.patch_size)                    # [N, T, m, C]: the real layout
+    oracle = torch.nn.functional.pad(tokens, (0, D - tokens.shape[-1]))
+    monkeypatch.setattr(model, "plan", lambda z_lo, m, drop_plan=None: oracle[: len(z_lo)])
+    knows = plan_probe(pipe, videos, batch_size=len(videos))
+    assert knows["r2"] > 0.999 and knows["spatial_share"] > 0.05
+    assert 0 < knows["blend_r2"] < 0.999  # the blend is a good guess, not the answer
+    uniform = oracle.mean(2, keepdim=True).expand_as(oracle)                    # per-frame facts, no layout
+    monkeypatch.setattr(model, "plan", lambda z_lo, m, drop_plan=None: uniform[: len(z_lo)])
+    flat = plan_probe(pipe, videos, batch_size=len(videos))
+    assert flat["spatial_share"] < 1e-9 and flat["r2"] < knows["r2"] - 0.3
+    assert flat["blend_r2"] == pytest.approx(knows["blend_r2"])
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        plan_probe(pipe, videos[:1])
+
+
 @pytest.mark.slow
 def test_demo_quality_cli_writes_the_report(tmp_path):
     pipe = random_pipeline()
@@ -176,6 +202,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert {t: len(rows) for t, rows in report["attention"].items()} == {"0.5": blocks, "0.999": blocks}
     assert "attention at t=0.5" in result.stdout
     assert list(report["noise_levels"]["levels"]) == ["0.5"] and "clean estimate by noise level" in result.stdout
+    assert set(report["plan_probe"]) == {"r2", "blend_r2", "spatial_share"} and "plan probe" in result.stdout
 
 
 def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> None:

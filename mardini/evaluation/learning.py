@@ -12,6 +12,9 @@ comes with the baseline it must beat, computed on the same held-out clips:
   ignores shows no drop;
 - image-to-video (middle frame given): best-of-K PSNR vs repeating the given frame, and the motion energy (mean
   absolute difference of consecutive frames) of generated vs real clips: a model that only copies has ratio 0;
+- the plan probe: how much of the generated frames' low-resolution content a linear read-out of their plan tokens
+  recovers (R^2 on held-out clips), beside the low-resolution blend: a planner that plans puts the frames' layout
+  into its tokens; one whose tokens are spatially uniform only passes on per-frame facts;
 - optionally a sweep of the sampler's step count;
 - optionally the clean estimate by noise level: the real clip noised to level t, denoised in one step, scored where
   the scene moves and where it does not (beside the blend and beside just rescaling the noisy input). The sampler
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from ..data.latent_cache import encode_given
 from ..masking import task_mask
+from ..models.layers import patchify
 from .benchmarks import linear_blend, repeat_nearest
 from .metrics import unit_range_pair, ssim_frames
 
@@ -208,6 +212,43 @@ def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed
             for i, tot in enumerate(totals)]
 
 
+@torch.no_grad()
+def plan_probe(pipe, videos: Tensor, mask: Tensor | None = None, batch_size: int = 16) -> dict:
+    """Does the planner plan? Its tokens for the generated frames (interpolation mask by default) against those
+    frames' real low-resolution latents (what the planner would see if they were given), per planner token:
+    - r2: a least-squares linear read-out fitted on the first half of the clips, R^2 on the second half;
+    - blend_r2: R^2 of the low-resolution latents of the linear blend, on the same held-out half;
+    - spatial_share: variance of the plan tokens across a frame's positions / their mean square (0: one vector
+      repeated over the frame, which carries no layout).
+    Needs at least 2 clips."""
+    if len(videos) < 2:
+        raise ValueError("plan_probe needs at least 2 clips (half fit the read-out, half score it)")
+    model, device = pipe.model, pipe.device
+    T = videos.shape[1]
+    mask = task_mask("interpolation", T) if mask is None else mask
+    blend = baseline(videos, mask, "linear_blend")
+    p = model.cfg.planner.patch_size
+    plans, reals, blends = [], [], []
+    for chunk, blend_chunk in zip(videos.split(batch_size), blend.split(batch_size)):
+        m = mask[None].expand(len(chunk), T).to(device)
+        _, z_lo = encode_given(pipe.autoencoder, chunk.to(device), m, model.cfg.lowres_factor, pipe.lowres_mode)
+        plans.append(model.plan(z_lo.to(pipe.dtype), m)[:, mask].float().cpu())                   # [n, G, m, D]
+        for source, out in ((chunk, reals), (blend_chunk, blends)):
+            _, lo = encode_given(pipe.autoencoder, source.to(device), torch.zeros_like(m), model.cfg.lowres_factor,
+                                 pipe.lowres_mode)
+            out.append(patchify(lo[:, mask].float(), p).cpu())                                    # [n, G, m, C p p]
+    plan, real, blend_lo = torch.cat(plans), torch.cat(reals), torch.cat(blends)
+    half = len(videos) // 2
+    x = torch.cat([plan, torch.ones_like(plan[..., :1])], -1).double()                            # with a bias
+    # gelsd (SVD): plan tokens are often rank-deficient (spatially uniform), where the default driver returns garbage
+    fit = torch.linalg.lstsq(x[:half].flatten(0, 2), real[:half].flatten(0, 2).double(), driver="gelsd").solution
+    target = real[half:].double()
+    total = (target - real[:half].double().flatten(0, 2).mean(0)).pow(2).sum()
+    r2 = lambda pred: float(1 - (pred - target).pow(2).sum() / total)  # noqa: E731
+    spatial = plan.var(dim=2, unbiased=False).mean() / plan.pow(2).mean().clamp_min(1e-20)
+    return {"r2": r2(x[half:] @ fit), "blend_r2": r2(blend_lo[half:].double()), "spatial_share": float(spatial)}
+
+
 MOVING_THRESHOLD = 0.05  # a pixel "moves" where the blend misses it by more than this (mean abs over RGB, [0, 1])
 
 
@@ -301,6 +342,8 @@ def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: in
     report = {"clips": int(videos.shape[0]), "num_frames": int(videos.shape[1]),
               "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps,
               "interpolation": interpolation_report(pipe, videos, num_steps, seed, ablations)}
+    if len(videos) >= 2:
+        report["plan_probe"] = plan_probe(pipe, videos)
     if i2v_seeds:
         report["i2v"] = i2v_report(pipe, videos, i2v_seeds, num_steps, seed)
     if step_sweep:
