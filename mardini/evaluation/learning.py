@@ -256,8 +256,9 @@ def _region_psnr(pred: Tensor, target: Tensor, region: Tensor) -> float:
     """PSNR over the pixels of `region` [N, T', H, W]; pred/target [N, T', 3, H, W] in [-1, 1] (nan if empty)."""
     if not bool(region.any()):
         return math.nan
-    err = ((pred.double().clamp(-1, 1) - target.double().clamp(-1, 1)) / 2).pow(2).mean(2)  # [N, T', H, W]
-    return float(-10.0 * torch.log10(err[region].mean().clamp_min(1e-20)))
+    p, t = unit_range_pair(pred.flatten(0, 1), target.flatten(0, 1))                     # [N T', 3, H, W]
+    err = (p - t).pow(2).mean(1)                                                          # [N T', H, W]
+    return float(-10.0 * torch.log10(err[region.flatten(0, 1)].mean().clamp_min(1e-20)))
 
 
 @torch.no_grad()

@@ -272,8 +272,8 @@ class Trainer:
             if not Path(t.init_from).is_dir():
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
+            _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
             export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
-            _check_same_objective(t.init_from, cfg.diffusion)
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
