@@ -125,11 +125,13 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def assert_optimizer_equal(a: dict, b: dict) -> None:
-    """Compare two saved AdamW state dicts: step counts, exp_avg and exp_avg_sq of every parameter."""
+    """Compare two saved optimizer state dicts: every buffer of every parameter (AdamW: step counts, exp_avg and
+    exp_avg_sq; Muon: the momentum buffer)."""
     sa, sb = a["state"], b["state"]
     assert sa.keys() == sb.keys() and len(sa) > 0
     for idx in sa:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert sa[idx].keys() == sb[idx].keys() and len(sa[idx]) > 0, f"optimizer state {idx} holds other buffers"
+        for key in sa[idx]:
             assert torch.equal(torch.as_tensor(sa[idx][key]), torch.as_tensor(sb[idx][key])), \
                 f"optimizer state {idx}.{key} differs"
 

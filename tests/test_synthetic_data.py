@@ -69,6 +69,41 @@ def test_accepts_omegaconf_and_rejects_bad_values():
         make(height=0)
     with pytest.raises(IndexError):
         make(num_videos=4)[4]
+    with pytest.raises(ValueError, match="hue_drift"):
+        make(hue_drift=0.7)
+    with pytest.raises(ValueError, match="hue_drift.*number"):
+        make(hue_drift="0.1")
+
+
+def test_hue_drift_changes_only_the_shapes_colour_over_time():
+    """hue_drift bounds a shape's hue change per frame; the default (0.03) is the data as it always was, and 0 keeps
+    every shape's colour (the layout, motion and first frame's colours do not depend on it)."""
+    default, still, drifting = make(), make(hue_drift=0.0), make(hue_drift=0.03)
+    for i in range(6):
+        assert torch.equal(default[i]["video"], drifting[i]["video"])
+    first_frames = torch.stack([still[i]["video"][0] for i in range(16)])
+    assert torch.equal(first_frames, torch.stack([drifting[i]["video"][0] for i in range(16)]))
+    later = torch.stack([still[i]["video"][-1] - drifting[i]["video"][-1] for i in range(16)])
+    assert later.abs().max() > 0.1  # the drift shows by the last frame
+
+
+@pytest.mark.parametrize("hue_drift", [0.0, pytest.param(0.03, marks=pytest.mark.xfail(strict=True))])
+def test_without_hue_drift_shapes_keep_their_colours(hue_drift):
+    """With hue_drift=0 every shape keeps its colour: the set of saturated colours in a clip's first and last frame
+    (shapes have saturation >= 0.5, the background <= 0.6 and darker) is the same as far as occlusion allows."""
+    cfg = SyntheticVideoConfig(hue_drift=hue_drift, num_videos=1, min_shapes=1, max_shapes=1, num_frames=9)
+    for index in range(8):
+        video = synthetic.render_synthetic_video(cfg, index)  # [T, 3, H, W] in [-1, 1]
+        rgb = (video + 1) / 2
+        value = rgb.max(axis=1)  # HSV value per pixel [T, H, W]
+        colours = []
+        for frame in (0, -1):
+            bright = value[frame] > 0.64  # shape values are >= 0.65; the background's <= 0.55
+            if bright.sum() < 4:
+                break
+            colours.append(rgb[frame][:, bright].mean(axis=1))
+        if len(colours) == 2:
+            assert np.abs(colours[0] - colours[1]).max() < 0.05, (index, colours)
 
 
 def test_motion_is_smooth_but_present():

@@ -114,6 +114,21 @@ def test_exact_resume_auto_and_explicit_path(straight_run, tmp_path):
     assert_same_run(straight_run, stopped)
 
 
+@pytest.mark.slow
+def test_exact_resume_with_muon(tmp_path):
+    """Muon's momentum buffers and AdamW's moments of the other groups travel through the checkpoint."""
+    straight = tmp_path / "straight"
+    Trainer(resume_config(straight, optimizer="muon")).fit()
+    state = optimizer_state(checkpoint(straight, 2 * N))["state"]
+    assert {"momentum_buffer"} in [set(s) for s in state.values()], "no parameter took Muon steps"
+    stopped = tmp_path / "stopped"
+    trainer = Trainer(resume_config(stopped, optimizer="muon"))
+    stop_at(trainer, N)
+    trainer.fit()
+    Trainer(resume_config(stopped, optimizer="muon", resume="auto")).fit()
+    assert_same_run(straight, stopped)
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", resume="auto"))
     assert trainer.step == 0 and trainer.ema.num_updates == 0
@@ -217,6 +232,9 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     ("resume + init_from", {"train.resume": "auto", "train.init_from": "some/export"},
      ["train.init_from", "train.resume"]),
     ("latent channels", {"model.latent_channels": 16}, ["model.latent_channels", "12"]),
+    ("unknown optimizer", {"train.optimizer": "sgd"}, ["train.optimizer", "adamw"]),
+    ("muon on sharded weights", {"train.optimizer": "muon", "train.parallel": "fsdp"},
+     ["train.optimizer=muon", "train.parallel=fsdp"]),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, case, overrides, keys):
     out = tmp_path / "run"

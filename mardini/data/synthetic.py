@@ -40,6 +40,7 @@ class SyntheticVideoConfig:
     min_shapes: int = 1  # fewest shapes in a clip
     max_shapes: int = 3  # most shapes in a clip
     seed: int = 0  # with the index, the only source of randomness
+    hue_drift: float = 0.03  # most hue change of a shape per frame, in turns (0: shapes keep their colour)
 
 
 def _read_config(cfg: Any) -> SyntheticVideoConfig:
@@ -47,10 +48,14 @@ def _read_config(cfg: Any) -> SyntheticVideoConfig:
     values = {}
     for f in fields(SyntheticVideoConfig):
         value = getattr(cfg, f.name, f.default)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"synthetic data: '{f.name}' must be an int, got {value!r}")
-        values[f.name] = int(value)
+        kinds, kind_name = ((int, float, np.integer, np.floating), "a number") if f.type in (float, "float") \
+            else ((int, np.integer), "an int")
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"synthetic data: '{f.name}' must be {kind_name}, got {value!r}")
+        values[f.name] = float(value) if f.type in (float, "float") else int(value)
     out = SyntheticVideoConfig(**values)
+    if not 0.0 <= out.hue_drift <= 0.5:
+        raise ValueError(f"synthetic data: 'hue_drift' must be in [0, 0.5] turns per frame, got {out.hue_drift}")
     lower_bounds = {"num_videos": 1, "num_frames": 1, "height": 1, "width": 1, "min_shapes": 0, "seed": 0}
     for name, low in lower_bounds.items():
         if getattr(out, name) < low:
@@ -153,7 +158,8 @@ def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.
     return c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * u[:, None]
 
 
-def _draw_shape(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, img: np.ndarray):
+def _draw_shape(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, img: np.ndarray,
+                hue_drift: float):
     """Draw one moving shape over img [T, 3, H, W] in place (later shapes occlude earlier ones)."""
     height, width = ys.shape[1], xs.shape[2]
     size = min(height, width)
@@ -166,7 +172,7 @@ def _draw_shape(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.
     cy = _path(rng, t, rng.uniform(0.15, 0.85) * height, height)
     theta = rng.uniform(0.0, 2.0 * math.pi) + rng.uniform(-0.12, 0.12) * t  # a constant turn rate, rad/frame
     pulse = np.maximum(1.0 + rng.uniform(-0.015, 0.015) * t, 0.3)  # steady growth or shrinking
-    hue = rng.uniform(0.0, 1.0) + rng.uniform(-0.03, 0.03) * t
+    hue = rng.uniform(0.0, 1.0) + rng.uniform(-hue_drift, hue_drift) * t
     color = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.65, 1.0)).astype(np.float32)  # [T, 3]
 
     # Local coordinates: translate to the centre, then rotate by -theta. dx [T, 1, W], dy [T, H, 1].
@@ -189,7 +195,7 @@ def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
     img = _background(rng, t, xs, ys)
     num_shapes = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     for _ in range(num_shapes):
-        _draw_shape(rng, t, xs, ys, img)
+        _draw_shape(rng, t, xs, ys, img, cfg.hue_drift)
     return np.clip(img * 2.0 - 1.0, -1.0, 1.0, dtype=np.float32)
 
 

@@ -22,6 +22,7 @@ from ..models.config import GeneratorConfig, MarDiniConfig, PlannerConfig, valid
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # fp16 is named so that its refusal can explain itself
 PARALLEL_MODES = ("ddp", "fsdp")
 LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "muon")
 TRACKERS = ("wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 AUTOENCODERS = ("identity", "kl", "kl_video")
@@ -65,7 +66,9 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps to train
     batch_size: int = 8  # micro-batch per device
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
-    lr: float = 3e-4  # peak learning rate (AdamW)
+    lr: float = 3e-4  # peak learning rate (AdamW; Muon steps are scaled to match AdamW's update size)
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' weight matrices, AdamW for the rest; not with fsdp)
+    muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum of the Muon groups
     weight_decay: float = 0.01  # AdamW decay, applied to matrices only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
@@ -203,6 +206,11 @@ def validate_config(cfg) -> None:
     need(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
     need(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
     need(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    need(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    need(0 <= t.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {t.muon_momentum}")
+    need(not (t.optimizer == "muon" and t.parallel == "fsdp"), "train.optimizer=muon",
+         "needs whole weight matrices and cannot run with train.parallel=fsdp (sharded weights): use "
+         "train.parallel=ddp or train.optimizer=adamw")
     need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     need(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
