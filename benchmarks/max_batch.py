@@ -1,10 +1,12 @@
 """The largest micro-batch per GPU that trains, with and without activation checkpointing.
 
 The real Trainer (same overrides as the run: FSDP, compile, EMA, optimizer) is built once per setting; its
-train_step then runs on batches of a few sizes. Peak memory grows linearly with the batch (activations), so two
-measured sizes give the slope, the largest size predicted to fit under `--headroom` of the GPU's memory is run, and
-the next size is tried to show it does not fit (out of memory ends that setting; the Trainer is rebuilt for the
-next one). Masks are those of the curriculum's last stage (image-to-video: the most generated frames).
+train_step then runs on batches of a few sizes. Peak memory grows about linearly with the batch (activations), so
+two measured sizes give the slope and the largest size predicted to fit under `--headroom` of the GPU's memory is
+run (if it fits, the next size is tried to show it does not); then bisection between the largest fit and the
+smallest failure narrows the gap to 1/8 of the batch (small sizes can mislead the slope: with activation
+checkpointing fixed buffers dominate them). Out of memory ends a try, not the setting; the Trainer is rebuilt for
+the next setting. Masks are those of the curriculum's last stage (image-to-video: the most generated frames).
 
     torchrun --nproc_per_node 2 benchmarks/max_batch.py --json max_batch.json --ac 0,1 --sizes 2,4 -- \\
         model=paper train=gpu train.parallel=fsdp ...
@@ -59,13 +61,21 @@ def try_size(trainer: Trainer, size: int, pool: list[dict]) -> dict:
     return {"batch": size, "fits": True, "step_s": round(seconds, 3), "peak_mem_gib": round(peak, 2)}
 
 
-def probe(overrides: list[str], ac: bool, sizes: list[int], headroom: float, out_dir: str) -> dict:
+def logged(result: dict) -> dict:
+    """Print each try as it ends (rank 0), so a run cut short by a time limit still tells what it found."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("try", json.dumps(result), flush=True)
+    return result
+
+
+def probe(overrides: list[str], ac: bool, sizes: list[int], headroom: float, out_dir: str,
+          max_bisections: int = 8) -> dict:
     cfg = compose_config([*overrides, f"train.activation_checkpointing={str(ac).lower()}", "train.trackers=[]",
                           f"train.output_dir={out_dir}"])
     trainer = Trainer(cfg)
     trainer.step = cfg.train.max_steps - 1  # the curriculum's last stage: the most generated frames
     pool = [trainer.dataset[i] for i in range(4)]
-    tries = [try_size(trainer, s, pool) for s in sizes]
+    tries = [logged(try_size(trainer, s, pool)) for s in sizes]
     result = {"activation_checkpointing": ac, "tries": tries}
     fitted = [t for t in tries if t["fits"]]
     if len(fitted) >= 2 and trainer.device.type == "cuda":
@@ -77,16 +87,17 @@ def probe(overrides: list[str], ac: bool, sizes: list[int], headroom: float, out
         result.update(gib_per_sample=round(slope, 2), gib_fixed=round(fixed, 2), predicted_max=predicted,
                       capacity_gib=round(capacity, 1))
         size = max(predicted, max(sizes) + 1)
-        first = try_size(trainer, size, pool)
-        tries.append(first)
-        step = 1 if first["fits"] else -1  # walk up to the first failure, or down to the first fit
-        for _ in range(3):
-            size += step
-            if size <= max(sizes):
+        tries.append(logged(try_size(trainer, size, pool)))
+        if tries[-1]["fits"]:  # a right prediction: the next size must fail
+            tries.append(logged(try_size(trainer, size + 1, pool)))
+        # The memory slope from two small sizes can be far off (e.g. with activation checkpointing, where fixed
+        # buffers dominate them): bisect between the largest fit and the smallest failure, to within 1/8.
+        for _ in range(max_bisections):
+            fit = max(t["batch"] for t in tries if t["fits"])
+            fail = min((t["batch"] for t in tries if not t["fits"]), default=None)
+            if fail is None or fail - fit <= max(1, fit // 8):
                 break
-            tries.append(try_size(trainer, size, pool))
-            if tries[-1]["fits"] != first["fits"]:
-                break
+            tries.append(logged(try_size(trainer, (fit + fail) // 2, pool)))
     fits = [t["batch"] for t in tries if t["fits"]]
     result["largest_fitting"] = max(fits) if fits else 0
     result["smallest_failing"] = min((t["batch"] for t in tries if not t["fits"]), default=None)
@@ -104,10 +115,13 @@ def main():
     p.add_argument("--ac", default="0,1", help="activation checkpointing settings to probe")
     p.add_argument("--sizes", default="2,4", help="micro-batches measured first (the last two give the slope)")
     p.add_argument("--headroom", type=float, default=0.97, help="fraction of the GPU's memory a prediction may use")
+    p.add_argument("--bisections", type=int, default=8, help="most extra sizes tried to narrow the gap")
     p.add_argument("--timeout-s", type=int, default=180, help="process-group timeout")
     p.add_argument("--json", default="max_batch.json")
     args = p.parse_args()
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per rank before the first collective (NCCL refuses a shared one)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(seconds=args.timeout_s))
     results = []
@@ -119,7 +133,7 @@ def main():
                 dist.broadcast_object_list(holder)
                 run_dir = holder[0]
             results.append(probe(args.overrides, ac, [int(s) for s in args.sizes.split(",")], args.headroom,
-                                 f"{run_dir}/probe_ac{int(ac)}"))
+                                 f"{run_dir}/probe_ac{int(ac)}", args.bisections))
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps(results[-1]), flush=True)
             with open(args.json, "w") as f:

@@ -19,6 +19,11 @@ Phases (in this order; --phases picks some, --deadline-min skips those that woul
   ddp_small        `small`, DDP: 1 vs 2 GPUs, torch.compile on and off
   max_batch        benchmarks/max_batch.py: the largest per-GPU batch of the paper-size run, activation
                    checkpointing off and on
+  launcher_pair    the paper-size run at identical settings (batch, steps, no periodic validation) under torchrun
+                   and under `accelerate launch`: the launchers must not change speed, memory or losses
+  loss_noise       the noise floor of loss_equality: `small`, FSDP, 1 GPU at the same global batch two ways
+                   (b x grad_accum 2 on GPU 0, 2b x grad_accum 1 on GPU 1: the same maths, other rounding), and
+                   2 GPUs x b; the 2-vs-1-GPU difference is compared with the 1-GPU-vs-1-GPU one
   identity_impl    benchmarks/train_step.py: the paper joint step with identity attention split vs gather (1 GPU;
                    runs inside loss_equality unless that phase is left out)
 Writes --out/multi_gpu.json (after every phase) and --out/logs.tar.gz. MFU = model FLOPs per step per GPU (3 x the
@@ -44,7 +49,7 @@ from train_throughput import model_flops_per_step, steady_rate  # benchmarks/ (t
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("paper_torchrun", "weak_scaling", "reshard", "paper_accelerate", "loss_equality", "ddp_small",
-          "max_batch", "identity_impl")
+          "max_batch", "identity_impl", "launcher_pair", "loss_noise")
 
 QUIET = ["train.trackers=[]", "train.progress=false"]
 PRESETS = {
@@ -58,7 +63,7 @@ PRESETS = {
                "train.parallel=fsdp", "train.warmup_steps=10", "train.log_every=10", "train.eval_num_videos=4",
                "train.num_sample_videos=1", "train.sample_steps=10", "train.keep_last=1",
                "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0", *QUIET],
-        paper_batch=4, paper_steps=60, paper_eval_every=30, paper_ac_batch=8, paper_ac_steps=24,
+        paper_batch=4, paper_steps=60, paper_eval_every=30, paper_ac_batch=8, paper_ac_steps=24, pair_steps=40,
         small=["experiment=small_synthetic", "train.eval_every=0", "train.sample_every=0",
                "train.checkpoint_every=100000", "train.num_sample_videos=1", *QUIET],
         small_batch=32, loss_batch=16, loss_steps=200, ddp_steps=160,
@@ -71,7 +76,7 @@ PRESETS = {
                "train.log_every=2", "train.eval_num_videos=2", "train.num_sample_videos=1", "train.sample_steps=2",
                "train.keep_last=1", "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0",
                "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
-        paper_batch=2, paper_steps=6, paper_eval_every=3, paper_ac_batch=4, paper_ac_steps=4,
+        paper_batch=2, paper_steps=6, paper_eval_every=3, paper_ac_batch=4, paper_ac_steps=4, pair_steps=6,
         small=["model=tiny", "data=synthetic", "train.cpu=true", "train.eval_every=0", "train.sample_every=0",
                "train.checkpoint_every=100000", "train.num_sample_videos=1", "train.sample_steps=2",
                "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
@@ -294,6 +299,37 @@ class Bench:
         record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
         return record
 
+    def launcher_pair(self) -> dict:
+        """The same paper-size run under both launchers, one after the other (both use every GPU)."""
+        p = self.p
+        overrides = self.paper(p["paper_batch"], p["pair_steps"], "train.log_every=5")
+        result = {"torchrun": self.train("pair_torchrun", overrides, p["gpus"]),
+                  "accelerate": self.train("pair_accelerate", overrides, p["gpus"], launcher="accelerate")}
+        a, b = result["torchrun"], result["accelerate"]
+        if "steps_per_s" in a and "steps_per_s" in b:
+            result["accelerate_over_torchrun_steps_per_s"] = round(b["steps_per_s"] / a["steps_per_s"], 4)
+        result.update(compare_losses(self.runs / "pair_torchrun", self.runs / "pair_accelerate"))
+        self.drop_heavy("pair_torchrun", "pair_accelerate")
+        return result
+
+    def loss_noise(self) -> dict:
+        """How far two mathematically equal 1-GPU runs drift apart in bf16, beside the 2-vs-1-GPU drift."""
+        p = self.p
+        common = [*p["small"], "train.parallel=fsdp", f"train.max_steps={p['loss_steps']}", "train.log_every=10"]
+        two = self.train("noise_2gpu", [*common, f"train.batch_size={p['loss_batch']}"], nproc=p["gpus"])
+        with ThreadPoolExecutor(2) as pool:  # one run per GPU
+            accum = pool.submit(self.train, "noise_1gpu_accum", [*common, f"train.batch_size={p['loss_batch']}",
+                                                                 f"train.grad_accum={p['gpus']}"], 1, "0")
+            whole = pool.submit(self.train, "noise_1gpu_whole",
+                                [*common, f"train.batch_size={p['loss_batch'] * p['gpus']}"], 1, "1")
+            accum, whole = accum.result(), whole.result()
+        result = {"run_2gpu": two, "run_1gpu_accum": accum, "run_1gpu_whole": whole,
+                  "two_gpus_vs_1gpu_accum": compare_losses(self.runs / "noise_2gpu", self.runs / "noise_1gpu_accum"),
+                  "1gpu_whole_vs_1gpu_accum": compare_losses(self.runs / "noise_1gpu_whole",
+                                                             self.runs / "noise_1gpu_accum")}
+        self.drop_heavy("noise_2gpu", "noise_1gpu_accum", "noise_1gpu_whole")
+        return result
+
     # ------------------------------------------------------------------------------------------ driver
     def run(self, phases: list[str]) -> None:
         for phase in phases:
@@ -324,6 +360,8 @@ class Bench:
 
 def compare_losses(a: Path, b: Path) -> dict:
     """Per-step losses of two runs with the same global batch: differences, and 20-step window means."""
+    if not ((a / "metrics.jsonl").exists() and (b / "metrics.jsonl").exists()):
+        return {"loss_comparison": f"missing metrics.jsonl in {a.name} or {b.name}"}
     la = {m["step"]: m["loss"] for m in map(json.loads, (a / "metrics.jsonl").read_text().splitlines())}
     lb = {m["step"]: m["loss"] for m in map(json.loads, (b / "metrics.jsonl").read_text().splitlines())}
     steps = sorted(la.keys() & lb.keys())
@@ -362,7 +400,7 @@ def main():
     p.add_argument("--deadline-min", type=float, default=1e9, help="start no phase that would end after this")
     p.add_argument("--phase-minutes", type=json.loads, default={
         "paper_torchrun": 4, "weak_scaling": 3.5, "reshard": 2, "paper_accelerate": 3, "loss_equality": 3,
-        "ddp_small": 4, "identity_impl": 3, "max_batch": 5}, help="JSON: expected minutes per phase")
+        "ddp_small": 4, "identity_impl": 3, "max_batch": 5, "launcher_pair": 5, "loss_noise": 3.5}, help="JSON: expected minutes per phase")
     p.add_argument("--keep-heavy", action="store_true", help="keep checkpoints and exports of finished runs")
     args = p.parse_args()
     phases = args.phases.split(",")
