@@ -5,20 +5,36 @@ makes: planner once + K generator steps + VAE decode of the frames (a randomly i
 of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VAE cost without downloading weights), in bf16.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
+Variants, each timed on every (frames, steps): torch.compile off or on in each --compile-mode (planner and
+generator, static shapes), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
+memory format. Each result splits the call into planner, generator steps and VAE decode, gives the generator's
+achieved TFLOP/s (useful work, mardini.models.flops) against its floor at --peak-tflops, and compares the generated
+latents (same input and noise) with the eager model's.
+
     python benchmarks/inference.py --frames 12,17 --steps 25,10,4 --out inference.json
+    python benchmarks/inference.py --frames 12 --steps 25,4 --compile 0,1 \
+        --compile-mode default,reduce-overhead --vae-compile 0,1 --out inference_modes.json
+    python benchmarks/inference.py --device cpu --size tiny --resolution 64 --lowres 2 --frames 5 --steps 2 \
+        --compile 0 --out /tmp/inference.json   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import platform
 
 import torch
+from torch import nn
 
 from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
+from mardini.models.flops import generator_flops
 from mardini.models.mardini import lowres_from_hires
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 def build_vae(device, dtype):
@@ -30,9 +46,45 @@ def build_vae(device, dtype):
     return vae.to(device, dtype).eval()
 
 
-def decode_frames(vae, latents: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+@torch.inference_mode()
+def decode_frames(vae, latents: torch.Tensor, memory_format=torch.contiguous_format, chunk: int = 4) -> torch.Tensor:
     """[T, C, h, w] -> [T, 3, 8h, 8w], a few frames at a time to bound the decoder's activation memory."""
-    return torch.cat([vae.decode(c).sample for c in latents.split(chunk)])
+    return torch.cat([vae.decode(c.contiguous(memory_format=memory_format)).sample for c in latents.split(chunk)])
+
+
+def give_outputs(generator: nn.Module) -> None:
+    """adaLN-Zero starts every generator block as the identity and the output layer at 0, so an untrained model's
+    samples (all zero with the default x0 prediction) do not depend on what the kernels compute: give those zero
+    weights the init of the other linears, so that comparing variants' outputs means something (the speed does not
+    depend on the values)."""
+    for m in generator.modules():
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.xavier_uniform_(m.weight)
+
+
+class CudaGraphStep(nn.Module):
+    """A module compiled with mode="reduce-overhead" (CUDA graphs), called by the sampler. Graph outputs live in a
+    pool that the next replay overwrites, and the sampler keeps the plan across every step (and a step's output
+    until the next call), so each call starts a new cudagraph-trees step, letting every denoising step replay the
+    same graph rather than record one per step, and hands back a copy."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args).clone()
+
+
+def compile_module(module: nn.Module, mode: str) -> nn.Module:
+    """Static shapes: deployment runs fixed sizes, and a recompile per frame count beats dynamic-shape kernels."""
+    compiled = torch.compile(module, mode=mode, dynamic=False)
+    return CudaGraphStep(compiled) if mode == "reduce-overhead" else compiled
+
+
+def ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",")]
 
 
 def main():
@@ -43,55 +95,100 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--compile", default="0,1")
+    p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
+    p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE decoder (mode default)")
+    p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
     p.add_argument("--kernel", default="auto")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="inference.json")
     args = p.parse_args()
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    modes = args.compile_mode.split(",")
+    if not set(modes) <= set(COMPILE_MODES):
+        p.error(f"--compile-mode: choose among {', '.join(COMPILE_MODES)}")
+    variants = [(bool(c), mode) for c in ints(args.compile) for mode in (modes if c else [None])]
+    vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last))))
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 convolutions are slow on the CPU
     latent = args.resolution // 8
     vae = build_vae(device, dtype)
-    decode = lambda z: decode_frames(vae, z)  # noqa: E731
-    results = []
-    for compile_ in [bool(int(c)) for c in args.compile.split(",")]:
-        cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
-                           sdpa_kernel=args.kernel)
-        torch.manual_seed(0)
-        model = MarDini(cfg).to(device, dtype).eval()
-        if compile_:
-            model.generator.compile()
-            model.planner.compile()
-        diffusion = Diffusion(DiffusionConfig())
-        for T in [int(x) for x in args.frames.split(",")]:
-            z = torch.randn(1, T, 16, latent, latent, device=device, dtype=dtype)
-            mask = torch.ones(1, T, dtype=torch.bool, device=device)
-            mask[:, T // 2] = False  # image-to-video, reference in the middle (the paper's main setting)
-            for steps in [int(s) for s in args.steps.split(",")]:
-                def generate():
-                    with torch.inference_mode():
-                        out = model.generate(z, mask, diffusion, num_steps=steps)
-                        return decode(out[0])  # [T, 3, 512, 512]
+    vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
+    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
+                       sdpa_kernel=args.kernel)
+    torch.manual_seed(0)
+    model = MarDini(cfg)
+    give_outputs(model.generator)
+    model = model.to(device, dtype).eval()
+    params_m = {k: v / 1e6 for k, v in model.num_parameters().items()}
+    eager = {"planner": model.planner, "generator": model.generator}
+    diffusion = Diffusion(DiffusionConfig())
 
-                seconds, peak = timed(generate, 1, 3)
-                with torch.inference_mode():
-                    planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5)
-                    decode_s, _ = timed(lambda: decode(z[0]), 1, 3)
-                r = {"frames": T, "steps": steps, "compile": compile_, "seconds": seconds, "peak_mem_gib": peak,
-                     "planner_once_s": planner_s, "vae_decode_s": decode_s,
-                     "extra_if_planner_every_step_s": planner_s * (steps - 1),
-                     "vs_paper_time": seconds / 6.05 if T == 12 else None,
-                     "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if T == 12 else None,
-                     "params_m": {k: v / 1e6 for k, v in model.num_parameters().items()}}
-                results.append(r)
-                print(json.dumps(r), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "args": vars(args), "results": results}, f, indent=1)
-        del model
-        torch.cuda.empty_cache()
-    print(f"\n{'frames':>6s} {'steps':>5s} {'compile':>7s} {'total s':>8s} {'GiB':>6s} {'planner s':>9s} "
-          f"{'VAE s':>6s} {'+planner/step s':>15s}")
+    clips = {}
+    for T in ints(args.frames):
+        z = torch.randn(1, T, 16, latent, latent, generator=torch.Generator(device).manual_seed(T), device=device)
+        mask = torch.ones(1, T, dtype=torch.bool, device=device)
+        mask[:, T // 2] = False  # image-to-video, reference in the middle (the paper's main setting)
+        clips[T] = z.to(dtype), mask
+
+    @torch.inference_mode()
+    def sample(T: int, steps: int) -> torch.Tensor:
+        """Latents [1, T, C, h, w] from the model as it now stands; the same noise on every call."""
+        z, mask = clips[T]
+        return model.generate(z, mask, diffusion, num_steps=steps, generator=torch.Generator(device).manual_seed(0))
+
+    reference = {(T, s): sample(T, s).float() for T in clips for s in ints(args.steps)}  # the eager model's
+    results = []
+    for compile_, mode in variants:
+        torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
+        for name, module in eager.items():
+            setattr(model, name, compile_module(module, mode) if compile_ else module)
+        for T, (z, mask) in clips.items():
+            with torch.inference_mode():
+                planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5, device)
+            work_per_step = generator_flops(cfg, T, (latent, latent), (latent // args.lowres,) * 2, num_masked=T - 1)
+            for steps in ints(args.steps):
+                out, ref = sample(T, steps).float(), reference[(T, steps)]
+                diff = {"max_abs_diff_vs_eager": (out - ref).abs().max().item(),
+                        "rel_l2_vs_eager": ((out - ref).norm() / ref.norm()).item()}
+                for vae_compile, channels_last in vae_variants:
+                    vae.decoder = vae_decoders[vae_compile]
+                    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+                    vae.to(memory_format=memory_format)
+                    decode = lambda x: decode_frames(vae, x, memory_format)  # noqa: E731
+                    seconds, peak = timed(lambda: decode(sample(T, steps)[0]), 1, 3, device)  # [T, 3, 512, 512]
+                    decode_s, _ = timed(lambda: decode(z[0]), 1, 3, device)
+                    generator_s = seconds - planner_s - decode_s
+                    work = work_per_step * steps
+                    r = {"frames": T, "steps": steps, "compile": compile_, "compile_mode": mode,
+                         "vae_compile": vae_compile, "vae_channels_last": channels_last,
+                         "seconds": seconds, "peak_mem_gib": peak,
+                         "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
+                         "generator_tflops": work / generator_s / 1e12 if generator_s > 0 else None,
+                         "generator_floor_s_at_peak": work / (args.peak_tflops * 1e12),
+                         **diff,
+                         "extra_if_planner_every_step_s": planner_s * (steps - 1),
+                         "vs_paper_time": seconds / 6.05 if T == 12 else None,
+                         "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if T == 12 else None,
+                         "params_m": params_m}
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+                    with open(args.out, "w") as f:
+                        device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+                        json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
+                                   "results": results}, f, indent=1)
+    print(f"\n{'frames':>6s} {'steps':>5s} {'compile':>26s} {'VAE':>8s} {'total s':>8s} {'GiB':>6s} "
+          f"{'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} "
+          f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
-        print(f"{r['frames']:6d} {r['steps']:5d} {str(r['compile']):>7s} {r['seconds']:8.2f} {r['peak_mem_gib']:6.1f} "
-              f"{r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} {r['extra_if_planner_every_step_s']:15.2f}")
+        compiled = r["compile_mode"] if r["compile"] else "eager"
+        vae_variant = ("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
+        tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
+        print(f"{r['frames']:6d} {r['steps']:5d} {compiled:>26s} {vae_variant:>8s} {r['seconds']:8.2f} "
+              f"{r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
+              f"{r['generator_steps_s']:6.2f} {tflops} {r['generator_floor_s_at_peak']:7.2f} "
+              f"{r['max_abs_diff_vs_eager']:9.2e} {r['rel_l2_vs_eager']:8.1e} "
+              f"{r['extra_if_planner_every_step_s']:15.2f}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=None, help="output frame rate (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE decoder: faster "
+                   "on a GPU once compiled (the first window compiles for tens of seconds)")
     p.add_argument("--no-preview", action="store_true", help="skip the side-by-side preview with inputs marked")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and the preview)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -215,6 +217,8 @@ def sample(args) -> None:
         check_long_plan(args, config, positions, num_frames)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler)
+    if args.compile:
+        pipe.compile()
     videos, given = run(args, pipe, inputs)
     fps = args.fps or pipe.fps
     paths = output_paths(args)

@@ -1,0 +1,28 @@
+"""benchmarks/inference.py on the CPU (its smoke test): every variant's result carries the breakdown and the
+comparison with the eager model, and the eager variant matches itself exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_inference_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "inference.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
+                             "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "3", "--steps", "1",
+                             "--compile", "0", "--vae-channels-last", "0,1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["vae_channels_last"] for r in results] == [False, True]
+    for r in results:
+        assert r["compile"] is False and r["compile_mode"] is None and r["peak_mem_gib"] == 0.0
+        assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
+        assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0
+        assert abs(r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"] - r["seconds"]) < 1e-9
+    assert "rel L2" in result.stdout  # the summary table
