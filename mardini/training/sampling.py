@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..data.latent_cache import encode_given
-from ..data.video_io import make_grid_video, write_video
+from ..data.video_io import make_grid_video, to_uint8_frames, write_video
 from ..masking import task_mask
 
 VALIDATION_TASKS = {"interpolation": dict(task="interpolation"), "i2v": dict(task="i2v", position="middle")}
@@ -22,15 +22,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def validation_videos(model, autoencoder, diffusion, videos: torch.Tensor, lowres_mode: str, out_dir: Path,
-                      step: int, num_steps: int, seed: int, fps: int = 8) -> tuple[dict, dict[str, Path]]:
+                      step: int, num_steps: int, seed: int, fps: int = 8) -> tuple[dict, dict[str, Path], dict]:
     """videos: [N, T, 3, H, W] ground-truth clips in [-1, 1]. For each task: generate the masked frames from the
     given ones (planner input made with the run's data.lowres_mode, as in training), write a grid (ground truth |
     generated, given frames outlined) to out_dir, and measure PSNR on the generated frames. Returns (metrics,
-    {task: mp4 path})."""
+    {task: mp4 path}, {task: the grid as uint8 [T, H', W', 3]}): trackers log the frames without reading the
+    file back (which would need a video decoder)."""
     device = next(model.parameters()).device
     videos = videos.to(device)
     N, T = videos.shape[:2]
-    metrics, paths = {}, {}
+    metrics, paths, grids = {}, {}, {}
     for name, spec in VALIDATION_TASKS.items():
         mask = task_mask(spec["task"], T, **{k: v for k, v in spec.items() if k != "task"})
         mask = mask.to(device)[None].expand(N, T)
@@ -41,5 +42,6 @@ def validation_videos(model, autoencoder, diffusion, videos: torch.Tensor, lowre
         metrics[f"val/{name}_psnr"] = psnr(frames[mask], videos[mask])
         grid = torch.cat([make_grid_video([videos[i], frames[i]], given=[~mask[i].cpu(), ~mask[i].cpu()])
                           for i in range(N)], dim=-2)  # clips stacked vertically
-        paths[name] = write_video(out_dir / f"step_{step:06d}_{name}.mp4", grid.cpu(), fps=fps)
-    return metrics, paths
+        grids[name] = to_uint8_frames(grid.cpu())
+        paths[name] = write_video(out_dir / f"step_{step:06d}_{name}.mp4", grids[name], fps=fps)
+    return metrics, paths, grids

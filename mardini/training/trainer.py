@@ -623,11 +623,11 @@ class Trainer:
             videos = self.validation_clips(t.num_sample_videos)
             steps = t.sample_steps or self.diffusion.cfg.num_inference_steps
             with self._autocast():
-                metrics, paths = validation_videos(
+                metrics, paths, grids = validation_videos(
                     model, self.autoencoder, self.diffusion, videos, self.cfg.data.lowres_mode,
                     self.run_dir / "samples", self.step, steps, seed=self.cfg.seed, fps=self.cfg.data.fps)
             acc.log(metrics, step=self.step)
-            self._log_videos(paths)
+            self._log_videos(paths, grids)
             log.info("step %d validation: %s (videos in %s)", self.step,
                      ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()), self.run_dir / "samples")
         del model
@@ -715,7 +715,8 @@ class Trainer:
                 "val/interpolation_blend_psnr": clip_psnr(blend, clips, mask).mean().item()}
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _log_videos(self, paths: dict) -> None:
+    def _log_videos(self, paths: dict, grids: dict) -> None:
+        """wandb gets the mp4 files (from a raw array it would need moviepy); tensorboard the frames in memory."""
         for tracker in self.accelerator.trackers:
             if tracker.name == "wandb":
                 import wandb
@@ -723,10 +724,7 @@ class Trainer:
                 tracker.log({f"samples/{k}": wandb.Video(str(p), format="mp4") for k, p in paths.items()},
                             step=self.step)
             elif tracker.name == "tensorboard":
-                from ..data.decode import read_clip
-
-                for k, p in paths.items():
-                    frames = read_clip(str(p), lambda n, fps: list(range(n)))[0]  # [T, H, W, 3] uint8
+                for k, frames in grids.items():  # [T, H, W, 3] uint8
                     tracker.writer.add_images(f"samples/{k}", frames, self.step, dataformats="NHWC")
 
     def _release_lock(self) -> None:
