@@ -127,6 +127,8 @@ def test_exact_resume_with_muon(tmp_path):
     trainer.fit()
     Trainer(resume_config(stopped, optimizer="muon", resume="auto")).fit()
     assert_same_run(straight, stopped)
+    with pytest.raises(ValueError, match="train.optimizer=adamw but checkpoint .* train.optimizer=muon"):
+        Trainer(resume_config(tmp_path / "other", resume=str(checkpoint(straight, N))))
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):

@@ -415,6 +415,7 @@ class Trainer:
         if path is None:
             log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoint_dir)
             return
+        self._check_same_optimizer(Path(path))
         if self.fsdp:
             state = ckpt.load_sharded_checkpoint(self.accelerator, path, self.model, self.optimizer, self.scheduler,
                                                  self.ema.shadow)
@@ -426,6 +427,17 @@ class Trainer:
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_same_optimizer(self, path: Path) -> None:
+        """An optimizer's state cannot be loaded into another kind: say so before loading, naming the key."""
+        saved = path / "config.yaml"
+        if not saved.exists():
+            return
+        trained = OmegaConf.select(OmegaConf.load(saved), "train.optimizer", default="adamw")
+        if trained != self.cfg.train.optimizer:
+            raise ValueError(f"train.optimizer={self.cfg.train.optimizer} but checkpoint {path} was trained with "
+                             f"train.optimizer={trained}: resume with that optimizer, or start from its weights with "
+                             f"train.init_from={path} (a fresh optimizer)")
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "ema_updates": self.ema.num_updates, "nonfinite_total": self.nonfinite_total,
