@@ -48,11 +48,12 @@ def _read_config(cfg: Any) -> SyntheticVideoConfig:
     values = {}
     for f in fields(SyntheticVideoConfig):
         value = getattr(cfg, f.name, f.default)
-        kinds, kind_name = ((int, float, np.integer, np.floating), "a number") if f.type in (float, "float") \
-            else ((int, np.integer), "an int")
+        is_float = f.type in (float, "float")  # a string under `from __future__ import annotations`
+        kinds = (int, float, np.integer, np.floating) if is_float else (int, np.integer)
         if isinstance(value, bool) or not isinstance(value, kinds):
-            raise ValueError(f"synthetic data: '{f.name}' must be {kind_name}, got {value!r}")
-        values[f.name] = float(value) if f.type in (float, "float") else int(value)
+            raise ValueError(f"synthetic data: '{f.name}' must be {'a number' if is_float else 'an int'}, "
+                             f"got {value!r}")
+        values[f.name] = float(value) if is_float else int(value)
     out = SyntheticVideoConfig(**values)
     if not 0.0 <= out.hue_drift <= 0.5:
         raise ValueError(f"synthetic data: 'hue_drift' must be in [0, 0.5] turns per frame, got {out.hue_drift}")

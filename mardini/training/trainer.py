@@ -188,17 +188,21 @@ def _releases_lock_on_failure(init):
     return wrapper
 
 
-def _check_same_objective(source: str, diffusion) -> None:
-    """Fine-tuning keeps the objective the weights learned: their output means x0, velocity, epsilon or v, and
-    training it as another would silently start the output over. Compares the export's (config.json) or the
-    checkpoint's (config.yaml) diffusion formulation and prediction with this run's."""
+def _trained_config(source: str | Path) -> dict:
+    """The run config an export (config.json) or a checkpoint (config.yaml) recorded; {} if it has neither."""
     path = Path(source)
     if (path / export_format.CONFIG_FILE).exists():
-        trained = json.loads((path / export_format.CONFIG_FILE).read_text()).get("diffusion", {})
-    elif (path / "config.yaml").exists():
-        trained = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")).get("diffusion", {})
-    else:
-        return
+        return json.loads((path / export_format.CONFIG_FILE).read_text())
+    if (path / "config.yaml").exists():
+        return OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    return {}
+
+
+def _check_same_objective(source: str, diffusion) -> None:
+    """Fine-tuning keeps the objective the weights learned: their output means x0, velocity, epsilon or v, and
+    training it as another would silently start the output over. Compares the export's or the checkpoint's
+    diffusion formulation and prediction with this run's."""
+    trained = _trained_config(source).get("diffusion", {})
     for key in ("formulation", "prediction"):
         theirs, ours = trained.get(key), getattr(diffusion, key)
         if theirs is not None and theirs != ours:
@@ -430,10 +434,7 @@ class Trainer:
 
     def _check_same_optimizer(self, path: Path) -> None:
         """An optimizer's state cannot be loaded into another kind: say so before loading, naming the key."""
-        saved = path / "config.yaml"
-        if not saved.exists():
-            return
-        trained = OmegaConf.select(OmegaConf.load(saved), "train.optimizer", default="adamw")
+        trained = _trained_config(path).get("train", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
         if trained != self.cfg.train.optimizer:
             raise ValueError(f"train.optimizer={self.cfg.train.optimizer} but checkpoint {path} was trained with "
                              f"train.optimizer={trained}: resume with that optimizer, or start from its weights with "
