@@ -11,6 +11,8 @@ Reports (mardini/evaluation/learning.py):
   linear blend     the same frames as a blend of the two given ones (the baseline to beat)
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
+  motion input     (models with model.motion.estimate) the motion-compensated estimate the generator is given, alone:
+                   what the network adds is measured against it
   plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
                    on half of the clips, scored on the other half) beside the low-resolution blend's, and how much
                    the plan tokens vary across a frame
@@ -63,6 +65,9 @@ def print_report(report: dict) -> None:
           f"{report['num_steps']} steps)")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
+    if "motion_input_psnr" in i:
+        print(f"motion input     PSNR {i['motion_input_psnr']:6.2f} dB   (the model's motion-compensated input, "
+              f"no learning)")
     for name in ("null_plan", "shuffled_plan", "noise_references"):
         key = f"posterior_mean_psnr_{name}"
         if key in i:

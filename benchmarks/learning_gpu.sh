@@ -6,38 +6,41 @@
 #   STEPS=3000 OUT=results bash benchmarks/learning_gpu.sh
 #
 # STEPS overrides train.max_steps of both presets (default: the presets' own); PHOTO (default data/photo_motion)
-# is the corpus folder; with one GPU the two runs share it. Writes under $OUT: learning_*.json (the benchmark),
-# eval_*.jsonl (sampled / posterior-mean / blend PSNR against steps), log_*.txt and runs.tar.gz (metrics, samples).
+# is the corpus folder; EXTRA adds overrides to both runs (e.g. EXTRA="model.motion.residual=false"); RUN names
+# the run folders (default learning); with one GPU the two runs share it. Writes under $OUT: learning_*.json (the
+# benchmark), eval_*.jsonl (sampled / posterior-mean / blend PSNR against steps), log_*.txt and runs.tar.gz.
 set -uo pipefail
 OUT=${OUT:-benchmark_results}
 PHOTO=${PHOTO:-data/photo_motion}
 STEPS_ARG=${STEPS:+train.max_steps=$STEPS}
+EXTRA=${EXTRA:-}
+RUN=${RUN:-learning}
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-common="train.trackers=[tensorboard] train.progress=false $STEPS_ARG"
+common="train.trackers=[tensorboard] train.progress=false $STEPS_ARG $EXTRA"
 
-CUDA_VISIBLE_DEVICES=0 python -m mardini.train experiment=small_synthetic run_name=learning $common \
+CUDA_VISIBLE_DEVICES=0 python -m mardini.train experiment=small_synthetic run_name=$RUN $common \
     > "$OUT/log_small_synthetic.txt" 2>&1 &
 syn=$!
-CUDA_VISIBLE_DEVICES=$((GPUS > 1 ? 1 : 0)) python -m mardini.train experiment=small_photo_motion run_name=learning \
+CUDA_VISIBLE_DEVICES=$((GPUS > 1 ? 1 : 0)) python -m mardini.train experiment=small_photo_motion run_name=$RUN \
     data.video.root=$PHOTO/train.csv data.video.val_root=$PHOTO/val.csv $common \
     > "$OUT/log_small_photo_motion.txt" 2>&1 &
 photo=$!
 wait $syn; echo "small_synthetic training exit status $?"
 wait $photo; echo "small_photo_motion training exit status $?"
 
-CUDA_VISIBLE_DEVICES=0 python benchmarks/demo_quality.py outputs/small_synthetic/learning/export --device cuda \
+CUDA_VISIBLE_DEVICES=0 python benchmarks/demo_quality.py outputs/small_synthetic/$RUN/export --device cuda \
     --step-sweep 4 10 50 --json "$OUT/learning_small_synthetic.json" &
-CUDA_VISIBLE_DEVICES=$((GPUS > 1 ? 1 : 0)) python benchmarks/demo_quality.py outputs/small_photo_motion/learning/export \
+CUDA_VISIBLE_DEVICES=$((GPUS > 1 ? 1 : 0)) python benchmarks/demo_quality.py outputs/small_photo_motion/$RUN/export \
     --device cuda --json "$OUT/learning_small_photo_motion.json" > "$OUT/benchmark_photo.txt" 2>&1 &
 wait
 cat "$OUT/benchmark_photo.txt"
 for run in small_synthetic small_photo_motion; do
-  cp "outputs/$run/learning/eval.jsonl" "$OUT/eval_$run.jsonl" 2>/dev/null
+  cp "outputs/$run/$RUN/eval.jsonl" "$OUT/eval_$run.jsonl" 2>/dev/null
 done
-tar czf "$OUT/runs.tar.gz" outputs/small_synthetic/learning/{metrics.jsonl,config.yaml,samples,export/config.json} \
-    outputs/small_photo_motion/learning/{metrics.jsonl,config.yaml,samples,export/config.json} 2>/dev/null
+tar czf "$OUT/runs.tar.gz" outputs/small_synthetic/$RUN/{metrics.jsonl,config.yaml,samples,export/config.json} \
+    outputs/small_photo_motion/$RUN/{metrics.jsonl,config.yaml,samples,export/config.json} 2>/dev/null
 python - "$OUT" <<'PY'
 import json, sys
 for run in ("small_synthetic", "small_photo_motion"):

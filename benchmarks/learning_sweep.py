@@ -68,12 +68,13 @@ def run_one(name: str, overrides: list[str], seed: int, args, common: list[str])
 
 
 def summary(rows: list[dict]) -> str:
-    """Means per variant: interpolation sampled / posterior mean / blend, i2v best-of / repeat, motion ratio."""
+    """Means per variant: interpolation sampled / posterior mean / blend / the model's motion input alone (nan
+    without one), i2v best-of / repeat, motion ratio."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         if "report" in r:
             by.setdefault(r["variant"], []).append(r["report"])
-    lines = [f"{'variant':24s} runs  sampled  post.mean  blend   i2v   repeat  motion"]
+    lines = [f"{'variant':24s} runs  sampled  post.mean  blend  motion-in   i2v   repeat  motion"]
     for name, reports in by.items():
         def mean(get):
             vals = [get(x) for x in reports]
@@ -82,7 +83,8 @@ def summary(rows: list[dict]) -> str:
         i = lambda k: mean(lambda x: x["interpolation"].get(k))  # noqa: E731
         v = lambda k: mean(lambda x: x.get("i2v", {}).get(k))  # noqa: E731
         lines.append(f"{name:24s} {len(reports):4d}  {i('psnr'):7.2f}  {i('posterior_mean_psnr'):9.2f}  "
-                     f"{i('blend_psnr'):5.2f}  {v('best_psnr'):5.2f}  {v('repeat_psnr'):6.2f}  {v('motion_ratio'):6.2f}")
+                     f"{i('blend_psnr'):5.2f}  {i('motion_input_psnr'):9.2f}  {v('best_psnr'):5.2f}  "
+                     f"{v('repeat_psnr'):6.2f}  {v('motion_ratio'):6.2f}")
     return "\n".join(lines)
 
 

@@ -69,7 +69,9 @@ def test_default_config_composes_and_validates():
     assert cfg.model.latent_channels == latent_space(cfg.autoencoder)["latent_channels"] == 12
     assert (cfg.data.synthetic.num_frames, cfg.data.synthetic.height, cfg.data.synthetic.width) == (9, 32, 32)
     assert cfg.diffusion.formulation == "rectified_flow"
-    assert len(cfg.curriculum.stages) == 4 and cfg.curriculum.stages[-1].end is None
+    # the default job trains the task it is judged on, its generator given a motion estimate (issue 11)
+    assert len(cfg.curriculum.stages) == 1 and cfg.curriculum.stages[0].strategies[0].name == "interpolation"
+    assert cfg.model.motion.estimate == "bilateral" and cfg.data.synthetic.hue_drift == 0
     assert cfg.train.mixed_precision == "auto" and cfg.train.checkpoint_every <= cfg.train.max_steps
     assert set(cfg.train.trackers) == {"tensorboard", "wandb"} and cfg.train.wandb_mode == "auto"
 
@@ -197,7 +199,7 @@ def test_bad_value_fails_validation_naming_the_key(override, key):
 def test_curriculum_stage_without_steps_fails_naming_the_stage():
     with pytest.raises(ValueError, match=r"curriculum\.stages\[2\] \(start=0\.5, end=0\.75\) gets no step at "
                                          r"train\.max_steps=3"):
-        compose_config(["train.max_steps=3"])
+        compose_config(["train.max_steps=3", "curriculum=paper"])
 
 
 @pytest.mark.parametrize("override", ["model.latent_channels=4", "autoencoder.patch_size=4", "model=paper"])
@@ -236,7 +238,7 @@ def test_paper_curriculum_is_written_once_and_presets_use_it_at_their_length():
         if path != CONFIGS / "curriculum" / "paper.yaml":
             assert "stages" not in OmegaConf.to_container(OmegaConf.load(path)).get("curriculum", {}), \
                 f"{path.relative_to(ROOT)} copies curriculum stages"
-    for overrides, steps in ((["experiment=tiny_synthetic"], [0, 100, 200, 300]),
+    for overrides, steps in ((["experiment=tiny_synthetic", "curriculum=paper"], [0, 100, 200, 300]),
                              (["experiment=small_synthetic", "curriculum=paper"], [0, 750, 1500, 2250]),
                              (["experiment=small_synthetic", "curriculum=paper", "train.max_steps=20000"],
                               [0, 5000, 10000, 15000])):
@@ -252,11 +254,11 @@ def test_short_default_run_composes_and_trains(tmp_path):
     from mardini.training.trainer import Trainer
 
     cfg = compose_config(["train.max_steps=40", f"train.output_dir={tmp_path / 'run'}", "train.trackers=[]",
-                          "train.progress=false"])
+                          "train.progress=false", "curriculum=paper"])
     trainer = Trainer(cfg)
     assert trainer.mask_sampler.stage_starts == [0, 10, 20, 30]
     with pytest.raises(ValueError, match=r"curriculum\.stages\[\d\].*gets no step at train\.max_steps=3"):
-        compose_config(["train.max_steps=3"])
+        compose_config(["train.max_steps=3", "curriculum=paper"])
 
 
 def _missing_fields(node, cls, path: str) -> list[str]:

@@ -48,15 +48,13 @@ def test_default_mardini_train_finishes_learns_and_writes_outputs(tmp_path):
     assert (run / "wandb").is_dir() and any((run / "mardini").iterdir())  # offline wandb run, tensorboard events
 
     # It learned the task, on validation clips it never saw (the learning benchmark, mardini.evaluation.learning).
-    # Before the fixes of issue 11 (logit-normal t, ill-posed synthetic motion) this model's best guess was 7 dB
-    # below a blend of the given frames; with velocity prediction 1.1 dB below it and samples 2.3 dB below; with
-    # clean-sample prediction and a constant learning rate (the defaults since) 0.3 / 0.1 dB and 0.8 / 0.7 dB below
-    # (seeds 0 / 1, these 16 clips, 10 steps), and the plan and the given frames are each worth 6-10 dB. The bar asked
-    # for (sampled interpolation 1 dB above the blend) is not reached by this 2-minute job: BENCHMARKS.md, "Learning".
+    # Before issue 11's fixes this model's best guess was 7 dB below a blend of the given frames; with the paper
+    # curriculum and no motion input it stayed 0.3 / 0.1 dB (best guess) and 0.8 / 0.7 dB (samples) below it. With the
+    # motion-compensated input and training on the judged task (the defaults since): 24.7 dB sampled, 24.9 posterior
+    # mean, blend 22.8 (32 clips, 25 steps; BENCHMARKS.md, "Learning").
     videos = held_out_clips(pipe.config["data"], 16)
     report = interpolation_report(pipe, videos, num_steps=10)
     blend, best_guess = report["blend_psnr"], report["posterior_mean_psnr"]
-    assert best_guess > blend - 0.6, report
-    assert report["psnr"] > blend - 1.3, report
-    assert best_guess - report["posterior_mean_psnr_null_plan"] > 4.0, report  # it reads the plan ...
-    assert best_guess - report["posterior_mean_psnr_noise_references"] > 7.0, report  # ... and the given frames
+    assert report["psnr"] > blend + 1.0, report
+    assert best_guess > blend + 1.0, report
+    assert report["posterior_mean_psnr_null_plan"] < best_guess - 2, report  # it reads the plan

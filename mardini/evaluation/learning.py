@@ -141,6 +141,22 @@ def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, s
 
 
 @torch.no_grad()
+def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16) -> Tensor | None:
+    """The motion-compensated estimate the model is given (model.motion), decoded: [N, T, 3, H, W] with the given
+    frames copied back; None for a model without one. What the network adds is measured against it."""
+    model = pipe.model
+    if model.cfg.motion.estimate == "none":
+        return None
+    out = []
+    for chunk in videos.split(batch_size):
+        m = mask[None].expand(chunk.shape[0], chunk.shape[1]).to(pipe.device)
+        z, _ = encode_given(pipe.autoencoder, chunk.to(pipe.device), m, model.cfg.lowres_factor, pipe.lowres_mode)
+        frames = pipe.autoencoder.decode(model.motion(z.to(pipe.dtype), m).float()).cpu()
+        out.append(torch.where(m.cpu()[:, :, None, None, None], frames, chunk))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, seed: int = 0) -> Tensor:
     """One sample per clip (seed + clip index): [N, T, 3, H, W], given frames exactly as given."""
     out = []
@@ -315,6 +331,9 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
         "blend_psnr": _mean(clip_psnr(blend, videos, mask)), "blend_ssim": _mean(clip_ssim(blend, videos, mask)),
         "posterior_mean_psnr": _mean(clip_psnr(posterior_mean(pipe, videos, mask, seed=seed), videos, mask)),
     }
+    given_motion = motion_input(pipe, videos, mask)
+    if given_motion is not None:
+        report["motion_input_psnr"] = _mean(clip_psnr(given_motion, videos, mask))
     if ablations:
         for name, kw in (("null_plan", dict(plan="null")), ("shuffled_plan", dict(plan="shuffled")),
                          ("noise_references", dict(references="noise"))):

@@ -10,6 +10,7 @@ import copy
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .layers import ATTENTION_BACKENDS, SDPA_KERNELS
+from .motion import MOTION_ESTIMATES
 
 GENERATOR_ATTENTION = ("identity", "full", "spatial")
 IDENTITY_IMPLS = ("split", "mask", "gather")
@@ -37,6 +38,19 @@ class GeneratorConfig:
 
 
 @dataclass
+class MotionConfig:
+    """The generator's motion-compensated estimate of each generated frame (motion.py)."""
+    estimate: str = "none"      # none | bilateral (coarse-to-fine soft bilateral matching between the given frames)
+    residual: bool = False      # diffuse the generated frames' difference from the estimate instead of the frames
+    residual_scale: float = 1.0  # with residual: the difference is multiplied by this before diffusion
+    radius: int = 2             # candidate displacements per pyramid level: +-radius latent cells
+    levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
+    window: int = 5             # matching neighbourhood, latent cells per side (odd)
+    smoothness: float = 3e-3    # cost per squared latent cell of displacement, in units of the frames' variance
+    temperature: float = 0.06   # softmax temperature of the matching costs (mean squared difference / variance)
+
+
+@dataclass
 class MarDiniConfig:
     latent_channels: int = 4      # channels of the autoencoder's latents
     lowres_factor: int = 2        # r: the planner sees latents downsampled r times along H and W
@@ -50,6 +64,7 @@ class MarDiniConfig:
     plan_dropout: float = 0.0     # probability of replacing a sample's plan by a learned null plan (for CFG)
     planner: PlannerConfig = field(default_factory=PlannerConfig)        # the planning transformer (low-res latents)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)  # the diffusion transformer (high-res latents)
+    motion: MotionConfig = field(default_factory=MotionConfig)  # motion-compensated estimate given to the generator
 
     def __post_init__(self):
         validate_model_config(self)
@@ -67,13 +82,12 @@ class MarDiniConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        for key, sub in (("planner", PlannerConfig), ("generator", GeneratorConfig)):
+        subs = (("planner", PlannerConfig), ("generator", GeneratorConfig), ("motion", MotionConfig))
+        for key, sub in subs:
             unknown = set(d.get(key, {})) - {f.name for f in fields(sub)}
             if unknown:
                 raise ValueError(f"unknown model config keys: {sorted(f'{key}.{k}' for k in unknown)}")
-        planner = PlannerConfig(**d.pop("planner", {}))
-        generator = GeneratorConfig(**d.pop("generator", {}))
-        return cls(planner=planner, generator=generator, **d)
+        return cls(**{key: sub(**d.pop(key, {})) for key, sub in subs}, **d)
 
 
 def validate_model_config(cfg) -> None:
@@ -104,6 +118,18 @@ def validate_model_config(cfg) -> None:
              f"gives head dim {head_dim}; 3D RoPE needs an even head dim >= 6")
     need(cfg.generator.attention in GENERATOR_ATTENTION, "generator.attention",
          f"must be one of {GENERATOR_ATTENTION}, got {cfg.generator.attention!r}")
+    motion = cfg.motion
+    need(motion.estimate in MOTION_ESTIMATES, "motion.estimate",
+         f"must be one of {MOTION_ESTIMATES}, got {motion.estimate!r}")
+    need(not motion.residual or motion.estimate != "none", "motion.residual",
+         "needs an estimate to be the residual of: set model.motion.estimate=bilateral")
+    need(motion.residual_scale > 0 and (motion.residual or motion.residual_scale == 1.0), "motion.residual_scale",
+         f"must be > 0, and 1 unless model.motion.residual is set; got {motion.residual_scale}")
+    for key in ("radius", "levels"):
+        need(getattr(motion, key) >= 1, f"motion.{key}", f"must be >= 1, got {getattr(motion, key)}")
+    need(motion.window >= 1 and motion.window % 2 == 1, "motion.window", f"must be odd and >= 1, got {motion.window}")
+    need(motion.smoothness >= 0, "motion.smoothness", f"must be >= 0, got {motion.smoothness}")
+    need(motion.temperature > 0, "motion.temperature", f"must be > 0, got {motion.temperature}")
     need(cfg.generator.identity_impl in IDENTITY_IMPLS, "generator.identity_impl",
          f"must be one of {IDENTITY_IMPLS}, got {cfg.generator.identity_impl!r}")
 
@@ -128,7 +154,7 @@ def model_config(size: str, **overrides) -> MarDiniConfig:
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
     d = copy.deepcopy(MODEL_SIZES[size])
-    for key in ("planner", "generator"):
+    for key in ("planner", "generator", "motion"):
         d.setdefault(key, {}).update(overrides.pop(key, {}))
     d.update(overrides)
     return MarDiniConfig.from_dict(d)

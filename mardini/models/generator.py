@@ -5,6 +5,8 @@ Each frame is conditioned on its own diffusion time (reference frames: t = 0) th
 planner's signals for that same frame through cross-attention, where queries and plan keys carry their spatial
 positions (2D RoPE, plan tokens placed at their centres on the generator's grid): a token at (y, x) can find the
 plan tokens that cover (y, x). Without it the plan is a bag of tokens and only its global content reaches a frame.
+With ``model.motion.estimate`` set, every frame's tokens also receive its motion-compensated estimate (motion.py)
+through a patch embedding of their own, so the generator refines motion it is given instead of discovering it.
 Self-attention comes in three flavours:
 
 - ``identity`` (MarDini's): queries of a reference frame attend only to their own frame, so clean tokens are never
@@ -138,6 +140,8 @@ class Generator(nn.Module):
         self.cfg, self.patch_size = cfg, g.patch_size
         patch_dim = cfg.latent_channels * g.patch_size**2
         self.patch_embed = nn.Linear(patch_dim, g.dim)
+        # The motion-compensated estimate of each frame (models/motion.py), when the config asks for one.
+        self.motion_embed = nn.Linear(patch_dim, g.dim) if cfg.motion.estimate != "none" else None
         self.time_embed = TimestepEmbedder(g.dim)
         self.frame_type = nn.Embedding(2, g.dim)  # 0 = reference, 1 = generated
         self.rope = RotaryEmbedding3D(g.dim // g.num_heads, cfg.rope_theta)
@@ -178,9 +182,10 @@ class Generator(nn.Module):
         return self.rope.angles(queries), self.rope.angles(keys)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, model_time: torch.Tensor, plan: torch.Tensor,
-                return_hidden: bool = False):
+                return_hidden: bool = False, motion: torch.Tensor | None = None):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
-        mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc].
+        mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc];
+        motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set).
         Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T, n, D])."""
         B, T, _, H, W = x.shape
         p = self.patch_size
@@ -188,7 +193,12 @@ class Generator(nn.Module):
             raise ValueError(f"{T} frames exceed model.max_frames={self.cfg.max_frames}")
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} not divisible by generator.patch_size={p}")
+        if (motion is None) != (self.motion_embed is None):
+            raise ValueError(f"model.motion.estimate={self.cfg.motion.estimate!r}: the generator needs a motion "
+                             f"estimate exactly when one is configured (got {'none' if motion is None else 'one'})")
         tokens = self.patch_embed(patchify(x, p))                                  # [B, T, n, D]
+        if motion is not None:
+            tokens = tokens + self.motion_embed(patchify(motion.to(x.dtype), p))
         c = self.time_embed(model_time) + self.frame_type(mask.long())             # [B, T, D]
         rope = self.rope(T, H // p, W // p, device=x.device)
         plan_rope = self.plan_rope(H, W, plan.shape[2], x.device)

@@ -3,6 +3,10 @@
 Training is end-to-end with the diffusion loss alone: the planner gets its gradients through the generator's
 cross-attention. Generation runs the planner once, then the sampler's K steps on the masked frames only, with the
 reference frames held exactly at their clean latents.
+
+With ``model.motion.estimate`` the generator also reads a motion-compensated estimate of each generated frame,
+computed from the given frames (models/motion.py); with ``model.motion.residual`` the diffusion runs on the
+generated frames' (scaled) difference from that estimate: an untrained clean-sample model answers the estimate.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import nn
 from .config import MarDiniConfig, as_model_config
 from .generator import Generator
 from .layers import box_downsample
+from .motion import motion_estimate
 from .planner import Planner
 
 
@@ -52,6 +57,27 @@ class MarDini(nn.Module):
             signals = torch.where(drop_plan[:, None, None, None], self.null_plan.to(signals.dtype), signals)
         return signals
 
+    # ------------------------------------------------------------------ motion
+    def motion(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The motion-compensated estimate [B, T, C, H, W] from the given frames of z_hi (None when not configured).
+        No gradient: it is a fixed function of the inputs."""
+        m = self.cfg.motion
+        if m.estimate == "none":
+            return None
+        with torch.no_grad():
+            return motion_estimate(z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature)
+
+    def to_diffused(self, z: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
+        """Latents -> what the diffusion runs on: with model.motion.residual, the difference from the motion estimate
+        times motion.residual_scale (a small residual would otherwise sit far below the noise); else z itself."""
+        m = self.cfg.motion
+        return (z - motion) * m.residual_scale if m.residual else z
+
+    def from_diffused(self, x: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of to_diffused."""
+        m = self.cfg.motion
+        return x / m.residual_scale + motion if m.residual else x
+
     # ------------------------------------------------------------------ training
     def forward(self, z_hi: torch.Tensor, z_lo: torch.Tensor | None, mask: torch.Tensor, diffusion,
                 noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
@@ -77,16 +103,19 @@ class MarDini(nn.Module):
             drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
-        x_t, target, prediction = self._denoise_at(z_hi, mask, diffusion, t, noise, self.plan(z_lo, mask, drop_plan))
+        x_t, target, prediction, _ = self._denoise_at(z_hi, mask, diffusion, t, noise,
+                                                      self.plan(z_lo, mask, drop_plan))
         loss = diffusion.loss(prediction.float(), target.float(), mask)
         return {"loss": loss, "prediction": prediction, "target": target}
 
     def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan):
-        """Noise the masked frames of z_hi to level t [B] and run the generator: (x_t, target, prediction)."""
-        x_t, target = diffusion.noisy_and_target(z_hi, noise.to(z_hi.dtype), t)
+        """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
+        (x_t, target, prediction, motion)."""
+        motion = self.motion(z_hi, mask)
+        x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, motion), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], x_t, z_hi)  # reference frames stay clean
         frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
-        return x_t, target, self.generator(x_in, mask, frame_time, plan)
+        return x_t, target, self.generator(x_in, mask, frame_time, plan, motion=motion), motion
 
     @torch.no_grad()
     def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,
@@ -100,8 +129,9 @@ class MarDini(nn.Module):
             if z_lo is None:
                 z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
             plan = self.plan(z_lo, mask)
-        x_t, _, prediction = self._denoise_at(z_hi, mask, diffusion, t, noise, plan)
-        return torch.where(mask[:, :, None, None, None], diffusion.predict_x0(x_t, prediction, t), z_hi)
+        x_t, _, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise, plan)
+        clean = self.from_diffused(diffusion.predict_x0(x_t, prediction, t), motion)
+        return torch.where(mask[:, :, None, None, None], clean, z_hi)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -132,6 +162,7 @@ class MarDini(nn.Module):
             noise = torch.randn(z_hi.shape, generator=generator, device=noise_device, dtype=torch.float32)
         noise = noise.to(z_hi.device, z_hi.dtype)
         is_gen = mask[:, :, None, None, None]
+        motion = self.motion(z_hi, mask)
 
         def project(x):
             return torch.where(is_gen, x, z_hi)
@@ -140,13 +171,14 @@ class MarDini(nn.Module):
             # fp32 whatever the model dtype: bf16 would round timesteps (997 -> 996) before the embedding
             frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
             if not guided:
-                return self.generator(x, mask, frame_time, plan)
+                return self.generator(x, mask, frame_time, plan, motion=motion)
             cond, uncond = self.generator(torch.cat([x, x]), torch.cat([mask, mask]),
-                                          torch.cat([frame_time, frame_time]), plan).chunk(2)
+                                          torch.cat([frame_time, frame_time]), plan,
+                                          motion=None if motion is None else torch.cat([motion, motion])).chunk(2)
             return uncond + guidance_scale * (cond - uncond)
 
         x = diffusion.sample(denoise, noise, num_steps, project=project, generator=generator, progress=progress)
-        return project(x.to(z_hi.dtype))
+        return project(self.from_diffused(x.to(z_hi.dtype), motion))
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> dict:

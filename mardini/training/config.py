@@ -17,7 +17,7 @@ from ..data.video import VideoDataConfig, read_video_config
 from ..diffusion.config import DiffusionConfig, validate_diffusion_config
 from ..masking import (CurriculumConfig, CurriculumStage, MaskStrategyConfig, check_curriculum_reaches,
                        validate_curriculum)
-from ..models.config import GeneratorConfig, MarDiniConfig, PlannerConfig, validate_model_config
+from ..models.config import GeneratorConfig, MarDiniConfig, MotionConfig, PlannerConfig, validate_model_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # fp16 is named so that its refusal can explain itself
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -118,9 +118,9 @@ class Config:
 
 
 # Field annotations are strings (from __future__ import annotations): map them back to the nested schemas.
-_FIELD_TYPES = {cls.__name__: cls for cls in (MarDiniConfig, PlannerConfig, GeneratorConfig, DiffusionConfig,
-                                              CurriculumConfig, CurriculumStage, AutoencoderConfig, DataConfig,
-                                              SyntheticVideoConfig, VideoDataConfig, TrainConfig)}
+_FIELD_TYPES = {cls.__name__: cls for cls in (MarDiniConfig, PlannerConfig, GeneratorConfig, MotionConfig,
+                                              DiffusionConfig, CurriculumConfig, CurriculumStage, AutoencoderConfig,
+                                              DataConfig, SyntheticVideoConfig, VideoDataConfig, TrainConfig)}
 _LIST_ITEM_TYPES = {"List[CurriculumStage]": CurriculumStage, "List[MaskStrategyConfig]": MaskStrategyConfig}
 
 

@@ -1,0 +1,123 @@
+"""A motion-compensated estimate of every generated frame, from the given frames around it (no learning).
+
+Why: a small generator trained for minutes learns *what* the masked frames contain from the plan, but does not
+learn to carry the given frames' pixels along their motion; its samples then lose to a blend of the two given frames
+(BENCHMARKS.md, "Learning"). Handing it the classic frame-rate up-conversion estimate, soft bilateral matching
+between the nearest given frames, gives it the motion as an input to refine.
+
+For a frame at fraction a of the way from the nearest given frame before it (``first``) to the nearest after it
+(``last``), each candidate displacement d (whole latent cells, |dx|, |dy| <= radius) pairs ``first`` at p - a d with
+``last`` at p + (1 - a) d (bilinear). The cost of d at p is the squared difference of the pair averaged over channels
+and a window x window neighbourhood, in units of the two frames' variance (so one temperature serves any latent
+scale), plus smoothness |d|^2 (small motion is likelier); the estimate is the softmax(-cost / temperature)-weighted
+average of the pairs' blends. The search runs coarse to fine over a pyramid of box-averaged frames, so large motion
+costs few candidates. A frame with a given frame on one side only (image-to-video, expansion) gets the nearest given
+frame; a given frame is its own estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MOTION_ESTIMATES = ("none", "bilateral")
+
+
+def nearest_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [B, T] (True = generated) -> (before, after) [B, T] long: the nearest given frame at or before each frame
+    and at or after it; where one side has none, the other side's (every clip has a given frame)."""
+    B, T = mask.shape
+    index = torch.arange(T, device=mask.device).expand(B, T)
+    before = torch.where(mask, -1, index).cummax(1).values
+    after = torch.where(mask, T, index).flip(1).cummin(1).values.flip(1)
+    before = torch.where(before < 0, after, before)
+    after = torch.where(after >= T, before, after)
+    return before, after
+
+
+def _match_level(first, last, a, base, scale, radius, window, smoothness, temperature, cell, max_elements, values):
+    """One pyramid level: candidates base + delta (|delta| <= radius cells) at every position, in this level's cells.
+    first, last: [N, C, H, W]; a: [N, 1, 1, 1]; base: [N, 2, H, W] displacement (x, y) first -> last, in cells;
+    scale: [N, 1, 1, 1] the costs' unit; cell: fine cells per cell here (the smoothness term counts fine cells).
+    Returns the softmax-expected displacement [N, 2, H, W] and, if values, the softmax-weighted blends [N, C, H, W];
+    displacements go in chunks of at most max_elements values with a running (online) softmax."""
+    N, C, H, W = first.shape
+    steps = torch.arange(-radius, radius + 1, device=first.device, dtype=torch.float32)
+    dy, dx = (d.flatten()[None, :, None, None] for d in torch.meshgrid(steps, steps, indexing="ij"))  # [1, S, 1, 1]
+    ys, xs = torch.meshgrid(torch.arange(H, device=first.device) + 0.5, torch.arange(W, device=first.device) + 0.5,
+                            indexing="ij")                                                 # cell centres [H, W]
+    chunk = max(1, max_elements // max(1, N * C * H * W))
+    best = torch.full((N, 1, H, W), -float("inf"), device=first.device)                    # running max of logits
+    total = torch.zeros(N, 1, H, W, device=first.device)                                   # running sum of weights
+    flow = torch.zeros(N, 2, H, W, device=first.device)                                    # running weighted d
+    mixed = torch.zeros(N, C, H, W, device=first.device) if values else None              # running weighted blends
+
+    def at(frames, sx, sy):  # frames sampled at p + (sx, sy): sx, sy [N, s, H, W] -> [N, C, s, H, W]
+        s = sx.shape[1]
+        grid = torch.stack([(xs + sx) / W * 2 - 1, (ys + sy) / H * 2 - 1], -1)             # [N, s, H, W, 2]
+        out = F.grid_sample(frames, grid.reshape(N, s * H, W, 2), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out.reshape(N, C, s, H, W)
+
+    for start in range(0, dx.shape[1], chunk):
+        cx = base[:, :1] + dx[:, start:start + chunk]                                      # [N, s, H, W]
+        cy = base[:, 1:] + dy[:, start:start + chunk]
+        before, after = at(first, -a * cx, -a * cy), at(last, (1 - a) * cx, (1 - a) * cy)  # [N, C, s, H, W]
+        cost = F.avg_pool2d((before - after).pow(2).mean(1), window, 1, window // 2, count_include_pad=False)
+        logits = -(cost / scale + smoothness * cell * cell * (cx * cx + cy * cy)) / temperature  # [N, s, H, W]
+        new_best = torch.maximum(best, logits.amax(1, keepdim=True))
+        rescale, weights = torch.exp(best - new_best), torch.exp(logits - new_best)        # [N, 1|s, H, W]
+        total = total * rescale + weights.sum(1, keepdim=True)
+        flow = flow * rescale + torch.cat([(weights * cx).sum(1, keepdim=True), (weights * cy).sum(1, keepdim=True)], 1)
+        if values:
+            blend = (1 - a[..., None]) * before + a[..., None] * after                      # [N, C, s, H, W]
+            mixed = mixed * rescale + (blend * weights[:, None]).sum(2)
+        best = new_best
+    return flow / total, (mixed / total if values else None)
+
+
+def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.Tensor, radius: int = 2,
+                       levels: int = 3, window: int = 5, smoothness: float = 3e-3, temperature: float = 0.06,
+                       max_elements: int = 2**26) -> torch.Tensor:
+    """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the matched frames [N, C, H, W] (fp32).
+
+    Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while the coarse side keeps >= 4
+    cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
+    upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
+    per level; the finest level also blends the matched pairs."""
+    first, last = first.float(), last.float()
+    a = fraction.float().to(first.device)[:, None, None, None]                                # [N, 1, 1, 1]
+    N, _, H, W = first.shape
+    # Costs in units of the pair's variance: one temperature serves any latent scale (identity or VAE latents).
+    scale = 0.5 * (first.var((1, 2, 3), keepdim=True) + last.var((1, 2, 3), keepdim=True)) + 1e-6  # [N, 1, 1, 1]
+    depth = 0
+    while depth + 1 < levels and min(H, W) % 2 ** (depth + 1) == 0 and min(H, W) // 2 ** (depth + 1) >= 4:
+        depth += 1
+    flow = None
+    for level in range(depth, -1, -1):
+        f = 2**level
+        lo_first, lo_last = (F.avg_pool2d(x, f) if f > 1 else x for x in (first, last))
+        h, w = lo_first.shape[-2:]
+        flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
+            2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+        flow, mixed = _match_level(lo_first, lo_last, a, flow, scale, radius, window, smoothness, temperature, f,
+                                   max_elements, values=level == 0)
+    return mixed
+
+
+def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels: int = 3, window: int = 5,
+                    smoothness: float = 3e-3, temperature: float = 0.06) -> torch.Tensor:
+    """z: [B, T, C, H, W] latents (values of generated frames are ignored); mask: [B, T] (True = generated).
+    Returns [B, T, C, H, W] in z's dtype: generated frames between two given frames by bilateral matching, other
+    generated frames a copy of the nearest given frame, given frames themselves (exactly)."""
+    B, T = mask.shape
+    before, after = nearest_given(mask)
+    rows = torch.arange(B, device=z.device)[:, None]
+    out = z[rows, before].clone()                                # nearest given frame on the left (or the right)
+    between = mask & (before < after)                            # generated with a given frame on both sides
+    if bool(between.any()):
+        b, t = between.nonzero(as_tuple=True)
+        fraction = (t - before[b, t]).float() / (after[b, t] - before[b, t]).float()
+        out[b, t] = bilateral_estimate(z[b, before[b, t]], z[b, after[b, t]], fraction, radius, levels, window,
+                                       smoothness, temperature).to(z.dtype)
+    return torch.where(mask[:, :, None, None, None], out, z)

@@ -1,0 +1,182 @@
+"""The motion-compensated estimate (mardini/models/motion.py) and how the joint model uses it (model.motion)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.masking import task_mask
+from mardini.models import MarDini, model_config
+from mardini.models.motion import bilateral_estimate, motion_estimate, nearest_given
+
+from helpers_models import fit_fixed_batch
+
+C = 4
+RF_X0 = dict(formulation="rectified_flow", prediction="sample", sampler="euler")
+RF_V = dict(formulation="rectified_flow", prediction="velocity", sampler="euler")
+
+
+def masks(*rows: str) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in r] for r in rows], dtype=torch.bool)
+
+
+def moving_square(T: int, size: int = 32, side: int = 6, start=(4, 5), velocity=(1.0, 0.5), channels: int = C):
+    """[1, T, C, size, size]: a textured square moving at constant velocity (cells per frame) over a smooth
+    background; positions are whole cells at the ends, fractional in between (rendered with area coverage)."""
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(channels, side, side, generator=g) + 1.0
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    background = torch.stack([torch.sin(xs / 5 + c) * torch.cos(ys / 7 - c) * 0.3 for c in range(channels)])
+    frames = []
+    for t in range(T):
+        y0, x0 = start[0] + velocity[0] * t, start[1] + velocity[1] * t
+        frame = background.clone()
+        iy, ix = int(round(y0)), int(round(x0))
+        frame[:, iy:iy + side, ix:ix + side] = texture
+        frames.append(frame)
+    return torch.stack(frames)[None]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak 2 (values span about [-0.5, 2])."""
+    return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
+
+
+# ------------------------------------------------------------------------------------------------ the estimate
+def test_nearest_given_frames_on_each_side():
+    before, after = nearest_given(masks("0110100", "1101111"))
+    assert before.tolist() == [[0, 0, 0, 3, 3, 5, 6], [2, 2, 2, 2, 2, 2, 2]]
+    assert after.tolist() == [[0, 3, 3, 3, 5, 5, 6], [2, 2, 2, 2, 2, 2, 2]]
+
+
+def test_given_frames_are_their_own_estimate_and_one_sided_frames_copy_the_nearest():
+    z = torch.randn(2, 6, C, 8, 8)
+    mask = masks("011011", "110111")
+    out = motion_estimate(z, mask)
+    assert torch.equal(out[~mask], z[~mask])                       # exactly, not to rounding
+    assert torch.equal(out[0, 4], z[0, 3]) and torch.equal(out[0, 5], z[0, 3])   # after the last given frame
+    assert torch.equal(out[1, 0], z[1, 2]) and torch.equal(out[1, 5], z[1, 2])   # image-to-video
+    assert not torch.equal(out[0, 1], z[0, 0])                     # between two given frames: matched
+    # values of generated frames are never read
+    assert torch.equal(motion_estimate(torch.where(mask[:, :, None, None, None], 9.0, z), mask), out)
+
+
+def test_matching_follows_a_moving_square_far_better_than_the_blend():
+    T = 9
+    video = moving_square(T)                                       # moves 8 x 4 cells from first to last
+    mask = task_mask("interpolation", T)[None]
+    out = motion_estimate(video, mask)
+    a = torch.linspace(0, 1, T)[None, :, None, None, None]
+    blend = (1 - a) * video[:, :1] + a * video[:, -1:]
+    middle = slice(1, T - 1)
+    matched, blended = psnr(out[:, middle], video[:, middle]), psnr(blend[:, middle], video[:, middle])
+    assert matched > blended + 8, (matched, blended)
+    # the pyramid is what reaches 8 cells: one level of +-2 cells does not
+    single = psnr(motion_estimate(video, mask, levels=1)[:, middle], video[:, middle])
+    assert matched > single + 5, (matched, single)
+
+
+def test_estimate_is_independent_of_latent_scale_and_offset():
+    video = moving_square(5)
+    mask = task_mask("interpolation", 5)[None]
+    out = motion_estimate(video, mask)
+    scaled = motion_estimate(video * 3.5 - 1.0, mask)
+    assert torch.allclose((scaled + 1.0) / 3.5, out, atol=1e-4)
+
+
+def test_chunked_search_equals_one_chunk():
+    g = torch.Generator().manual_seed(1)
+    first, last = torch.randn(3, C, 16, 16, generator=g), torch.randn(3, C, 16, 16, generator=g)
+    fraction = torch.tensor([0.25, 0.5, 0.9])
+    whole = bilateral_estimate(first, last, fraction, max_elements=2**30)
+    chunked = bilateral_estimate(first, last, fraction, max_elements=1)  # one displacement at a time
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_a_fade_is_estimated_as_the_blend():
+    """No motion, only a change of brightness: zero displacement pairs like with like, every other one mismatches
+    the texture, so the estimate is (close to) the blend."""
+    base = moving_square(1, size=16, side=4)[0]                    # [1, C, 16, 16]
+    out = bilateral_estimate(base, base * 0.8, torch.tensor([0.5]))
+    assert (out - 0.9 * base).abs().max() < 0.02 * base.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def motion_model(residual: bool, **overrides) -> MarDini:
+    return MarDini(model_config("tiny", latent_channels=C, motion=dict(estimate="bilateral", residual=residual),
+                                **overrides)).eval()
+
+
+def test_generator_reads_the_estimate_and_needs_it_exactly_when_configured():
+    torch.manual_seed(0)
+    model = motion_model(residual=False)
+    for p in model.generator.final.parameters():          # a non-zero output layer, so inputs show
+        torch.nn.init.normal_(p, std=0.1)
+    B, T = 1, 5
+    x, mask = torch.randn(B, T, C, 8, 8), task_mask("interpolation", T)[None]
+    time_, plan = torch.zeros(B, T), torch.randn(B, T, 16, model.cfg.signal_dim)
+    motion = torch.randn_like(x)
+    out = model.generator(x, mask, time_, plan, motion=motion)
+    assert (model.generator(x, mask, time_, plan, motion=motion + 1) - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="motion"):
+        model.generator(x, mask, time_, plan)
+    plain = MarDini(model_config("tiny", latent_channels=C)).eval()
+    assert plain.generator.motion_embed is None and plain.motion(x, mask) is None
+    with pytest.raises(ValueError, match="motion"):
+        plain.generator(x, mask, time_, plan, motion=motion)
+
+
+def test_residual_model_starts_at_the_estimate():
+    """An untrained clean-sample model predicts 0 (zero-initialised output layer): with model.motion.residual its
+    posterior mean and its samples are the motion estimate itself, so training starts from it."""
+    torch.manual_seed(0)
+    model, diffusion = motion_model(residual=True), Diffusion(DiffusionConfig(**RF_X0))
+    z = moving_square(5, size=16, side=4, velocity=(1.0, 0.5))
+    mask = task_mask("interpolation", 5)[None]
+    estimate = model.motion(z, mask)
+    noise = torch.randn_like(z)
+    posterior = model.clean_estimate(z, mask, diffusion, torch.tensor([0.999]), noise)
+    assert torch.allclose(posterior, estimate, atol=1e-6)
+    sample = model.generate(z, mask, diffusion, num_steps=3, noise=noise)
+    assert torch.allclose(sample, estimate, atol=1e-5)
+    assert torch.equal(sample[~mask], z[~mask])
+    # without the residual the same untrained model answers 0 on the generated frames
+    plain = motion_model(residual=False)
+    assert plain.generate(z, mask, diffusion, num_steps=3, noise=noise)[mask].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["input", "residual"])
+def test_loss_target_is_relative_to_the_estimate_only_with_residual(residual):
+    torch.manual_seed(0)
+    model, diffusion = motion_model(residual=residual), Diffusion(DiffusionConfig(**RF_X0))
+    z = moving_square(5, size=16, side=4)
+    mask = task_mask("interpolation", 5)[None]
+    out = model(z, None, mask, diffusion, noise=torch.randn_like(z), t=torch.tensor([0.5]))
+    expected = z - model.motion(z, mask) if residual else z
+    assert torch.allclose(out["target"][mask], expected[mask], atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["input", "residual"])
+def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
+    torch.manual_seed(0)
+    model, diffusion = motion_model(residual=residual).train(), Diffusion(DiffusionConfig(**RF_V))
+    z = moving_square(5, size=16, side=4)
+    mask = masks("01110")
+    losses = fit_fixed_batch(model, z, mask, diffusion, torch.randn_like(z), torch.tensor([0.5]), steps=100)
+    assert min(losses[-10:]) < losses[0] / 5
+    out = model.eval().generate(z, mask, diffusion, num_steps=2)
+    assert torch.equal(out[~mask], z[~mask]) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(motion=dict(estimate="optical")), "motion.estimate"),
+    (dict(motion=dict(residual=True)), "motion.residual"),
+    (dict(motion=dict(estimate="bilateral", window=4)), "motion.window"),
+    (dict(motion=dict(estimate="bilateral", levels=0)), "motion.levels"),
+    (dict(motion=dict(estimate="bilateral", temperature=0.0)), "motion.temperature"),
+    (dict(motion=dict(radus=2)), "motion.radus"),
+])
+def test_bad_motion_config_names_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        model_config("tiny", **overrides)
