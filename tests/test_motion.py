@@ -180,3 +180,18 @@ def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
 def test_bad_motion_config_names_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         model_config("tiny", **overrides)
+
+
+def test_flop_estimate_counts_the_motion_embedding():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = MarDini(model_config("tiny", latent_channels=C, sdpa_kernel="math",
+                                 motion=dict(estimate="bilateral"))).eval()
+    B, T, H, W = 1, 5, 8, 8
+    mask = task_mask("interpolation", T)[None]
+    z = torch.randn(B, T, C, H, W)
+    with torch.no_grad():
+        plan = model.planner(torch.randn(B, T, C, H // 2, W // 2), mask)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn_like(z))
+    assert model.estimate_flops(T, (H, W), 3, B, executed=True)["generator"] == counter.get_total_flops()
