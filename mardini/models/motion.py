@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import box_downsample
+
 MOTION_ESTIMATES = ("none", "bilateral")
 
 
@@ -81,7 +83,7 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
                        max_elements: int = 2**26) -> torch.Tensor:
     """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the matched frames [N, C, H, W] (fp32).
 
-    Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while the coarse side keeps >= 4
+    Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while both sides divide and keep >= 4
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
     upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
     per level; the finest level also blends the matched pairs."""
@@ -90,13 +92,13 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
     N, _, H, W = first.shape
     # Costs in units of the pair's variance: one temperature serves any latent scale (identity or VAE latents).
     scale = 0.5 * (first.var((1, 2, 3), keepdim=True) + last.var((1, 2, 3), keepdim=True)) + 1e-6  # [N, 1, 1, 1]
-    depth = 0
-    while depth + 1 < levels and min(H, W) % 2 ** (depth + 1) == 0 and min(H, W) // 2 ** (depth + 1) >= 4:
+    depth = 0  # the coarsest level: both sides divisible by its factor and at least 4 cells
+    while depth + 1 < levels and all(n % 2 ** (depth + 1) == 0 and n // 2 ** (depth + 1) >= 4 for n in (H, W)):
         depth += 1
     flow = None
     for level in range(depth, -1, -1):
         f = 2**level
-        lo_first, lo_last = (F.avg_pool2d(x, f) if f > 1 else x for x in (first, last))
+        lo_first, lo_last = box_downsample(first, f), box_downsample(last, f)  # the project's one box filter
         h, w = lo_first.shape[-2:]
         flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
             2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
