@@ -102,10 +102,29 @@ def test_a_fade_is_estimated_as_the_blend():
     assert (out - 0.9 * base).abs().max() < 0.02 * base.abs().max()
 
 
+def test_pair_carries_each_given_frame_along_the_motion_and_blends_to_the_estimate():
+    T = 9
+    video = moving_square(T)
+    mask = task_mask("interpolation", T)[None]
+    estimate, forward, backward = motion_estimate(video, mask, pair=True).chunk(3, dim=2)
+    assert torch.allclose(estimate, motion_estimate(video, mask), atol=1e-5)
+    a = torch.linspace(0, 1, T)[None, :, None, None, None]
+    assert torch.allclose(estimate, (1 - a) * forward + a * backward, atol=1e-5)
+    middle = slice(1, T - 1)
+    blended = psnr(((1 - a) * video[:, :1] + a * video[:, -1:])[:, middle], video[:, middle])
+    for side in (forward, backward):                               # each side alone follows the square
+        assert psnr(side[:, middle], video[:, middle]) > blended + 6
+        assert torch.equal(side[~mask], video[~mask])              # given frames: all parts the frame itself
+    assert torch.equal(estimate[~mask], video[~mask])
+    one_sided = masks("011111111")                                 # image-to-video: every part a copy
+    out = motion_estimate(video, one_sided, pair=True)
+    assert torch.equal(out[0, 5], video[0, 0].repeat(3, 1, 1))
+
+
 # ------------------------------------------------------------------------------------------------ the model
-def motion_model(residual: bool, **overrides) -> MarDini:
-    return MarDini(model_config("tiny", latent_channels=C, motion=dict(estimate="bilateral", residual=residual),
-                                **overrides)).eval()
+def motion_model(residual: bool, pair: bool = False, **overrides) -> MarDini:
+    return MarDini(model_config("tiny", latent_channels=C, **overrides,
+                                motion=dict(estimate="bilateral", residual=residual, pair=pair))).eval()
 
 
 def test_generator_reads_the_estimate_and_needs_it_exactly_when_configured():
@@ -127,14 +146,34 @@ def test_generator_reads_the_estimate_and_needs_it_exactly_when_configured():
         plain.generator(x, mask, time_, plan, motion=motion)
 
 
-def test_residual_model_starts_at_the_estimate():
+def test_generator_reads_both_matched_frames_with_pair():
+    """Swapping the two matched frames leaves the estimate as it is (a blend at a = 0.5) but changes the output:
+    the generator sees which side said what. A motion input without the pair is refused by name."""
+    torch.manual_seed(0)
+    model = motion_model(residual=True, pair=True)
+    for p in model.generator.final.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    B, T = 1, 5
+    x, mask = torch.randn(B, T, C, 8, 8), task_mask("interpolation", T)[None]
+    time_, plan = torch.zeros(B, T), torch.randn(B, T, 16, model.cfg.signal_dim)
+    estimate, forward, backward = torch.randn(3, B, T, C, 8, 8)
+    out = model.generator(x, mask, time_, plan, motion=torch.cat([estimate, forward, backward], 2))
+    swapped = model.generator(x, mask, time_, plan, motion=torch.cat([estimate, backward, forward], 2))
+    assert (swapped - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="motion.pair"):
+        model.generator(x, mask, time_, plan, motion=estimate)
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["estimate", "pair"])
+def test_residual_model_starts_at_the_estimate(pair):
     """An untrained clean-sample model predicts 0 (zero-initialised output layer): with model.motion.residual its
     posterior mean and its samples are the motion estimate itself, so training starts from it."""
     torch.manual_seed(0)
-    model, diffusion = motion_model(residual=True), Diffusion(DiffusionConfig(**RF_X0))
+    model, diffusion = motion_model(residual=True, pair=pair), Diffusion(DiffusionConfig(**RF_X0))
     z = moving_square(5, size=16, side=4, velocity=(1.0, 0.5))
     mask = task_mask("interpolation", 5)[None]
-    estimate = model.motion(z, mask)
+    estimate = model.motion_estimate(model.motion(z, mask))
+    assert torch.equal(estimate, motion_estimate(z, mask))
     noise = torch.randn_like(z)
     posterior = model.clean_estimate(z, mask, diffusion, torch.tensor([0.999]), noise)
     assert torch.allclose(posterior, estimate, atol=1e-6)
@@ -172,6 +211,7 @@ def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
 @pytest.mark.parametrize("overrides, key", [
     (dict(motion=dict(estimate="optical")), "motion.estimate"),
     (dict(motion=dict(residual=True)), "motion.residual"),
+    (dict(motion=dict(pair=True)), "motion.pair"),
     (dict(motion=dict(estimate="bilateral", window=4)), "motion.window"),
     (dict(motion=dict(estimate="bilateral", levels=0)), "motion.levels"),
     (dict(motion=dict(estimate="bilateral", temperature=0.0)), "motion.temperature"),
@@ -182,16 +222,17 @@ def test_bad_motion_config_names_the_key(overrides, key):
         model_config("tiny", **overrides)
 
 
-def test_flop_estimate_counts_the_motion_embedding():
+@pytest.mark.parametrize("pair", [False, True], ids=["estimate", "pair"])
+def test_flop_estimate_counts_the_motion_embedding(pair):
     from torch.utils.flop_counter import FlopCounterMode
 
     model = MarDini(model_config("tiny", latent_channels=C, sdpa_kernel="math",
-                                 motion=dict(estimate="bilateral"))).eval()
+                                 motion=dict(estimate="bilateral", pair=pair))).eval()
     B, T, H, W = 1, 5, 8, 8
     mask = task_mask("interpolation", T)[None]
     z = torch.randn(B, T, C, H, W)
     with torch.no_grad():
         plan = model.planner(torch.randn(B, T, C, H // 2, W // 2), mask)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn_like(z))
+        model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn(B, T, C * (3 if pair else 1), H, W))
     assert model.estimate_flops(T, (H, W), 3, B, executed=True)["generator"] == counter.get_total_flops()

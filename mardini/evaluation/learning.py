@@ -151,7 +151,7 @@ def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16) -> Te
     for chunk in videos.split(batch_size):
         m = mask[None].expand(chunk.shape[0], chunk.shape[1]).to(pipe.device)
         z, _ = encode_given(pipe.autoencoder, chunk.to(pipe.device), m, model.cfg.lowres_factor, pipe.lowres_mode)
-        frames = pipe.autoencoder.decode(model.motion(z.to(pipe.dtype), m).float()).cpu()
+        frames = pipe.autoencoder.decode(model.motion_estimate(model.motion(z.to(pipe.dtype), m)).float()).cpu()
         out.append(torch.where(m.cpu()[:, :, None, None, None], frames, chunk))
     return torch.cat(out)
 

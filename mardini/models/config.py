@@ -43,6 +43,7 @@ class MotionConfig:
     estimate: str = "none"      # none | bilateral (coarse-to-fine soft bilateral matching between the given frames)
     residual: bool = False      # diffuse the generated frames' difference from the estimate instead of the frames
     residual_scale: float = 1.0  # with residual: the difference is multiplied by this before diffusion
+    pair: bool = False          # also give the generator the two matched frames (occlusions: it can pick one side)
     radius: int = 2             # candidate displacements per pyramid level: +-radius latent cells
     levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
@@ -123,6 +124,8 @@ def validate_model_config(cfg) -> None:
          f"must be one of {MOTION_ESTIMATES}, got {motion.estimate!r}")
     need(not motion.residual or motion.estimate != "none", "motion.residual",
          "needs an estimate to be the residual of: set model.motion.estimate=bilateral")
+    need(not motion.pair or motion.estimate != "none", "motion.pair",
+         "needs an estimate whose matched frames to give: set model.motion.estimate=bilateral")
     need(motion.residual_scale > 0 and (motion.residual or motion.residual_scale == 1.0), "motion.residual_scale",
          f"must be > 0, and 1 unless model.motion.residual is set; got {motion.residual_scale}")
     for key in ("radius", "levels"):

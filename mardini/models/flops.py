@@ -63,8 +63,8 @@ def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, i
     per_block += _linear(T, g.dim, 6 * g.dim)                                         # adaLN (per frame)
     patch_dim = cfg.latent_channels * g.patch_size**2
     total = g.depth * per_block + _linear(N, patch_dim, g.dim) + _linear(N, g.dim, patch_dim)
-    if cfg.motion.estimate != "none":  # the motion estimate's patch embedding (the matcher itself has no matmul)
-        total += _linear(N, patch_dim, g.dim)
+    if cfg.motion.estimate != "none":  # the motion input's patch embedding (the matcher itself has no matmul)
+        total += _linear(N, patch_dim * (3 if cfg.motion.pair else 1), g.dim)
     total += _linear(T, g.dim, 2 * g.dim) + _linear(T, 256, g.dim) + _linear(T, g.dim, g.dim)  # final adaLN, t-embed
     return batch_size * total
 

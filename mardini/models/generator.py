@@ -140,8 +140,10 @@ class Generator(nn.Module):
         self.cfg, self.patch_size = cfg, g.patch_size
         patch_dim = cfg.latent_channels * g.patch_size**2
         self.patch_embed = nn.Linear(patch_dim, g.dim)
-        # The motion-compensated estimate of each frame (models/motion.py), when the config asks for one.
-        self.motion_embed = nn.Linear(patch_dim, g.dim) if cfg.motion.estimate != "none" else None
+        # The motion-compensated estimate of each frame (models/motion.py), when the config asks for one; with
+        # motion.pair also the two matched frames it blends.
+        motion_dim = patch_dim * (3 if cfg.motion.pair else 1)
+        self.motion_embed = nn.Linear(motion_dim, g.dim) if cfg.motion.estimate != "none" else None
         self.time_embed = TimestepEmbedder(g.dim)
         self.frame_type = nn.Embedding(2, g.dim)  # 0 = reference, 1 = generated
         self.rope = RotaryEmbedding3D(g.dim // g.num_heads, cfg.rope_theta)
@@ -185,7 +187,8 @@ class Generator(nn.Module):
                 return_hidden: bool = False, motion: torch.Tensor | None = None):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
         mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc];
-        motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set).
+        motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set; with
+        model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames).
         Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T, n, D])."""
         B, T, _, H, W = x.shape
         p = self.patch_size
@@ -196,6 +199,9 @@ class Generator(nn.Module):
         if (motion is None) != (self.motion_embed is None):
             raise ValueError(f"model.motion.estimate={self.cfg.motion.estimate!r}: the generator needs a motion "
                              f"estimate exactly when one is configured (got {'none' if motion is None else 'one'})")
+        if motion is not None and motion.shape[2] * p * p != self.motion_embed.in_features:
+            raise ValueError(f"motion input has {motion.shape[2]} channels; model.motion.pair="
+                             f"{self.cfg.motion.pair} needs {self.motion_embed.in_features // (p * p)}")
         tokens = self.patch_embed(patchify(x, p))                                  # [B, T, n, D]
         if motion is not None:
             tokens = tokens + self.motion_embed(patchify(motion.to(x.dtype), p))

@@ -59,24 +59,29 @@ class MarDini(nn.Module):
 
     # ------------------------------------------------------------------ motion
     def motion(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The motion-compensated estimate [B, T, C, H, W] from the given frames of z_hi (None when not configured).
-        No gradient: it is a fixed function of the inputs."""
+        """The generator's motion input from the given frames of z_hi (None when not configured): the motion-
+        compensated estimate [B, T, C, H, W], or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two
+        matched frames). No gradient: it is a fixed function of the inputs."""
         m = self.cfg.motion
         if m.estimate == "none":
             return None
         with torch.no_grad():
-            return motion_estimate(z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature)
+            return motion_estimate(z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
+
+    def motion_estimate(self, motion: torch.Tensor) -> torch.Tensor:
+        """The estimate part [B, T, C, H, W] of a motion input (its first latent_channels channels)."""
+        return motion[:, :, :self.cfg.latent_channels]
 
     def to_diffused(self, z: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
         """Latents -> what the diffusion runs on: with model.motion.residual, the difference from the motion estimate
         times motion.residual_scale (a small residual would otherwise sit far below the noise); else z itself."""
         m = self.cfg.motion
-        return (z - motion) * m.residual_scale if m.residual else z
+        return (z - self.motion_estimate(motion)) * m.residual_scale if m.residual else z
 
     def from_diffused(self, x: torch.Tensor, motion: torch.Tensor | None) -> torch.Tensor:
         """The inverse of to_diffused."""
         m = self.cfg.motion
-        return x / m.residual_scale + motion if m.residual else x
+        return x / m.residual_scale + self.motion_estimate(motion) if m.residual else x
 
     # ------------------------------------------------------------------ training
     def forward(self, z_hi: torch.Tensor, z_lo: torch.Tensor | None, mask: torch.Tensor, diffusion,

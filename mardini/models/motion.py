@@ -13,6 +13,10 @@ scale), plus smoothness |d|^2 (small motion is likelier); the estimate is the so
 average of the pairs' blends. The search runs coarse to fine over a pyramid of box-averaged frames, so large motion
 costs few candidates. A frame with a given frame on one side only (image-to-video, expansion) gets the nearest given
 frame; a given frame is its own estimate.
+
+With ``pair`` the two matched frames are returned beside the estimate: ``first`` carried forward and ``last``
+carried back along the matched motion (the estimate is their (1 - a, a) blend). Where they disagree, one side is
+occluded or mismatched; a generator that sees both can pick the right one where the blend shows a ghost of each.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
     """One pyramid level: candidates base + delta (|delta| <= radius cells) at every position, in this level's cells.
     first, last: [N, C, H, W]; a: [N, 1, 1, 1]; base: [N, 2, H, W] displacement (x, y) first -> last, in cells;
     scale: [N, 1, 1, 1] the costs' unit; cell: fine cells per cell here (the smoothness term counts fine cells).
-    Returns the softmax-expected displacement [N, 2, H, W] and, if values, the softmax-weighted blends [N, C, H, W];
-    displacements go in chunks of at most max_elements values with a running (online) softmax."""
+    Returns the softmax-expected displacement [N, 2, H, W] and, if values, the softmax-weighted matched frames
+    [N, 2C, H, W] (first carried forward, last carried back); displacements go in chunks of at most max_elements
+    values with a running (online) softmax."""
     N, C, H, W = first.shape
     steps = torch.arange(-radius, radius + 1, device=first.device, dtype=torch.float32)
     dy, dx = (d.flatten()[None, :, None, None] for d in torch.meshgrid(steps, steps, indexing="ij"))  # [1, S, 1, 1]
@@ -52,7 +57,7 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
     best = torch.full((N, 1, H, W), -float("inf"), device=first.device)                    # running max of logits
     total = torch.zeros(N, 1, H, W, device=first.device)                                   # running sum of weights
     flow = torch.zeros(N, 2, H, W, device=first.device)                                    # running weighted d
-    mixed = torch.zeros(N, C, H, W, device=first.device) if values else None              # running weighted blends
+    matched = torch.zeros(N, 2 * C, H, W, device=first.device) if values else None      # running weighted pairs
 
     def at(frames, sx, sy):  # frames sampled at p + (sx, sy): sx, sy [N, s, H, W] -> [N, C, s, H, W]
         s = sx.shape[1]
@@ -72,21 +77,22 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
         total = total * rescale + weights.sum(1, keepdim=True)
         flow = flow * rescale + torch.cat([(weights * cx).sum(1, keepdim=True), (weights * cy).sum(1, keepdim=True)], 1)
         if values:
-            blend = (1 - a[..., None]) * before + a[..., None] * after                      # [N, C, s, H, W]
-            mixed = mixed * rescale + (blend * weights[:, None]).sum(2)
+            pairs = torch.cat([before, after], 1)                                          # [N, 2C, s, H, W]
+            matched = matched * rescale + (pairs * weights[:, None]).sum(2)
         best = new_best
-    return flow / total, (mixed / total if values else None)
+    return flow / total, (matched / total if values else None)
 
 
 def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.Tensor, radius: int = 2,
                        levels: int = 3, window: int = 5, smoothness: float = 3e-3, temperature: float = 0.06,
-                       max_elements: int = 2**26) -> torch.Tensor:
-    """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the matched frames [N, C, H, W] (fp32).
+                       max_elements: int = 2**26, pair: bool = False) -> torch.Tensor:
+    """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the estimate [N, C, H, W] (fp32), or with pair
+    [N, 3C, H, W]: the estimate, first carried forward, last carried back.
 
     Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while both sides divide and keep >= 4
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
     upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
-    per level; the finest level also blends the matched pairs."""
+    per level; the finest level also carries the frames along the matched displacements."""
     first, last = first.float(), last.float()
     a = fraction.float().to(first.device)[:, None, None, None]                                # [N, 1, 1, 1]
     N, _, H, W = first.shape
@@ -102,24 +108,28 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
         h, w = lo_first.shape[-2:]
         flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
             2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        flow, mixed = _match_level(lo_first, lo_last, a, flow, scale, radius, window, smoothness, temperature, f,
-                                   max_elements, values=level == 0)
-    return mixed
+        flow, matched = _match_level(lo_first, lo_last, a, flow, scale, radius, window, smoothness, temperature, f,
+                                     max_elements, values=level == 0)
+    forward, backward = matched.chunk(2, dim=1)                                               # [N, C, H, W] each
+    estimate = (1 - a) * forward + a * backward
+    return torch.cat([estimate, forward, backward], 1) if pair else estimate
 
 
 def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels: int = 3, window: int = 5,
-                    smoothness: float = 3e-3, temperature: float = 0.06) -> torch.Tensor:
+                    smoothness: float = 3e-3, temperature: float = 0.06, pair: bool = False) -> torch.Tensor:
     """z: [B, T, C, H, W] latents (values of generated frames are ignored); mask: [B, T] (True = generated).
     Returns [B, T, C, H, W] in z's dtype: generated frames between two given frames by bilateral matching, other
-    generated frames a copy of the nearest given frame, given frames themselves (exactly)."""
+    generated frames a copy of the nearest given frame, given frames themselves (exactly). With pair [B, T, 3C, H, W]:
+    the estimate, then the two matched frames (copies of the estimate where there is no pair)."""
     B, T = mask.shape
+    copies = 3 if pair else 1
     before, after = nearest_given(mask)
     rows = torch.arange(B, device=z.device)[:, None]
-    out = z[rows, before].clone()                                # nearest given frame on the left (or the right)
+    out = z[rows, before].repeat(1, 1, copies, 1, 1)             # nearest given frame on the left (or the right)
     between = mask & (before < after)                            # generated with a given frame on both sides
     if bool(between.any()):
         b, t = between.nonzero(as_tuple=True)
         fraction = (t - before[b, t]).float() / (after[b, t] - before[b, t]).float()
         out[b, t] = bilateral_estimate(z[b, before[b, t]], z[b, after[b, t]], fraction, radius, levels, window,
-                                       smoothness, temperature).to(z.dtype)
-    return torch.where(mask[:, :, None, None, None], out, z)
+                                       smoothness, temperature, pair=pair).to(z.dtype)
+    return torch.where(mask[:, :, None, None, None], out, z.repeat(1, 1, copies, 1, 1))
