@@ -36,3 +36,21 @@ def test_evaluate_scores_the_blend_exactly_on_a_fade():
     clips = ((1 - w) * a + w * b)[None]  # [1, 5, 3, 24, 24]
     report = motion_baseline.evaluate(clips)
     assert report["blend_psnr"] > 100 and report["bilateral_psnr"] > 25, report
+
+
+def test_error_share_on_shapes_finds_where_the_matcher_fails():
+    """A square seen only in the middle frame cannot be matched from the given ones: all of the estimate's error
+    lies on the square's pixels. One that jumps beyond the search leaves a ghost where it was: half the error.
+    shape_pixels marks a synthetic clip's shapes and nothing else."""
+    empty, here, far = moving_square(100), moving_square(0), moving_square(12)           # ramp alone; two squares
+    for clip, low, high in ((torch.cat([empty, here, empty]), 0.99, 1.0), (torch.cat([here, far, here]), 0.45, 0.55)):
+        shapes = (clip - empty).abs().amax(1) > 0.05                                      # [3, 24, 24]
+        report = motion_baseline.evaluate(clip[None], shapes[None], levels=1, radius=1)
+        assert low <= report["error_share_on_shapes"] <= high, report
+
+    from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+    cfg = SyntheticVideoConfig(num_videos=2, num_frames=3, height=32, width=32, min_shapes=1, max_shapes=1)
+    clips = torch.stack([SyntheticVideoDataset(cfg)[i]["video"] for i in range(2)])
+    marked = motion_baseline.shape_pixels(cfg, clips)
+    assert 0.01 < marked.float().mean() < 0.5                                          # one shape, not the frame
