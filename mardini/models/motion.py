@@ -122,14 +122,17 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     generated frames a copy of the nearest given frame, given frames themselves (exactly). With pair [B, T, 3C, H, W]:
     the estimate, then the two matched frames (copies of the estimate where there is no pair)."""
     B, T = mask.shape
-    copies = 3 if pair else 1
+
+    def widen(x):  # a frame as its own estimate and both matched sides: three copies with pair
+        return x.repeat(1, 1, 3, 1, 1) if pair else x
+
     before, after = nearest_given(mask)
     rows = torch.arange(B, device=z.device)[:, None]
-    out = z[rows, before].repeat(1, 1, copies, 1, 1)             # nearest given frame on the left (or the right)
+    out = widen(z[rows, before])                                 # nearest given frame on the left (or the right)
     between = mask & (before < after)                            # generated with a given frame on both sides
     if bool(between.any()):
         b, t = between.nonzero(as_tuple=True)
         fraction = (t - before[b, t]).float() / (after[b, t] - before[b, t]).float()
         out[b, t] = bilateral_estimate(z[b, before[b, t]], z[b, after[b, t]], fraction, radius, levels, window,
                                        smoothness, temperature, pair=pair).to(z.dtype)
-    return torch.where(mask[:, :, None, None, None], out, z.repeat(1, 1, copies, 1, 1))
+    return torch.where(mask[:, :, None, None, None], out, widen(z))
