@@ -99,6 +99,7 @@ def main():
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
     p.add_argument("--kernel", default="auto")
+    p.add_argument("--generator-heads", type=int, default=0, help="the generator's head count (0 = the size's)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="inference.json")
@@ -115,7 +116,8 @@ def main():
     vae = build_vae(device, dtype)
     vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
-                       sdpa_kernel=args.kernel)
+                       sdpa_kernel=args.kernel,
+                       generator={"num_heads": args.generator_heads} if args.generator_heads else {})
     torch.manual_seed(0)
     model = MarDini(cfg)
     give_outputs(model.generator)
@@ -170,7 +172,7 @@ def main():
                          "extra_if_planner_every_step_s": planner_s * (steps - 1),
                          "vs_paper_time": seconds / 6.05 if T == 12 else None,
                          "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if T == 12 else None,
-                         "params_m": params_m}
+                         "params_m": params_m, "generator_heads": cfg.generator.num_heads}
                     results.append(r)
                     print(json.dumps(r), flush=True)
                     with open(args.out, "w") as f:

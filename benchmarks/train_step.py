@@ -42,12 +42,14 @@ def make_batch(args, device):
 
 
 def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel: str = "cudnn",
-               impl: str = "split", backend: str = "sdpa"):
+               impl: str = "split", backend: str = "sdpa", generator_heads: int = 0):
     """(step, model, mask): one bf16 training step of `part` (planner | generator | joint) with fused AdamW on a
-    fixed paper-like batch; shared with profile_step.py."""
+    fixed paper-like batch; shared with profile_step.py. generator_heads > 0 overrides the size's head count (same
+    width and parameters, other head dim)."""
     device = torch.device("cuda")
+    generator = dict(identity_impl=impl, **({"num_heads": generator_heads} if generator_heads else {}))
     cfg = model_config(args.size, latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
-                       sdpa_kernel=kernel, attn_backend=backend, generator=dict(identity_impl=impl))
+                       sdpa_kernel=kernel, attn_backend=backend, generator=generator)
     torch.manual_seed(0)
     model = MarDini(cfg).to(device)
     if ac:
@@ -79,11 +81,12 @@ def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel
     return step, model, mask
 
 
-def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str) -> dict:
-    """kernel: an SDPA kernel (cudnn, flash, efficient, math, auto) or "xformers" (the xformers backend)."""
+def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str, heads: int = 0) -> dict:
+    """kernel: an SDPA kernel (cudnn, flash, efficient, math, auto) or "xformers" (the xformers backend); heads: the
+    generator's head count (0 = the size's)."""
     backend = "xformers" if kernel == "xformers" else "sdpa"
     step, model, mask = build_step(args, part, compile_, ac, "auto" if backend == "xformers" else kernel, impl,
-                                   backend)
+                                   backend, heads)
     cfg, (B, T) = model.cfg, mask.shape
     seconds, peak = timed(step, args.warmup + (3 if compile_ else 0), args.iters)
     flops = model.estimate_flops(T, (args.latent, args.latent), int(mask[0].sum()), B)
@@ -92,7 +95,9 @@ def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: st
     tokens = B * T * {"joint": n_lo + n_hi, "planner": n_lo, "generator": n_hi}[part]
     params = model.num_parameters()
     return {"part": part, "compile": compile_, "activation_checkpointing": ac, "sdpa_kernel": kernel,
-            "identity_impl": impl, "batch": B, "frames": T, "latent": args.latent, "step_s": seconds,
+            "identity_impl": impl, "generator_heads": cfg.generator.num_heads,
+            "generator_head_dim": cfg.generator.dim // cfg.generator.num_heads, "batch": B, "frames": T,
+            "latent": args.latent, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "tflops": model_flops / seconds / 1e12,
             "mfu": model_flops / seconds / (args.peak_tflops * 1e12), "peak_mem_gib": peak,
             "params_m": {k: v / 1e6 for k, v in params.items()}}
@@ -111,6 +116,7 @@ def main():
     p.add_argument("--ac", default="0")
     p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers (the xformers backend)")
     p.add_argument("--impls", default="split", help="identity-attention implementations: split, mask, gather")
+    p.add_argument("--generator-heads", default="0", help="generator head counts (0 = the size's), e.g. 16,8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=803.0)
@@ -120,31 +126,32 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     results, start = [], time.time()
     grid = itertools.product(args.parts.split(","), [bool(int(c)) for c in args.compile.split(",")],
-                             [bool(int(a)) for a in args.ac.split(",")], args.kernels.split(","), args.impls.split(","))
-    for part, comp, ac, kernel, impl in grid:
+                             [bool(int(a)) for a in args.ac.split(",")], args.kernels.split(","), args.impls.split(","),
+                             [int(h) for h in args.generator_heads.split(",")])
+    for part, comp, ac, kernel, impl, heads in grid:
         if time.time() - start > args.budget_s:
-            print(f"budget reached; skipping {part} compile={comp} ac={ac} {kernel} {impl}")
+            print(f"budget reached; skipping {part} compile={comp} ac={ac} {kernel} {impl} heads={heads}")
             continue
         try:
-            r = run_variant(args, part, comp, ac, kernel, impl)
+            r = run_variant(args, part, comp, ac, kernel, impl, heads)
         except Exception as e:  # e.g. out of memory, or a kernel that refuses the shape
             r = {"part": part, "compile": comp, "activation_checkpointing": ac, "sdpa_kernel": kernel,
-                 "identity_impl": impl, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                 "identity_impl": impl, "generator_heads": heads, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         torch.cuda.empty_cache()
         results.append(r)
         print(json.dumps(r), flush=True)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
                        "results": results}, f, indent=1)
-    print(f"\n{'part':10s} {'compile':7s} {'ac':3s} {'kernel':8s} {'impl':6s} {'step s':>8s} {'tok/s':>10s} "
+    print(f"\n{'part':10s} {'compile':7s} {'ac':3s} {'kernel':8s} {'impl':6s} {'heads':>5s} {'step s':>8s} {'tok/s':>10s} "
           f"{'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
     for r in results:
         if "error" in r:
             print(f"{r['part']:10s} {str(r['compile']):7s} {str(r['activation_checkpointing'])[0]:3s} "
-                  f"{r['sdpa_kernel']:8s} {r['identity_impl']:6s} {r['error'][:60]}")
+                  f"{r['sdpa_kernel']:8s} {r['identity_impl']:6s} {r['generator_heads']:5d} {r['error'][:60]}")
             continue
         print(f"{r['part']:10s} {str(r['compile']):7s} {str(r['activation_checkpointing'])[0]:3s} "
-              f"{r['sdpa_kernel']:8s} {r['identity_impl']:6s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} "
+              f"{r['sdpa_kernel']:8s} {r['identity_impl']:6s} {r['generator_heads']:5d} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} "
               f"{r['tflops']:8.1f} {r['mfu']:6.1%} {r['peak_mem_gib']:8.1f}")
 
 

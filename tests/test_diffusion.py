@@ -228,6 +228,10 @@ def test_loss_ignores_unmasked_frames():
     base.backward()
     assert (pred.grad[~mask] == 0).all()
     assert (pred.grad[mask] != 0).any()
+    pred2[mask] = pred.detach()[mask]
+    pred2.requires_grad_(True)
+    d.loss(pred2, target2, mask).backward()  # non-finite values in unmasked frames reach no gradient either
+    assert torch.equal(pred2.grad, pred.grad)
 
 
 def test_loss_errors():

@@ -77,6 +77,19 @@ def test_matching_follows_a_moving_square_far_better_than_the_blend():
     assert matched > single + 5, (matched, single)
 
 
+def test_batched_estimate_equals_each_frame_matched_alone():
+    """motion_estimate matches every frame at once (fixed shapes: no wait for the GPU to count the frames between
+    given ones); each frame between two given frames must still equal its pair matched on its own."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3, 7, C, 16, 16, generator=g) * torch.tensor([1.0, 3.0, 0.2])[:, None, None, None, None]
+    mask = masks("0111110", "0110101", "1011111")
+    out = motion_estimate(z, mask)
+    for b, t, before, after in [(0, 1, 0, 6), (0, 4, 0, 6), (1, 1, 0, 3), (1, 2, 0, 3), (1, 4, 3, 5)]:
+        alone = bilateral_estimate(z[b, before][None], z[b, after][None], torch.tensor([(t - before) / (after - before)]))
+        assert torch.allclose(out[b, t], alone[0], atol=1e-5), (b, t)
+    assert torch.equal(out[1, 6], z[1, 5]) and torch.equal(out[2, 0], z[2, 1]) and torch.equal(out[2, 6], z[2, 1])
+
+
 def test_estimate_is_independent_of_latent_scale_and_offset():
     video = moving_square(5)
     mask = task_mask("interpolation", 5)[None]

@@ -131,6 +131,30 @@ def test_exact_resume_with_muon(tmp_path):
         Trainer(resume_config(tmp_path / "other", resume=str(checkpoint(straight, N))))
 
 
+def test_inputs_prepared_ahead_are_those_of_their_own_step(tmp_path, monkeypatch):
+    """train_step prepares the next micro-batch while the GPU runs a backward; every micro-step must still get the
+    inputs of its own (step, micro-batch), as if each were read and prepared in order when needed (grad_accum 2 and
+    a curriculum that changes between steps, so a micro-batch prepared with the wrong step shows)."""
+    seen = []
+    original = Trainer._micro_step
+
+    def micro_step(self, inputs, step):
+        z_hi, _, rnd = inputs
+        seen.append((step, z_hi.clone(), rnd.mask.clone(), rnd.t.clone(), rnd.noise.clone()))
+        return original(self, inputs, step)
+
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+    Trainer(resume_config(tmp_path / "run")).fit()
+    reference = Trainer(resume_config(tmp_path / "reference"))
+    batches = iter(reference._dataloader())
+    expected = [(step, reference._prepare(next(batches), step)) for step in range(2 * N) for _ in range(2)]
+    reference._release_lock()
+    assert [s for s, *_ in seen] == [s for s, _ in expected]
+    for (_, z_hi, mask, t, noise), (_, (z_hi_ref, _, rnd)) in zip(seen, expected):
+        assert torch.equal(z_hi, z_hi_ref) and torch.equal(mask, rnd.mask)
+        assert torch.equal(t, rnd.t) and torch.equal(noise, rnd.noise)
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", resume="auto"))
     assert trainer.step == 0 and trainer.ema.num_updates == 0

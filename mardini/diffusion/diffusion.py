@@ -93,21 +93,24 @@ class Diffusion:
 
         Each masked frame's MSE (mean over C, H, W) is averaged over the masked frames of its sample, then over
         the samples that have any: every sample weighs the same whatever its mask ratio, so the mean of per-rank
-        losses under data parallelism equals the loss of the whole global batch. Unmasked frames are dropped
-        before any arithmetic, so even a non-finite value there changes neither loss nor grads.
+        losses under data parallelism equals the loss of the whole global batch. Unmasked frames are zeroed before
+        any arithmetic (torch.where, which passes them no gradient), so even a non-finite value there changes
+        neither loss nor grads. Fixed shapes throughout: no boolean indexing, so the GPU queue never waits for the
+        host here (a mask on the host is also checked for a masked frame; on a device that would wait).
         """
         if prediction.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(prediction.shape)} != target shape {tuple(target.shape)}")
         if mask.shape != prediction.shape[:2]:
             raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, T]={tuple(prediction.shape[:2])}")
-        mask = mask.to(device=prediction.device, dtype=torch.bool)
-        if not mask.any():
+        if mask.device.type == "cpu" and not mask.any():
             raise ValueError("loss: no frame is masked (mask is all False), nothing to train on")
-        pred, tgt = prediction[mask].float(), target[mask].float()  # [N, C, H, W]
-        per_frame = (pred - tgt).pow(2).flatten(1).mean(dim=1)  # [N]
-        frames_per_sample = mask.sum(dim=1)  # [B]
-        sample_of_frame = mask.nonzero()[:, 0]  # [N]
-        weight = 1.0 / (frames_per_sample[sample_of_frame] * (frames_per_sample > 0).sum())
+        mask = mask.to(device=prediction.device, dtype=torch.bool)
+        frame_mask = mask[:, :, None, None, None]
+        error = torch.where(frame_mask, prediction.float(), 0.0) - torch.where(frame_mask, target.float(), 0.0)
+        per_frame = error.pow(2).flatten(2).mean(dim=2)  # [B, T], 0 on unmasked frames
+        frames_per_sample = mask.sum(dim=1, keepdim=True)  # [B, 1]
+        samples = (frames_per_sample > 0).sum()
+        weight = mask / (frames_per_sample.clamp_min(1) * samples)  # [B, T]: 1 / (n_b * samples) on masked frames
         return (per_frame * weight).sum()
 
     def predict_x0(self, x_t: Tensor, model_output: Tensor, t: Tensor) -> Tensor:

@@ -148,7 +148,10 @@ MODEL_SIZES: dict[str, dict] = {
                  generator=dict(dim=96, depth=2, num_heads=2)),
     "small": dict(planner=dict(dim=384, depth=8, num_heads=6), generator=dict(dim=192, depth=6, num_heads=3)),
     "base": dict(planner=dict(dim=1024, depth=12, num_heads=16), generator=dict(dim=384, depth=8, num_heads=6)),
-    "paper": dict(planner=dict(dim=2048, depth=24, num_heads=16), generator=dict(dim=1024, depth=12, num_heads=16)),
+    # paper: the generator attends with head dim 128 (8 heads), like the planner: its step is attention-bound, and
+    # cuDNN's attention runs 17 % faster at head dim 128 than at 64 (same parameters; one H200: generator step 46.0 ->
+    # 53.9 % MFU, 25-step inference 0.96 -> 0.84 s; BENCHMARKS.md, "GPU performance, second step").
+    "paper": dict(planner=dict(dim=2048, depth=24, num_heads=16), generator=dict(dim=1024, depth=12, num_heads=8)),
 }
 
 

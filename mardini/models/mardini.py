@@ -28,9 +28,14 @@ def lowres_from_hires(z_hi: torch.Tensor, factor: int) -> torch.Tensor:
     return box_downsample(z_hi, factor)
 
 
-def check_mask(mask: torch.Tensor, num_frames: int) -> None:
+def check_mask(mask: torch.Tensor, num_frames: int, values: bool = True) -> None:
+    """Shape and dtype always; with values, also that every sample generates and keeps a frame. Reading the values
+    of a mask on an accelerator waits for its queue, so the training forward checks them only on the host (the
+    trainer checks its masks there, before moving them; generation, once per call, checks them anywhere)."""
     if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape[1] != num_frames:
         raise ValueError(f"mask must be bool [B, {num_frames}], got {tuple(mask.shape)} {mask.dtype}")
+    if not values:
+        return
     if not bool(mask.any(1).all()):
         raise ValueError("every sample needs at least one masked (generated) frame")
     if not bool((~mask).any(1).all()):
@@ -95,7 +100,7 @@ class MarDini(nn.Module):
         sample's randomness does not depend on how the batch is split across ranks).
         """
         B, T = z_hi.shape[:2]
-        check_mask(mask, T)
+        check_mask(mask, T, values=mask.device.type == "cpu")  # no wait for the GPU in the training step
         if z_lo is None:
             z_lo = lowres_from_hires(z_hi, self.cfg.lowres_factor)
         if z_lo.shape[:3] != z_hi.shape[:3]:

@@ -128,11 +128,13 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
 
     before, after = nearest_given(mask)
     rows = torch.arange(B, device=z.device)[:, None]
-    out = widen(z[rows, before])                                 # nearest given frame on the left (or the right)
+    first, last = z[rows, before], z[rows, after]                # nearest given frame on each side [B, T, C, H, W]
     between = mask & (before < after)                            # generated with a given frame on both sides
-    if bool(between.any()):
-        b, t = between.nonzero(as_tuple=True)
-        fraction = (t - before[b, t]).float() / (after[b, t] - before[b, t]).float()
-        out[b, t] = bilateral_estimate(z[b, before[b, t]], z[b, after[b, t]], fraction, radius, levels, window,
-                                       smoothness, temperature, pair=pair).to(z.dtype)
+    # Every frame goes through the matcher, not only those between two given frames: fixed shapes, so the GPU queue
+    # never waits for the host to count them (the others' results are discarded below).
+    span = (after - before).clamp_min(1)
+    fraction = torch.where(between, (torch.arange(T, device=z.device) - before) / span, 0.5).flatten()  # [B T]
+    matched = bilateral_estimate(first.flatten(0, 1), last.flatten(0, 1), fraction, radius, levels, window,
+                                 smoothness, temperature, pair=pair).to(z.dtype).unflatten(0, (B, T))
+    out = torch.where(between[:, :, None, None, None], matched, widen(first))  # one-sided: the nearest given frame
     return torch.where(mask[:, :, None, None, None], out, widen(z))

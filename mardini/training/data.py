@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..masking import MaskSampler, mask_generator
+from ..models.mardini import check_mask
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,19 @@ def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: Ma
         noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
         g_dev = torch.Generator(device=device).manual_seed(noise_seed)
         noises.append(torch.randn((num_frames, *latent_shape), generator=g_dev, device=device, dtype=dtype))
+    mask = torch.stack(masks)
+    check_mask(mask, num_frames)  # here, on the host: the model's forward does not read a device mask's values
     return SampleRandomness(
-        mask=torch.stack(masks).to(device),
-        t=torch.cat(ts).to(device),
-        drop_plan=torch.cat(drops).to(device),
+        mask=_to_device(mask, device),
+        t=_to_device(torch.cat(ts), device),
+        drop_plan=_to_device(torch.cat(drops), device),
         noise=torch.stack(noises),
     )
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting: a copy from pageable memory makes the host wait for the device's queue (the
+    trainer prepares the next batch while the GPU runs a backward), one from pinned memory does not."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

@@ -265,6 +265,7 @@ class Trainer:
         self.latent_shape = (c, h, w)
         self._check_validation_frames()
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
+        self._ahead = None  # the next micro-batch's inputs, prepared during a backward (train_step)
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
         self.mask_sampler = MaskSampler(cfg.curriculum, t.max_steps)
         self.model_cfg = as_model_config(cfg.model)
@@ -493,15 +494,25 @@ class Trainer:
                           persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None,
                           worker_init_fn=_worker_ignores_stop_signals if workers else None)
 
-    def _micro_step(self, batch: dict, step: int) -> torch.Tensor:
-        """Forward one micro-batch; returns the (unscaled) loss."""
+    def _prepare(self, batch: dict, step: int) -> tuple:
+        """A micro-batch's model inputs on the device: (z_hi, z_lo, randomness)."""
         z_hi, z_lo = self._latents(batch)
         rnd = draw_randomness(batch["position"].tolist(), step, self.cfg.seed, self.mask_sampler, self.diffusion,
                               self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
+        return z_hi, z_lo, rnd
+
+    def _micro_step(self, inputs: tuple, step: int) -> torch.Tensor:
+        """Forward one prepared micro-batch (`_prepare`); returns the (unscaled) loss."""
+        z_hi, z_lo, rnd = inputs
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
         with self._autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
         return out["loss"]
+
+    def _next_inputs(self, batches, step: int) -> tuple:
+        """The next micro-batch's inputs: the one prepared ahead during the last backward, else one read now."""
+        ahead, self._ahead = self._ahead, None
+        return ahead if ahead is not None else self._prepare(next(batches), step)
 
     def train_step(self, batches) -> dict:
         """One optimizer step over grad_accum micro-batches. Skips the update if any loss or the gradient norm is
@@ -509,22 +520,34 @@ class Trainer:
 
         The step waits for the GPU once, on the global gradient norm: a non-finite loss on any rank makes the
         all-reduced gradients, hence the norm, non-finite on every rank, so all ranks skip together without a
-        check (and a host sync) between forward and backward."""
+        check (and a host sync) between forward and backward. Nothing in the forward waits for the GPU either
+        (fixed shapes, masks checked on the host), and while the GPU runs each backward the host already reads and
+        prepares the next micro-batch (this step's next, or the next step's first), so the GPU does not idle
+        while the host loads data between steps. The inputs depend only on (seed, step, position), so preparing
+        them early changes nothing; a stop or a resume discards them (the loader restarts at the step)."""
         acc, t = self.accelerator, self.cfg.train
         losses = []
         for micro in range(t.grad_accum):
-            batch = next(batches)
+            inputs = self._next_inputs(batches, self.step)
             last = micro == t.grad_accum - 1
             if self.fsdp:
                 set_gradient_sync(self.model, last)
             sync = contextlib.nullcontext() if last or self.fsdp else acc.no_sync(self.model)
             with sync:
-                loss = self._micro_step(batch, self.step)
+                loss = self._micro_step(inputs, self.step)
                 acc.backward(loss / t.grad_accum)
             losses.append(loss.detach())
+            if not last:
+                self._ahead = self._prepare(next(batches), self.step)
+            elif self.step + 1 < t.max_steps:
+                self._ahead = self._prepare(next(batches), self.step + 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # the one wait
         finite = math.isfinite(grad_norm)
+        loss = torch.stack(losses).mean()
+        if acc.num_processes > 1:
+            loss = acc.reduce(loss, reduction="mean")
+        loss = loss.item()  # computed before the backward that the norm waited for: no second wait
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -534,10 +557,7 @@ class Trainer:
             self.nonfinite_in_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss = torch.stack(losses).mean()
-        if acc.num_processes > 1:
-            loss = acc.reduce(loss, reduction="mean")
-        return {"loss": loss.item(), "grad_norm": grad_norm, "skipped": not finite}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite}
 
     # -------------------------------------------------------------------------------------------------- loop
     def fit(self) -> Path:
@@ -553,7 +573,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
         window, window_start, window_steps = [], time.perf_counter(), 0
-        batches = None
+        batches, self._ahead = None, None
         try:
             with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
                 batches = iter(self._dataloader())
