@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 import time
 
@@ -51,6 +52,8 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="profiled steps")
     p.add_argument("--json", default="")
     args = p.parse_args()
+    if args.skip < 2 or args.steps < 1:
+        p.error("--skip must be >= 2 and --steps >= 1")
     out_dir = tempfile.mkdtemp(prefix="profile_loop_")
     total = args.skip + args.steps
     cfg = compose_config([*args.overrides, f"train.max_steps={total}", "train.eval_every=0", "train.sample_every=0",
@@ -75,6 +78,7 @@ def main():
     trainer.train_step = profiled_step
     with prof:
         trainer.fit()
+    shutil.rmtree(out_dir, ignore_errors=True)  # the run itself (checkpoint, export) is not the point
     wall_ms = (marks[total] - marks[args.skip]) / args.steps * 1e3
     events = prof.events()
     # Kernels, copies and memsets only: user annotations (ProfilerStep#, compiled regions) also appear as device
