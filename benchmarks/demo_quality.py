@@ -67,7 +67,7 @@ def print_report(report: dict) -> None:
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
     if "motion_input_psnr" in i:
         print(f"motion input     PSNR {i['motion_input_psnr']:6.2f} dB   (the model's motion-compensated input, "
-              f"no learning)")
+              f"before the generator)")
     for name in ("null_plan", "shuffled_plan", "noise_references"):
         key = f"posterior_mean_psnr_{name}"
         if key in i:

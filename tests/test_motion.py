@@ -8,7 +8,7 @@ import torch
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
-from mardini.models.motion import bilateral_estimate, motion_estimate, nearest_given
+from mardini.models.motion import MatchFeatures, bilateral_estimate, motion_estimate, nearest_given
 
 from helpers_models import fit_fixed_batch
 
@@ -229,6 +229,9 @@ def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
     (dict(motion=dict(estimate="bilateral", levels=0)), "motion.levels"),
     (dict(motion=dict(estimate="bilateral", temperature=0.0)), "motion.temperature"),
     (dict(motion=dict(radus=2)), "motion.radus"),
+    (dict(motion=dict(estimate="learned")), "motion.temperature"),  # 0.06 passes the features no gradient
+    (dict(motion=dict(estimate="learned", temperature=0.3, loss_weight=0.0)), "motion.loss_weight"),
+    (dict(motion=dict(estimate="learned", temperature=0.3, feature_dim=0)), "motion.feature_dim"),
 ])
 def test_bad_motion_config_names_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -249,3 +252,76 @@ def test_flop_estimate_counts_the_motion_embedding(pair):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn(B, T, C * (3 if pair else 1), H, W))
     assert model.estimate_flops(T, (H, W), 3, B, executed=True)["generator"] == counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------- a learned estimate
+LEARNED = dict(estimate="learned", temperature=0.3, residual=True)
+
+
+def uniform_square(T: int = 5, size: int = 16, side: int = 4, step: float = 2.0) -> torch.Tensor:
+    """[1, T, C, size, size]: a uniformly coloured square crossing a smooth background fast (the case in which raw
+    latents pair like with like both along its path and on the still background)."""
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    background = torch.stack([0.2 * torch.sin(xs / 6 + c) for c in range(C)])
+    frames = []
+    for t in range(T):
+        frame = background.clone()
+        x0 = int(2 + step * t)
+        frame[:, 6:6 + side, x0:x0 + side] = torch.tensor([1.0, -1.0, 0.5, 0.8])[:, None, None]
+        frames.append(frame)
+    return torch.stack(frames)[None]
+
+
+def test_constant_features_give_the_bilateral_estimate():
+    """The features enter only the cost, as a difference: where they are equal everywhere the learned estimate is
+    the plain one (same temperature), and the estimate is always a blend of the frames' own values."""
+    z = moving_square(5, size=16, side=4)
+    mask = task_mask("interpolation", 5)[None]
+    constant = torch.full((1, 5, 3, 16, 16), 0.7)
+    learned = motion_estimate(z, mask, temperature=0.3, features=constant)
+    assert torch.allclose(learned, motion_estimate(z, mask, temperature=0.3), atol=1e-6)
+    features = torch.randn(1, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(motion_estimate(z, mask, temperature=0.3, features=features), learned, atol=1e-3)
+
+
+def test_motion_loss_trains_only_the_features_and_the_diffusion_sees_the_estimate_detached():
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C, motion=LEARNED)).train()
+    diffusion = Diffusion(DiffusionConfig(**RF_X0))
+    z, mask = uniform_square(), task_mask("interpolation", 5)[None]
+    out = model(z, None, mask, diffusion, noise=torch.randn_like(z), t=torch.tensor([0.5]))
+    features = list(model.match_features.parameters())
+    assert torch.allclose(out["loss"], out["diffusion_loss"] + out["motion_loss"])
+    assert all(g is None for g in torch.autograd.grad(out["diffusion_loss"], features, allow_unused=True,
+                                                       retain_graph=True))
+    grads = torch.autograd.grad(out["motion_loss"], features)
+    assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    estimate = model.motion(z, mask)  # the target is relative to the estimate (residual), without its gradient
+    assert torch.allclose(out["target"][mask], ((z - estimate) * model.cfg.motion.residual_scale)[mask], atol=1e-5)
+
+
+def test_learned_features_lower_the_estimate_error_of_a_uniform_object():
+    """Trained on their own loss, the features make the matcher follow a uniform square that the raw latents lose
+    (the estimate's error on the frames between the given ones falls well below the fixed matcher's)."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C, motion=LEARNED))
+    z, mask = uniform_square(), task_mask("interpolation", 5)[None]
+    fixed = model.motion_loss(motion_estimate(z, mask, temperature=0.3), z, mask).item()
+    opt = torch.optim.Adam(model.match_features.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model.motion_loss(model.motion(z, mask), z, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.motion_loss(model.motion(z, mask), z, mask).item() < 0.5 * fixed
+
+
+def test_flop_estimate_counts_the_feature_network():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mardini.models.flops import match_features_flops
+
+    cfg = model_config("tiny", latent_channels=C, motion=LEARNED)
+    with FlopCounterMode(display=False) as counter:
+        MatchFeatures(C, cfg.motion.feature_width, cfg.motion.feature_dim)(torch.randn(2 * 5, C, 8, 8))
+    assert match_features_flops(cfg, 5, (8, 8), batch_size=2) == counter.get_total_flops() > 0

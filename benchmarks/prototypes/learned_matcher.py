@@ -1,4 +1,4 @@
-"""Prototype (not part of the model yet): bilateral matching whose costs also compare learned features.
+"""The learned-feature matcher alone (model.motion.estimate=learned without the rest of the model), as first tried.
 
 Why: on the 17-frame 64x64 synthetic clips the fixed matcher (mardini/models/motion.py) is the ceiling the `small`
 models reach, and it fails on the shapes: a uniformly coloured shape crossing a smooth background pairs like with like
@@ -6,9 +6,9 @@ both along its path and on the still background, and the small-motion prior pick
 "Learning"). Features with a wide receptive field (four dilated 3x3 convolutions, ~31 latent cells) can tell "flat
 background with a shape to the left" from "... to the right", so the two hypotheses get different costs.
 
-The matcher is the project's coarse-to-fine soft bilateral matcher, with each candidate's cost = the raw latents'
-squared difference (in units of the frames' variance, times --raw-weight) + the learned features' squared difference,
-and the estimate still the softmax-weighted blend of the raw latents. The feature network is trained alone, with
+The matcher is the project's coarse-to-fine soft bilateral matcher (mardini/models/motion.py), with each candidate's
+cost = the raw latents' squared difference (in units of the frames' variance) + the learned features' (MatchFeatures)
+squared difference, and the estimate still the softmax-weighted blend of the raw latents. The features are trained, with
 AdamW, to reconstruct the in-between frames of training clips (first + last given) through the soft matcher; held-out
 clips (the validation seed) score the estimate's PSNR as benchmarks/motion_baseline.py does. A sharp softmax (the
 fixed matcher's temperature 0.06) passes almost no gradient to the features (norms ~1e-8): train at a softer one.
@@ -22,72 +22,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
-from mardini.models.layers import box_downsample
-
-
-class MatchFeatures(nn.Module):
-    """Latent frame [N, C, H, W] -> features [N, D, H, W] with a receptive field of ~31 cells."""
-
-    def __init__(self, channels: int, width: int = 32, out: int = 16):
-        super().__init__()
-        layers, c = [], channels
-        for dilation in (1, 2, 4, 8):
-            layers += [nn.Conv2d(c, width, 3, padding=dilation, dilation=dilation), nn.GELU()]
-            c = width
-        self.net = nn.Sequential(*layers, nn.Conv2d(width, out, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def match_level(first, last, feat_first, feat_last, a, base, scale, args, cell: int, values: bool):
-    """One pyramid level: candidates base + delta (|delta| <= radius) for every cell. first/last [N, C, H, W] raw,
-    feat_* [N, D, H, W]; a [N, 1, 1, 1]; base [N, 2, H, W]. Returns (expected displacement, estimate or None)."""
-    N, C, H, W = first.shape
-    steps = torch.arange(-args.radius, args.radius + 1, dtype=torch.float32)
-    dy, dx = (d.flatten()[None, :, None, None] for d in torch.meshgrid(steps, steps, indexing="ij"))  # [1, S, 1, 1]
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    both_first, both_last = torch.cat([first, feat_first], 1), torch.cat([last, feat_last], 1)
-
-    def at(frames, sx, sy):  # frames sampled at p + (sx, sy) [N, S, H, W] -> [N, C + D, S, H, W]
-        grid = torch.stack([(xs + sx) / W * 2 - 1, (ys + sy) / H * 2 - 1], -1)
-        out = F.grid_sample(frames, grid.reshape(N, -1, W, 2), mode="bilinear", padding_mode="border",
-                            align_corners=False)
-        return out.reshape(N, frames.shape[1], -1, H, W)
-
-    cx, cy = base[:, :1] + dx, base[:, 1:] + dy
-    before, after = at(both_first, -a * cx, -a * cy), at(both_last, (1 - a) * cx, (1 - a) * cy)
-    squared = (before - after).pow(2)
-    cost = args.raw_weight * squared[:, :C].mean(1) / scale + squared[:, C:].mean(1)        # [N, S, H, W]
-    cost = F.avg_pool2d(cost, args.window, 1, args.window // 2, count_include_pad=False)
-    logits = -(cost + args.smoothness * cell * cell * (cx * cx + cy * cy)) / args.temperature
-    weights = logits.softmax(1)
-    flow = torch.cat([(weights * cx).sum(1, keepdim=True), (weights * cy).sum(1, keepdim=True)], 1)
-    if not values:
-        return flow, None
-    blend = (1 - a[:, :, None]) * before[:, :C] + a[:, :, None] * after[:, :C]              # [N, C, S, H, W]
-    return flow, (blend * weights[:, None]).sum(2)
-
-
-def estimate(first, last, feat_first, feat_last, fraction, args):
-    """Frames at `fraction` [N] between first and last [N, C, H, W], coarse to fine over args.levels levels."""
-    N, _, H, W = first.shape
-    a = fraction[:, None, None, None]
-    scale = 0.5 * (first.var((1, 2, 3), keepdim=True) + last.var((1, 2, 3), keepdim=True)) + 1e-6
-    flow = None
-    for level in range(args.levels - 1, -1, -1):
-        f = 2**level
-        frames = [box_downsample(x, f) for x in (first, last, feat_first, feat_last)]
-        h, w = frames[0].shape[-2:]
-        flow = torch.zeros(N, 2, h, w) if flow is None else \
-            2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        flow, out = match_level(*frames, a, flow, scale, args, f, values=level == 0)
-    return out
+from mardini.models.motion import MatchFeatures, bilateral_estimate
 
 
 def inner_frames(net, clips, args):
@@ -98,7 +36,8 @@ def inner_frames(net, clips, args):
     feats = rearrange(net(rearrange(z[:, [0, -1]], "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", t=2)
     repeat = lambda x: x[:, None].expand(-1, T - 2, -1, -1, -1).flatten(0, 1)  # noqa: E731  one per inner frame
     fraction = (torch.arange(1, T - 1).float() / (T - 1)).repeat(B)
-    est = estimate(repeat(z[:, 0]), repeat(z[:, -1]), repeat(feats[:, 0]), repeat(feats[:, 1]), fraction, args)
+    est = bilateral_estimate(repeat(z[:, 0]), repeat(z[:, -1]), fraction, args.radius, args.levels, args.window,
+                             args.smoothness, args.temperature, features=(repeat(feats[:, 0]), repeat(feats[:, 1])))
     return est.unflatten(0, (B, T - 2)), z[:, 1:-1]
 
 
@@ -112,7 +51,6 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="training clips per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--raw-weight", type=float, default=1.0, help="weight of the raw latents' cost")
     p.add_argument("--radius", type=int, default=2)
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--window", type=int, default=7)

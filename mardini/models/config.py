@@ -41,6 +41,7 @@ class GeneratorConfig:
 class MotionConfig:
     """The generator's motion-compensated estimate of each generated frame (motion.py)."""
     estimate: str = "none"      # none | bilateral (coarse-to-fine soft bilateral matching between the given frames)
+    #                             | learned (the same, its costs also comparing learned features of the frames)
     residual: bool = False      # diffuse the generated frames' difference from the estimate instead of the frames
     residual_scale: float = 1.0  # with residual: the difference is multiplied by this before diffusion
     pair: bool = False          # also give the generator the two matched frames (occlusions: it can pick one side)
@@ -49,6 +50,9 @@ class MotionConfig:
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
     smoothness: float = 3e-3    # cost per squared latent cell of displacement, in units of the frames' variance
     temperature: float = 0.06   # softmax temperature of the matching costs (mean squared difference / variance)
+    feature_dim: int = 16       # learned: channels of the matching features
+    feature_width: int = 32     # learned: width of the feature network's dilated convolutions
+    loss_weight: float = 1.0    # learned: weight of the motion loss (the estimate's error on the frames it estimates)
 
 
 @dataclass
@@ -133,6 +137,14 @@ def validate_model_config(cfg) -> None:
     need(motion.window >= 1 and motion.window % 2 == 1, "motion.window", f"must be odd and >= 1, got {motion.window}")
     need(motion.smoothness >= 0, "motion.smoothness", f"must be >= 0, got {motion.smoothness}")
     need(motion.temperature > 0, "motion.temperature", f"must be > 0, got {motion.temperature}")
+    if motion.estimate == "learned":
+        need(motion.temperature >= 0.1, "motion.temperature",
+             f"must be >= 0.1 with a learned estimate (got {motion.temperature}): a sharper softmax passes the features "
+             f"almost no gradient (norms ~1e-8 at 0.06, BENCHMARKS.md, 'Learning'); 0.3 trains them")
+        for key in ("feature_dim", "feature_width"):
+            need(getattr(motion, key) >= 1, f"motion.{key}", f"must be >= 1, got {getattr(motion, key)}")
+        need(motion.loss_weight > 0, "motion.loss_weight", f"must be > 0 with a learned estimate, got "
+             f"{motion.loss_weight} (nothing else trains the features)")
     need(cfg.generator.identity_impl in IDENTITY_IMPLS, "generator.identity_impl",
          f"must be one of {IDENTITY_IMPLS}, got {cfg.generator.identity_impl!r}")
 

@@ -78,4 +78,16 @@ def mardini_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, int
         num_masked = num_frames - 1
     planner = planner_flops(cfg, num_frames, lowres_hw, batch_size)
     generator = generator_flops(cfg, num_frames, latent_hw, lowres_hw, num_masked, batch_size, executed)
+    generator += match_features_flops(cfg, num_frames, latent_hw, batch_size)  # counted with the generator it feeds
     return {"planner": planner, "generator": generator, "total": planner + generator}
+
+
+def match_features_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, int], batch_size: int = 1) -> int:
+    """A learned motion estimate's feature network (models/motion.py MatchFeatures) on every latent frame: four 3x3
+    convolutions and a 1x1 one per cell. 0 without one (the matcher itself has no matmul)."""
+    m = cfg.motion
+    if m.estimate != "learned":
+        return 0
+    cells = batch_size * num_frames * latent_hw[0] * latent_hw[1]
+    w = m.feature_width
+    return _linear(cells, 9 * cfg.latent_channels, w) + 3 * _linear(cells, 9 * w, w) + _linear(cells, w, m.feature_dim)

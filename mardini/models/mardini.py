@@ -17,7 +17,7 @@ from torch import nn
 from .config import MarDiniConfig, as_model_config
 from .generator import Generator
 from .layers import box_downsample
-from .motion import motion_estimate
+from .motion import MatchFeatures, between_given, motion_estimate
 from .planner import Planner
 
 
@@ -50,6 +50,9 @@ class MarDini(nn.Module):
         self.generator = Generator(cfg)
         # Learned "no plan" for classifier-free guidance; exists only when the model is trained to use it.
         self.null_plan = nn.Parameter(torch.zeros(cfg.signal_dim)) if cfg.plan_dropout > 0 else None
+        m = cfg.motion
+        self.match_features = MatchFeatures(cfg.latent_channels, m.feature_width, m.feature_dim) \
+            if m.estimate == "learned" else None
 
     # ------------------------------------------------------------------ planning
     def plan(self, z_lo: torch.Tensor, mask: torch.Tensor, drop_plan: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,12 +69,28 @@ class MarDini(nn.Module):
     def motion(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The generator's motion input from the given frames of z_hi (None when not configured): the motion-
         compensated estimate [B, T, C, H, W], or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two
-        matched frames). No gradient: it is a fixed function of the inputs."""
+        matched frames). A fixed function of the inputs, without gradient, except that a learned estimate carries
+        its features' gradient (for the motion loss; the generator and the diffusion target see it detached)."""
         m = self.cfg.motion
         if m.estimate == "none":
             return None
-        with torch.no_grad():
-            return motion_estimate(z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
+        args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
+        if self.match_features is None:
+            with torch.no_grad():
+                return motion_estimate(*args)
+        B, T = mask.shape
+        features = self.match_features(z_hi.flatten(0, 1).float()).unflatten(0, (B, T))  # [B, T, D, H, W]
+        return motion_estimate(*args, features=features)
+
+    def motion_loss(self, motion: torch.Tensor, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the estimate on the frames it estimates (between two given frames; 0 if none),
+        weighted like the diffusion loss (each sample's frames averaged, then the samples that have any, so ranks'
+        losses average to the global batch's): what trains a learned estimate's features. Fixed shapes."""
+        between = between_given(mask)
+        error = (self.motion_estimate(motion).float() - z_hi.float()).pow(2).flatten(2).mean(2)  # [B, T]
+        count = between.sum(1, keepdim=True)                                                      # [B, 1]
+        weight = between / (count.clamp_min(1) * (count > 0).sum().clamp_min(1))
+        return (torch.where(between, error, 0.0) * weight).sum()
 
     def motion_estimate(self, motion: torch.Tensor) -> torch.Tensor:
         """The estimate part [B, T, C, H, W] of a motion input (its first latent_channels channels)."""
@@ -113,19 +132,24 @@ class MarDini(nn.Module):
             drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
-        x_t, target, prediction, _ = self._denoise_at(z_hi, mask, diffusion, t, noise,
-                                                      self.plan(z_lo, mask, drop_plan))
+        x_t, target, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise,
+                                                           self.plan(z_lo, mask, drop_plan))
         loss = diffusion.loss(prediction.float(), target.float(), mask)
-        return {"loss": loss, "prediction": prediction, "target": target}
+        out = {"loss": loss, "prediction": prediction, "target": target}
+        if self.match_features is not None:  # a learned estimate trains on its own error (the diffusion loss is blind)
+            out["diffusion_loss"], out["motion_loss"] = loss, self.motion_loss(motion, z_hi, mask)
+            out["loss"] = loss + self.cfg.motion.loss_weight * out["motion_loss"]
+        return out
 
     def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan):
         """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
-        (x_t, target, prediction, motion)."""
+        (x_t, target, prediction, motion); motion keeps a learned estimate's gradient, all else sees it detached."""
         motion = self.motion(z_hi, mask)
-        x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, motion), noise.to(z_hi.dtype), t)
+        fixed = None if motion is None else motion.detach()
+        x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], x_t, z_hi)  # reference frames stay clean
         frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
-        return x_t, target, self.generator(x_in, mask, frame_time, plan, motion=motion), motion
+        return x_t, target, self.generator(x_in, mask, frame_time, plan, motion=fixed), motion
 
     @torch.no_grad()
     def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,

@@ -1,4 +1,4 @@
-"""A motion-compensated estimate of every generated frame, from the given frames around it (no learning).
+"""A motion-compensated estimate of every generated frame, from the given frames around it.
 
 Why: a small generator trained for minutes learns *what* the masked frames contain from the plan, but does not
 learn to carry the given frames' pixels along their motion; its samples then lose to a blend of the two given frames
@@ -14,6 +14,12 @@ average of the pairs' blends. The search runs coarse to fine over a pyramid of b
 costs few candidates. A frame with a given frame on one side only (image-to-video, expansion) gets the nearest given
 frame; a given frame is its own estimate.
 
+With learned matching features (``model.motion.estimate=learned``, ``MatchFeatures``), the cost also compares
+features of the two frames from a small convolutional network with a wide receptive field, trained by the model's
+motion loss: raw latents pair a uniform object with itself along its path *and* the still background with itself,
+and the small-motion prior picks the background; features that see the object nearby tell the two apart. The
+estimate is still a blend of the frames' own values.
+
 With ``pair`` the two matched frames are returned beside the estimate: ``first`` carried forward and ``last``
 carried back along the matched motion (the estimate is their (1 - a, a) blend). Where they disagree, one side is
 occluded or mismatched; a generator that sees both can pick the right one where the blend shows a ghost of each.
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import box_downsample
 
-MOTION_ESTIMATES = ("none", "bilateral")
+MOTION_ESTIMATES = ("none", "bilateral", "learned")
 
 
 def nearest_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,19 +48,23 @@ def nearest_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return before, after
 
 
-def _match_level(first, last, a, base, scale, radius, window, smoothness, temperature, cell, max_elements, values):
+def _match_level(first, last, a, base, scale, radius, window, smoothness, temperature, cell, max_elements, values,
+                 features=None):
     """One pyramid level: candidates base + delta (|delta| <= radius cells) at every position, in this level's cells.
     first, last: [N, C, H, W]; a: [N, 1, 1, 1]; base: [N, 2, H, W] displacement (x, y) first -> last, in cells;
     scale: [N, 1, 1, 1] the costs' unit; cell: fine cells per cell here (the smoothness term counts fine cells).
     Returns the softmax-expected displacement [N, 2, H, W] and, if values, the softmax-weighted matched frames
     [N, 2C, H, W] (first carried forward, last carried back); displacements go in chunks of at most max_elements
-    values with a running (online) softmax."""
+    values with a running (online) softmax. features: (of first, of last) [N, D, H, W] or None; their mean squared
+    difference is added to the cost (model.motion.estimate=learned); the matched values stay the frames' own."""
     N, C, H, W = first.shape
+    if features is not None:  # sampled along with the frames: the first C channels are the frames
+        first, last = torch.cat([first, features[0]], 1), torch.cat([last, features[1]], 1)
     steps = torch.arange(-radius, radius + 1, device=first.device, dtype=torch.float32)
     dy, dx = (d.flatten()[None, :, None, None] for d in torch.meshgrid(steps, steps, indexing="ij"))  # [1, S, 1, 1]
     ys, xs = torch.meshgrid(torch.arange(H, device=first.device) + 0.5, torch.arange(W, device=first.device) + 0.5,
                             indexing="ij")                                                 # cell centres [H, W]
-    chunk = max(1, max_elements // max(1, N * C * H * W))
+    chunk = max(1, max_elements // max(1, N * first.shape[1] * H * W))
     best = torch.full((N, 1, H, W), -float("inf"), device=first.device)                    # running max of logits
     total = torch.zeros(N, 1, H, W, device=first.device)                                   # running sum of weights
     flow = torch.zeros(N, 2, H, W, device=first.device)                                    # running weighted d
@@ -64,20 +75,24 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
         grid = torch.stack([(xs + sx) / W * 2 - 1, (ys + sy) / H * 2 - 1], -1)             # [N, s, H, W, 2]
         out = F.grid_sample(frames, grid.reshape(N, s * H, W, 2), mode="bilinear", padding_mode="border",
                             align_corners=False)
-        return out.reshape(N, C, s, H, W)
+        return out.reshape(N, frames.shape[1], s, H, W)
 
     for start in range(0, dx.shape[1], chunk):
         cx = base[:, :1] + dx[:, start:start + chunk]                                      # [N, s, H, W]
         cy = base[:, 1:] + dy[:, start:start + chunk]
         before, after = at(first, -a * cx, -a * cy), at(last, (1 - a) * cx, (1 - a) * cy)  # [N, C, s, H, W]
-        cost = F.avg_pool2d((before - after).pow(2).mean(1), window, 1, window // 2, count_include_pad=False)
-        logits = -(cost / scale + smoothness * cell * cell * (cx * cx + cy * cy)) / temperature  # [N, s, H, W]
+        cost = F.avg_pool2d((before[:, :C] - after[:, :C]).pow(2).mean(1), window, 1, window // 2,
+                            count_include_pad=False) / scale
+        if features is not None:
+            cost = cost + F.avg_pool2d((before[:, C:] - after[:, C:]).pow(2).mean(1), window, 1, window // 2,
+                                       count_include_pad=False)
+        logits = -(cost + smoothness * cell * cell * (cx * cx + cy * cy)) / temperature  # [N, s, H, W]
         new_best = torch.maximum(best, logits.amax(1, keepdim=True))
         rescale, weights = torch.exp(best - new_best), torch.exp(logits - new_best)        # [N, 1|s, H, W]
         total = total * rescale + weights.sum(1, keepdim=True)
         flow = flow * rescale + torch.cat([(weights * cx).sum(1, keepdim=True), (weights * cy).sum(1, keepdim=True)], 1)
         if values:
-            pairs = torch.cat([before, after], 1)                                          # [N, 2C, s, H, W]
+            pairs = torch.cat([before[:, :C], after[:, :C]], 1)                            # [N, 2C, s, H, W]
             matched = matched * rescale + (pairs * weights[:, None]).sum(2)
         best = new_best
     return flow / total, (matched / total if values else None)
@@ -85,9 +100,11 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
 
 def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.Tensor, radius: int = 2,
                        levels: int = 3, window: int = 5, smoothness: float = 3e-3, temperature: float = 0.06,
-                       max_elements: int = 2**26, pair: bool = False) -> torch.Tensor:
+                       max_elements: int = 2**26, pair: bool = False,
+                       features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the estimate [N, C, H, W] (fp32), or with pair
-    [N, 3C, H, W]: the estimate, first carried forward, last carried back.
+    [N, 3C, H, W]: the estimate, first carried forward, last carried back. features: (of first, of last)
+    [N, D, H, W], compared in the cost beside the frames (model.motion.estimate=learned).
 
     Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while both sides divide and keep >= 4
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
@@ -105,22 +122,25 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
     for level in range(depth, -1, -1):
         f = 2**level
         lo_first, lo_last = box_downsample(first, f), box_downsample(last, f)  # the project's one box filter
+        lo_features = None if features is None else tuple(box_downsample(x.float(), f) for x in features)
         h, w = lo_first.shape[-2:]
         flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
             2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
         flow, matched = _match_level(lo_first, lo_last, a, flow, scale, radius, window, smoothness, temperature, f,
-                                     max_elements, values=level == 0)
+                                     max_elements, values=level == 0, features=lo_features)
     forward, backward = matched.chunk(2, dim=1)                                               # [N, C, H, W] each
     estimate = (1 - a) * forward + a * backward
     return torch.cat([estimate, forward, backward], 1) if pair else estimate
 
 
 def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels: int = 3, window: int = 5,
-                    smoothness: float = 3e-3, temperature: float = 0.06, pair: bool = False) -> torch.Tensor:
+                    smoothness: float = 3e-3, temperature: float = 0.06, pair: bool = False,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
     """z: [B, T, C, H, W] latents (values of generated frames are ignored); mask: [B, T] (True = generated).
     Returns [B, T, C, H, W] in z's dtype: generated frames between two given frames by bilateral matching, other
     generated frames a copy of the nearest given frame, given frames themselves (exactly). With pair [B, T, 3C, H, W]:
-    the estimate, then the two matched frames (copies of the estimate where there is no pair)."""
+    the estimate, then the two matched frames (copies of the estimate where there is no pair). features: [B, T, D, H, W]
+    matching features of the frames (only the given frames' are read), compared in the cost beside them."""
     B, T = mask.shape
 
     def widen(x):  # a frame as its own estimate and both matched sides: three copies with pair
@@ -134,7 +154,38 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     # never waits for the host to count them (the others' results are discarded below).
     span = (after - before).clamp_min(1)
     fraction = torch.where(between, (torch.arange(T, device=z.device) - before) / span, 0.5).flatten()  # [B T]
+    pair_features = None if features is None else \
+        (features[rows, before].flatten(0, 1), features[rows, after].flatten(0, 1))
     matched = bilateral_estimate(first.flatten(0, 1), last.flatten(0, 1), fraction, radius, levels, window,
-                                 smoothness, temperature, pair=pair).to(z.dtype).unflatten(0, (B, T))
+                                 smoothness, temperature, pair=pair, features=pair_features)
+    matched = matched.to(z.dtype).unflatten(0, (B, T))
     out = torch.where(between[:, :, None, None, None], matched, widen(first))  # one-sided: the nearest given frame
     return torch.where(mask[:, :, None, None, None], out, widen(z))
+
+
+def between_given(mask: torch.Tensor) -> torch.Tensor:
+    """mask [B, T] (True = generated) -> [B, T] True for generated frames with a given frame on each side: the
+    frames the matcher estimates (the others copy the nearest given frame)."""
+    before, after = nearest_given(mask)
+    return mask & (before < after)
+
+
+class MatchFeatures(nn.Module):
+    """Features of a latent frame for the matching cost (model.motion.estimate=learned).
+
+    Why: where a uniform object crosses a smooth background, the raw latents pair like with like both along the
+    object's path and on the still background, and the small-motion prior picks the background. Dilated convolutions
+    see ~31 cells around each cell, so "background with the object to its left" and "... to its right" differ.
+    Trained by the model's motion loss (reconstructing the frames between given ones through the soft matcher).
+    [N, C, H, W] -> [N, dim, H, W]."""
+
+    def __init__(self, channels: int, width: int = 32, dim: int = 16):
+        super().__init__()
+        layers, c = [], channels
+        for dilation in (1, 2, 4, 8):
+            layers += [nn.Conv2d(c, width, 3, padding=dilation, dilation=dilation), nn.GELU()]
+            c = width
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
