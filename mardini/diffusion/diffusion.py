@@ -30,6 +30,21 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def masked_frame_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """prediction/target [B, T, ...], mask [B, T] bool -> the MSE of the masked frames, each sample's frames averaged,
+    then the samples that have any (0 if none). Fixed shapes (no wait for the GPU); unmasked frames are zeroed by
+    torch.where before any arithmetic, so non-finite values there reach neither the result nor its gradients.
+    The diffusion loss, and a learned motion estimate's loss (MarDini.motion_loss)."""
+    mask = mask.to(device=prediction.device, dtype=torch.bool)
+    frame_mask = mask.view(*mask.shape, *[1] * (prediction.ndim - 2))
+    error = torch.where(frame_mask, prediction.float(), 0.0) - torch.where(frame_mask, target.float(), 0.0)
+    per_frame = error.pow(2).flatten(2).mean(dim=2)  # [B, T], 0 on unmasked frames
+    frames_per_sample = mask.sum(dim=1, keepdim=True)  # [B, 1]
+    samples = (frames_per_sample > 0).sum().clamp_min(1)
+    weight = mask / (frames_per_sample.clamp_min(1) * samples)  # [B, T]: 1 / (n_b * samples) on masked frames
+    return (per_frame * weight).sum()
+
+
 class Diffusion:
     """Training objective and sampler for one DiffusionConfig; holds no learnable state."""
 
@@ -104,14 +119,7 @@ class Diffusion:
             raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, T]={tuple(prediction.shape[:2])}")
         if mask.device.type == "cpu" and not mask.any():
             raise ValueError("loss: no frame is masked (mask is all False), nothing to train on")
-        mask = mask.to(device=prediction.device, dtype=torch.bool)
-        frame_mask = mask[:, :, None, None, None]
-        error = torch.where(frame_mask, prediction.float(), 0.0) - torch.where(frame_mask, target.float(), 0.0)
-        per_frame = error.pow(2).flatten(2).mean(dim=2)  # [B, T], 0 on unmasked frames
-        frames_per_sample = mask.sum(dim=1, keepdim=True)  # [B, 1]
-        samples = (frames_per_sample > 0).sum()
-        weight = mask / (frames_per_sample.clamp_min(1) * samples)  # [B, T]: 1 / (n_b * samples) on masked frames
-        return (per_frame * weight).sum()
+        return masked_frame_mse(prediction, target, mask)
 
     def predict_x0(self, x_t: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
         """Clean estimate from a model output at noise level t [B]; x_t, model_output [B, ...]."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diffusion.diffusion import masked_frame_mse
 from .config import MarDiniConfig, as_model_config
 from .generator import Generator
 from .layers import box_downsample
@@ -86,11 +87,7 @@ class MarDini(nn.Module):
         """Mean squared error of the estimate on the frames it estimates (between two given frames; 0 if none),
         weighted like the diffusion loss (each sample's frames averaged, then the samples that have any, so ranks'
         losses average to the global batch's): what trains a learned estimate's features. Fixed shapes."""
-        between = between_given(mask)
-        error = (self.motion_estimate(motion).float() - z_hi.float()).pow(2).flatten(2).mean(2)  # [B, T]
-        count = between.sum(1, keepdim=True)                                                      # [B, 1]
-        weight = between / (count.clamp_min(1) * (count > 0).sum().clamp_min(1))
-        return (torch.where(between, error, 0.0) * weight).sum()
+        return masked_frame_mse(self.motion_estimate(motion), z_hi, between_given(mask))
 
     def motion_estimate(self, motion: torch.Tensor) -> torch.Tensor:
         """The estimate part [B, T, C, H, W] of a motion input (its first latent_channels channels)."""
