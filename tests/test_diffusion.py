@@ -86,6 +86,7 @@ def gaussian_oracle(diffusion: Diffusion, mu: float, s: float):
         (dict(beta_schedule="cosine"), "beta_schedule"),
         (dict(beta_start=0.02, beta_end=0.01), "beta_end"),
         (dict(flow_shift=0.0), "flow_shift"),
+        (dict(input_data_std=-1.0), "input_data_std"),
         (dict(**DDIM_EPS, num_inference_steps=2000), "num_inference_steps"),
         (dict(num_inference_steps="25"), "num_inference_steps"),
     ],
@@ -146,6 +147,35 @@ def test_model_time():
     mt = make(**DDIM_EPS).model_time(t)
     assert mt.dtype == torch.float32
     assert torch.equal(mt, torch.tensor([0.0, 250.0, 999.0, 999.0]))
+
+
+def test_time_of_inverts_model_time():
+    t = torch.tensor([0.001, 0.25, 0.5, 0.999])
+    rf = make(**RF)
+    assert torch.allclose(rf.time_of(rf.model_time(t)), t)
+    ddpm = make(**DDIM_EPS)
+    k = torch.arange(1000).float()
+    assert torch.equal(ddpm.model_time(ddpm.time_of(k)), k)  # every DDPM index maps back to itself
+
+
+@pytest.mark.parametrize("name", ["rf_x0_euler", "ddim_eps"])
+def test_network_input_is_the_least_squares_estimate_of_x0(name):
+    """With input_data_std = d the network reads c(t) x_t, c the regression coefficient of x0 on x_t for data of
+    std d: checked against the empirical regression on Gaussian data; 0 means x_t as is; pure noise fades out."""
+    d = 1.7
+    diffusion = make(**ALL[name], input_data_std=d)
+    g = torch.Generator().manual_seed(0)
+    x0 = d * torch.randn(4, 200_000, generator=g)
+    t = torch.tensor([0.05, 0.4, 0.8, 0.97])
+    x_t, _ = diffusion.noisy_and_target(x0, torch.randn(x0.shape, generator=g), t)
+    factor = diffusion.network_input(x_t, t) / x_t
+    assert torch.allclose(factor, factor[:, :1].expand_as(factor))  # one scalar per sample
+    regression = (x0 * x_t).mean(1) / x_t.pow(2).mean(1)
+    assert torch.allclose(factor[:, 0], regression, rtol=0.02, atol=0.015), (factor[:, 0], regression)  # ~3 s.e.
+    plain = make(**ALL[name])
+    assert plain.network_input(x_t, t) is x_t
+    if name.startswith("rf"):  # at t = 1 the input carries no signal, and the network reads none of it
+        assert diffusion.network_input(x_t, torch.ones(4)).abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------------ noise algebra

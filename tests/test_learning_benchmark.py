@@ -124,6 +124,38 @@ def test_interpolation_report_scores_the_blend_independently():
     assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr"}
 
 
+@pytest.mark.parametrize("carried", [0.0, 0.1])
+def test_posterior_mean_seeds_show_noise_carried_through(monkeypatch, carried):
+    """A network that ignores its pure-noise input gives one estimate whatever the noise: averaging K draws changes
+    nothing. One that passes the noise through (here `carried` x the noise, a fake) gains when K draws are averaged,
+    by ~10 log10(K) dB where that noise dominates, and two draws disagree. The motion-input comparison counts clips."""
+    from mardini.evaluation import learning
+
+    pipe, videos = random_pipeline(), clips(4)
+    mask = task_mask("interpolation", T)
+    bias = 0.02 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(1))  # the estimate's own error
+
+    def fake_posterior_mean(pipe, videos, mask, seed=0, **kw):
+        noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(100 + seed))
+        return torch.where(mask[None, :, None, None, None], videos + bias + carried * noise, videos)
+
+    motion = torch.where(mask[None, :, None, None, None], videos + 0.05, videos)  # error 0.05 everywhere
+    monkeypatch.setattr(learning, "posterior_mean", fake_posterior_mean)
+    monkeypatch.setattr(learning, "motion_input", lambda pipe, videos, mask: motion)
+    report = interpolation_report(pipe, videos, num_steps=1, ablations=False, pm_seeds=4)
+    gain = report["posterior_mean_avg_psnr"] - report["posterior_mean_psnr"]
+    if carried == 0:  # mean square error 0.0004 < 0.0025: better than its input on every clip
+        assert gain == pytest.approx(0.0, abs=1e-9) and report["posterior_mean_seed_agreement_psnr"] > 150
+        assert report["posterior_mean_beats_motion_input"] == 1.0
+    else:  # 0.0104 > 0.0025 for one draw, ~0.0029 for the mean of four
+        assert 3.0 < gain < 10 * math.log10(4)
+        assert report["posterior_mean_seed_agreement_psnr"] < 30
+        assert report["posterior_mean_beats_motion_input"] == 0.0
+    assert report["posterior_mean_seeds"] == 4
+    single = interpolation_report(pipe, videos, num_steps=1, ablations=False)
+    assert "posterior_mean_avg_psnr" not in single and single["posterior_mean_psnr"] == report["posterior_mean_psnr"]
+
+
 def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_input(monkeypatch):
     pipe, videos = random_pipeline(), clips(4)
     mask = task_mask("interpolation", T)
@@ -188,7 +220,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export), "--clips", "2",
                              "--steps", "2", "--i2v-seeds", "2", "--step-sweep", "1", "--device", "cpu",
-                             "--attention", "--noise-levels", "0.5", "--json", str(out)],
+                             "--attention", "--noise-levels", "0.5", "--pm-seeds", "2", "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "interpolation    PSNR" in result.stdout and "linear blend     PSNR" in result.stdout
@@ -196,6 +228,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert report["clips"] == 2 and "validation seed 5" in report["clips_from"]
     i, v = report["interpolation"], report["i2v"]
     assert i["posterior_mean_psnr_noise_references"] != i["posterior_mean_psnr"]
+    assert math.isfinite(i["posterior_mean_avg_psnr"]) and "mean of 2" in result.stdout
     assert v["best_psnr"] >= v["mean_psnr"] and v["best_of"] == 2 and math.isfinite(v["motion_ratio"])
     assert set(report["step_sweep"]) == {"1"} and math.isfinite(report["step_sweep"]["1"])
     blocks = len(pipe.model.generator.blocks)

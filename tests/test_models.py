@@ -392,13 +392,15 @@ def test_loss_of_batch_is_mean_of_equal_halves():
     assert abs(first.item() - second.item()) > 1e-3 * whole.item()  # the halves do differ
 
 
+@pytest.mark.parametrize("input_data_std", [0.0, 1.5])
 @pytest.mark.parametrize("dcfg", [RF, DDIM_EPS], ids=["rf", "ddpm"])
-def test_reference_frames_are_clean_and_at_time_zero(dcfg):
+def test_reference_frames_are_clean_and_at_time_zero(dcfg, input_data_std):
     """What the joint model hands the generator, in training and in sampling: reference frames carry their clean
-    latent and model time 0, masked frames the noisy latent at the sample's noise level."""
+    latent and model time 0, masked frames the noisy latent at the sample's noise level (with
+    diffusion.input_data_std > 0 scaled to its least-squares estimate of x0: at full noise, nothing)."""
     torch.manual_seed(0)
     model = randomize(tiny())
-    diffusion = Diffusion(DiffusionConfig(**dcfg))
+    diffusion = Diffusion(DiffusionConfig(**dcfg, input_data_std=input_data_std))
     mask = masks("01110", "00011")
     z = torch.randn(2, 5, C, 8, 8)
     noise, t = torch.randn_like(z), torch.tensor([0.3, 0.7])
@@ -411,7 +413,8 @@ def test_reference_frames_are_clean_and_at_time_zero(dcfg):
             x_in, m_in, time_in = seen[-1][:3]
             assert torch.equal(m_in, mask)
             assert torch.equal(x_in[~mask], z[~mask])
-            torch.testing.assert_close(x_in[mask], x_t[mask])
+            torch.testing.assert_close(x_in[mask], diffusion.network_input(x_t, t)[mask])
+            assert torch.allclose(x_in[mask], x_t[mask]) == (input_data_std == 0)
             assert torch.equal(time_in[~mask], torch.zeros_like(time_in[~mask]))
             expected = diffusion.model_time(t)[:, None].expand(2, 5)
             torch.testing.assert_close(time_in[mask], expected[mask])
@@ -424,6 +427,9 @@ def test_reference_frames_are_clean_and_at_time_zero(dcfg):
                 assert torch.equal(x_in[~mask], z[~mask])
                 assert torch.equal(time_in[~mask], torch.zeros_like(time_in[~mask]))
                 assert time_in[mask].min() > 0
+            if input_data_std and dcfg is RF:  # the first step starts from pure noise (t = 1): nothing to read
+                assert seen[0][0][mask].abs().max() == 0
+                assert seen[1][0][mask].abs().max() > 0
             # the noise level falls from step to step
             levels = [time_in[mask].max().item() for _, _, time_in, _ in seen]
             assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]

@@ -155,6 +155,23 @@ def test_inputs_prepared_ahead_are_those_of_their_own_step(tmp_path, monkeypatch
         assert torch.equal(t, rnd.t) and torch.equal(noise, rnd.noise)
 
 
+def test_learned_motion_estimate_logs_its_loss_beside_the_diffusion_loss(tmp_path):
+    """With a learned estimate the total loss is diffusion + weight x motion; both parts reach metrics.jsonl (per
+    step, grad_accum averaged), so a run shows whether the matcher or the generator is learning."""
+    cfg = tiny_config(tmp_path / "run", max_steps=2, grad_accum=2)
+    cfg.model.motion = OmegaConf.merge(cfg.model.motion, dict(estimate="learned", temperature=0.3, residual=True,
+                                                              loss_weight=0.5))
+    Trainer(cfg).fit()
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 2
+    for r in records:
+        assert r["motion_loss"] > 0 and r["diffusion_loss"] > 0
+        assert math.isclose(r["loss"], r["diffusion_loss"] + 0.5 * r["motion_loss"], rel_tol=1e-5)
+    plain = tiny_config(tmp_path / "plain", max_steps=1)
+    Trainer(plain).fit()
+    assert "motion_loss" not in read_metrics(tmp_path / "plain")[0]
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", resume="auto"))
     assert trainer.step == 0 and trainer.ema.num_updates == 0
@@ -470,6 +487,10 @@ def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp
     with pytest.raises(ValueError, match=f"diffusion.prediction={trained} to fine-tune"):
         Trainer(cfg)
     Trainer(tiny_config(tmp_path / "same", init_from=str(path)))  # the same objective loads
+    cfg = tiny_config(tmp_path / "ft_input", init_from=str(path))
+    cfg.diffusion.input_data_std = 1.0 if cfg.diffusion.input_data_std == 0 else 0.0
+    with pytest.raises(ValueError, match="diffusion.input_data_std="):
+        Trainer(cfg)
 
 
 def test_init_from_missing_folder_fails(tmp_path):

@@ -29,6 +29,10 @@ class DiffusionConfig:
     sampler: str = "euler"  # rectified_flow: euler ; ddpm: ddim | ddpm
     num_inference_steps: int = 25  # default number of sampling steps
     flow_shift: float = 1.0  # rectified_flow: sampling timestep shift (FlowMatchEulerDiscreteScheduler's shift)
+    # > 0: the generator reads each noisy frame x_t = a x0 + s noise scaled to the linear least-squares estimate of x0
+    # for data of this standard deviation, a d^2 / (a^2 d^2 + s^2) x_t: pure noise fades out as t -> 1 instead of being
+    # passed through to the prediction; 0: x_t as it is (exports from before the option)
+    input_data_std: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +75,8 @@ class DiffusionConfig:
             )
         if not self.flow_shift > 0:
             raise ValueError(f"diffusion.flow_shift must be > 0, got {self.flow_shift}")
+        if not self.input_data_std >= 0:
+            raise ValueError(f"diffusion.input_data_std must be >= 0 (0: off), got {self.input_data_std}")
 
 
 def _check_types(cfg: DiffusionConfig) -> None:

@@ -57,6 +57,7 @@ class Diffusion:
         self.noise_scheduler = None if self.is_flow else ddpm_noise_scheduler(self.cfg)
         # A private CPU copy: diffusers' add_noise moves the scheduler's own tensor to the data's device.
         self._alphas_cumprod = None if self.is_flow else self.noise_scheduler.alphas_cumprod.clone()
+        self._alpha_tables: dict[torch.device, Tensor] = {}  # _alphas_cumprod on each device that asked for it
 
     # ----------------------------------------------------------------------------------------------- time
     def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
@@ -83,11 +84,36 @@ class Diffusion:
             return t.float() * self.num_train_timesteps
         return self.timestep_index(t).float()
 
+    def time_of(self, model_time: Tensor) -> Tensor:
+        """The inverse of model_time: t [B] in (0, 1) (DDPM: the middle of step k's interval, so k maps back)."""
+        if self.is_flow:
+            return model_time.float() / self.num_train_timesteps
+        return (model_time.float() + 0.5) / self.num_train_timesteps
+
+    def network_input(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """What the network reads of the noisy latents x_t at level t [B]: x_t itself, or with input_data_std = d > 0
+        the linear least-squares estimate of x0 from x_t = a x0 + s noise, a d^2 / (a^2 d^2 + s^2) x_t. Same
+        information for t < 1 (a known scalar per sample), but as t -> 1 the factor goes to 0 with the signal, so a
+        network need not learn to ignore its input at high noise: on the default CPU job it otherwise passed part of
+        that noise into its clean estimate (BENCHMARKS.md, "Learning", "A learned matcher on the GPU")."""
+        d = self.cfg.input_data_std
+        if d <= 0:
+            return x_t
+        if self.is_flow:
+            a = 1 - _expand(t.float(), x_t)
+            s2 = (1 - a) ** 2
+        else:
+            a2 = self._alpha_bar(t, x_t)
+            a, s2 = a2.sqrt(), 1 - a2
+        return (a * d * d / (a * a * d * d + s2) * x_t.float()).to(x_t.dtype)
+
     def _alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        """DDPM: alphas_cumprod at k(t), shaped [B, 1, ...] like `like`, in float32."""
-        k = self.timestep_index(t).cpu()
-        a = self._alphas_cumprod[k].to(device=like.device, dtype=torch.float32)
-        return _expand(a, like)
+        """DDPM: alphas_cumprod at k(t), shaped [B, 1, ...] like `like`, in float32. Indexed on like's device (one
+        copy of the table per device), so that the training step (network_input) does not wait for the GPU."""
+        table = self._alpha_tables.get(like.device)
+        if table is None:
+            table = self._alpha_tables[like.device] = self._alphas_cumprod.to(like.device, torch.float32)
+        return _expand(table[self.timestep_index(t.to(like.device))], like)
 
     # ------------------------------------------------------------------------------------------ objective
     def noisy_and_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -320,20 +320,32 @@ def _mean(x: Tensor) -> float:
 
 
 def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0,
-                         ablations: bool = True) -> dict:
-    """Interpolation (first + last given) of every clip: sampled, posterior mean, blend, and the ablations."""
+                         ablations: bool = True, pm_seeds: int = 1) -> dict:
+    """Interpolation (first + last given) of every clip: sampled, posterior mean, blend, and the ablations.
+
+    pm_seeds > 1 also draws the posterior mean from that many noise inputs: a network that has learned to ignore
+    its pure-noise input at t near 1 gives the same estimate for each (agreement PSNR very high), one that passes
+    the noise through gains when they are averaged (`posterior_mean_avg_psnr`)."""
     T = videos.shape[1]
     mask = task_mask("interpolation", T)
     blend = baseline(videos, mask, "linear_blend")
     sampled = samples(pipe, videos, mask, num_steps, seed)
+    means = [posterior_mean(pipe, videos, mask, seed=seed + k) for k in range(max(pm_seeds, 1))]
     report = {
         "psnr": _mean(clip_psnr(sampled, videos, mask)), "ssim": _mean(clip_ssim(sampled, videos, mask)),
         "blend_psnr": _mean(clip_psnr(blend, videos, mask)), "blend_ssim": _mean(clip_ssim(blend, videos, mask)),
-        "posterior_mean_psnr": _mean(clip_psnr(posterior_mean(pipe, videos, mask, seed=seed), videos, mask)),
+        "posterior_mean_psnr": _mean(clip_psnr(means[0], videos, mask)),
     }
+    if pm_seeds > 1:
+        report["posterior_mean_seeds"] = pm_seeds
+        report["posterior_mean_avg_psnr"] = _mean(clip_psnr(torch.stack(means).mean(0), videos, mask))
+        report["posterior_mean_seed_agreement_psnr"] = _mean(clip_psnr(means[1], means[0], mask))
     given_motion = motion_input(pipe, videos, mask)
     if given_motion is not None:
         report["motion_input_psnr"] = _mean(clip_psnr(given_motion, videos, mask))
+        # the share of clips on which the network's best guess improves on its input (0.5: a coin)
+        report["posterior_mean_beats_motion_input"] = _mean(
+            clip_psnr(means[0], videos, mask) > clip_psnr(given_motion, videos, mask))
     if ablations:
         for name, kw in (("null_plan", dict(plan="null")), ("shuffled_plan", dict(plan="shuffled")),
                          ("noise_references", dict(references="noise"))):
@@ -357,11 +369,12 @@ def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None =
 
 
 def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0, i2v_seeds: int = 4,
-                    ablations: bool = True, step_sweep: Sequence[int] = (), noise_levels: Sequence[float] = ()) -> dict:
+                    ablations: bool = True, step_sweep: Sequence[int] = (), noise_levels: Sequence[float] = (),
+                    pm_seeds: int = 1) -> dict:
     """The whole benchmark on clips [N, T, 3, H, W]; a JSON-able dict."""
     report = {"clips": int(videos.shape[0]), "num_frames": int(videos.shape[1]),
               "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps,
-              "interpolation": interpolation_report(pipe, videos, num_steps, seed, ablations)}
+              "interpolation": interpolation_report(pipe, videos, num_steps, seed, ablations, pm_seeds)}
     if len(videos) >= 2:
         report["plan_probe"] = plan_probe(pipe, videos)
     if i2v_seeds:

@@ -144,7 +144,7 @@ class MarDini(nn.Module):
         motion = self.motion(z_hi, mask)
         fixed = None if motion is None else motion.detach()
         x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
-        x_in = torch.where(mask[:, :, None, None, None], x_t, z_hi)  # reference frames stay clean
+        x_in = torch.where(mask[:, :, None, None, None], diffusion.network_input(x_t, t), z_hi)  # references clean
         frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
         return x_t, target, self.generator(x_in, mask, frame_time, plan, motion=fixed), motion
 
@@ -201,6 +201,7 @@ class MarDini(nn.Module):
         def denoise(x, model_time):
             # fp32 whatever the model dtype: bf16 would round timesteps (997 -> 996) before the embedding
             frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
+            x = project(diffusion.network_input(x, diffusion.time_of(model_time.reshape(-1).expand(B))))
             if not guided:
                 return self.generator(x, mask, frame_time, plan, motion=motion)
             cond, uncond = self.generator(torch.cat([x, x]), torch.cat([mask, mask]),

@@ -200,14 +200,24 @@ def _trained_config(source: str | Path) -> dict:
 
 def _check_same_objective(source: str, diffusion) -> None:
     """Fine-tuning keeps the objective the weights learned: their output means x0, velocity, epsilon or v, and
-    training it as another would silently start the output over. Compares the export's or the checkpoint's
-    diffusion formulation and prediction with this run's."""
+    training it as another would silently start the output over; nor does it change what the network reads
+    (input_data_std: a network trained on x_t fed the scaled x_t, or the reverse, starts from wrong inputs).
+    Compares the export's or the checkpoint's diffusion formulation, prediction and input scaling with this run's
+    (a config from before input_data_std existed trained with 0)."""
     trained = _trained_config(source).get("diffusion", {})
-    for key in ("formulation", "prediction"):
+    if trained:
+        trained = {"input_data_std": 0.0, **trained}
+    for key in ("formulation", "prediction", "input_data_std"):
         theirs, ours = trained.get(key), getattr(diffusion, key)
         if theirs is not None and theirs != ours:
             raise ValueError(f"train.init_from={source} was trained with diffusion.{key}={theirs}; this run has "
                              f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to fine-tune it")
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (0 if none): a skipped non-finite step does not poison a logged window."""
+    finite = [x for x in values if math.isfinite(x)]
+    return sum(finite) / max(len(finite), 1)
 
 
 class Trainer:
@@ -266,6 +276,7 @@ class Trainer:
         self._check_validation_frames()
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self._ahead = None  # the next micro-batch's inputs, prepared during a backward (train_step)
+        self._loss_parts: list[torch.Tensor] = []  # this step's [diffusion, motion] losses (a learned estimate)
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
         self.mask_sampler = MaskSampler(cfg.curriculum, t.max_steps)
         self.model_cfg = as_model_config(cfg.model)
@@ -507,6 +518,8 @@ class Trainer:
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
         with self._autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
+        if "motion_loss" in out:  # a learned motion estimate: its loss and the diffusion loss, logged apart
+            self._loss_parts.append(torch.stack([out["diffusion_loss"], out["motion_loss"]]).detach().float())
         return out["loss"]
 
     def _next_inputs(self, batches, step: int) -> tuple:
@@ -526,7 +539,7 @@ class Trainer:
         while the host loads data between steps. The inputs depend only on (seed, step, position), so preparing
         them early changes nothing; a stop or a resume discards them (the loader restarts at the step)."""
         acc, t = self.accelerator, self.cfg.train
-        losses = []
+        losses, self._loss_parts = [], []
         for micro in range(t.grad_accum):
             inputs = self._next_inputs(batches, self.step)
             last = micro == t.grad_accum - 1
@@ -544,10 +557,14 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # the one wait
         finite = math.isfinite(grad_norm)
-        loss = torch.stack(losses).mean()
+        loss = torch.stack(losses).float().mean()[None]
+        if self._loss_parts:  # [loss, diffusion loss, motion loss]
+            loss = torch.cat([loss, torch.stack(self._loss_parts).mean(0)])
         if acc.num_processes > 1:
             loss = acc.reduce(loss, reduction="mean")
-        loss = loss.item()  # computed before the backward that the norm waited for: no second wait
+        # computed before the backward that the norm waited for: no second wait
+        loss, *parts = loss.tolist()
+        parts = dict(zip(("diffusion_loss", "motion_loss"), parts))
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -557,7 +574,7 @@ class Trainer:
             self.nonfinite_in_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite, **parts}
 
     # -------------------------------------------------------------------------------------------------- loop
     def fit(self) -> Path:
@@ -573,6 +590,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
         window, window_start, window_steps = [], time.perf_counter(), 0
+        parts_window: dict[str, list[float]] = {}  # a learned estimate's loss parts since the last log
         batches, self._ahead = None, None
         try:
             with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
@@ -582,6 +600,9 @@ class Trainer:
                 result = self.train_step(batches)
                 self.step += 1
                 window.append(result["loss"])
+                for key in ("diffusion_loss", "motion_loss"):
+                    if key in result:
+                        parts_window.setdefault(key, []).append(result[key])
                 window_steps += 1
                 record = {"step": self.step, "lr": lr, **result, "time": round(time.time(), 3)}
                 if self.device.type == "cuda":  # this rank's high-water mark (host-side counter: no sync)
@@ -600,17 +621,17 @@ class Trainer:
                             f"Lower train.lr, enable train.grad_clip, or check the data.")
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    finite_losses = [x for x in window if math.isfinite(x)]
                     samples_per_s = window_steps * self.layout.samples_per_step / max(elapsed, 1e-9)
-                    acc.log({"train/loss": sum(finite_losses) / max(len(finite_losses), 1), "train/lr": lr,
+                    acc.log({"train/loss": _finite_mean(window), "train/lr": lr,
                              "train/grad_norm": result["grad_norm"], "train/samples_per_s": samples_per_s,
                              "train/tokens_per_s": samples_per_s * self.tokens_per_sample,
                              "train/steps_per_s": window_steps / max(elapsed, 1e-9),
                              "train/nonfinite_total": self.nonfinite_total,
                              "train/curriculum_stage": self.mask_sampler.stage_index(self.step - 1),
+                             **{f"train/{k}": _finite_mean(v) for k, v in parts_window.items()},
                              **({"train/peak_mem_gib": record["peak_mem_gib"]} if "peak_mem_gib" in record else {}),
                              **self.skip_stats.log_dict()}, step=self.step)
-                    window, window_start, window_steps = [], time.perf_counter(), 0
+                    window, window_start, window_steps, parts_window = [], time.perf_counter(), 0, {}
                 if t.sample_every and self.step % t.sample_every == 0 and self.step < t.max_steps:
                     self.sample()
                 if t.eval_every and self.step % t.eval_every == 0:
