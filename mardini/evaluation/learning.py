@@ -16,6 +16,9 @@ comes with the baseline it must beat, computed on the same held-out clips:
   recovers (R^2 on held-out clips), beside the low-resolution blend: a planner that plans puts the frames' layout
   into its tokens; one whose tokens are spatially uniform only passes on per-frame facts;
 - optionally a sweep of the sampler's step count;
+- for a model with a motion input, that input's PSNR and the share of clips on which the posterior mean beats it;
+- optionally the posterior mean from several noise inputs, averaged and compared with each other: a network that
+  passes its pure-noise input through to its estimate gains when the draws are averaged;
 - optionally the clean estimate by noise level: the real clip noised to level t, denoised in one step, scored where
   the scene moves and where it does not (beside the blend and beside just rescaling the noisy input). The sampler
   ends on the estimates at low t, so a model that cannot return its nearly clean input there caps every sample.
