@@ -100,8 +100,8 @@ class Diffusion:
         if d <= 0:
             return x_t
         if self.is_flow:
-            a = 1 - _expand(t.float(), x_t)
-            s2 = (1 - a) ** 2
+            s = _expand(t.float(), x_t)
+            a, s2 = 1 - s, s * s
         else:
             a2 = self._alpha_bar(t, x_t)
             a, s2 = a2.sqrt(), 1 - a2

@@ -77,15 +77,16 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
                             align_corners=False)
         return out.reshape(N, frames.shape[1], s, H, W)
 
+    def windowed_mse(x, y):  # [N, c, s, H, W] pairs -> [N, s, H, W], mean over channels and the window
+        return F.avg_pool2d((x - y).pow(2).mean(1), window, 1, window // 2, count_include_pad=False)
+
     for start in range(0, dx.shape[1], chunk):
         cx = base[:, :1] + dx[:, start:start + chunk]                                      # [N, s, H, W]
         cy = base[:, 1:] + dy[:, start:start + chunk]
         before, after = at(first, -a * cx, -a * cy), at(last, (1 - a) * cx, (1 - a) * cy)  # [N, C, s, H, W]
-        cost = F.avg_pool2d((before[:, :C] - after[:, :C]).pow(2).mean(1), window, 1, window // 2,
-                            count_include_pad=False) / scale
+        cost = windowed_mse(before[:, :C], after[:, :C]) / scale
         if features is not None:
-            cost = cost + F.avg_pool2d((before[:, C:] - after[:, C:]).pow(2).mean(1), window, 1, window // 2,
-                                       count_include_pad=False)
+            cost = cost + windowed_mse(before[:, C:], after[:, C:])
         logits = -(cost + smoothness * cell * cell * (cx * cx + cy * cy)) / temperature  # [N, s, H, W]
         new_best = torch.maximum(best, logits.amax(1, keepdim=True))
         rescale, weights = torch.exp(best - new_best), torch.exp(logits - new_best)        # [N, 1|s, H, W]

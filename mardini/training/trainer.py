@@ -214,6 +214,9 @@ def _check_same_objective(source: str, diffusion) -> None:
                              f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to fine-tune it")
 
 
+LOSS_PARTS = ("diffusion_loss", "motion_loss")  # a learned motion estimate's loss terms, logged beside the total
+
+
 def _finite_mean(values: list[float]) -> float:
     """Mean of the finite values (0 if none): a skipped non-finite step does not poison a logged window."""
     finite = [x for x in values if math.isfinite(x)]
@@ -519,7 +522,7 @@ class Trainer:
         with self._autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
         if "motion_loss" in out:  # a learned motion estimate: its loss and the diffusion loss, logged apart
-            self._loss_parts.append(torch.stack([out["diffusion_loss"], out["motion_loss"]]).detach().float())
+            self._loss_parts.append(torch.stack([out[key] for key in LOSS_PARTS]).detach().float())
         return out["loss"]
 
     def _next_inputs(self, batches, step: int) -> tuple:
@@ -564,7 +567,7 @@ class Trainer:
             loss = acc.reduce(loss, reduction="mean")
         # computed before the backward that the norm waited for: no second wait
         loss, *parts = loss.tolist()
-        parts = dict(zip(("diffusion_loss", "motion_loss"), parts))
+        parts = dict(zip(LOSS_PARTS, parts))
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -600,7 +603,7 @@ class Trainer:
                 result = self.train_step(batches)
                 self.step += 1
                 window.append(result["loss"])
-                for key in ("diffusion_loss", "motion_loss"):
+                for key in LOSS_PARTS:
                     if key in result:
                         parts_window.setdefault(key, []).append(result[key])
                 window_steps += 1
