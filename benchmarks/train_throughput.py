@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,11 +61,14 @@ def run_variant(name: str, overrides: list[str], steps: int, workdir: Path, log)
     cmd = [sys.executable, "-m", "mardini.train", *overrides, f"train.max_steps={steps}", "train.eval_every=0",
            "train.sample_every=0", f"train.checkpoint_every={10 * steps}", "train.trackers=[]",
            "train.progress=false", "train.num_sample_videos=1", f"train.output_dir={run_dir}"]
+    started = time.time()
     done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")] if done.returncode == 0 else []
     result = {"variant": name, "overrides": overrides, "exit_status": done.returncode}
     if metrics:
         result["steps_per_s"] = steady_rate(metrics)
+        result["seconds_to_first_step"] = metrics[0]["time"] - started  # start-up and compilation
+        result["first_losses"] = [m["loss"] for m in metrics[:5]]  # variants of equal arithmetic start alike
         result["final_loss"] = sum(m["loss"] for m in metrics[-20:]) / len(metrics[-20:])
     return result
 

@@ -325,3 +325,51 @@ def test_flop_estimate_counts_the_feature_network():
     with FlopCounterMode(display=False) as counter:
         MatchFeatures(C, cfg.motion.feature_width, cfg.motion.feature_dim)(torch.randn(2 * 5, C, 8, 8))
     assert match_features_flops(cfg, 5, (8, 8), batch_size=2) == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("estimate", ["bilateral", "learned"])
+def test_compiled_motion_estimate_is_one_graph_and_equals_eager(estimate):
+    """train.compile with train.compile_motion compiles the matcher and the features (parallelize): dynamo must trace
+    the matcher whole (a graph break would put the eager launches back), one graph must serve every mask (the masks
+    are tensors, not constants), and the compiled estimate and its features' gradient equal the eager ones.
+    aot_eager traces forward and backward as inductor would, without its slow code generation."""
+    from mardini.training.parallel import parallelize
+
+    torch.manual_seed(0)
+    motion = LEARNED if estimate == "learned" else dict(estimate="bilateral")
+    eager = MarDini(model_config("tiny", latent_channels=C, motion=motion))
+    compiled = MarDini(model_config("tiny", latent_channels=C, motion=motion))
+    compiled.load_state_dict(eager.state_dict())
+    parallelize(compiled, compile=True, compile_motion=False)
+    assert compiled._motion_estimate is motion_estimate  # train.compile_motion=false keeps it eager
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled._motion_estimate = torch.compile(motion_estimate, backend=counter)
+    z = moving_square(5, size=16, side=4)
+    for rows in (("01110",), ("01010",), ("00110",)):  # interpolation, two gaps, a frame with a given one side only
+        mask = masks(*rows)
+        want, got = eager.motion(z, mask), compiled.motion(z, mask)
+        assert torch.allclose(got, want, atol=1e-5)
+        if estimate == "learned":
+            grads = [torch.autograd.grad(m.motion_loss(out, z, mask), m.match_features.net[0].weight)[0]
+                     for m, out in ((eager, want), (compiled, got))]
+            assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-7) and grads[0].abs().sum() > 0
+    assert counter.frame_count == 1  # one graph, traced once for all three masks
+
+    trained = MarDini(model_config("tiny", latent_channels=C, motion=motion))
+    parallelize(trained, compile=True)  # the default: the motion estimate compiled too
+    assert trained._motion_estimate is not motion_estimate
+
+
+class CompileCounter:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced (aot_eager)."""
+
+    def __init__(self):
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.frame_count = 0
+        self._backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm)
+
+    def __call__(self, gm, example_inputs):
+        self.frame_count += 1
+        return self._backend(gm, example_inputs)

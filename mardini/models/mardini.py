@@ -54,6 +54,16 @@ class MarDini(nn.Module):
         m = cfg.motion
         self.match_features = MatchFeatures(cfg.latent_channels, m.feature_width, m.feature_dim) \
             if m.estimate == "learned" else None
+        self._motion_estimate = motion_estimate  # compile_motion() puts a compiled version here
+
+    def compile_motion(self, **compile_kwargs) -> None:
+        """torch.compile the motion estimate and the matching features (train.compile_motion), in place. Why: the
+        matcher is dozens of small elementwise ops and grid samples per pyramid level, launched eagerly one by one
+        otherwise; its shapes are fixed for a batch shape, so one graph serves every mask."""
+        if self.cfg.motion.estimate != "none":
+            self._motion_estimate = torch.compile(motion_estimate, **compile_kwargs)
+        if self.match_features is not None:
+            self.match_features.compile(**compile_kwargs)
 
     # ------------------------------------------------------------------ planning
     def plan(self, z_lo: torch.Tensor, mask: torch.Tensor, drop_plan: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,10 +88,10 @@ class MarDini(nn.Module):
         args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
         if self.match_features is None:
             with torch.no_grad():
-                return motion_estimate(*args)
+                return self._motion_estimate(*args)
         B, T = mask.shape
         features = self.match_features(z_hi.flatten(0, 1).float()).unflatten(0, (B, T))  # [B, T, D, H, W]
-        return motion_estimate(*args, features=features)
+        return self._motion_estimate(*args, features=features)
 
     def motion_loss(self, motion: torch.Tensor, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the estimate on the frames it estimates (between two given frames; 0 if none),

@@ -81,6 +81,7 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 per block; sharded checkpoints)
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     compile: bool = False  # torch.compile each transformer block
+    compile_motion: bool = True  # with compile: also torch.compile the motion estimate (matcher, learned features)
     ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(10+s))
     log_every: int = 10  # steps between metric logs
     sample_every: int = 0  # steps between validation videos (0 = only at the end)

@@ -35,9 +35,11 @@ def apply_activation_checkpointing(model) -> None:
         checkpoint(block)
 
 
-def apply_compile(model, **compile_kwargs) -> None:
+def apply_compile(model, motion: bool = True, **compile_kwargs) -> None:
     for block in transformer_blocks(model):
         block.compile(**compile_kwargs)
+    if motion:
+        model.compile_motion(**compile_kwargs)
 
 
 def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype = torch.float32,
@@ -61,7 +63,7 @@ def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torc
 
 
 def parallelize(model, mode: str = "ddp", activation_checkpointing: bool = False, compile: bool = False,
-                param_dtype: torch.dtype | None = None) -> None:
+                param_dtype: torch.dtype | None = None, compile_motion: bool = True) -> None:
     """In place. mode 'fsdp' shards when a process group exists (a single plain process keeps the model whole but
     still uses the sharded checkpoint format); 'ddp' leaves wrapping to Accelerate."""
     if mode not in PARALLEL_MODES:
@@ -69,7 +71,7 @@ def parallelize(model, mode: str = "ddp", activation_checkpointing: bool = False
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model)
+        apply_compile(model, motion=compile_motion)
     if mode == "fsdp" and dist.is_initialized():
         apply_fsdp(model, param_dtype=param_dtype)
         log.info("FSDP2: %d blocks sharded over %d processes", len(transformer_blocks(model)), dist.get_world_size())
