@@ -275,7 +275,11 @@ def test_plan_tokens_sit_at_their_centres_on_the_generator_grid(lowres, planner_
 def test_generator_learns_a_task_only_the_plan_carries():
     """Spatial attention (no frame sees another) and image-to-video of a still scene: the generated frame's content
     reaches the generator only through the plan of the given frame. Zero-mean random patterns make a plan without
-    positions useless (it carries only a frame's global content); with positions the model learns to place it."""
+    positions useless (it carries only a frame's global content); with positions the model learns to place it.
+    Trained at t = 1, where the generated frame's own input is pure noise, so the plan is the only source: seeds 0-6
+    all fall below 0.015 by step 200 on a 2-core CPU, while without plan positions the error stays at 1.00. (Trained
+    at uniform t with lr 3e-3, learning came as a late jump, at step ~450 for seed 0 and after 600 for seeds 1-2:
+    a test that passed or failed with the CPU's rounding.)"""
     torch.manual_seed(0)
     model = MarDini(model_config("tiny", latent_channels=C, generator=dict(attention="spatial"))).train()
     diffusion = Diffusion(DiffusionConfig(**RF, timestep_sampling="uniform"))
@@ -288,10 +292,10 @@ def test_generator_learns_a_task_only_the_plan_carries():
         cells = cells - cells.mean(dim=(3, 4), keepdim=True)
         return cells.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4).expand(n, T, C, H, H).contiguous()
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(600):  # without positions: stuck at 1.03; with them it drops below 0.1 after ~450 steps
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(300):
         z = still_scenes(16, step)
-        loss = model(z, None, mask.expand(16, T), diffusion)["loss"]
+        loss = model(z, None, mask.expand(16, T), diffusion, t=torch.ones(16))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -306,7 +310,7 @@ def test_generator_learns_a_task_only_the_plan_carries():
         plan = model.plan(lowres_from_hires(torch.where(m[:, :, None, None, None], 0.0, z), 2), m)
         estimate = diffusion.predict_x0(x_t, model.generator(x_in, m, torch.where(m, 1000.0, 0.0), plan), t)
     error = (estimate - z)[m].pow(2).mean() / z[m].pow(2).mean()  # 1.0 = no better than the frame's mean
-    assert error < 0.25, f"relative error {error:.3f}"
+    assert error < 0.1, f"relative error {error:.3f}"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
