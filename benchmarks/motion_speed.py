@@ -65,6 +65,7 @@ def main():
     p.add_argument("--channels", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: trace only, for tests)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     results = []
@@ -77,8 +78,8 @@ def main():
         eager = MarDini(model_config("small", latent_channels=args.channels, motion=motion)).to(args.device)
         compiled = MarDini(model_config("small", latent_channels=args.channels, motion=motion)).to(args.device)
         compiled.load_state_dict(eager.state_dict())
-        compiled.compile_motion()
-        row = {"estimate": estimate, "shape": list(z.shape), "device": args.device}
+        compiled.compile_motion(backend=args.backend)
+        row = {"estimate": estimate, "shape": list(z.shape), "device": args.device, "backend": args.backend}
         with torch.autocast(args.device, torch.bfloat16, enabled=args.device == "cuda"):  # as in training
             row["eager"], (want, want_grad) = measure(eager, z, mask, args.device, args.warmup, args.iters)
             row["compiled"], (got, got_grad) = measure(compiled, z, mask, args.device, args.warmup, args.iters)

@@ -26,3 +26,19 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
         assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0
         assert abs(r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"] - r["seconds"]) < 1e-9
     assert "rel L2" in result.stdout  # the summary table
+
+
+def test_motion_speed_benchmark_compares_compiled_with_eager_on_cpu(tmp_path):
+    """benchmarks/motion_speed.py (train.compile_motion's figure): each estimate's row holds both timings and the
+    compiled estimate's distance from the eager one; aot_eager traces as inductor would, without code generation."""
+    out = tmp_path / "motion_speed.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "motion_speed.py"), "--device", "cpu",
+                             "--batch", "1", "--frames", "5", "--size", "16", "--warmup", "0", "--iters", "1",
+                             "--backend", "aot_eager", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["estimate"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"learned", "bilateral"}
+    for r in rows.values():
+        assert r["eager"]["ms"] > 0 and r["compiled"]["ms"] > 0 and r["speedup"] > 0
+        assert r["max_abs_diff_estimate"] < 1e-5
+    assert 0 <= rows["learned"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU: the features' gradient agrees too
