@@ -5,7 +5,7 @@ motion loss's gradient) or without gradient (bilateral); on a GPU under bf16 aut
 
     python benchmarks/motion_speed.py --device cuda --json motion_speed.json
 
-Reports milliseconds per call (median of --iters after --warmup, synchronised), the compile time of the first call,
+Reports milliseconds per call (median of --iters after --warmup: CUDA events on a GPU), the compile time of the first call,
 and the largest difference of the compiled estimate and features' gradient from the eager ones.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -21,10 +20,7 @@ import torch
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
 
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 
 
 def step(model: MarDini, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -37,22 +33,15 @@ def step(model: MarDini, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return motion.detach(), model.match_features.net[0].weight.grad.clone()
 
 
-def measure(model, z, mask, device, warmup, iters) -> dict:
-    sync(device)
+def measure(model, z, mask, device, warmup, iters) -> tuple[dict, tuple]:
+    """The first call's seconds (compilation for a compiled model), then the median of iters calls after warmup."""
     start = time.perf_counter()
     out = step(model, z, mask)
-    sync(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     first = time.perf_counter() - start
-    for _ in range(warmup):
-        step(model, z, mask)
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        step(model, z, mask)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"first_call_s": first, "ms": 1e3 * statistics.median(times)}, out
+    seconds, _ = timed(lambda: step(model, z, mask), warmup, iters, device)
+    return {"first_call_s": first, "ms": 1e3 * seconds}, out
 
 
 def main():
