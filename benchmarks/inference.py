@@ -1,19 +1,24 @@
 """Generation latency and peak memory at the paper's setting: 12 frames at 512x512 (and 17), image-to-video.
 
-Paper (MarDini, arXiv 2410.20280): 12 frames at 512 px in 6.05 s using 42.57 GB. We time the whole call the user
-makes: planner once + K generator steps + VAE decode of the frames (a randomly initialised diffusers AutoencoderKL
-of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VAE cost without downloading weights), in bf16.
+Paper (MarDini, arXiv 2410.20280): 12 frames at 512 px in 6.05 s using 42.57 GB. --given 2 times interpolation
+(first and last frames given) instead, k > 2 given frames spread evenly over the window. We time the whole call
+the user makes: planner once + K generator steps + VAE decode of the frames (a randomly initialised diffusers
+AutoencoderKL of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VAE cost without downloading
+weights), in bf16.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
-Variants, each timed on every (frames, steps): torch.compile off or on in each --compile-mode (planner and
-generator, static shapes), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
+Variants, each timed on every (frames, steps): each SDPA --kernel, torch.compile off or on in each --compile-mode
+(planner and generator, static shapes), reference frames recomputed at every step or cached once
+(--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format. Each result splits the call into planner, generator steps and VAE decode, gives the generator's
-achieved TFLOP/s (useful work, mardini.models.flops) against its floor at --peak-tflops, and compares the generated
-latents (same input and noise) with the eager model's.
+achieved TFLOP/s (the work the variant computes, mardini.models.flops) against its floor at --peak-tflops, and
+compares the generated latents (same input and noise) with the eager model's (first kernel, no cache).
 
     python benchmarks/inference.py --frames 12,17 --steps 25,10,4 --out inference.json
     python benchmarks/inference.py --frames 12 --steps 25,4 --compile 0,1 \
         --compile-mode default,reduce-overhead --vae-compile 0,1 --out inference_modes.json
+    python benchmarks/inference.py --frames 12 --steps 25,4 --compile 1 --vae-compile 1 --reuse-references 0,1 \
+        --kernel flash,cudnn,auto --given 1,2
     python benchmarks/inference.py --device cpu --size tiny --resolution 64 --lowres 2 --frames 5 --steps 2 \
         --compile 0 --out /tmp/inference.json   # smoke test
 """
@@ -32,6 +37,7 @@ from common import timed  # benchmarks/common.py (the script's folder is on sys.
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.flops import generator_flops
+from mardini.models.layers import SDPA_KERNELS, CrossAttention, SelfAttention
 from mardini.models.mardini import lowres_from_hires
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -72,9 +78,15 @@ class CudaGraphStep(nn.Module):
         super().__init__()
         self.compiled = compiled
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(*args).clone()
+        return self.compiled(*args, **kwargs).clone()
+
+    def __getattr__(self, name):  # the wrapped module's methods (Generator.cache_references, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.compiled, name)
 
 
 def compile_module(module: nn.Module, mode: str) -> nn.Module:
@@ -98,7 +110,12 @@ def main():
     p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
-    p.add_argument("--kernel", default="auto")
+    p.add_argument("--reuse-references", default="1",
+                   help="0/1 list: cache the reference frames' keys and values once per call (MarDini.generate)")
+    p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
+                                                  "k > 1 = k frames spread evenly from the first to the last")
+    p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values); the first "
+                                                   "also computes the eager reference")
     p.add_argument("--generator-heads", type=int, default=0, help="the generator's head count (0 = the size's)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
     p.add_argument("--device", default="cuda")
@@ -107,7 +124,11 @@ def main():
     modes = args.compile_mode.split(",")
     if not set(modes) <= set(COMPILE_MODES):
         p.error(f"--compile-mode: choose among {', '.join(COMPILE_MODES)}")
-    variants = [(bool(c), mode) for c in ints(args.compile) for mode in (modes if c else [None])]
+    kernels = args.kernel.split(",")
+    if not set(kernels) <= set(SDPA_KERNELS):
+        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}")
+    variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
+                for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
     vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last))))
 
     device = torch.device(args.device)
@@ -116,7 +137,7 @@ def main():
     vae = build_vae(device, dtype)
     vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
-                       sdpa_kernel=args.kernel,
+                       sdpa_kernel=kernels[0],
                        generator={"num_heads": args.generator_heads} if args.generator_heads else {})
     torch.manual_seed(0)
     model = MarDini(cfg)
@@ -126,31 +147,37 @@ def main():
     eager = {"planner": model.planner, "generator": model.generator}
     diffusion = Diffusion(DiffusionConfig())
 
-    clips = {}
-    for T in ints(args.frames):
+    clips = {}  # (frames, given frames) -> latents, mask
+    for T, k in itertools.product(ints(args.frames), ints(args.given)):
         z = torch.randn(1, T, 16, latent, latent, generator=torch.Generator(device).manual_seed(T), device=device)
         mask = torch.ones(1, T, dtype=torch.bool, device=device)
-        mask[:, T // 2] = False  # image-to-video, reference in the middle (the paper's main setting)
-        clips[T] = z.to(dtype), mask
+        given = [T // 2] if k == 1 else torch.linspace(0, T - 1, k).round().long().tolist()
+        mask[:, given] = False  # k = 1: image-to-video from the middle (the paper's main setting)
+        clips[T, k] = z.to(dtype), mask
 
     @torch.inference_mode()
-    def sample(T: int, steps: int) -> torch.Tensor:
+    def sample(clip: tuple[int, int], steps: int, reuse: bool) -> torch.Tensor:
         """Latents [1, T, C, h, w] from the model as it now stands; the same noise on every call."""
-        z, mask = clips[T]
-        return model.generate(z, mask, diffusion, num_steps=steps, generator=torch.Generator(device).manual_seed(0))
+        z, mask = clips[clip]
+        return model.generate(z, mask, diffusion, num_steps=steps, generator=torch.Generator(device).manual_seed(0),
+                              reuse_references=reuse)
 
-    reference = {(T, s): sample(T, s).float() for T in clips for s in ints(args.steps)}  # the eager model's
+    reference = {(c, s): sample(c, s, False).float() for c in clips for s in ints(args.steps)}  # the eager model's
     results = []
-    for compile_, mode in variants:
+    for kernel, compile_, mode, reuse in variants:
         torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
+        for m in model.modules():
+            if isinstance(m, (SelfAttention, CrossAttention)):
+                m.sdpa_kernel = kernel
         for name, module in eager.items():
             setattr(model, name, compile_module(module, mode) if compile_ else module)
-        for T, (z, mask) in clips.items():
+        for (T, k), (z, mask) in clips.items():
             with torch.inference_mode():
                 planner_s, _ = timed(lambda: model.planner(lowres_from_hires(z, args.lowres), mask), 1, 5, device)
-            work_per_step = generator_flops(cfg, T, (latent, latent), (latent // args.lowres,) * 2, num_masked=T - 1)
+            work_per_step = generator_flops(cfg, T, (latent, latent), (latent // args.lowres,) * 2, num_masked=T - k,
+                                            cached_references=reuse)
             for steps in ints(args.steps):
-                out, ref = sample(T, steps).float(), reference[(T, steps)]
+                out, ref = sample((T, k), steps, reuse).float(), reference[((T, k), steps)]
                 diff = {"max_abs_diff_vs_eager": (out - ref).abs().max().item(),
                         "rel_l2_vs_eager": ((out - ref).norm() / ref.norm()).item()}
                 for vae_compile, channels_last in vae_variants:
@@ -158,11 +185,13 @@ def main():
                     memory_format = torch.channels_last if channels_last else torch.contiguous_format
                     vae.to(memory_format=memory_format)
                     decode = lambda x: decode_frames(vae, x, memory_format)  # noqa: E731
-                    seconds, peak = timed(lambda: decode(sample(T, steps)[0]), 1, 3, device)  # [T, 3, 512, 512]
+                    seconds, peak = timed(lambda: decode(sample((T, k), steps, reuse)[0]), 1, 3, device)  # [T, 3, H, W]
                     decode_s, _ = timed(lambda: decode(z[0]), 1, 3, device)
                     generator_s = seconds - planner_s - decode_s
                     work = work_per_step * steps
-                    r = {"frames": T, "steps": steps, "compile": compile_, "compile_mode": mode,
+                    r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel,
+                         "compile": compile_, "compile_mode": mode,
+                         "reuse_references": reuse, "generator_tflop_per_step": work_per_step / 1e12,
                          "vae_compile": vae_compile, "vae_channels_last": channels_last,
                          "seconds": seconds, "peak_mem_gib": peak,
                          "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
@@ -170,8 +199,8 @@ def main():
                          "generator_floor_s_at_peak": work / (args.peak_tflops * 1e12),
                          **diff,
                          "extra_if_planner_every_step_s": planner_s * (steps - 1),
-                         "vs_paper_time": seconds / 6.05 if T == 12 else None,
-                         "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if T == 12 else None,
+                         "vs_paper_time": seconds / 6.05 if (T, k) == (12, 1) else None,
+                         "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if (T, k) == (12, 1) else None,
                          "params_m": params_m, "generator_heads": cfg.generator.num_heads}
                     results.append(r)
                     print(json.dumps(r), flush=True)
@@ -179,15 +208,16 @@ def main():
                         device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
-    print(f"\n{'frames':>6s} {'steps':>5s} {'compile':>26s} {'VAE':>8s} {'total s':>8s} {'GiB':>6s} "
-          f"{'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} "
+    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>8s} {'total s':>8s} "
+          f"{'GiB':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} "
           f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
         vae_variant = ("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
-        print(f"{r['frames']:6d} {r['steps']:5d} {compiled:>26s} {vae_variant:>8s} {r['seconds']:8.2f} "
-              f"{r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
+        refs = "cached" if r["reuse_references"] else "every"
+        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>8s} "
+              f"{r['seconds']:8.2f} {r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
               f"{r['generator_steps_s']:6.2f} {tflops} {r['generator_floor_s_at_peak']:7.2f} "
               f"{r['max_abs_diff_vs_eager']:9.2e} {r['rel_l2_vs_eager']:8.1e} "
               f"{r['extra_if_planner_every_step_s']:15.2f}")

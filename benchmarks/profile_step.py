@@ -1,8 +1,11 @@
 """Where a training step's GPU time goes: attention kernels, matmuls, everything else, and idle gaps.
 
     python benchmarks/profile_step.py --part generator --compile 1
+    python benchmarks/profile_step.py --part sample --batch 1 --frames 12   # one sampler step (benchmarks/inference.py)
 
 Runs a few steps of benchmarks/train_step.py's setup under torch.profiler and groups CUDA kernel time by name.
+`sample` profiles one denoising step of generation instead: the generator in bf16 under inference_mode on
+image-to-video masks, the reference frame cached (MarDini.generate's default).
 """
 
 from __future__ import annotations
@@ -13,16 +16,41 @@ import re
 
 import torch
 
-from train_step import build_step  # benchmarks/train_step.py (the script's folder is on sys.path)
+from mardini.models import MarDini, model_config
+from train_step import build_step, make_batch  # benchmarks/train_step.py (the script's folder is on sys.path)
 
 GROUPS = [("attention", r"fmha|flash|attention|sdpa|cudnn"), ("matmul", r"gemm|xmma|cutlass|nvjet|wgmma|matmul"),
           ("optimizer", r"adam|foreach|multi_tensor"), ("triton (fused elementwise)", r"triton"),
           ("other", r".")]
 
 
+def build_sample_step(args, compile_: bool, kernel: str = "cudnn"):
+    """One sampler step of generation: the bf16 generator on the generated frames, the reference frames cached."""
+    device = torch.device("cuda")
+    cfg = model_config(args.size, latent_channels=args.channels, lowres_factor=args.lowres, max_frames=args.frames,
+                       sdpa_kernel=kernel)
+    torch.manual_seed(0)
+    generator = MarDini(cfg).generator.to(device, torch.bfloat16).eval()
+    z_hi, _, mask = make_batch(args, device)
+    z_hi = z_hi.bfloat16()
+    plan = torch.randn(*mask.shape, (args.latent // args.lowres) ** 2, cfg.signal_dim, device=device,
+                       dtype=torch.bfloat16)
+    time_in = torch.where(mask, 500.0, 0.0)
+    with torch.inference_mode():
+        cache = generator.cache_references(z_hi, mask, plan)
+    if compile_:
+        generator.compile(dynamic=False)
+
+    @torch.inference_mode()
+    def step():
+        generator(z_hi, mask, time_in, plan, cache=cache)
+
+    return step
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--part", default="generator", choices=("planner", "generator", "joint"))
+    p.add_argument("--part", default="generator", choices=("planner", "generator", "joint", "sample"))
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=17)
@@ -30,16 +58,22 @@ def main():
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--size", default="paper", help="model size (mardini/models/config.py MODEL_SIZES)")
+    p.add_argument("--top", type=int, default=15, help="how many kernels the JSON lists")
+    p.add_argument("--ops", type=int, default=0,
+                   help="also list the N operators whose own kernels take the most GPU time, with input shapes")
     p.add_argument("--out", default="profile.json")
     args = p.parse_args()
-    step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn")
+    if args.part == "sample":
+        step = build_sample_step(args, bool(args.compile))
+    else:
+        step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn")
 
     for _ in range(4):
         step()
     torch.cuda.synchronize()
     steps = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+                                            torch.profiler.ProfilerActivity.CPU], record_shapes=args.ops > 0) as prof:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
@@ -63,7 +97,13 @@ def main():
     busy = sum(totals.values())
     report = {"part": args.part, "compile": bool(args.compile), "wall_ms": wall_ms, "busy_ms": busy,
               "idle_ms": wall_ms - busy, "groups_ms": totals,
-              "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])}
+              "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top])}
+    if args.ops:
+        ops = [(evt.self_device_time_total / steps, evt.key, str(evt.input_shapes))
+               for evt in prof.key_averages(group_by_input_shape=True)
+               if evt.device_type == torch.autograd.DeviceType.CPU and evt.self_device_time_total > 0]
+        report["top_ops_us"] = [{"op": key, "shapes": shapes, "us": us}
+                                for us, key, shapes in sorted(ops, reverse=True)[:args.ops]]
     json.dump(report, open(args.out, "w"), indent=1)
     print(f"{args.part} compile={bool(args.compile)}: step {wall_ms:.1f} ms, kernels {busy:.1f} ms, "
           f"idle {wall_ms - busy:.1f} ms")

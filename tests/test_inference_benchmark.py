@@ -1,5 +1,6 @@
 """benchmarks/inference.py on the CPU (its smoke test): every variant's result carries the breakdown and the
-comparison with the eager model, and the eager variant matches itself exactly."""
+comparison with the eager model, the eager variant matches itself exactly and the one with cached reference frames
+matches it to float32 rounding with less work per step."""
 
 from __future__ import annotations
 
@@ -14,15 +15,23 @@ REPO = Path(__file__).resolve().parent.parent
 def test_inference_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "inference.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
-                             "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "3", "--steps", "1",
-                             "--compile", "0", "--vae-channels-last", "0,1", "--out", str(out)],
+                             "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "1",
+                             "--given", "2",
+                             "--compile", "0", "--vae-channels-last", "0,1", "--reuse-references", "0,1", "--kernel", "math",
+                             "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert [r["vae_channels_last"] for r in results] == [False, True]
+    assert [(r["reuse_references"], r["vae_channels_last"]) for r in results] == \
+        [(False, False), (False, True), (True, False), (True, True)]
     for r in results:
         assert r["compile"] is False and r["compile_mode"] is None and r["peak_mem_gib"] == 0.0
-        assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
+        assert r["sdpa_kernel"] == "math"
+        if r["reuse_references"]:
+            assert r["max_abs_diff_vs_eager"] < 1e-4 and r["rel_l2_vs_eager"] < 1e-5
+            assert r["generator_tflop_per_step"] < results[0]["generator_tflop_per_step"]
+        else:
+            assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
         assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0
         assert abs(r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"] - r["seconds"]) < 1e-9
     assert "rel L2" in result.stdout  # the summary table

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
+from mardini.models.flops import generator_flops
 from mardini.models.layers import RotaryEmbedding3D, apply_rope, grid_coords, patchify, unpatchify, xformers_available
 
 from helpers_models import fit_fixed_batch
@@ -483,6 +484,103 @@ def test_generate_returns_reference_frames_bit_identical(random_model, task, dcf
     assert torch.equal(out2, out)
 
 
+# ------------------------------------------------------------------------------------------------ 4b. reference cache
+CACHED_ATTENTION = {"identity-split": dict(identity_impl="split"), "identity-mask": dict(identity_impl="mask"),
+                    "identity-gather": dict(identity_impl="gather"), "spatial": dict(attention="spatial")}
+
+
+@pytest.mark.parametrize("attn", list(CACHED_ATTENTION))
+@pytest.mark.parametrize("setup", ["rf", "ddpm_stochastic", "guided", "motion_residual"])
+def test_generation_with_cached_references_equals_full_generation(attn, setup):
+    """Sampler steps that run the generated frames only, against keys and values of the reference frames computed
+    once, give the samples of steps that run every frame (float64: equal to rounding)."""
+    extra = {"guided": dict(plan_dropout=0.1),
+             "motion_residual": dict(motion=dict(estimate="bilateral", residual=True, residual_scale=2.0))}
+    model = randomize(tiny(generator=CACHED_ATTENTION[attn], **extra.get(setup, {})), seed=5, std=0.2).double()
+    diffusion = Diffusion(DiffusionConfig(**(DDPM_EPS if setup == "ddpm_stochastic" else RF)))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 6, C, 8, 8, generator=g, dtype=torch.float64)
+    mask = masks("011011", "011011")
+
+    def run(reuse):
+        return model.generate(z, mask, diffusion, num_steps=3, guidance_scale=2.0 if setup == "guided" else 1.0,
+                              generator=torch.Generator().manual_seed(2), reuse_references=reuse)
+
+    full, cached = run(False), run(True)
+    assert (full[mask] - z[mask]).abs().max() > 1e-2  # generated, not copied
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-10)
+
+
+def test_cached_step_runs_the_generated_frames_only_and_matches_its_flop_count():
+    """The point of the cache: each block of a sampler step sees only the G generated frames, and the step's
+    counted FLOPs are the estimate's cached_references figure, below a full step's."""
+    model = randomize(tiny(sdpa_kernel="math"), seed=2)
+    B, T, H, W = 2, 6, 8, 8
+    mask = masks("011110", "011110")
+    z, plan = torch.randn(B, T, C, H, W), torch.randn(B, T, 16, model.cfg.signal_dim)
+    time = torch.where(mask, 500.0, 0.0)
+    cache = model.generator.cache_references(z, mask, plan)
+    seen = []
+    hooks = [block.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+             for block in model.generator.blocks]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model.generator(z, mask, time, plan, cache=cache)
+    for h in hooks:
+        h.remove()
+    assert seen == [4] * len(model.generator.blocks)
+    lowres = (H // model.cfg.lowres_factor, W // model.cfg.lowres_factor)
+    cached_flops = generator_flops(model.cfg, T, (H, W), lowres, 4, B, cached_references=True)
+    assert counter.get_total_flops() == cached_flops
+    assert cached_flops < generator_flops(model.cfg, T, (H, W), lowres, 4, B)
+    with torch.no_grad():
+        full = model.generator(z, mask, time, plan)
+    torch.testing.assert_close(out[mask], full[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))  # reference frames are not computed
+
+
+def test_compiled_generator_takes_the_reference_cache_in_one_graph():
+    """MarDiniPipeline.compile() compiles the generator's forward; the cached steps (a dataclass of tensors as input)
+    must trace into one graph for every step and give the eager samples (aot_eager: dynamo and autograd tracing
+    without code generation)."""
+    import torch._dynamo.testing
+
+    model = randomize(tiny(max_frames=6), seed=4, std=0.2)
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(1, 6, C, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = masks("110111")
+
+    def run():
+        return model.generate(z, mask, diffusion, num_steps=3, generator=torch.Generator().manual_seed(1))
+
+    eager = run()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    model.generator.compile(backend=counter)
+    try:
+        compiled = run()
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_cache_falls_back_where_it_does_not_apply():
+    """Full attention (references read the noisy frames) and masks that differ between samples: cache_references
+    refuses, and generation runs every frame at every step, with the same samples as without reuse."""
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(2, 5, C, 8, 8, generator=torch.Generator().manual_seed(0))
+    plan = torch.randn(2, 5, 16, 64)
+    for attention, mask, error in [("full", masks("01110", "01110"), "full"),
+                                   ("identity", masks("01110", "01100"), "same generated frames")]:
+        model = randomize(tiny(generator=dict(attention=attention)), seed=1)
+        assert not model.generator.caches_references(mask)
+        with pytest.raises(ValueError, match=error):
+            model.generator.cache_references(z, mask, plan[..., :model.cfg.signal_dim])
+        run = lambda reuse: model.generate(z, mask, diffusion, num_steps=2,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(3), reuse_references=reuse)
+        assert torch.equal(run(True), run(False))
+
+
 # ------------------------------------------------------------------------------------------------ 5. call counts
 class CallCounter:
     def __init__(self, module: nn.Module):
@@ -612,6 +710,30 @@ def test_sdpa_kernels_agree_with_auto(kernel, attn):
     assert out_a.abs().max() > 1e-3
     torch.testing.assert_close(plan_b, plan_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("major, cudnn_first", [(9, True), (8, False), (10, False)],
+                         ids=["hopper", "ampere", "blackwell"])
+def test_auto_kernel_puts_cudnn_first_on_hopper_only(monkeypatch, major, cudnn_first):
+    """`auto` orders SDPA's kernels cuDNN first on compute capability 9.x (where it measured faster) and leaves
+    PyTorch's order elsewhere; the order takes effect inside the context and is restored after it."""
+    from torch.nn.attention import SDPBackend
+
+    from mardini.models.layers import _sdpa_context, sdpa_backends
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Props", (), {"major": major}))
+    cuda = torch.device("cuda", 0)
+    assert sdpa_backends("auto", torch.device("cpu")) is None
+    assert sdpa_backends("flash", cuda) == ([SDPBackend.FLASH_ATTENTION], False)
+    before = torch._C._get_sdp_priority_order()
+    with _sdpa_context("auto", cuda):
+        inside = torch._C._get_sdp_priority_order()
+    assert torch._C._get_sdp_priority_order() == before
+    if cudnn_first:
+        assert sdpa_backends("auto", cuda)[1] is True
+        assert inside[0] == SDPBackend.CUDNN_ATTENTION.value
+    else:
+        assert sdpa_backends("auto", cuda) is None and inside == before
 
 
 def test_unavailable_backend_fails_clearly():
@@ -771,6 +893,20 @@ def test_rope_scores_depend_only_on_relative_position(head_dim, axis):
     cos, sin = rope(*grid)
     rotated = apply_rope(q.view(1, 1, 1, -1).expand(1, 1, cos.shape[0], -1), cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), q.norm().expand(cos.shape[0])[None, None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_rotates_each_consecutive_channel_pair(dtype):
+    """Channels (2i, 2i+1) are one complex number rotated by angle i, in the input's dtype: the layout the
+    checkpoints' q/k projections were trained with (a half-split layout would be another function)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 12, generator=g).to(dtype)
+    angles = torch.rand(7, 6, generator=g) * 20
+    out = apply_rope(x, angles.cos(), angles.sin())
+    expected = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+                                  * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_rejects_bad_head_dims():

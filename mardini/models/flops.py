@@ -4,7 +4,8 @@ Only matrix products and attention are counted; norms, activations and adaLN's e
 ``executed=False`` counts the model's useful work (identity attention: generated-frame queries x all keys +
 reference queries x own frame), the figure MFU is quoted on; ``executed=True`` counts what the configured kernels
 actually compute (the ``split`` identity implementation runs both a full and a per-frame attention), which a
-FLOP counter would report.
+FLOP counter would report. ``cached_references=True`` counts a sampler step that runs the generated frames only
+(Generator.cache_references): their tokens, and their queries against every key.
 """
 
 from __future__ import annotations
@@ -40,13 +41,19 @@ def planner_flops(cfg: MarDiniConfig, num_frames: int, lowres_hw: tuple[int, int
 
 
 def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, int], lowres_hw: tuple[int, int],
-                    num_masked: int, batch_size: int = 1, executed: bool = False) -> int:
+                    num_masked: int, batch_size: int = 1, executed: bool = False,
+                    cached_references: bool = False) -> int:
     g = cfg.generator
     n = (latent_hw[0] // g.patch_size) * (latent_hw[1] // g.patch_size)
     m = (lowres_hw[0] // cfg.planner.patch_size) * (lowres_hw[1] // cfg.planner.patch_size)
     T, N = num_frames, num_frames * n
     full_pairs, own_pairs = N * N, N * n
-    if g.attention == "full":
+    if cached_references:  # only the generated frames' tokens run: G frames of queries against all N keys
+        if g.attention == "full":
+            raise ValueError("reference frames cannot be cached under full attention")
+        pairs = num_masked * n * (N if g.attention == "identity" else n)
+        T, N = num_masked, num_masked * n
+    elif g.attention == "full":
         pairs = full_pairs
     elif g.attention == "spatial":
         pairs = own_pairs

@@ -16,9 +16,17 @@ Self-attention comes in three flavours:
 
 ``identity`` has two exact implementations: ``split`` runs a mask-free full attention and a mask-free per-frame
 attention and picks per query (both hit the fast SDPA kernels); ``mask`` builds one dense boolean mask.
+
+Generation reuses the reference frames across sampler steps (``cache_references``): under ``identity`` (and
+``spatial``) attention a reference frame's tokens read only their own frame, their clean latent, t = 0 and their own
+plan, none of which changes between steps, so every block's keys and values of them are computed once and each step
+runs the generated frames' tokens alone, their queries reading the cached keys beside their own. Exact (the same
+attention, its keys in another order), and each step skips the reference frames' share of the work.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -70,6 +78,19 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return rearrange(out, "(b t) h n d -> b h (t n) d", b=B)
 
 
+@dataclass
+class ReferenceCache:
+    """What the sampler's steps share (Generator.cache_references). generated: [G] indices of the generated frames
+    (the same in every sample); kv: per block, the (keys, values) [B, heads, R*n, head_dim] of the R reference frames'
+    tokens, or None where no generated query reads them (spatial attention); rope, plan_rope: the generated tokens'
+    RoPE (cos, sin) [G*n, head_dim/2] and the cross-attention's (forward's plan_rope), computed once."""
+
+    generated: torch.Tensor
+    kv: list
+    rope: tuple
+    plan_rope: tuple
+
+
 class GeneratorBlock(nn.Module):
     """adaLN-Zero DiT block with per-frame cross-attention to the planning signals."""
 
@@ -85,13 +106,21 @@ class GeneratorBlock(nn.Module):
         self.mlp = MLP(g.dim, g.mlp_ratio, cfg.mlp_type)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(g.dim, 6 * g.dim))
 
-    def self_attention(self, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
-        """x: [B, T*n, D]; mask: [B, T]."""
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor, rope, keep_kv: list | None = None,
+                       reference_kv: tuple | None = None) -> torch.Tensor:
+        """x: [B, T*n, D]; mask: [B, T]. Generation with cached reference frames (Generator.cache_references): with
+        keep_kv, x holds reference frames only, which attend to their own frame, and their keys and values are
+        appended to keep_kv; with reference_kv, x holds generated frames only, whose queries also read those."""
         T = mask.shape[1]
         q, k, v = self.attn.qkv_heads(x, rope)
-        if self.mode == "full":
+        if keep_kv is not None:
+            keep_kv.append((k, v) if self.mode == "identity" else None)
+        if reference_kv is not None:  # generated frames only: every key is theirs or a reference frame's
+            k, v = torch.cat([k, reference_kv[0]], dim=2), torch.cat([v, reference_kv[1]], dim=2)
             out = self.attn.attend(q, k, v)
-        elif self.mode == "spatial":
+        elif self.mode == "full":
+            out = self.attn.attend(q, k, v)
+        elif self.mode == "spatial" or keep_kv is not None:
             out = rearrange(self.attn.attend(per_frame(q, T), per_frame(k, T), per_frame(v, T)),
                             "(b t) h n d -> b h (t n) d", t=T)
         elif self.identity_impl == "mask":
@@ -107,13 +136,14 @@ class GeneratorBlock(nn.Module):
         return self.attn.output(out)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope,
-                plan_rope=(None, None)) -> torch.Tensor:
+                plan_rope=(None, None), keep_kv: list | None = None, reference_kv: tuple | None = None) -> torch.Tensor:
         """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T];
-        rope: (cos, sin) of every token; plan_rope: (rope of a frame's n tokens, rope of its m plan tokens)."""
+        rope: (cos, sin) of every token; plan_rope: (rope of a frame's n tokens, rope of its m plan tokens);
+        keep_kv / reference_kv: see self_attention."""
         B, T, n, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, :, None].chunk(6, dim=-1)  # [B, T, 1, D]
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
-        x = x + gate1 * self.self_attention(h, mask, rope).reshape(B, T, n, D)
+        x = x + gate1 * self.self_attention(h, mask, rope, keep_kv, reference_kv).reshape(B, T, n, D)
         # Per-frame cross-attention: frame i's tokens read plan[i] only.
         h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"),
                        *plan_rope)
@@ -184,12 +214,66 @@ class Generator(nn.Module):
         return self.rope.angles(queries), self.rope.angles(keys)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, model_time: torch.Tensor, plan: torch.Tensor,
-                return_hidden: bool = False, motion: torch.Tensor | None = None):
+                return_hidden: bool = False, motion: torch.Tensor | None = None, cache: ReferenceCache | None = None):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
         mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc];
         motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set; with
-        model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames).
-        Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T, n, D])."""
+        model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames);
+        cache: the reference frames of this x, mask, plan and motion (cache_references): only the generated frames
+        run, and the reference frames' outputs are 0.
+        Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T', n, D])."""
+        B, T, _, H, W = x.shape
+        cached = {} if cache is None else dict(frames=cache.generated, rope=cache.rope, plan_rope=cache.plan_rope)
+        tokens, c, plan, mask, rope, plan_rope = self._inputs(x, mask, model_time, plan, motion, **cached)
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, plan, mask, rope, plan_rope,
+                           reference_kv=None if cache is None else cache.kv[i])
+            hidden.append(tokens)
+        out = unpatchify(self.final(tokens, c), self.patch_size, H, W)
+        if cache is not None:  # [B, G, C, H, W] -> [B, T, C, H, W], zeros on the reference frames
+            out = out.new_zeros(B, T, *out.shape[2:]).index_copy(1, cache.generated, out)
+        return (out, hidden) if return_hidden else out
+
+    def caches_references(self, mask: torch.Tensor) -> bool:
+        """Whether cache_references applies: attention that keeps reference frames to themselves, and the same
+        generated frames in every sample (reads the mask on the host)."""
+        return self.cfg.generator.attention != "full" and bool((mask == mask[:1]).all())
+
+    @torch.no_grad()
+    def cache_references(self, x: torch.Tensor, mask: torch.Tensor, plan: torch.Tensor,
+                         motion: torch.Tensor | None = None) -> ReferenceCache:
+        """Run the reference frames of x (clean latents; generated frames' values are ignored) through every block
+        once and keep their keys and values, for sampler steps that run the generated frames only (forward with
+        cache=). Arguments as in forward; mask must be the same in every sample (caches_references)."""
+        if self.cfg.generator.attention == "full":
+            raise ValueError("generator.attention='full' lets reference frames attend to generated ones: their "
+                             "keys and values change every step and cannot be cached")
+        if not bool((mask == mask[:1]).all()):
+            raise ValueError("cache_references needs the same generated frames in every sample")
+        if mask[0].all() or not mask[0].any():
+            raise ValueError("cache_references needs at least one reference and one generated frame")
+        generated, references = mask[0].nonzero().squeeze(1), (~mask[0]).nonzero().squeeze(1)
+        time = torch.zeros(mask.shape, device=x.device)  # reference frames are clean
+        tokens, c, ref_plan, ref_mask, rope, plan_rope = self._inputs(x, mask, time, plan, motion, frames=references)
+        kv = []
+        for block in self.blocks:
+            tokens = block(tokens, c, ref_plan, ref_mask, rope, plan_rope, keep_kv=kv)
+        _, H, W = x.shape[-3:]
+        rope = self.rope.angles(self._frame_coords(x.shape[1], H, W, generated, x.device))
+        return ReferenceCache(generated, kv, rope, plan_rope)
+
+    def _frame_coords(self, T: int, H: int, W: int, frames: torch.Tensor | None, device) -> torch.Tensor:
+        """(t, y, x) of the tokens of the listed frames [T'] of a T-frame window (None: all): [T'*n, 3]."""
+        p = self.patch_size
+        coords = grid_coords(T, H // p, W // p, device=device)
+        return coords if frames is None else coords.unflatten(0, (T, -1))[frames].flatten(0, 1)
+
+    def _inputs(self, x, mask, model_time, plan, motion, frames: torch.Tensor | None = None, rope=None,
+                plan_rope=None):
+        """Check the inputs and embed the frames listed in `frames` [T'] (None: all T), with their RoPE tables if
+        given (else computed). Returns tokens [B, T', n, D], conditioning c [B, T', D], plan and mask of those
+        frames, the RoPE of their tokens and the plan RoPE."""
         B, T, _, H, W = x.shape
         p = self.patch_size
         if T > self.cfg.max_frames:
@@ -202,15 +286,15 @@ class Generator(nn.Module):
         if motion is not None and motion.shape[2] * p * p != self.motion_embed.in_features:
             raise ValueError(f"motion input has {motion.shape[2]} channels; model.motion.pair="
                              f"{self.cfg.motion.pair} needs {self.motion_embed.in_features // (p * p)}")
-        tokens = self.patch_embed(patchify(x, p))                                  # [B, T, n, D]
+        if rope is None:
+            rope = self.rope.angles(self._frame_coords(T, H, W, frames, x.device))  # (cos, sin) [T'*n, d/2]
+        if plan_rope is None:
+            plan_rope = self.plan_rope(H, W, plan.shape[2], x.device)
+        if frames is not None:
+            x, mask, model_time, plan = x[:, frames], mask[:, frames], model_time[:, frames], plan[:, frames]
+            motion = None if motion is None else motion[:, frames]
+        tokens = self.patch_embed(patchify(x, p))                                  # [B, T', n, D]
         if motion is not None:
             tokens = tokens + self.motion_embed(patchify(motion.to(x.dtype), p))
-        c = self.time_embed(model_time) + self.frame_type(mask.long())             # [B, T, D]
-        rope = self.rope(T, H // p, W // p, device=x.device)
-        plan_rope = self.plan_rope(H, W, plan.shape[2], x.device)
-        hidden = []
-        for block in self.blocks:
-            tokens = block(tokens, c, plan, mask, rope, plan_rope)
-            hidden.append(tokens)
-        out = unpatchify(self.final(tokens, c), p, H, W)
-        return (out, hidden) if return_hidden else out
+        c = self.time_embed(model_time) + self.frame_type(mask.long())             # [B, T', D]
+        return tokens, c, plan, mask, rope, plan_rope

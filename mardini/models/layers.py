@@ -28,19 +28,36 @@ def xformers_available() -> bool:
     return xops is not None
 
 
-def _sdpa_context(kernel: str):
-    """A context that restricts SDPA to one kernel; ``auto`` lets PyTorch choose."""
-    if kernel == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def sdpa_backends(kernel: str, device: torch.device) -> tuple[list, bool] | None:
+    """The SDPA backends a kernel name allows on a device, and whether their order is a priority (None: PyTorch's
+    own choice). ``auto`` is PyTorch's order (FlashAttention first) except on Hopper GPUs (compute capability 9.x),
+    where it tries cuDNN's attention first: faster there (BENCHMARKS.md, "Attention kernels"), with the other kernels
+    kept as fallbacks for inputs cuDNN does not serve."""
+    from torch.nn.attention import SDPBackend
 
+    if kernel == "auto":
+        if device.type == "cuda" and torch.cuda.get_device_properties(device).major == 9:
+            return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH], True
+        return None
     backend = {
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "math": SDPBackend.MATH,
     }[kernel]
-    return sdpa_kernel([backend])
+    return [backend], False
+
+
+def _sdpa_context(kernel: str, device: torch.device):
+    """A context that restricts SDPA to one kernel, or orders its kernels (``auto``, see sdpa_backends)."""
+    choice = sdpa_backends(kernel, device)
+    if choice is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    backends, priority = choice
+    return sdpa_kernel(backends, set_priority=priority)
 
 
 def attention(
@@ -54,7 +71,7 @@ def attention(
     """Scaled dot-product attention. q: [B, H, Nq, d], k/v: [B, H, Nk, d], mask: bool broadcastable to
     [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]."""
     if backend == "sdpa":
-        with _sdpa_context(sdpa_kernel):
+        with _sdpa_context(sdpa_kernel, q.device):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "xformers":
         if xops is None:

@@ -178,13 +178,16 @@ class MarDini(nn.Module):
     @torch.no_grad()
     def generate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, z_lo: torch.Tensor | None = None,
                  num_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-                 guidance_scale: float = 1.0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                 guidance_scale: float = 1.0, noise: torch.Tensor | None = None, progress: bool = False,
+                 reuse_references: bool = True) -> torch.Tensor:
         """Fill in the masked frames.
 
         z_hi: [B, T, C, H, W] latents whose reference frames (mask False) are given (values of masked frames are
         ignored); mask: [B, T]; z_lo: planner input (None: pooled from z_hi). Returns [B, T, C, H, W] with the
         reference frames bit-identical to the input. The planner runs exactly once. `generator` may be a list
         with one generator per sample (initial noise and a stochastic sampler's fresh noise per sample).
+        reuse_references: run the reference frames through the generator once and each step on the generated
+        frames only (Generator.cache_references; exact, used where the attention and the mask allow it).
         """
         B, T = z_hi.shape[:2]
         check_mask(mask, T)
@@ -205,6 +208,14 @@ class MarDini(nn.Module):
         is_gen = mask[:, :, None, None, None]
         motion = self.motion(z_hi, mask)
 
+        def batch(a):  # a guided step runs each sample twice: with its plan, then with the null plan
+            return torch.cat([a, a]) if guided else a
+
+        cache = None
+        if reuse_references and self.generator.caches_references(mask):
+            cache = self.generator.cache_references(batch(z_hi), batch(mask), plan,
+                                                    motion=None if motion is None else batch(motion))
+
         def project(x):
             return torch.where(is_gen, x, z_hi)
 
@@ -212,11 +223,11 @@ class MarDini(nn.Module):
             # fp32 whatever the model dtype: bf16 would round timesteps (997 -> 996) before the embedding
             frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
             x = project(diffusion.network_input(x, diffusion.time_of(model_time.reshape(-1).expand(B))))
+            out = self.generator(batch(x), batch(mask), batch(frame_time), plan,
+                                 motion=None if motion is None else batch(motion), cache=cache)
             if not guided:
-                return self.generator(x, mask, frame_time, plan, motion=motion)
-            cond, uncond = self.generator(torch.cat([x, x]), torch.cat([mask, mask]),
-                                          torch.cat([frame_time, frame_time]), plan,
-                                          motion=None if motion is None else torch.cat([motion, motion])).chunk(2)
+                return out
+            cond, uncond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
 
         x = diffusion.sample(denoise, noise, num_steps, project=project, generator=generator, progress=progress)
