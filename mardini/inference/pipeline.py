@@ -87,9 +87,9 @@ class MarDiniPipeline:
 
     def compile(self, mode: str = "default", backend: str = "inductor") -> "MarDiniPipeline":
         """torch.compile the planner, the generator and the VAE's decoder in place (weights and state_dict keys
-        unchanged). On one H200 in bf16, 12 frames at 512 px with 25 steps take 1.52 s eager, 1.04 s with the
-        networks compiled and 0.95 s with the decoder as well (BENCHMARKS.md, "Inference"); the first call at each
-        shape compiles (tens of seconds), so it pays for batches of generations, not for one."""
+        unchanged). On one H200 in bf16, the paper model makes 12 frames at 512 px with 25 steps in 1.28 s eager and
+        0.78 s with all three compiled (BENCHMARKS.md, "Inference, third step"); the first call at each shape
+        compiles (tens of seconds), so it pays for batches of generations, not for one."""
         self.model.planner.compile(mode=mode, backend=backend)
         self.model.generator.compile(mode=mode, backend=backend)
         decoder = getattr(getattr(self.autoencoder, "vae", None), "decoder", None)  # diffusers VAEs
