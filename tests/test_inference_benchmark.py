@@ -16,9 +16,8 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "inference.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
                              "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "1",
-                             "--given", "2",
-                             "--compile", "0", "--vae-channels-last", "0,1", "--reuse-references", "0,1", "--kernel", "math",
-                             "--out", str(out)],
+                             "--given", "2", "--compile", "0", "--vae-channels-last", "0,1",
+                             "--reuse-references", "0,1", "--kernel", "math", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]

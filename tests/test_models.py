@@ -18,7 +18,7 @@ from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
-from mardini.models.layers import RotaryEmbedding3D, apply_rope, grid_coords, patchify, unpatchify, xformers_available
+from mardini.models.layers import RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
 
 from helpers_models import fit_fixed_batch
 
