@@ -236,9 +236,20 @@ class Generator(nn.Module):
         return (out, hidden) if return_hidden else out
 
     def caches_references(self, mask: torch.Tensor) -> bool:
-        """Whether cache_references applies: attention that keeps reference frames to themselves, and the same
-        generated frames in every sample (reads the mask on the host)."""
-        return self.cfg.generator.attention != "full" and bool((mask == mask[:1]).all())
+        """Whether cache_references applies to this mask (reads it on the host)."""
+        return self._cache_refusal(mask) is None
+
+    def _cache_refusal(self, mask: torch.Tensor) -> str | None:
+        """Why the reference frames of this mask cannot be cached, or None: the attention must keep them to
+        themselves, and every sample must generate the same frames (some, not all)."""
+        if self.cfg.generator.attention == "full":
+            return ("generator.attention='full' lets reference frames attend to generated ones: their keys and "
+                    "values change every step and cannot be cached")
+        if not bool((mask == mask[:1]).all()):
+            return "cache_references needs the same generated frames in every sample"
+        if mask[0].all() or not mask[0].any():
+            return "cache_references needs at least one reference and one generated frame"
+        return None
 
     @torch.no_grad()
     def cache_references(self, x: torch.Tensor, mask: torch.Tensor, plan: torch.Tensor,
@@ -246,13 +257,9 @@ class Generator(nn.Module):
         """Run the reference frames of x (clean latents; generated frames' values are ignored) through every block
         once and keep their keys and values, for sampler steps that run the generated frames only (forward with
         cache=). Arguments as in forward; mask must be the same in every sample (caches_references)."""
-        if self.cfg.generator.attention == "full":
-            raise ValueError("generator.attention='full' lets reference frames attend to generated ones: their "
-                             "keys and values change every step and cannot be cached")
-        if not bool((mask == mask[:1]).all()):
-            raise ValueError("cache_references needs the same generated frames in every sample")
-        if mask[0].all() or not mask[0].any():
-            raise ValueError("cache_references needs at least one reference and one generated frame")
+        refusal = self._cache_refusal(mask)
+        if refusal:
+            raise ValueError(refusal)
         generated, references = mask[0].nonzero().squeeze(1), (~mask[0]).nonzero().squeeze(1)
         time = torch.zeros(mask.shape, device=x.device)  # reference frames are clean
         tokens, c, ref_plan, ref_mask, rope, plan_rope = self._inputs(x, mask, time, plan, motion, frames=references)
