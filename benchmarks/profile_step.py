@@ -58,6 +58,7 @@ def main():
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--size", default="paper", help="model size (mardini/models/config.py MODEL_SIZES)")
+    p.add_argument("--impl", default="gather", help="identity-attention implementation: gather, split, mask")
     p.add_argument("--top", type=int, default=15, help="how many kernels the JSON lists")
     p.add_argument("--ops", type=int, default=0,
                    help="also list the N operators whose own kernels take the most GPU time, with input shapes")
@@ -66,7 +67,7 @@ def main():
     if args.part == "sample":
         step = build_sample_step(args, bool(args.compile))
     else:
-        step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn")
+        step, _, _ = build_step(args, args.part, bool(args.compile), kernel="cudnn", impl=args.impl)
 
     for _ in range(4):
         step()
@@ -95,8 +96,8 @@ def main():
                 totals[name] += us / 1e3
                 break
     busy = sum(totals.values())
-    report = {"part": args.part, "compile": bool(args.compile), "wall_ms": wall_ms, "busy_ms": busy,
-              "idle_ms": wall_ms - busy, "groups_ms": totals,
+    report = {"part": args.part, "identity_impl": args.impl, "compile": bool(args.compile), "wall_ms": wall_ms,
+              "busy_ms": busy, "idle_ms": wall_ms - busy, "groups_ms": totals,
               "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:args.top])}
     if args.ops:
         ops = [(evt.self_device_time_total / steps, evt.key, str(evt.input_shapes))

@@ -23,6 +23,7 @@ import torch
 from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
+from mardini.models.generator import frame_counts
 from mardini.models.mardini import lowres_from_hires
 from mardini.training.optim import build_optimizer
 from mardini.training.parallel import apply_activation_checkpointing, apply_compile
@@ -36,13 +37,16 @@ def make_batch(args, device):
     g = torch.Generator(device).manual_seed(0)
     B, T, C, S = args.batch, args.frames, args.channels, args.latent
     z_hi = torch.randn(B, T, C, S, S, device=device, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    mask[:, T // 2] = False  # image-to-video with the reference in the middle: the curriculum's final stage
-    return z_hi, lowres_from_hires(z_hi, args.lowres), mask
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if getattr(args, "given", 1) == 2:  # interpolation: first and last frames given
+        mask[:, [0, -1]] = False
+    else:  # image-to-video with the reference in the middle: the curriculum's final stage
+        mask[:, T // 2] = False
+    return z_hi, lowres_from_hires(z_hi, args.lowres), mask.to(device)
 
 
 def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel: str = "cudnn",
-               impl: str = "split", backend: str = "sdpa", generator_heads: int = 0):
+               impl: str = "gather", backend: str = "sdpa", generator_heads: int = 0):
     """(step, model, mask): one bf16 training step of `part` (planner | generator | joint) with fused AdamW on a
     fixed paper-like batch; shared with profile_step.py. generator_heads > 0 overrides the size's head count (same
     width and parameters, other head dim)."""
@@ -65,15 +69,16 @@ def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel
     time_in = torch.where(mask, 500.0, 0.0)
     plan_shape = (B, T, (args.latent // args.lowres) ** 2, cfg.signal_dim)
     plan_fixed = torch.randn(plan_shape, device=device, dtype=torch.bfloat16)
+    counts = frame_counts(mask.cpu())  # read once, here: the trainer reads its masks' counts on the host too
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if part == "joint":
-                loss = model(z_hi, z_lo, mask, diffusion, noise=noise, t=t)["loss"]
+                loss = model(z_hi, z_lo, mask, diffusion, noise=noise, t=t, frame_counts=counts)["loss"]
             elif part == "planner":
                 loss = model.planner(z_lo, mask).float().square().mean()
             else:
-                loss = model.generator(z_hi, mask, time_in, plan_fixed).float().square().mean()
+                loss = model.generator(z_hi, mask, time_in, plan_fixed, frame_counts=counts).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -97,6 +102,7 @@ def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: st
     return {"part": part, "compile": compile_, "activation_checkpointing": ac, "sdpa_kernel": kernel,
             "identity_impl": impl, "generator_heads": cfg.generator.num_heads,
             "generator_head_dim": cfg.generator.dim // cfg.generator.num_heads, "batch": B, "frames": T,
+            "given": T - int(mask[0].sum()),
             "latent": args.latent, "step_s": seconds,
             "tokens_per_s": tokens / seconds, "tflops": model_flops / seconds / 1e12,
             "mfu": model_flops / seconds / (args.peak_tflops * 1e12), "peak_mem_gib": peak,
@@ -111,11 +117,13 @@ def main():
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lowres", type=int, default=4, help="planner latent downsampling r")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--given", type=int, default=1, choices=(1, 2),
+                   help="given frames: 1 = image-to-video (the middle one), 2 = interpolation (first and last)")
     p.add_argument("--parts", default="planner,generator,joint")
     p.add_argument("--compile", default="0,1")
     p.add_argument("--ac", default="0")
     p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers (the xformers backend)")
-    p.add_argument("--impls", default="split", help="identity-attention implementations: split, mask, gather")
+    p.add_argument("--impls", default="gather", help="identity-attention implementations: gather, split, mask")
     p.add_argument("--generator-heads", default="0", help="generator head counts (0 = the size's), e.g. 16,8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)

@@ -101,8 +101,42 @@ def take_flag(argv: list[str], flag: str) -> bool:
     return found
 
 
+def default_preset_clashes(overrides: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
+    """(the default experiment preset, the config groups chosen in `overrides` whose values it would overwrite).
+
+    Why: config.yaml composes the groups first and the preset last, so that `mardini-train` alone runs the default
+    job; the default preset (tiny_synthetic) also sets values of the model, data and train groups (batch size,
+    learning rate, steps, motion estimate), which would silently replace those of a group the command line chose
+    (`model=small train=gpu` would train at the tiny job's batch 8). Such a group is one whose name is a top-level
+    key of the preset's body; an override naming the experiment keeps the preset."""
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
+    preset = next((e["experiment"] for e in entries if isinstance(e, dict) and "experiment" in e), None)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")]
+    if preset is None or "experiment" in keys:
+        return preset, []
+    body = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "experiment" / f"{preset}.yaml"))
+    groups = [k for k in body if k not in ("defaults", "experiment") and (CONFIG_DIR / k).is_dir()]
+    return preset, sorted({k for k in keys if k in groups})
+
+
+def with_groups_as_written(overrides: list[str]) -> list[str]:
+    """overrides, plus `~experiment` (no preset) when they choose a group the default preset would overwrite
+    (default_preset_clashes): `mardini-train model=small data=synthetic_large train=gpu` then trains what those
+    groups say. `mardini-train` alone, value overrides (train.lr=...) and other groups (curriculum=paper) keep the
+    default job."""
+    clashes = default_preset_clashes(overrides)[1]
+    if not clashes:
+        return list(overrides)
+    # right after a clashing override, so that it joins the positional overrides wherever Hydra's flags stand
+    at = next(i for i, o in enumerate(overrides) if o.split("=", 1)[0].lstrip("+~") in clashes) + 1
+    return [*overrides[:at], "~experiment", *overrides[at:]]
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config", validate: bool = True):
-    """Compose (and validate) the run config without starting a run (tests, notebooks, tools)."""
+    """Compose (and validate) the run config without starting a run (tests, notebooks, tools), as mardini-train
+    would (with_groups_as_written)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -110,6 +144,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
 
     register_configs()
     GlobalHydra.instance().clear()
+    if config_name == "config":
+        overrides = with_groups_as_written(list(overrides))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
     if validate:
@@ -162,12 +198,19 @@ def train_main() -> None:
         from .training.config import register_configs
 
         register_configs()
+        preset, clashes = default_preset_clashes(sys.argv[1:])
+        sys.argv[1:] = with_groups_as_written(sys.argv[1:])
         if not (debug or os.environ.get("HYDRA_FULL_ERROR") == "1"):
             check_overrides("mardini-train", sys.argv[1:])
 
         @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
         def app(cfg) -> None:
             logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout, force=True)
+            if clashes:
+                logging.getLogger("mardini.train").info(
+                    "the default preset experiment=%s is not applied: it would overwrite the values of %s chosen "
+                    "on the command line (name a preset with experiment=... to apply one)", preset,
+                    ", ".join(f"{g}={_override_value(g)}" for g in clashes))
             try:
                 with user_errors("mardini-train", debug, "--debug or HYDRA_FULL_ERROR=1 shows the traceback"):
                     status = _train(cfg)
@@ -180,6 +223,11 @@ def train_main() -> None:
                 sys.exit(status)
 
         app()
+
+
+def _override_value(group: str) -> str:
+    """The option of `group` chosen on the command line (for the log line)."""
+    return next((o.split("=", 1)[1] for o in sys.argv[1:] if o.split("=", 1)[0].lstrip("+") == group), "?")
 
 
 def _train(cfg) -> int:

@@ -76,6 +76,41 @@ def test_default_config_composes_and_validates():
     assert set(cfg.train.trackers) == {"tensorboard", "wandb"} and cfg.train.wandb_mode == "auto"
 
 
+def test_groups_chosen_on_the_command_line_apply_as_written():
+    """The default preset (tiny_synthetic) sets model, data and train values; a command line that chooses one of
+    those groups gets the group's values, not the preset's (before: `model=small data=synthetic_large train=gpu`
+    trained at the tiny job's batch 8, lr 3e-3 and 400 steps, with its motion estimate). Value overrides, other
+    groups and an explicitly named preset keep the preset."""
+    gpu = OmegaConf.load(CONFIGS / "train" / "gpu.yaml")
+    small = OmegaConf.load(CONFIGS / "model" / "small.yaml")
+    cfg = compose_config(["model=small", "data=synthetic_large", "train=gpu"])
+    assert cli.default_preset_clashes(["model=small", "data=synthetic_large", "train=gpu"]) == \
+        ("tiny_synthetic", ["data", "model", "train"])
+    assert cfg.experiment == "custom"
+    for key in ("batch_size", "lr", "max_steps", "warmup_steps", "lr_schedule"):
+        assert cfg.train[key] == gpu[key], key
+    assert cfg.model.motion.estimate == small.motion.estimate == "none"
+    preset = compose_config([])
+    assert preset.train.batch_size != gpu.batch_size  # the preset does set what the groups above got back
+    for kept in (["train.max_steps=40"], ["curriculum=paper"], ["model=small", "experiment=tiny_synthetic"]):
+        cfg = compose_config(kept)
+        assert cfg.experiment == "tiny_synthetic" and cfg.train.batch_size == preset.train.batch_size, kept
+        assert cfg.model.motion.estimate == preset.model.motion.estimate, kept
+
+
+def test_mardini_train_prints_the_groups_as_written(tmp_path):
+    """The same rule in the entry point (`--cfg job` prints the composed config without training)."""
+    import subprocess
+    import yaml
+
+    result = subprocess.run([sys.executable, "-m", "mardini.train", "model=small", "train=gpu", "--cfg", "job"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["train"]["batch_size"] == OmegaConf.load(CONFIGS / "train" / "gpu.yaml").batch_size
+    assert printed["experiment"] == "custom" and printed["model"]["generator"]["dim"] == MODEL_SIZES["small"]["generator"]["dim"]
+
+
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"configs/{group}/ has no options"

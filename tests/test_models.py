@@ -18,6 +18,7 @@ from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
+from mardini.models.generator import frame_counts
 from mardini.models.layers import RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
 
 from helpers_models import fit_fixed_batch
@@ -317,7 +318,7 @@ def test_generator_learns_a_task_only_the_plan_carries():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_identity_implementations_agree_with_the_dense_mask(seed):
     """split, gather and the dense-mask reference compute the same function and the same gradients (same weights,
-    random inputs, masks whose generated-frame counts differ between clips, so gather pads)."""
+    random inputs, masks whose generated- and reference-frame counts differ between clips, so gather pads)."""
     g = torch.Generator().manual_seed(seed)
     reference = randomize(tiny(generator=dict(identity_impl="mask")), seed=seed)
     B, T = 3, 6
@@ -328,17 +329,19 @@ def test_identity_implementations_agree_with_the_dense_mask(seed):
     model_time = torch.where(mask, torch.rand(B, T, generator=g) * 1000, 0.0)
     plan = torch.randn(B, T, 16, reference.cfg.signal_dim, generator=g)
 
-    def run(model):
-        out, hidden = model.generator(x, mask, model_time, plan, return_hidden=True)
+    def run(model, counts=None):
+        out, hidden = model.generator(x, mask, model_time, plan, return_hidden=True, frame_counts=counts)
         out.square().mean().backward()
         return out.detach(), [h.detach() for h in hidden], {n: p.grad for n, p in model.named_parameters()}
 
     out_ref, hid_ref, grad_ref = run(reference)
     assert out_ref.abs().max() > 1e-3  # not a trivially zero output
-    for impl in ("split", "gather"):
+    assert frame_counts(mask) == (T - 1, int((~mask).sum(1).max()))
+    # gather: counts read from the mask, given by the caller, or larger than needed (padding both ways)
+    for impl, counts in [("split", None), ("gather", None), ("gather", frame_counts(mask)), ("gather", (T, T))]:
         model = tiny(generator=dict(identity_impl=impl))
         model.load_state_dict(reference.state_dict())
-        out, hidden, grads = run(model)
+        out, hidden, grads = run(model, counts)
         torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
         for h, h_ref in zip(hidden, hid_ref):
             torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
@@ -562,6 +565,38 @@ def test_compiled_generator_takes_the_reference_cache_in_one_graph():
         torch._dynamo.reset()
     assert counter.frame_count == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_attention_with_host_counts_is_one_graph_for_training():
+    """identity_impl=gather given the frame counts from the host (as the trainer passes them) traces a training
+    step's generator into one graph, forward and backward (no read of the device mask: any would break the graph),
+    and equals the eager model; a second batch with other masks but the same counts reuses that graph."""
+    import torch._dynamo.testing
+
+    model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    x, plan = torch.randn(2, 5, C, 8, 8, generator=g), torch.randn(2, 5, 16, model.cfg.signal_dim, generator=g)
+
+    def step(mask):
+        model.zero_grad()
+        out = model.generator(x, mask, torch.where(mask, 500.0, 0.0), plan, frame_counts=frame_counts(mask))
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.generator.parameters() if p.grad is not None]
+
+    first, second = masks("01110", "01101"), masks("10110", "01011")  # counts (3, 2) both
+    eager = [step(first), step(second)]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    model.generator.compile(backend=counter, fullgraph=True)
+    try:
+        compiled = [step(first), step(second)]
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for (out, grads), (out_e, grads_e) in zip(compiled, eager):
+        torch.testing.assert_close(out, out_e, rtol=1e-5, atol=1e-5)
+        for grad, grad_e in zip(grads, grads_e):
+            torch.testing.assert_close(grad, grad_e, rtol=1e-4, atol=1e-6)
 
 
 def test_reference_cache_falls_back_where_it_does_not_apply():

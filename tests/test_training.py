@@ -749,6 +749,9 @@ def test_draw_randomness_per_position_independent_of_batch():
     assert torch.equal(batch.mask[1], alone.mask[0]) and torch.equal(batch.t[1], alone.t[0])
     assert torch.equal(batch.drop_plan[1], alone.drop_plan[0]) and torch.equal(batch.noise[1], alone.noise[0])
     assert not torch.equal(batch.noise[0], batch.noise[1])
+    # the gather attention's shapes, read on the host: the most generated and the most reference frames
+    generated = batch.mask.sum(1)
+    assert batch.frame_counts == (int(generated.max()), int((9 - generated).max()))
     later = draw_randomness([7], step=61, **args)
     assert not torch.equal(later.noise[0], alone.noise[0]), "randomness must depend on the step"
     reseeded = draw_randomness([7], step=60, **{**args, "seed": 6})

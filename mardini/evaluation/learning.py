@@ -183,6 +183,7 @@ def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed
     blocks = model.generator.blocks
     totals = [{"ref_mass": 0.0, "local_mass": 0.0, "own_frame_mass": 0.0, "queries": 0} for _ in blocks]
     originals = [block.attn.attend for block in blocks]
+    impls = [block.identity_impl for block in blocks]
     for chunk in videos.split(batch_size):
         n, T = chunk.shape[:2]
         m = mask[None].expand(n, T).to(device)
@@ -217,12 +218,15 @@ def generator_attention(pipe, videos: Tensor, mask: Tensor, t: float = 0.5, seed
         try:
             for i, block in enumerate(blocks):
                 block.attn.attend = recorder(i, originals[i])
+                # gather's full call holds the generated frames' queries only; split's holds every query in place
+                # (the same attention: generated frames' rows are those of the identity mask either way)
+                block.identity_impl = "split" if impls[i] == "gather" else impls[i]
             noise = torch.randn(z.shape, generator=g).to(device, z.dtype)
             model.clean_estimate(z.to(pipe.dtype), m, diffusion, torch.full((n,), t, device=device), noise,
                                  z_lo=z_lo.to(pipe.dtype))
         finally:
-            for block, original in zip(blocks, originals):
-                block.attn.attend = original
+            for block, original, impl in zip(blocks, originals, impls):
+                block.attn.attend, block.identity_impl = original, impl
     n_ref, T = int((~mask).sum()), mask.shape[0]
     window = float(near.sum(1).float().mean()) / (h * w)  # uniform share of a frame within the radius
     return [{"block": i, "ref_mass": tot["ref_mass"] / tot["queries"], "uniform_ref_mass": n_ref / T,

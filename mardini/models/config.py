@@ -34,7 +34,7 @@ class GeneratorConfig:
     patch_size: int = 2     # latent cells per token side, on the high-resolution latents
     mlp_ratio: float = 4.0  # MLP hidden width / dim
     attention: str = "identity"   # identity | full | spatial  (see generator.py)
-    identity_impl: str = "split"  # split: two mask-free attention calls (fast kernels) | mask: one dense boolean mask | gather: each query once (experimental)
+    identity_impl: str = "gather"  # gather: each query once | split: full + own-frame attention for all | mask: dense
 
 
 @dataclass

@@ -14,8 +14,11 @@ Self-attention comes in three flavours:
 - ``full``: every token attends to every token.
 - ``spatial``: every token attends to its own frame only (temporal coherence then comes from the plan alone).
 
-``identity`` has two exact implementations: ``split`` runs a mask-free full attention and a mask-free per-frame
-attention and picks per query (both hit the fast SDPA kernels); ``mask`` builds one dense boolean mask.
+``identity`` has three exact implementations: ``split`` runs a mask-free full attention and a mask-free per-frame
+attention and picks per query (both hit the fast SDPA kernels); ``gather`` runs the generated frames' queries
+against every key and the reference frames' queries against their own frame, each query once (also mask-free
+calls; its shapes follow the batch's most generated and most reference frames, which the trainer reads from its
+host copy of the mask); ``mask`` builds one dense boolean mask.
 
 Generation reuses the reference frames across sampler steps (``cache_references``): under ``identity`` (and
 ``spatial``) attention a reference frame's tokens read only their own frame, their clean latent, t = 0 and their own
@@ -52,29 +55,41 @@ def identity_attention_mask(mask: torch.Tensor, tokens_per_frame: int) -> torch.
     return (noisy_query[:, :, None] | same_frame[None]).unsqueeze(1)
 
 
-def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Identity attention that computes each query once: generated-frame queries (gathered per clip, padded to the
-    clip with the most) against every key, reference-frame queries against their own frame only. `split` computes
-    both for every query and keeps one. q, k, v: [B, H, T*n, d]; mask: [B, T]. Experimental: it reads the largest
-    generated-frame count on the host and its shapes follow the mask (torch.compile recompiles per count)."""
+def frame_counts(mask: torch.Tensor) -> tuple[int, int]:
+    """(the most generated frames, the most reference frames) of any sample of mask [B, T]: the shapes `gather`
+    identity attention computes with. Reads the mask's values: call it on a host copy (the trainer does, so that
+    no training step waits for the GPU)."""
+    return int(mask.sum(1).max()), int((~mask).sum(1).max())
+
+
+def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      counts: tuple[int, int] | None = None) -> torch.Tensor:
+    """Identity attention that computes each query once: the generated frames' queries against every key, the
+    reference frames' queries against their own frame only (`split` computes both for every query and keeps one).
+    q, k, v: [B, H, T*n, d]; mask: [B, T]; counts: frame_counts(mask), given by the caller from a host copy of
+    the mask (None: read here, which waits for the mask's device). Each sample's frames are ordered generated
+    first; its first G (the most generated frames of any sample) cover all its generated frames and its last R
+    all its reference frames; where a sample has fewer, the extra frames are computed both ways and the mask picks
+    the right one. Fixed shapes for given counts: no host sync, one compiled graph per (G, R)."""
     B, T = mask.shape
+    G, R = frame_counts(mask) if counts is None else counts
 
     def frames(x):  # [B, H, T*n, d] -> [(B T), H, n, d]
         return rearrange(x, "b h (t n) d -> (b t) h n d", t=T)
 
     q_frames = frames(q)
-    out = torch.zeros_like(q_frames)                                       # [(B T), H, n, d]
-    ref = (~mask).flatten().nonzero().squeeze(1)
-    if ref.numel():
-        out[ref] = attend(q_frames[ref], frames(k)[ref], frames(v)[ref])
-    counts = mask.sum(1)
-    most = int(counts.max())
-    if most:
-        order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]  # [B, G]
-        picked = (torch.arange(B, device=mask.device)[:, None] * T + order).flatten()                   # [B*G]
-        generated = attend(rearrange(q_frames[picked], "(b g) h n d -> b h (g n) d", b=B), k, v)
-        real = (torch.arange(most, device=mask.device)[None] < counts[:, None]).flatten()              # not padding
-        out[picked[real]] = rearrange(generated, "b h (g n) d -> (b g) h n d", g=most)[real]
+    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices   # [B, T] generated first
+    order = order + torch.arange(B, device=mask.device)[:, None] * T                         # rows of q_frames
+    out = torch.zeros_like(q_frames)                                                         # [(B T), H, n, d]
+    if G:
+        generated = order[:, :G].flatten()                                                   # [B*G]
+        attended = attend(rearrange(q_frames[generated], "(b g) h n d -> b h (g n) d", b=B), k, v)
+        out = out.index_copy(0, generated, rearrange(attended, "b h (g n) d -> (b g) h n d", g=G))
+    if R:
+        references = order[:, T - R:].flatten()                                              # [B*R]
+        own = attend(q_frames[references], frames(k)[references], frames(v)[references])
+        is_reference = (~mask).flatten()[:, None, None, None]                                # [(B T), 1, 1, 1]
+        out = torch.where(is_reference, torch.zeros_like(q_frames).index_copy(0, references, own), out)
     return rearrange(out, "(b t) h n d -> b h (t n) d", b=B)
 
 
@@ -107,10 +122,11 @@ class GeneratorBlock(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(g.dim, 6 * g.dim))
 
     def self_attention(self, x: torch.Tensor, mask: torch.Tensor, rope, keep_kv: list | None = None,
-                       reference_kv: tuple | None = None) -> torch.Tensor:
+                       reference_kv: tuple | None = None, counts: tuple[int, int] | None = None) -> torch.Tensor:
         """x: [B, T*n, D]; mask: [B, T]. Generation with cached reference frames (Generator.cache_references): with
         keep_kv, x holds reference frames only, which attend to their own frame, and their keys and values are
-        appended to keep_kv; with reference_kv, x holds generated frames only, whose queries also read those."""
+        appended to keep_kv; with reference_kv, x holds generated frames only, whose queries also read those.
+        counts: frame_counts(mask) from a host copy, for identity_impl=gather (see identity_gathered)."""
         T = mask.shape[1]
         q, k, v = self.attn.qkv_heads(x, rope)
         if keep_kv is not None:
@@ -126,7 +142,7 @@ class GeneratorBlock(nn.Module):
         elif self.identity_impl == "mask":
             out = self.attn.attend(q, k, v, identity_attention_mask(mask, x.shape[1] // T))
         elif self.identity_impl == "gather":
-            out = identity_gathered(self.attn.attend, q, k, v, mask)
+            out = identity_gathered(self.attn.attend, q, k, v, mask, counts)
         else:  # identity, split: full attention for generated frames, own-frame attention for reference frames
             full = self.attn.attend(q, k, v)
             own = rearrange(self.attn.attend(per_frame(q, T), per_frame(k, T), per_frame(v, T)),
@@ -136,14 +152,15 @@ class GeneratorBlock(nn.Module):
         return self.attn.output(out)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope,
-                plan_rope=(None, None), keep_kv: list | None = None, reference_kv: tuple | None = None) -> torch.Tensor:
+                plan_rope=(None, None), keep_kv: list | None = None, reference_kv: tuple | None = None,
+                counts: tuple[int, int] | None = None) -> torch.Tensor:
         """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T];
         rope: (cos, sin) of every token; plan_rope: (rope of a frame's n tokens, rope of its m plan tokens);
-        keep_kv / reference_kv: see self_attention."""
+        keep_kv / reference_kv / counts: see self_attention."""
         B, T, n, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, :, None].chunk(6, dim=-1)  # [B, T, 1, D]
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
-        x = x + gate1 * self.self_attention(h, mask, rope, keep_kv, reference_kv).reshape(B, T, n, D)
+        x = x + gate1 * self.self_attention(h, mask, rope, keep_kv, reference_kv, counts).reshape(B, T, n, D)
         # Per-frame cross-attention: frame i's tokens read plan[i] only.
         h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"),
                        *plan_rope)
@@ -214,13 +231,16 @@ class Generator(nn.Module):
         return self.rope.angles(queries), self.rope.angles(keys)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, model_time: torch.Tensor, plan: torch.Tensor,
-                return_hidden: bool = False, motion: torch.Tensor | None = None, cache: ReferenceCache | None = None):
+                return_hidden: bool = False, motion: torch.Tensor | None = None, cache: ReferenceCache | None = None,
+                frame_counts: tuple[int, int] | None = None):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
         mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc];
         motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set; with
         model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames);
         cache: the reference frames of this x, mask, plan and motion (cache_references): only the generated frames
-        run, and the reference frames' outputs are 0.
+        run, and the reference frames' outputs are 0;
+        frame_counts: frame_counts(mask) computed on a host copy of the mask, so that identity_impl=gather does not
+        read the mask on the device (a wait for the GPU); ignored by the other implementations.
         Returns the prediction [B, T, C, H, W] (and, if asked, each block's output [B, T', n, D])."""
         B, T, _, H, W = x.shape
         cached = {} if cache is None else dict(frames=cache.generated, rope=cache.rope, plan_rope=cache.plan_rope)
@@ -228,7 +248,7 @@ class Generator(nn.Module):
         hidden = []
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, c, plan, mask, rope, plan_rope,
-                           reference_kv=None if cache is None else cache.kv[i])
+                           reference_kv=None if cache is None else cache.kv[i], counts=frame_counts)
             hidden.append(tokens)
         out = unpatchify(self.final(tokens, c), self.patch_size, H, W)
         if cache is not None:  # [B, G, C, H, W] -> [B, T, C, H, W], zeros on the reference frames

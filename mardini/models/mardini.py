@@ -17,6 +17,7 @@ from torch import nn
 from ..diffusion.diffusion import masked_frame_mse
 from .config import MarDiniConfig, as_model_config
 from .generator import Generator
+from .generator import frame_counts as generator_frame_counts
 from .layers import box_downsample
 from .motion import MatchFeatures, between_given, motion_estimate
 from .planner import Planner
@@ -117,16 +118,20 @@ class MarDini(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, z_hi: torch.Tensor, z_lo: torch.Tensor | None, mask: torch.Tensor, diffusion,
                 noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                drop_plan: torch.Tensor | None = None) -> dict:
+                drop_plan: torch.Tensor | None = None, frame_counts: tuple[int, int] | None = None) -> dict:
         """Diffusion loss on the masked frames.
 
         z_hi: [B, T, C, H, W] clean latents; z_lo: [B, T, C, h, w] (None: average-pool z_hi by lowres_factor);
-        mask: [B, T] bool; noise: like z_hi; t: [B] noise levels in (0, 1); drop_plan: [B] bool.
+        mask: [B, T] bool; noise: like z_hi; t: [B] noise levels in (0, 1); drop_plan: [B] bool;
+        frame_counts: generator.frame_counts(mask) read from a host copy of the mask (the trainer passes it), so that
+        identity_impl=gather needs no wait for the GPU (None: a CPU mask is read here; a device mask in gather).
         Missing noise / t / drop_plan are drawn from the global RNG (the trainer passes them explicitly so that a
         sample's randomness does not depend on how the batch is split across ranks).
         """
         B, T = z_hi.shape[:2]
         check_mask(mask, T, values=mask.device.type == "cpu")  # no wait for the GPU in the training step
+        if frame_counts is None and mask.device.type == "cpu":
+            frame_counts = generator_frame_counts(mask)
         if z_lo is None:
             z_lo = lowres_from_hires(z_hi, self.cfg.lowres_factor)
         if z_lo.shape[:3] != z_hi.shape[:3]:
@@ -140,7 +145,7 @@ class MarDini(nn.Module):
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
         x_t, target, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise,
-                                                           self.plan(z_lo, mask, drop_plan))
+                                                           self.plan(z_lo, mask, drop_plan), frame_counts)
         loss = diffusion.loss(prediction.float(), target.float(), mask)
         out = {"loss": loss, "prediction": prediction, "target": target}
         if self.match_features is not None:  # a learned estimate trains on its own error (the diffusion loss is blind)
@@ -148,7 +153,7 @@ class MarDini(nn.Module):
             out["loss"] = loss + self.cfg.motion.loss_weight * out["motion_loss"]
         return out
 
-    def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan):
+    def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan, frame_counts=None):
         """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
         (x_t, target, prediction, motion); motion keeps a learned estimate's gradient, all else sees it detached."""
         motion = self.motion(z_hi, mask)
@@ -156,7 +161,8 @@ class MarDini(nn.Module):
         x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], diffusion.network_input(x_t, t), z_hi)  # references clean
         frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
-        return x_t, target, self.generator(x_in, mask, frame_time, plan, motion=fixed), motion
+        prediction = self.generator(x_in, mask, frame_time, plan, motion=fixed, frame_counts=frame_counts)
+        return x_t, target, prediction, motion
 
     @torch.no_grad()
     def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,
@@ -170,7 +176,8 @@ class MarDini(nn.Module):
             if z_lo is None:
                 z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
             plan = self.plan(z_lo, mask)
-        x_t, _, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise, plan)
+        x_t, _, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise, plan,
+                                                      generator_frame_counts(mask))
         clean = self.from_diffused(diffusion.predict_x0(x_t, prediction, t), motion)
         return torch.where(mask[:, :, None, None, None], clean, z_hi)
 
@@ -191,6 +198,7 @@ class MarDini(nn.Module):
         """
         B, T = z_hi.shape[:2]
         check_mask(mask, T)
+        counts = generator_frame_counts(mask)  # read once per call, not at every step
         if z_lo is None:
             z_lo = lowres_from_hires(torch.where(mask[:, :, None, None, None], 0.0, z_hi), self.cfg.lowres_factor)
         plan = self.plan(z_lo, mask)
@@ -224,7 +232,7 @@ class MarDini(nn.Module):
             frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
             x = project(diffusion.network_input(x, diffusion.time_of(model_time.reshape(-1).expand(B))))
             out = self.generator(batch(x), batch(mask), batch(frame_time), plan,
-                                 motion=None if motion is None else batch(motion), cache=cache)
+                                 motion=None if motion is None else batch(motion), cache=cache, frame_counts=counts)
             if not guided:
                 return out
             cond, uncond = out.chunk(2)

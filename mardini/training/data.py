@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..masking import MaskSampler, mask_generator
+from ..models.generator import frame_counts
 from ..models.mardini import check_mask
 
 
@@ -83,6 +84,7 @@ class SampleRandomness:
     t: torch.Tensor          # [B]
     drop_plan: torch.Tensor  # [B] bool
     noise: torch.Tensor      # [B, T, C, H, W]
+    frame_counts: tuple[int, int] | None = None  # the most generated and reference frames of a sample (host ints)
 
 
 def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: MaskSampler, diffusion,
@@ -105,6 +107,7 @@ def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: Ma
         t=_to_device(torch.cat(ts), device),
         drop_plan=_to_device(torch.cat(drops), device),
         noise=torch.stack(noises),
+        frame_counts=frame_counts(mask),  # read here, on the host: the gather attention's shapes without a wait
     )
 
 

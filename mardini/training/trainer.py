@@ -520,7 +520,8 @@ class Trainer:
         z_hi, z_lo, rnd = inputs
         drop = rnd.drop_plan if self.model_cfg.plan_dropout > 0 else None
         with self._autocast():
-            out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop)
+            out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop,
+                             frame_counts=rnd.frame_counts)
         if "motion_loss" in out:  # a learned motion estimate: its loss and the diffusion loss, logged apart
             self._loss_parts.append(torch.stack([out[key] for key in LOSS_PARTS]).detach().float())
         return out["loss"]
