@@ -114,7 +114,9 @@ def default_preset_clashes(overrides: list[str] | tuple[str, ...]) -> tuple[str,
     entries = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
     preset = next((e["experiment"] for e in entries if isinstance(e, dict) and "experiment" in e), None)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")]
-    if preset is None or "experiment" in keys:
+    other_config = any(o.split("=", 1)[0] in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+                       for o in overrides)  # another primary config: its own defaults, not config.yaml's
+    if preset is None or "experiment" in keys or other_config:
         return preset, []
     body = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "experiment" / f"{preset}.yaml"))
     groups = [k for k in body if k not in ("defaults", "experiment") and (CONFIG_DIR / k).is_dir()]

@@ -92,6 +92,10 @@ def test_groups_chosen_on_the_command_line_apply_as_written():
     assert cfg.model.motion.estimate == small.motion.estimate == "none"
     preset = compose_config([])
     assert preset.train.batch_size != gpu.batch_size  # the preset does set what the groups above got back
+    assert cli.with_groups_as_written(["--config-name", "other", "model=small"]) == \
+        ["--config-name", "other", "model=small"]  # another primary config keeps its own defaults
+    assert cli.with_groups_as_written(["-m", "model=small,base", "seed=1"]) == \
+        ["-m", "model=small,base", "~experiment", "seed=1"]  # beside the overrides, after Hydra's flags
     for kept in (["train.max_steps=40"], ["curriculum=paper"], ["model=small", "experiment=tiny_synthetic"]):
         cfg = compose_config(kept)
         assert cfg.experiment == "tiny_synthetic" and cfg.train.batch_size == preset.train.batch_size, kept
