@@ -6,7 +6,7 @@ clips use only the training photographs, validation clips only the validation on
 VAL_PHOTOS), for the background and for every cut-out layer.
 
     python scripts/make_photo_corpus.py data/photo_motion
-    mardini-train data=photo_motion ...
+    mardini-train experiment=small_photo_motion        # or data=photo_motion with groups of your choice
 
 writes OUT_DIR/train/000000.mp4 ..., OUT_DIR/val/000000.mp4 ..., the manifests OUT_DIR/train.csv and
 OUT_DIR/val.csv (a 'path' column relative to OUT_DIR, plus photo, layers, motion, easing, num_frames, video_fps,
