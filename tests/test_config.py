@@ -112,7 +112,8 @@ def test_mardini_train_prints_the_groups_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
     assert printed["train"]["batch_size"] == OmegaConf.load(CONFIGS / "train" / "gpu.yaml").batch_size
-    assert printed["experiment"] == "custom" and printed["model"]["generator"]["dim"] == MODEL_SIZES["small"]["generator"]["dim"]
+    assert printed["experiment"] == "custom"
+    assert printed["model"]["generator"]["dim"] == MODEL_SIZES["small"]["generator"]["dim"]
 
 
 def test_every_group_has_options():
