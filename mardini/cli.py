@@ -113,7 +113,7 @@ def default_preset_clashes(overrides: list[str] | tuple[str, ...]) -> tuple[str,
 
     entries = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml")).get("defaults", [])
     preset = next((e["experiment"] for e in entries if isinstance(e, dict) and "experiment" in e), None)
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")]
+    keys = [_override_key(o) for o in overrides if not o.startswith("-")]
     other_config = any(o.split("=", 1)[0] in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
                        for o in overrides)  # another primary config: its own defaults, not config.yaml's
     if preset is None or "experiment" in keys or other_config:
@@ -121,6 +121,11 @@ def default_preset_clashes(overrides: list[str] | tuple[str, ...]) -> tuple[str,
     body = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "experiment" / f"{preset}.yaml"))
     groups = [k for k in body if k not in ("defaults", "experiment") and (CONFIG_DIR / k).is_dir()]
     return preset, sorted({k for k in keys if k in groups})
+
+
+def _override_key(override: str) -> str:
+    """`+model=small` -> `model`: the key a Hydra override sets (or deletes, `~key`)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def with_groups_as_written(overrides: list[str]) -> list[str]:
@@ -132,7 +137,7 @@ def with_groups_as_written(overrides: list[str]) -> list[str]:
     if not clashes:
         return list(overrides)
     # right after a clashing override, so that it joins the positional overrides wherever Hydra's flags stand
-    at = next(i for i, o in enumerate(overrides) if o.split("=", 1)[0].lstrip("+~") in clashes) + 1
+    at = next(i for i, o in enumerate(overrides) if _override_key(o) in clashes) + 1
     return [*overrides[:at], "~experiment", *overrides[at:]]
 
 
@@ -229,7 +234,7 @@ def train_main() -> None:
 
 def _override_value(group: str) -> str:
     """The option of `group` chosen on the command line (for the log line)."""
-    return next((o.split("=", 1)[1] for o in sys.argv[1:] if o.split("=", 1)[0].lstrip("+") == group), "?")
+    return next((o.split("=", 1)[1] for o in sys.argv[1:] if "=" in o and _override_key(o) == group), "?")
 
 
 def _train(cfg) -> int:

@@ -70,7 +70,7 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the mask (None: read here, which waits for the mask's device). Each sample's frames are ordered generated
     first; its first G (the most generated frames of any sample) cover all its generated frames and its last R
     all its reference frames; where a sample has fewer, the extra frames are computed both ways and the mask picks
-    the right one. Fixed shapes for given counts: no host sync, one compiled graph per (G, R)."""
+    the right one (only the R frames' rows are rewritten). Fixed shapes for given counts: no host sync, one compiled graph per (G, R)."""
     B, T = mask.shape
     G, R = frame_counts(mask) if counts is None else counts
 
@@ -88,8 +88,8 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if R:
         references = order[:, T - R:].flatten()                                              # [B*R]
         own = attend(q_frames[references], frames(k)[references], frames(v)[references])
-        is_reference = (~mask).flatten()[:, None, None, None]                                # [(B T), 1, 1, 1]
-        out = torch.where(is_reference, torch.zeros_like(q_frames).index_copy(0, references, own), out)
+        is_reference = (~mask).flatten()[references][:, None, None, None]                    # [B*R, 1, 1, 1]
+        out = out.index_copy(0, references, torch.where(is_reference, own, out[references]))  # padding keeps its row
     return rearrange(out, "(b t) h n d -> b h (t n) d", b=B)
 
 
