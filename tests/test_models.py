@@ -599,6 +599,69 @@ def test_gather_attention_with_host_counts_is_one_graph_for_training():
             torch.testing.assert_close(grad, grad_e, rtol=1e-4, atol=1e-6)
 
 
+def test_gather_attention_compiles_few_graphs_over_every_frame_count():
+    """A long run meets many (G, R) (the paper curriculum at batch 32: 15 pairs over 20 000 steps). The compiled
+    blocks must not compile one graph per pair: past torch._dynamo's recompile limit they would silently run eagerly.
+    The counts become symbolic after the first change (a specialised graph for a count of 1 aside), so every pair
+    of 5 frames is served by at most 4 graphs."""
+    import torch._dynamo.testing
+
+    model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    x, plan = torch.randn(2, 5, C, 8, 8, generator=g), torch.randn(2, 5, 16, model.cfg.signal_dim, generator=g)
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    for block in model.generator.blocks:
+        block.compile(backend=counter)
+    pairs = [(G, R) for G in range(1, 5) for R in range(1, 5) if G + R >= 5]
+    try:
+        for G, R in pairs:
+            mask = torch.stack([torch.arange(5) < G, torch.arange(5) >= R])  # G generated; R references
+            assert frame_counts(mask) == (G, R)
+            out = model.generator(x, mask, torch.where(mask, 500.0, 0.0), plan, frame_counts=(G, R))
+            out.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(pairs) == 10 and 2 <= counter.frame_count <= 4 < torch._dynamo.config.recompile_limit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled GPU kernels (cuDNN attention) need a GPU")
+def test_gather_attention_compiles_for_training_on_cuda():
+    """What the trainer runs on a GPU: each block compiled by inductor, bf16 autocast, cuDNN attention (Hopper),
+    counts from the host, forward and backward. Against the fp32 dense-mask model, its outputs and gradients are
+    as close as the bf16 dense-mask model's (bf16 rounding, not a wrong frame). (An index_copy-based gather
+    compiled on the CPU and failed here: inductor could not lower its backward for cuDNN's output layout.)"""
+    torch._dynamo.reset()
+    dense = randomize(tiny(generator=dict(identity_impl="mask")), seed=5).cuda()
+    gathered = tiny(generator=dict(identity_impl="gather")).cuda()  # sdpa_kernel auto: cuDNN first on Hopper
+    gathered.load_state_dict(dense.state_dict())
+    for block in gathered.generator.blocks:
+        block.compile()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, C, 8, 8, generator=g).cuda()
+    plan = torch.randn(2, 5, 16, dense.cfg.signal_dim, generator=g).cuda()
+
+    def step(model, mask, bf16=True):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model.generator(x, mask.cuda(), torch.where(mask, 500.0, 0.0).cuda(), plan,
+                                  frame_counts=frame_counts(mask))
+        out.float().square().mean().backward()
+        return [out.float()] + [p.grad.float() for p in model.generator.parameters() if p.grad is not None]
+
+    def relative_error(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    try:
+        for mask in (masks("01110", "01101"), masks("10000", "01011")):
+            truth, rounded, compiled = step(dense, mask, bf16=False), step(dense, mask), step(gathered, mask)
+            assert truth[0].abs().max() > 1e-2 and len(compiled) == len(truth) == len(rounded)
+            for ours, bf16, exact in zip(compiled, rounded, truth):  # the output, then each gradient
+                assert relative_error(ours, exact) <= 2 * relative_error(bf16, exact) + 0.01
+    finally:
+        torch._dynamo.reset()
+
+
 def test_reference_cache_falls_back_where_it_does_not_apply():
     """Full attention (references read the noisy frames) and masks that differ between samples: cache_references
     refuses, and generation runs every frame at every step, with the same samples as without reuse."""

@@ -69,27 +69,28 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v: [B, H, T*n, d]; mask: [B, T]; counts: frame_counts(mask), given by the caller from a host copy of
     the mask (None: read here, which waits for the mask's device). Each sample's frames are ordered generated
     first; its first G (the most generated frames of any sample) cover all its generated frames and its last R
-    all its reference frames; where a sample has fewer, the extra frames are computed both ways and the mask picks
-    the right one (only the R frames' rows are rewritten). Fixed shapes for given counts: no host sync, one compiled graph per (G, R)."""
+    all its reference frames; where a sample has fewer, the extra frames are computed both ways and each frame
+    then reads its result from the right part. Fixed shapes for given counts: no host sync; compiled, the counts
+    turn symbolic at their first change, so a few graphs serve every (G, R). Only gathers (whose backward adds into
+    zeros): index_copy's backward could not be compiled for cuDNN's output layout on the GPU."""
     B, T = mask.shape
     G, R = frame_counts(mask) if counts is None else counts
-
-    def frames(x):  # [B, H, T*n, d] -> [(B T), H, n, d]
-        return rearrange(x, "b h (t n) d -> (b t) h n d", t=T)
-
-    q_frames = frames(q)
+    q_frames, k_frames, v_frames = (rearrange(x, "b h (t n) d -> (b t) h n d", t=T) for x in (q, k, v))
     order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices   # [B, T] generated first
-    order = order + torch.arange(B, device=mask.device)[:, None] * T                         # rows of q_frames
-    out = torch.zeros_like(q_frames)                                                         # [(B T), H, n, d]
+    rank = torch.argsort(order, dim=1)                  # [B, T]: where each frame stands in its sample's order
+    sample = torch.arange(B, device=mask.device)[:, None]
+    rows = order + sample * T                                                               # [B, T] rows of q_frames
+    parts = []
     if G:
-        generated = order[:, :G].flatten()                                                   # [B*G]
+        generated = rows[:, :G].flatten()                                                    # [B*G]
         attended = attend(rearrange(q_frames[generated], "(b g) h n d -> b h (g n) d", b=B), k, v)
-        out = out.index_copy(0, generated, rearrange(attended, "b h (g n) d -> (b g) h n d", g=G))
+        parts.append(rearrange(attended, "b h (g n) d -> (b g) h n d", g=G))
     if R:
-        references = order[:, T - R:].flatten()                                              # [B*R]
-        own = attend(q_frames[references], frames(k)[references], frames(v)[references])
-        is_reference = (~mask).flatten()[references][:, None, None, None]                    # [B*R, 1, 1, 1]
-        out = out.index_copy(0, references, torch.where(is_reference, own, out[references]))  # padding keeps its row
+        references = rows[:, T - R:].flatten()                                               # [B*R]
+        parts.append(attend(q_frames[references], k_frames[references], v_frames[references]))
+    # Frame t of sample b reads row b*G + rank of the generated part, or B*G + b*R + rank - (T-R) of the own part.
+    source = torch.where(mask, sample * G + rank, B * G + sample * R + rank - (T - R)).flatten()  # [B*T]
+    out = torch.cat(parts)[source]                                                           # [(B T), H, n, d]
     return rearrange(out, "(b t) h n d -> b h (t n) d", b=B)
 
 
