@@ -8,9 +8,11 @@ the next micro-batch (data, per-sample draws), launching the forward, launching 
 (split into launching it and waiting for its value: the step's one wait for the GPU), the optimizer, the EMA and
 the loop's bookkeeping. A step whose wait is near zero is host-bound: the GPU finished before the host asked.
 
---scope block: torch.compile each transformer block (the trainer's default); nets: the planner's and the
-generator's whole forward (one graph each, the glue around the blocks included); model: MarDini.forward whole.
---mode: torch.compile's mode (default | reduce-overhead: CUDA graphs | max-autotune-no-cudagraphs).
+With train.compile=true (the `gpu` train preset), what is compiled: --scope block: each transformer block (the
+trainer's way); nets: the planner's and the generator's whole forward (the glue around the blocks included); model:
+MarDini.forward whole (on the H200 its first compilation took 2 minutes; BENCHMARKS.md). --mode: torch.compile's
+mode (default | reduce-overhead: CUDA graphs, measured slower for training | max-autotune-no-cudagraphs).
+Steps are timed over the second half of the run; host_ms_per_step's phases add up to ms_per_step.
 """
 
 from __future__ import annotations
