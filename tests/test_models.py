@@ -567,6 +567,12 @@ def test_compiled_generator_takes_the_reference_cache_in_one_graph():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def generator_inputs(model: MarDini, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [2, 5, C, 8, 8], plan [2, 5, 16, signal_dim]): a generator's latents and planning signals, at random."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 5, C, 8, 8, generator=g), torch.randn(2, 5, 16, model.cfg.signal_dim, generator=g)
+
+
 def test_gather_attention_with_host_counts_is_one_graph_for_training():
     """identity_impl=gather given the frame counts from the host (as the trainer passes them) traces a training
     step's generator into one graph, forward and backward (no read of the device mask: any would break the graph),
@@ -574,8 +580,7 @@ def test_gather_attention_with_host_counts_is_one_graph_for_training():
     import torch._dynamo.testing
 
     model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
-    g = torch.Generator().manual_seed(0)
-    x, plan = torch.randn(2, 5, C, 8, 8, generator=g), torch.randn(2, 5, 16, model.cfg.signal_dim, generator=g)
+    x, plan = generator_inputs(model)
 
     def step(mask):
         model.zero_grad()
@@ -607,8 +612,7 @@ def test_gather_attention_compiles_few_graphs_over_every_frame_count():
     import torch._dynamo.testing
 
     model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
-    g = torch.Generator().manual_seed(0)
-    x, plan = torch.randn(2, 5, C, 8, 8, generator=g), torch.randn(2, 5, 16, model.cfg.signal_dim, generator=g)
+    x, plan = generator_inputs(model)
     counter = torch._dynamo.testing.CompileCounter()
     torch._dynamo.reset()
     for block in model.generator.blocks:
@@ -637,9 +641,7 @@ def test_gather_attention_compiles_for_training_on_cuda():
     gathered.load_state_dict(dense.state_dict())
     for block in gathered.generator.blocks:
         block.compile()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, C, 8, 8, generator=g).cuda()
-    plan = torch.randn(2, 5, 16, dense.cfg.signal_dim, generator=g).cuda()
+    x, plan = (tensor.cuda() for tensor in generator_inputs(dense))
 
     def step(model, mask, bf16=True):
         model.zero_grad()
