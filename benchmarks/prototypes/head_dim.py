@@ -2,7 +2,7 @@
 
     python benchmarks/prototypes/head_dim.py --batch 32 --tokens 4352 --width 384 --head-dims 64,128 --json out.json
 
-Times forward + backward of `scaled_dot_product_attention` (bf16, each kernel of --kernels) on (batch, heads,
+Times forward + backward of `scaled_dot_product_attention` (bf16 on a GPU, each of --kernels) on (batch, heads,
 tokens, head_dim) with heads = width / head_dim: the same FLOPs per row of the table, so the TFLOP/s column says
 which split the kernels favour. Why: at research scale the `small` step is attention-bound at head dim 64
 (BENCHMARKS.md), and the paper generator gained 8 points of MFU from heads of 128.
