@@ -493,6 +493,35 @@ def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp
         Trainer(cfg)
 
 
+@pytest.mark.parametrize("source", ["export", "checkpoint"])
+def test_init_from_another_head_split_is_refused(straight_run, tmp_path, source):
+    """Another head count keeps every weight's shape, so the weights would load without error into a network that
+    computes something else with them; fine-tuning must refuse, naming the setting that loads them as trained."""
+    path = straight_run / "export" if source == "export" else checkpoint(straight_run, 2 * N)
+    cfg = tiny_config(tmp_path / "ft", init_from=str(path))
+    trained = cfg.model.planner.num_heads
+    cfg.model.planner.num_heads = trained // 2
+    with pytest.raises(ValueError, match=rf"pass model.planner.num_heads={trained} "):
+        Trainer(cfg)
+    cfg = tiny_config(tmp_path / "ft_generator", init_from=str(path))
+    cfg.model.generator.num_heads = cfg.model.generator.num_heads // 2
+    with pytest.raises(ValueError, match="model.generator.num_heads="):
+        Trainer(cfg)
+
+
+def test_resume_refuses_another_network_but_not_another_kernel(straight_run, tmp_path):
+    """Resuming continues the network the checkpoint trained: a model setting that changes what it computes is
+    refused by name; one that only chooses how it is computed (the attention kernel) is not."""
+    source = str(checkpoint(straight_run, N))
+    cfg = resume_config(tmp_path / "theta", resume=source)
+    cfg.model.rope_theta = cfg.model.rope_theta * 2
+    with pytest.raises(ValueError, match=r"train.resume=.* model.rope_theta="):
+        Trainer(cfg)
+    cfg = resume_config(tmp_path / "kernel", resume=source)
+    cfg.model.sdpa_kernel = "math"
+    assert Trainer(cfg).step == N
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

@@ -214,6 +214,42 @@ def _check_same_objective(source: str, diffusion) -> None:
                              f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to fine-tune it")
 
 
+# Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
+# from weights trained under other values of these.
+HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "max_frames", "plan_dropout",
+                     "motion.loss_weight")
+# Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
+# learned per head, so weights loaded under another head split are scrambled without any loading error.
+SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"planner.num_heads": 6, ...} from nested dicts."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | None, how: str) -> None:
+    """Refuse to load weights into a network that computes something else with them, naming each differing key.
+    `keys`: the model keys to compare (None: every key but HOW_NOT_WHAT_KEYS, for resuming a run, which must
+    continue the network it trained). Keys the source's config lacks (written before they existed) pass."""
+    trained = _flat(_trained_config(source).get("model") or {})
+    ours = _flat(OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig)
+                 else dict(model_cfg))
+    compared = keys if keys is not None else [k for k in ours if k not in HOW_NOT_WHAT_KEYS]
+    differ = [k for k in compared if k in trained and k in ours and trained[k] != ours[k]]
+    if differ:
+        settings = " ".join(f"model.{k}={trained[k]}" for k in differ)
+        found = ", ".join(f"model.{k}={ours[k]}" for k in differ)
+        raise ValueError(f"{how}={source} was trained with {settings}; this run has {found}: pass {settings} "
+                         f"(the same weights would compute another network)")
+
+
 LOSS_PARTS = ("diffusion_loss", "motion_loss")  # a learned motion estimate's loss terms, logged beside the total
 
 
@@ -292,6 +328,7 @@ class Trainer:
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
             _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
+            _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
@@ -435,6 +472,7 @@ class Trainer:
             log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoint_dir)
             return
         self._check_same_optimizer(Path(path))
+        _check_same_network(path, self.cfg.model, None, "train.resume")
         if self.fsdp:
             state = ckpt.load_sharded_checkpoint(self.accelerator, path, self.model, self.optimizer, self.scheduler,
                                                  self.ema.shadow)
