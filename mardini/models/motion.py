@@ -92,9 +92,9 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
         rescale, weights = torch.exp(best - new_best), torch.exp(logits - new_best)        # [N, 1|s, H, W]
         total = total * rescale + weights.sum(1, keepdim=True)
         flow = flow * rescale + torch.cat([(weights * cx).sum(1, keepdim=True), (weights * cy).sum(1, keepdim=True)], 1)
-        if values:
-            pairs = torch.cat([before[:, :C], after[:, :C]], 1)                            # [N, 2C, s, H, W]
-            matched = matched * rescale + (pairs * weights[:, None]).sum(2)
+        if values:  # each side weighted apart: no [N, 2C, s, H, W] copy of the pairs
+            carried = [(x[:, :C] * weights[:, None]).sum(2) for x in (before, after)]        # [N, C, H, W] each
+            matched = matched * rescale + torch.cat(carried, 1)
         best = new_best
     return flow / total, (matched / total if values else None)
 
