@@ -223,24 +223,12 @@ HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "
 SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"planner.num_heads": 6, ...} from nested dicts."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | None, how: str) -> None:
     """Refuse to load weights into a network that computes something else with them, naming each differing key.
     `keys`: the model keys to compare (None: every key but HOW_NOT_WHAT_KEYS, for resuming a run, which must
     continue the network it trained). Keys the source's config lacks (written before they existed) pass."""
-    trained = _flat(_trained_config(source).get("model") or {})
-    ours = _flat(OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig)
-                 else dict(model_cfg))
+    trained = _flatten(_trained_config(source).get("model") or {})  # {"planner.num_heads": 6, ...}
+    ours = _flatten(OmegaConf.to_container(model_cfg, resolve=True))
     compared = keys if keys is not None else [k for k in ours if k not in HOW_NOT_WHAT_KEYS]
     differ = [k for k in compared if k in trained and k in ours and trained[k] != ours[k]]
     if differ:
