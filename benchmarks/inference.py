@@ -7,7 +7,7 @@ AutoencoderKL of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VA
 weights), in bf16.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
-Variants, each timed on every (frames, steps): each SDPA --kernel, torch.compile off or on in each --compile-mode
+Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each --compile-mode
 (planner and generator, static shapes), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format. Each result splits the call into planner, generator steps and VAE decode, gives the generator's
@@ -99,6 +99,13 @@ def ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",")]
 
 
+def attention_choice(kernel: str) -> dict:
+    """The model's attention settings for a --kernel name: an SDPA kernel, or "xformers" (the xformers backend)."""
+    if kernel == "xformers":
+        return {"attn_backend": "xformers", "sdpa_kernel": "auto"}
+    return {"attn_backend": "sdpa", "sdpa_kernel": kernel}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="paper")
@@ -114,8 +121,9 @@ def main():
                    help="0/1 list: cache the reference frames' keys and values once per call (MarDini.generate)")
     p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
                                                   "k > 1 = k frames spread evenly from the first to the last")
-    p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values); the first "
-                                                   "also computes the eager reference")
+    p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values) and/or xformers "
+                                                   "(the xformers backend); the first also computes the eager "
+                                                   "reference")
     p.add_argument("--generator-heads", type=int, default=0, help="the generator's head count (0 = the size's)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
     p.add_argument("--device", default="cuda")
@@ -125,8 +133,8 @@ def main():
     if not set(modes) <= set(COMPILE_MODES):
         p.error(f"--compile-mode: choose among {', '.join(COMPILE_MODES)}")
     kernels = args.kernel.split(",")
-    if not set(kernels) <= set(SDPA_KERNELS):
-        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}")
+    if not set(kernels) <= {*SDPA_KERNELS, "xformers"}:
+        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers")
     variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
                 for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
     vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last))))
@@ -137,7 +145,7 @@ def main():
     vae = build_vae(device, dtype)
     vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
-                       sdpa_kernel=kernels[0],
+                       **attention_choice(kernels[0]),
                        generator={"num_heads": args.generator_heads} if args.generator_heads else {})
     torch.manual_seed(0)
     model = MarDini(cfg)
@@ -168,7 +176,8 @@ def main():
         torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
         for m in model.modules():
             if isinstance(m, (SelfAttention, CrossAttention)):
-                m.sdpa_kernel = kernel
+                choice = attention_choice(kernel)
+                m.backend, m.sdpa_kernel = choice["attn_backend"], choice["sdpa_kernel"]
         for name, module in eager.items():
             setattr(model, name, compile_module(module, mode) if compile_ else module)
         for (T, k), (z, mask) in clips.items():

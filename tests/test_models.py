@@ -784,7 +784,7 @@ def _backend_outputs(model: MarDini, seed=0, device="cpu"):
 
 @pytest.mark.skipif(not xformers_available(), reason="xformers is not installed (optional `gpu` extra)")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers' attention kernels need a GPU")
-@pytest.mark.parametrize("impl", ["split", "mask"])
+@pytest.mark.parametrize("impl", ["gather", "split", "mask"])
 def test_xformers_backend_matches_sdpa(impl):
     sdpa = randomize(tiny(attn_backend="sdpa", generator=dict(identity_impl=impl)))
     xf = tiny(attn_backend="xformers", generator=dict(identity_impl=impl))
@@ -836,9 +836,40 @@ def test_auto_kernel_puts_cudnn_first_on_hopper_only(monkeypatch, major, cudnn_f
         assert sdpa_backends("auto", cuda) is None and inside == before
 
 
+@pytest.mark.parametrize("torch_cuda, package, loaded", [(None, True, False), ("12.8", True, False),
+                                                         ("13.0", True, True), ("13.0", False, False)],
+                         ids=["cpu-build", "cuda12", "cuda13", "cuda13-no-runtime-wheel"])
+def test_cuda12_runtime_preloaded_only_for_another_cuda(monkeypatch, tmp_path, torch_cuda, package, loaded):
+    """xformers' PyPI wheel links libcudart.so.12: it is loaded from the nvidia-cuda-runtime-cu12 wheel, globally,
+    when (and only when) torch is built for another CUDA and that wheel is installed."""
+    import ctypes
+    import sys
+    import types
+
+    from mardini.models.layers import preload_cuda12_runtime
+
+    library = tmp_path / "lib" / "libcudart.so.12"
+    library.parent.mkdir()
+    library.write_bytes(b"")
+    fake = types.ModuleType("nvidia.cuda_runtime")
+    fake.__path__ = [str(tmp_path)]
+    monkeypatch.setitem(sys.modules, "nvidia", types.ModuleType("nvidia"))
+    monkeypatch.setitem(sys.modules, "nvidia.cuda_runtime", fake if package else None)  # None: import fails
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: calls.append((path, mode)))
+    result = preload_cuda12_runtime()
+    if loaded:
+        assert result == library and calls == [(str(library), ctypes.RTLD_GLOBAL)]
+    else:
+        assert result is None and calls == []
+
+
 def test_unavailable_backend_fails_clearly():
-    if xformers_available():
-        pytest.skip("xformers is installed")
+    """xformers missing, or installed without a kernel for the device (its attention has none on the CPU): a one-line
+    error that names the backend and the way out, not xformers' dispatch table."""
+    if xformers_available() and torch.cuda.is_available():
+        pytest.skip("xformers is installed and has GPU kernels")
     model = tiny(attn_backend="xformers")
     with pytest.raises(RuntimeError, match="xformers"):
         _backend_outputs(model)

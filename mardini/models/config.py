@@ -64,7 +64,7 @@ class MarDiniConfig:
     mlp_type: str = "swiglu"      # swiglu | gelu
     qk_norm: bool = True          # RMS-normalise queries and keys (stabilises large models)
     rope_theta: float = 10000.0   # RoPE base period
-    attn_backend: str = "sdpa"    # sdpa | xformers
+    attn_backend: str = "sdpa"    # sdpa | xformers (`gpu` extra; on an H200 its bf16 kernel is FlashAttention-2)
     sdpa_kernel: str = "auto"     # auto (cuDNN first on Hopper, else PyTorch's) | flash | efficient | cudnn | math
     plan_dropout: float = 0.0     # probability of replacing a sample's plan by a learned null plan (for CFG)
     planner: PlannerConfig = field(default_factory=PlannerConfig)        # the planning transformer (low-res latents)

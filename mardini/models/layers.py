@@ -8,14 +8,39 @@ so one model handles any number of frames and any latent size without learned po
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+
+def preload_cuda12_runtime() -> Path | None:
+    """Load CUDA 12's runtime library when torch is built for another CUDA; returns the file loaded, or None.
+
+    The xformers wheel on PyPI is built for CUDA 12 and links ``libcudart.so.12``, which a CUDA-13 build of torch does
+    not ship, so its extension fails to load and every xformers attention call finds no kernel. The
+    ``nvidia-cuda-runtime-cu12`` wheel (in the ``gpu`` extra) holds that library; loaded first, globally, it satisfies
+    the extension's dependency (the driver runs both runtimes; measured on an H200, BENCHMARKS.md "xformers")."""
+    if not torch.version.cuda or torch.version.cuda.startswith("12."):
+        return None  # CPU build, or torch already brings CUDA 12's runtime
+    try:
+        import nvidia.cuda_runtime as runtime_package  # the CUDA 12 runtime wheel; CUDA 13's lives in nvidia/cu13
+    except ImportError:
+        return None
+    for folder in runtime_package.__path__:
+        library = Path(folder) / "lib" / "libcudart.so.12"
+        if library.is_file():
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+            return library
+    return None
+
+
 try:  # optional: only on GPU machines with the `gpu` extra installed
+    preload_cuda12_runtime()
     import xformers.ops as xops
 except Exception:  # pragma: no cover - depends on the environment
     xops = None
