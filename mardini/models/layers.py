@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import math
 from pathlib import Path
 
@@ -39,11 +40,13 @@ def preload_cuda12_runtime() -> Path | None:
     return None
 
 
-try:  # optional: only on GPU machines with the `gpu` extra installed
-    preload_cuda12_runtime()
-    import xformers.ops as xops
-except Exception:  # pragma: no cover - depends on the environment
-    xops = None
+xops = None
+if importlib.util.find_spec("xformers") is not None:  # optional: the `gpu` extra
+    try:
+        preload_cuda12_runtime()
+        import xformers.ops as xops
+    except Exception:  # pragma: no cover - depends on the environment
+        xops = None
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
