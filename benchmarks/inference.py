@@ -7,8 +7,8 @@ AutoencoderKL of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VA
 weights), in bf16.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
-Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each --compile-mode
-(planner and generator, static shapes), reference frames recomputed at every step or cached once
+Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each
+--compile-mode (planner and generator, static shapes), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format. Each result splits the call into planner, generator steps and VAE decode, gives the generator's
 achieved TFLOP/s (the work the variant computes, mardini.models.flops) against its floor at --peak-tflops, and
