@@ -40,13 +40,13 @@ def preload_cuda12_runtime() -> Path | None:
     return None
 
 
-xops = None
-if importlib.util.find_spec("xformers") is not None:  # optional: the `gpu` extra
+xops = None  # xformers.ops when the optional `gpu` extra is installed and loads
+if importlib.util.find_spec("xformers") is not None:
     try:
         preload_cuda12_runtime()
         import xformers.ops as xops
-    except Exception:  # pragma: no cover - depends on the environment
-        xops = None
+    except Exception:  # pragma: no cover - depends on the environment; xops stays None
+        pass
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
