@@ -16,8 +16,9 @@ Reports (mardini/evaluation/learning.py):
   plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
                    on half of the clips, scored on the other half) beside the low-resolution blend's, and how much
                    the plan tokens vary across a frame
-  image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, and the motion energy of generated
-                   vs real clips
+  image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, the posterior mean (a best guess below
+                   the repeated frame means image-to-video is not learned; above it with samples below, the samples
+                   pay for motion whose direction one frame leaves open), and the motion energy of generated vs real
   noise levels     (--noise-levels 0.04 0.3 0.7 0.999) the real clip noised to each t and denoised in one step,
                    PSNR where the scene moves / is still, beside the blend and the rescaled noisy input
   attention        (--attention) per generator block, for generated-frame queries at t = 0.5 and 0.999: the mass
@@ -84,6 +85,7 @@ def print_report(report: dict) -> None:
     if "i2v" in report:
         v = report["i2v"]
         print(f"image-to-video   PSNR {v['best_psnr']:6.2f} dB   best of {v['best_of']} (mean {v['mean_psnr']:.2f})")
+        print(f"  posterior mean PSNR {v['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
         print(f"repeat frame     PSNR {v['repeat_psnr']:6.2f} dB")
         print(f"motion energy    {v['motion_energy']:.4f} generated vs {v['real_motion_energy']:.4f} real "
               f"(ratio {v['motion_ratio']:.2f})")

@@ -19,8 +19,8 @@ from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
 from mardini.evaluation.learning import (MOVING_THRESHOLD, baseline, clip_psnr, generator_attention, held_out_clips,
-                                         interpolation_report, motion_energy, noise_level_report, plan_probe,
-                                         posterior_mean)
+                                         i2v_report, interpolation_report, motion_energy, noise_level_report,
+                                         plan_probe, posterior_mean)
 from mardini.inference import MarDiniPipeline
 from mardini.data.latent_cache import encode_given
 from mardini.masking import task_mask
@@ -156,6 +156,32 @@ def test_posterior_mean_seeds_show_noise_carried_through(monkeypatch, carried):
     assert "posterior_mean_avg_psnr" not in single and single["posterior_mean_psnr"] == report["posterior_mean_psnr"]
 
 
+def test_i2v_report_scores_the_posterior_mean_of_the_middle_frame_task(monkeypatch):
+    """The image-to-video posterior mean is the model's best guess with only the middle frame given, scored on the
+    other frames: a guess that repeats the frame scores exactly the repeat baseline, one nearer the truth scores
+    above it, whatever the samples do."""
+    from mardini.evaluation import learning
+
+    pipe, videos = random_pipeline(), clips(3)
+    i2v_mask = task_mask("i2v", T, position="middle")
+    repeated = baseline(videos, i2v_mask, "repeat_nearest")
+    seen = []
+
+    def fake_posterior_mean(pipe, videos, mask, seed=0, **kw):
+        seen.append(mask.clone())
+        return guess
+
+    monkeypatch.setattr(learning, "posterior_mean", fake_posterior_mean)
+    guess = repeated
+    report = i2v_report(pipe, videos, num_seeds=1, num_steps=1)
+    assert all(torch.equal(m, i2v_mask) for m in seen) and seen
+    assert report["posterior_mean_psnr"] == pytest.approx(report["repeat_psnr"])
+    guess = 0.5 * (repeated + videos)  # half-way to the truth: the error halves, +6.02 dB
+    better = i2v_report(pipe, videos, num_seeds=1, num_steps=1)
+    assert better["posterior_mean_psnr"] - better["repeat_psnr"] == pytest.approx(20 * math.log10(2), abs=0.01)
+    assert better["best_psnr"] == report["best_psnr"]  # the samples are the model's, untouched by the fake
+
+
 def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_input(monkeypatch):
     pipe, videos = random_pipeline(), clips(4)
     mask = task_mask("interpolation", T)
@@ -230,6 +256,7 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert i["posterior_mean_psnr_noise_references"] != i["posterior_mean_psnr"]
     assert math.isfinite(i["posterior_mean_avg_psnr"]) and "mean of 2" in result.stdout
     assert v["best_psnr"] >= v["mean_psnr"] and v["best_of"] == 2 and math.isfinite(v["motion_ratio"])
+    assert math.isfinite(v["posterior_mean_psnr"]) and "  posterior mean PSNR" in result.stdout
     assert set(report["step_sweep"]) == {"1"} and math.isfinite(report["step_sweep"]["1"])
     blocks = len(pipe.model.generator.blocks)
     assert {t: len(rows) for t, rows in report["attention"].items()} == {"0.5": blocks, "0.999": blocks}

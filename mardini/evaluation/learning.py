@@ -11,7 +11,9 @@ comes with the baseline it must beat, computed on the same held-out clips:
   none), with each frame's plan tokens shuffled, and with the given frames replaced by noise: an input the model
   ignores shows no drop;
 - image-to-video (middle frame given): best-of-K PSNR vs repeating the given frame, and the motion energy (mean
-  absolute difference of consecutive frames) of generated vs real clips: a model that only copies has ratio 0;
+  absolute difference of consecutive frames) of generated vs real clips: a model that only copies has ratio 0.
+  Its posterior mean too: a sample of a model that knows the motion's spread but not its direction can lose to
+  the repeated frame (which hedges between directions) while the model's best guess beats it;
 - the plan probe: how much of the generated frames' low-resolution content a linear read-out of their plan tokens
   recovers (R^2 on held-out clips), beside the low-resolution blend: a planner that plans puts the frames' layout
   into its tokens; one whose tokens are spatially uniform only passes on per-frame facts;
@@ -362,7 +364,8 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
 
 
 def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None = None, seed: int = 0) -> dict:
-    """Image-to-video from the middle frame: best-of-K and mean PSNR vs repeating the frame; motion energy."""
+    """Image-to-video from the middle frame: best-of-K and mean PSNR vs repeating the frame; the posterior mean
+    (is the best guess above the repeated frame even where single samples are not?); motion energy."""
     T = videos.shape[1]
     mask = task_mask("i2v", T, position="middle")
     runs = [samples(pipe, videos, mask, num_steps, seed + 1000 * k) for k in range(num_seeds)]
@@ -370,6 +373,7 @@ def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None =
     real = motion_energy(videos)
     generated = sum(motion_energy(r) for r in runs) / len(runs)
     return {"best_of": num_seeds, "best_psnr": _mean(psnr.max(0).values), "mean_psnr": _mean(psnr),
+            "posterior_mean_psnr": _mean(clip_psnr(posterior_mean(pipe, videos, mask, seed=seed), videos, mask)),
             "repeat_psnr": _mean(clip_psnr(baseline(videos, mask, "repeat_nearest"), videos, mask)),
             "motion_energy": generated, "real_motion_energy": real,
             "motion_ratio": generated / real if real > 0 else math.nan}
