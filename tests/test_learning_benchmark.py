@@ -216,7 +216,6 @@ def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_in
 
 def test_plan_probe_tells_a_plan_with_layout_from_one_without(monkeypatch):
     pipe, videos = random_pipeline(), clips(6)
-    mask = task_mask("interpolation", T)
     model = pipe.model
     D = model.cfg.signal_dim
     with torch.no_grad():
