@@ -10,7 +10,7 @@ Also "planner every step", the design MarDini avoids, to show what running the p
 Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each
 --compile-mode (planner and generator, static shapes), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
-memory format. Each result splits the call into planner, generator steps and VAE decode, gives the generator's
+memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result splits the call into planner, generator steps and VAE decode, gives the generator's
 achieved TFLOP/s (the work the variant computes, mardini.models.flops) against its floor at --peak-tflops, and
 compares the generated latents (same input and noise) with the eager model's (first kernel, no cache).
 
@@ -54,8 +54,9 @@ def build_vae(device, dtype):
 
 @torch.inference_mode()
 def decode_frames(vae, latents: torch.Tensor, memory_format=torch.contiguous_format, chunk: int = 4) -> torch.Tensor:
-    """[T, C, h, w] -> [T, 3, 8h, 8w], a few frames at a time to bound the decoder's activation memory."""
-    return torch.cat([vae.decode(c.contiguous(memory_format=memory_format)).sample for c in latents.split(chunk)])
+    """[T, C, h, w] -> [T, 3, 8h, 8w], `chunk` frames per decoder call to bound its activation memory (0: all)."""
+    chunks = latents.split(chunk) if chunk else [latents]
+    return torch.cat([vae.decode(c.contiguous(memory_format=memory_format)).sample for c in chunks])
 
 
 def give_outputs(generator: nn.Module) -> None:
@@ -117,6 +118,8 @@ def main():
     p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
+    p.add_argument("--vae-chunk", default="4", help="list of frames per VAE decoder call (0: all frames in one call; "
+                                                    "benchmarks/prototypes/vae_decode.py times it alone)")
     p.add_argument("--reuse-references", default="1",
                    help="0/1 list: cache the reference frames' keys and values once per call (MarDini.generate)")
     p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
@@ -137,7 +140,8 @@ def main():
         p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers")
     variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
                 for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
-    vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last))))
+    vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last)),
+                                          ints(args.vae_chunk)))
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 convolutions are slow on the CPU
@@ -189,11 +193,11 @@ def main():
                 out, ref = sample((T, k), steps, reuse).float(), reference[((T, k), steps)]
                 diff = {"max_abs_diff_vs_eager": (out - ref).abs().max().item(),
                         "rel_l2_vs_eager": ((out - ref).norm() / ref.norm()).item()}
-                for vae_compile, channels_last in vae_variants:
+                for vae_compile, channels_last, vae_chunk in vae_variants:
                     vae.decoder = vae_decoders[vae_compile]
                     memory_format = torch.channels_last if channels_last else torch.contiguous_format
                     vae.to(memory_format=memory_format)
-                    decode = lambda x: decode_frames(vae, x, memory_format)  # noqa: E731
+                    decode = lambda x: decode_frames(vae, x, memory_format, vae_chunk)  # noqa: E731
                     seconds, peak = timed(lambda: decode(sample((T, k), steps, reuse)[0]), 1, 3, device)  # [T, 3, H, W]
                     decode_s, _ = timed(lambda: decode(z[0]), 1, 3, device)
                     generator_s = seconds - planner_s - decode_s
@@ -201,7 +205,7 @@ def main():
                     r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel,
                          "compile": compile_, "compile_mode": mode,
                          "reuse_references": reuse, "generator_tflop_per_step": work_per_step / 1e12,
-                         "vae_compile": vae_compile, "vae_channels_last": channels_last,
+                         "vae_compile": vae_compile, "vae_channels_last": channels_last, "vae_chunk": vae_chunk,
                          "seconds": seconds, "peak_mem_gib": peak,
                          "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
                          "generator_tflops": work / generator_s / 1e12 if generator_s > 0 else None,
@@ -222,7 +226,8 @@ def main():
           f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
-        vae_variant = ("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
+        vae_variant = (("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
+                       + f",{r.get('vae_chunk', 4) or 'all'}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
         print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>8s} "

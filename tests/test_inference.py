@@ -669,6 +669,27 @@ def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("chunk", [2, 0])
+def test_cli_vae_chunk_bounds_the_frames_per_decoder_call(export_dir, cli_inputs, tmp_path, monkeypatch, chunk):
+    """--vae-chunk n decodes at most n frames per call (0: a window's frames in one call) and changes no pixel."""
+    from mardini.autoencoders.identity import IdentityAutoencoder
+
+    pngs, _ = cli_inputs
+    calls, decode = [], IdentityAutoencoder.decode_frames
+    monkeypatch.setattr(IdentityAutoencoder, "decode_frames", lambda self, z: calls.append(len(z)) or decode(self, z))
+    sample(export_dir, "interpolate", pngs[:2], tmp_path / "chunked", "--no-preview", "--vae-chunk", chunk)
+    assert calls and max(calls) == (chunk or NUM_FRAMES) and sum(calls) == NUM_FRAMES
+    sample(export_dir, "interpolate", pngs[:2], tmp_path / "default", "--no-preview")
+    assert np.array_equal(read_frames(tmp_path / "chunked"), read_frames(tmp_path / "default"))
+
+
+def test_cli_rejects_a_negative_vae_chunk(export_dir, cli_inputs, tmp_path, capsys):
+    pngs, _ = cli_inputs
+    with pytest.raises(SystemExit):
+        sample(export_dir, "interpolate", pngs[:2], tmp_path / "x.mp4", "--vae-chunk", -1)
+    assert "--vae-chunk must be >= 0" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------------------ 8. errors
 def test_too_many_frames_suggests_long_video(pipe):
     (image,) = images(1, seed=21)

@@ -16,13 +16,13 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "inference.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
                              "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "1",
-                             "--given", "2", "--compile", "0", "--vae-channels-last", "0,1",
+                             "--given", "2", "--compile", "0", "--vae-channels-last", "0,1", "--vae-chunk", "3,0",
                              "--reuse-references", "0,1", "--kernel", "math", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert [(r["reuse_references"], r["vae_channels_last"]) for r in results] == \
-        [(False, False), (False, True), (True, False), (True, True)]
+    assert [(r["reuse_references"], r["vae_channels_last"], r["vae_chunk"]) for r in results] == \
+        [(reuse, cl, chunk) for reuse in (False, True) for cl in (False, True) for chunk in (3, 0)]
     for r in results:
         assert r["compile"] is False and r["compile_mode"] is None and r["peak_mem_gib"] == 0.0
         assert r["sdpa_kernel"] == "math"

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE decoder: faster "
                    "on a GPU once compiled (the first window compiles for tens of seconds)")
+    p.add_argument("--vae-chunk", type=int, default=None, help="frames per VAE decoder call; 0: a window's frames "
+                   "in one call, fastest on a large GPU for more memory (12 frames at 512 px, compiled, on an H200: "
+                   "0.071 s and 4.0 GiB against 0.102 s and 1.5 GiB at 4); default: the export's "
+                   "autoencoder.frames_per_chunk")
     p.add_argument("--no-preview", action="store_true", help="skip the side-by-side preview with inputs marked")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and the preview)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -209,6 +213,8 @@ def sample(args) -> None:
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such folder (give an export folder with config.json, "
                                 f"or a training checkpoint folder)")
+    if args.vae_chunk is not None and args.vae_chunk < 0:
+        raise ValueError(f"--vae-chunk must be >= 0 (0: all frames in one decoder call), got {args.vae_chunk}")
     inputs = read_inputs(args.inputs)
     check_outputs(args)
     if args.task == "long":  # its size is known from the export's config: refuse an absurd one before loading
@@ -217,6 +223,8 @@ def sample(args) -> None:
         check_long_plan(args, config, positions, num_frames)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler)
+    if args.vae_chunk is not None:
+        pipe.autoencoder.frames_per_chunk = args.vae_chunk or None  # None: every frame in one call
     if args.compile:
         pipe.compile()
     videos, given = run(args, pipe, inputs)
