@@ -36,6 +36,20 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     assert "rel L2" in result.stdout  # the summary table
 
 
+def test_vae_decode_prototype_rows_and_chunking_changes_no_pixel(tmp_path):
+    """benchmarks/prototypes/vae_decode.py on the CPU: one row per variant, and the decode of all frames in one call
+    equals the 4-frames-per-call reference (fp32) that every row is compared with."""
+    out = tmp_path / "vae.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prototypes" / "vae_decode.py"), "--device",
+                             "cpu", "--frames", "5", "--latent", "4", "--chunks", "4,0", "--benchmark", "0",
+                             "--compile", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["chunk"], r["compiled"]) for r in rows] == [(4, False), (0, False)]
+    assert rows[0]["max_abs_diff_vs_eager4"] == 0.0 and rows[1]["max_abs_diff_vs_eager4"] < 1e-4
+    assert all(r["seconds"] > 0 for r in rows)
+
+
 def test_motion_speed_benchmark_compares_compiled_with_eager_on_cpu(tmp_path):
     """benchmarks/motion_speed.py (train.compile_motion's figure): each estimate's row holds both timings and the
     compiled estimate's distance from the eager one; aot_eager traces as inductor would, without code generation."""
