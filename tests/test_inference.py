@@ -26,7 +26,7 @@ from helpers_training import NUM_FRAMES, HEIGHT, WIDTH, checkpoint, tiny_config
 from mardini.autoencoders import build_autoencoder
 from mardini.data.video_io import write_video
 from mardini.diffusion import Diffusion
-from mardini.inference import MarDiniPipeline, Window, check_plan, expansion_plan, interpolation_plan, long_video_plan
+from mardini.inference import MarDiniPipeline, Window, check_plan, expansion_plan, long_video_plan
 from mardini.inference import cli
 from mardini.models import MarDini, model_config
 
