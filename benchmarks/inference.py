@@ -181,9 +181,9 @@ def main():
     results = []
     for kernel, compile_, mode, reuse in variants:
         torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
+        choice = attention_choice(kernel)
         for m in model.modules():
             if isinstance(m, (SelfAttention, CrossAttention)):
-                choice = attention_choice(kernel)
                 m.backend, m.sdpa_kernel = choice["attn_backend"], choice["sdpa_kernel"]
         for name, module in eager.items():
             setattr(model, name, compile_module(module, mode) if compile_ else module)
@@ -226,16 +226,16 @@ def main():
                         device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
-    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>8s} {'total s':>8s} "
+    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>11s} {'total s':>8s} "
           f"{'GiB':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} "
           f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
         vae_variant = (("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
-                       + f",{r.get('vae_chunk', 4) or 'all'}")
+                       + f",{r['vae_chunk'] or 'all'}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
-        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>8s} "
+        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>11s} "
               f"{r['seconds']:8.2f} {r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
               f"{r['generator_steps_s']:6.2f} {tflops} {r['generator_floor_s_at_peak']:7.2f} "
               f"{r['max_abs_diff_vs_eager']:9.2e} {r['rel_l2_vs_eager']:8.1e} "
