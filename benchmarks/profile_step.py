@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --part generator --compile 1
     python benchmarks/profile_step.py --part sample --batch 1 --frames 12   # one sampler step (benchmarks/inference.py)
+    python benchmarks/profile_step.py --part sample --batch 1 --frames 12 --ops 40 --trace trace.json  # which op
 
 Runs a few steps of benchmarks/train_step.py's setup under torch.profiler and groups CUDA kernel time by name.
 `sample` profiles one denoising step of generation instead: the generator in bf16 under inference_mode on
@@ -63,6 +64,7 @@ def main():
     p.add_argument("--ops", type=int, default=0,
                    help="also list the N operators whose own kernels take the most GPU time, with input shapes")
     p.add_argument("--out", default="profile.json")
+    p.add_argument("--trace", default="", help="also write the profiled steps' Chrome trace (chrome://tracing) here")
     args = p.parse_args()
     if args.part == "sample":
         step = build_sample_step(args, bool(args.compile))
@@ -82,6 +84,8 @@ def main():
         end.record()
         torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / steps
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     totals = {name: 0.0 for name, _ in GROUPS}
     kernels = {}
     for evt in prof.key_averages():

@@ -365,6 +365,43 @@ def test_ddpm_sampler_reproducible_from_seed():
     assert not torch.allclose(a, c)
 
 
+class _CountsCopies(torch.Tensor):
+    """Counts .to(<device>) calls on the tensor and on the tensors taken from it."""
+
+    copies = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and any(isinstance(a, torch.device) for a in (*args, *kwargs.values())):
+            _CountsCopies.copies += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["rf_euler", "ddim_eps"])
+def test_sampler_copies_its_model_times_to_the_device_once(name, monkeypatch):
+    """A copy from host memory to the GPU waits for the GPU: one per step would leave it idle while the host
+    prepares each step. The schedule's times go to the device once (diffusers' scheduler reads one more itself)."""
+    d = make(**ALL[name])
+    build = d.make_scheduler
+
+    def counting_scheduler(n=None):
+        scheduler = build(n)
+        scheduler.timesteps = scheduler.timesteps.as_subclass(_CountsCopies)
+        return scheduler
+
+    monkeypatch.setattr(d, "make_scheduler", counting_scheduler)
+    _CountsCopies.copies = 0
+    noise = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    times = []
+    out = d.sample(lambda x, mt: times.append(mt.clone()) or 0.5 * x, noise, num_steps=7)
+    assert len(times) == 7 and _CountsCopies.copies <= 2
+    monkeypatch.undo()
+    again = []
+    plain = d.sample(lambda x, mt: again.append(mt.clone()) or 0.5 * x, noise, num_steps=7)
+    assert torch.equal(out, plain) and all(torch.equal(a, b) for a, b in zip(times, again))
+
+
 def test_sample_progress_bar_runs():
     d = make(**RF)
     out = d.sample(lambda x, mt: torch.zeros_like(x), torch.ones(2, 3), num_steps=3, progress=True)

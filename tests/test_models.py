@@ -19,7 +19,7 @@ from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
 from mardini.models.generator import frame_counts
-from mardini.models.layers import RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
+from mardini.models.layers import MLP, RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
 
 from helpers_models import fit_fixed_batch
 
@@ -1044,3 +1044,23 @@ def test_rope_rejects_bad_head_dims():
     for bad in (7, 4):
         with pytest.raises(ValueError, match="head_dim"):
             RotaryEmbedding3D(bad)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_mlp_inference_path_equals_the_training_path(kind):
+    """SwiGLU adds fc_in's bias after the matmul when no gradient is taken (one kernel with the gate, compiled); that
+    path must compute what training's addmm computes, and training must still reach the bias."""
+    torch.manual_seed(0)
+    mlp = MLP(24, kind=kind).double()
+    for p in mlp.parameters():  # non-zero biases: a dropped bias must show
+        nn.init.normal_(p)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    trained = mlp(x)
+    with torch.no_grad():
+        no_grad = mlp(x)
+    with torch.inference_mode():
+        inference = mlp(x)
+    assert torch.allclose(no_grad, trained, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(inference, trained, rtol=1e-12, atol=1e-12)
+    trained.square().sum().backward()
+    assert mlp.fc_in.bias.grad is not None and mlp.fc_in.bias.grad.abs().sum() > 0

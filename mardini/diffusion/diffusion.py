@@ -188,10 +188,13 @@ class Diffusion:
         # FlowMatchEulerDiscreteScheduler has no init_noise_sigma (its noise is unit-scale); DDIM/DDPM have 1.0.
         x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         batch = noise.shape[0]
-        for timestep in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+        # The scheduler's timesteps are already in model-time units: sigma * N (flow) or the index k (DDPM). Copied
+        # to the device once: a copy from host memory waits for the GPU, and one per step would keep the host from
+        # queueing a step while the GPU runs the last (what matters where steps are short: small models).
+        model_times = scheduler.timesteps.to(device=noise.device, dtype=torch.float32)
+        for i, timestep in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
             x = project(x)
-            # The scheduler's timesteps are already in model-time units: sigma * N (flow) or the index k (DDPM).
-            mt = timestep.to(device=x.device, dtype=torch.float32).expand(batch)
+            mt = model_times[i].expand(batch)
             out = denoise_fn(x, mt)
             if self.predicts_sample:  # the Euler scheduler steps along v = (x_t - x0) / sigma (sigma > 0 here)
                 sigma = _expand(mt / self.num_train_timesteps, x).to(x.dtype)

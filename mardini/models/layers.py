@@ -259,7 +259,13 @@ class MLP(nn.Module):
         self.fc_out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc_in(x)
+        if self.kind == "swiglu" and not torch.is_grad_enabled():
+            # Inference: the bias joins the gate's elementwise kernel. Compiled, fc_in's addmm feeding the gate
+            # copies its bias into the whole output before the GEMM adds into it (1.4 ms of a 24.6 ms sampler step
+            # of the paper generator on an H200). Training keeps the addmm: there the change measured no gain.
+            h = F.linear(x, self.fc_in.weight) + self.fc_in.bias
+        else:
+            h = self.fc_in(x)
         if self.kind == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
