@@ -1064,3 +1064,10 @@ def test_mlp_inference_path_equals_the_training_path(kind):
     assert torch.allclose(inference, trained, rtol=1e-12, atol=1e-12)
     trained.square().sum().backward()
     assert mlp.fc_in.bias.grad is not None and mlp.fc_in.bias.grad.abs().sum() > 0
+    mlp.float()  # under bf16 autocast (fp32 weights) both paths keep the autocast dtype and agree to its rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = mlp(x.float())
+        with torch.no_grad():
+            no_grad = mlp(x.float())
+    assert no_grad.dtype == trained.dtype == torch.bfloat16
+    assert torch.allclose(no_grad.float(), trained.float(), rtol=2e-2, atol=2e-2 * trained.abs().max().item())

@@ -43,18 +43,23 @@ class GateBiasMLP(MLP):
 
 
 def kernels_of(fn, device) -> list[str]:
-    """Names of the GPU kernels one call runs (shortened), or [] on the CPU."""
+    """Names of the GPU kernels one call runs, or [] on the CPU. A copy kernel's name is kept up to its functor
+    (`direct_copy_kernel_cuda`); other names are cut at 70 characters."""
     if device.type != "cuda":
         return []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sorted({e.key[:70] for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA})
+    names = {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return sorted(k[:k.index("direct_copy") + 23] if "direct_copy" in k else k[:70] for k in names)
+
+
+def has_copy(kernels: list[str]) -> bool:
+    return any("direct_copy" in k for k in kernels)
 
 
 def row(out, **fields):
-    has_copy = any("direct_copy" in k or "copy_kernel" in k for k in fields.get("kernels", []))
-    r = {**fields, "copy_kernel": has_copy}
+    r = {**fields, "copy_kernel": has_copy(fields.get("kernels", []))}
     print(json.dumps(r), flush=True)
     out.append(r)
 
@@ -120,7 +125,7 @@ def main() -> None:
             train_names = kernels_of(train_step, device)
             row(rows, part="mlp", variant=name, dim=dim, hidden=mlp.hidden, inference_ms=seconds * 1e3,
                 train_ms=train_s * 1e3, rel_l2_vs_addmm=diff, kernels=names, train_kernels=train_names,
-                train_copy_kernel=any("direct_copy" in k for k in train_names))
+                train_copy_kernel=has_copy(train_names))
             save()
 
 

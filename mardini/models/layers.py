@@ -263,7 +263,8 @@ class MLP(nn.Module):
             # Inference: the bias joins the gate's elementwise kernel. Compiled, fc_in's addmm feeding the gate
             # copies its bias into the whole output before the GEMM adds into it (1.4 ms of a 24.6 ms sampler step
             # of the paper generator on an H200). Training keeps the addmm: there the change measured no gain.
-            h = F.linear(x, self.fc_in.weight) + self.fc_in.bias
+            h = F.linear(x, self.fc_in.weight)
+            h = h + self.fc_in.bias.to(h.dtype)  # under autocast h is bf16, as the addmm's output would be
         else:
             h = self.fc_in(x)
         if self.kind == "swiglu":
