@@ -11,10 +11,10 @@ Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers),
 --compile-mode (planner and generator, static shapes), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result
-splits the call into planner, generator steps and VAE decode, gives the generator's achieved TFLOP/s (the work the
-variant computes, mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents
-(same input and noise) with the eager model's (first kernel, no cache). On the CPU each part runs once (a smoke
-test, not a timing).
+splits the call into planner, generator steps (of which the reference frames' one pass, `cache_references`, is also
+timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the variant computes,
+mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents (same input and noise)
+with the eager model's (first kernel, no cache). On the CPU each part runs once (a smoke test, not a timing).
 
     python benchmarks/inference.py --frames 12,17 --steps 25,10,4 --out inference.json
     python benchmarks/inference.py --frames 12 --steps 25,4 --compile 0,1 \
@@ -191,6 +191,11 @@ def main():
             with torch.inference_mode():
                 plan = lambda: model.planner(lowres_from_hires(z, args.lowres), mask)  # noqa: E731
                 planner_s, _ = timed(plan, warmup, iters + 2, device)
+                # The reference frames' one pass, a part of the generator's time (0 where nothing is cached)
+                signals, motion = plan(), model.motion(z, mask)
+                references = lambda: model.generator.cache_references(z, mask, signals, motion)  # noqa: E731
+                cached = reuse and model.generator.caches_references(mask)
+                reference_s = timed(references, warmup, iters + 2, device)[0] if cached else 0.0
             work_per_step = generator_flops(cfg, T, (latent, latent), (latent // args.lowres,) * 2, num_masked=T - k,
                                             cached_references=reuse)
             for steps in ints(args.steps):
@@ -213,6 +218,7 @@ def main():
                          "vae_compile": vae_compile, "vae_channels_last": channels_last, "vae_chunk": vae_chunk,
                          "seconds": seconds, "peak_mem_gib": peak,
                          "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
+                         "reference_pass_s": reference_s,
                          "generator_tflops": work / generator_s / 1e12 if generator_s > 0 else None,
                          "generator_floor_s_at_peak": work / (args.peak_tflops * 1e12),
                          **diff,
@@ -227,7 +233,8 @@ def main():
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
     print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>11s} {'total s':>8s} "
-          f"{'GiB':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} "
+          f"{'GiB':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} "
+          f"{'max|diff|':>9s} "
           f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
@@ -237,7 +244,8 @@ def main():
         refs = "cached" if r["reuse_references"] else "every"
         print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>11s} "
               f"{r['seconds']:8.2f} {r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
-              f"{r['generator_steps_s']:6.2f} {tflops} {r['generator_floor_s_at_peak']:7.2f} "
+              f"{r['generator_steps_s']:6.2f} {r['reference_pass_s']:6.3f} {tflops} "
+              f"{r['generator_floor_s_at_peak']:7.2f} "
               f"{r['max_abs_diff_vs_eager']:9.2e} {r['rel_l2_vs_eager']:8.1e} "
               f"{r['extra_if_planner_every_step_s']:15.2f}")
 
