@@ -16,9 +16,13 @@ Reports (mardini/evaluation/learning.py):
   plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
                    on half of the clips, scored on the other half) beside the low-resolution blend's, and how much
                    the plan tokens vary across a frame
+  samples' error   the samples' squared error over the posterior mean's: 2 for samples drawn from the posterior
+                   (their PSNR 3.01 dB below the mean's by design), 1 for samples collapsed onto the mean
   image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, the posterior mean (a best guess below
                    the repeated frame means image-to-video is not learned; above it with samples below, the samples
-                   pay for motion whose direction one frame leaves open), and the motion energy of generated vs real
+                   pay for motion whose direction one frame leaves open), the samples' error ratio and how much
+                   they differ from each other (1: as much as the posterior), and the motion energy of generated vs
+                   real
   noise levels     (--noise-levels 0.04 0.3 0.7 0.999) the real clip noised to each t and denoised in one step,
                    PSNR where the scene moves / is still, beside the blend and the rescaled noisy input
   attention        (--attention) per generator block, for generated-frame queries at t = 0.5 and 0.999: the mass
@@ -66,6 +70,8 @@ def print_report(report: dict) -> None:
           f"{report['num_steps']} steps)")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
+    print(f"  samples' error  x{i['sample_error_ratio']:.2f} the posterior mean's   (2: samples drawn from the "
+          f"posterior, 1: the mean itself)")
     if "posterior_mean_avg_psnr" in i:
         print(f"  mean of {i['posterior_mean_seeds']:<2d}     PSNR {i['posterior_mean_avg_psnr']:6.2f} dB   (posterior "
               f"means from that many noise inputs; two of them agree to {i['posterior_mean_seed_agreement_psnr']:.1f} dB)")
@@ -86,6 +92,8 @@ def print_report(report: dict) -> None:
         v = report["i2v"]
         print(f"image-to-video   PSNR {v['best_psnr']:6.2f} dB   best of {v['best_of']} (mean {v['mean_psnr']:.2f})")
         print(f"  posterior mean PSNR {v['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
+        spread = f"; samples differ x{v['sample_spread']:.2f} (1: as the posterior)" if "sample_spread" in v else ""
+        print(f"  samples' error  x{v['sample_error_ratio']:.2f} the posterior mean's{spread}")
         print(f"repeat frame     PSNR {v['repeat_psnr']:6.2f} dB")
         print(f"motion energy    {v['motion_energy']:.4f} generated vs {v['real_motion_energy']:.4f} real "
               f"(ratio {v['motion_ratio']:.2f})")

@@ -121,7 +121,33 @@ def test_interpolation_report_scores_the_blend_independently():
     expected = clip_psnr(torch.stack([linear_blend(v, mask) for v in videos]), videos, mask).mean().item()
     assert report["blend_psnr"] == pytest.approx(expected)
     assert report["psnr"] < report["blend_psnr"]  # a random model loses to the blend
-    assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr"}
+    assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr", "sample_error_ratio"}
+
+
+def test_sample_error_ratio_and_spread_read_a_calibrated_sampler_as_2_and_1():
+    """Clips drawn from a known Gaussian posterior (mean mu, std 0.1): samples from the same posterior err twice as
+    much as mu and differ pairwise by twice its variance (ratio 2, spread 1); samples equal to mu give 1 and 0;
+    samples with twice the posterior's std, 5 and 4. The figures are pooled, so they hold per pixel on average."""
+    from mardini.evaluation.learning import sample_error_ratio, sample_spread
+
+    g = torch.Generator().manual_seed(0)
+    shape = (8, T, 3, H, H)
+    mu = 0.5 * torch.rand(shape, generator=g) - 0.25
+    draw = lambda std: mu + std * torch.randn(shape, generator=g)  # noqa: E731
+    truth, mask = draw(0.1), task_mask("interpolation", T)
+    calibrated = [draw(0.1) for _ in range(3)]
+    assert sample_error_ratio(calibrated[0], mu, truth, mask) == pytest.approx(2.0, rel=0.02)
+    assert sample_spread(calibrated, mu, truth, mask) == pytest.approx(1.0, rel=0.02)
+    assert sample_error_ratio(mu, mu, truth, mask) == pytest.approx(1.0)
+    assert sample_spread([mu, mu.clone()], mu, truth, mask) == 0.0
+    wide = [draw(0.2) for _ in range(2)]
+    assert sample_error_ratio(wide[0], mu, truth, mask) == pytest.approx(5.0, rel=0.03)
+    assert sample_spread(wide, mu, truth, mask) == pytest.approx(4.0, rel=0.03)
+    spoiled = calibrated[0].clone()
+    spoiled[:, ~mask] += 1.0  # only the generated frames count
+    assert sample_error_ratio(spoiled, mu, truth, mask) == sample_error_ratio(calibrated[0], mu, truth, mask)
+    with pytest.raises(ValueError, match="at least two"):
+        sample_spread(calibrated[:1], mu, truth, mask)
 
 
 @pytest.mark.parametrize("carried", [0.0, 0.1])
@@ -180,6 +206,8 @@ def test_i2v_report_scores_the_posterior_mean_of_the_middle_frame_task(monkeypat
     better = i2v_report(pipe, videos, num_seeds=1, num_steps=1)
     assert better["posterior_mean_psnr"] - better["repeat_psnr"] == pytest.approx(20 * math.log10(2), abs=0.01)
     assert better["best_psnr"] == report["best_psnr"]  # the samples are the model's, untouched by the fake
+    assert better["sample_error_ratio"] == pytest.approx(4 * report["sample_error_ratio"], rel=1e-9)  # error / 4
+    assert "sample_spread" not in report  # one sample per clip: no pair to compare
 
 
 def test_noise_level_report_scores_regions_against_the_blend_and_the_rescaled_input(monkeypatch):
@@ -256,6 +284,8 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert math.isfinite(i["posterior_mean_avg_psnr"]) and "mean of 2" in result.stdout
     assert v["best_psnr"] >= v["mean_psnr"] and v["best_of"] == 2 and math.isfinite(v["motion_ratio"])
     assert math.isfinite(v["posterior_mean_psnr"]) and "  posterior mean PSNR" in result.stdout
+    assert v["sample_error_ratio"] > 0 and v["sample_spread"] > 0 and i["sample_error_ratio"] > 0
+    assert result.stdout.count("  samples' error  x") == 2 and "samples differ x" in result.stdout
     assert set(report["step_sweep"]) == {"1"} and math.isfinite(report["step_sweep"]["1"])
     blocks = len(pipe.model.generator.blocks)
     assert {t: len(rows) for t, rows in report["attention"].items()} == {"0.5": blocks, "0.999": blocks}
