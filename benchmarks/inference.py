@@ -187,6 +187,7 @@ def main():
                 m.backend, m.sdpa_kernel = choice["attn_backend"], choice["sdpa_kernel"]
         for name, module in eager.items():
             setattr(model, name, compile_module(module, mode) if compile_ else module)
+        eager["generator"].compile_reference_pass(enabled=compile_, dynamic=False)  # as MarDiniPipeline.compile
         for (T, k), (z, mask) in clips.items():
             with torch.inference_mode():
                 plan = lambda: model.planner(lowres_from_hires(z, args.lowres), mask)  # noqa: E731

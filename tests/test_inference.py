@@ -391,6 +391,7 @@ def test_compiled_pipeline_generates_the_same_video(export_dir):
     assert pipe.compile(backend="eager") is pipe
     for module in (pipe.model.planner, pipe.model.generator, decoder):
         assert module._compiled_call_impl is not None, f"{type(module).__name__} was not compiled"
+    assert pipe.model.generator._compiled_reference_pass is not None  # cache_references' pass, apart from forward
     assert list(pipe.model.state_dict()) == keys
     torch.testing.assert_close(pipe(frames, seed=5, num_steps=STEPS), before, rtol=0, atol=1e-5)
 

@@ -567,6 +567,40 @@ def test_compiled_generator_takes_the_reference_cache_in_one_graph():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_reference_pass_is_one_graph_and_caches_what_eager_caches():
+    """compile_reference_pass (MarDiniPipeline.compile calls it) traces cache_references' pass over the reference
+    frames into one graph, past its host-side checks, and caches the eager keys, values and RoPE; generation with it
+    equals eager generation; enabled=False goes back to eager (no further compiled call)."""
+    import torch._dynamo.testing
+
+    model = randomize(tiny(max_frames=6), seed=4, std=0.2)
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z = torch.randn(1, 6, C, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask, plan = masks("110111"), torch.randn(1, 6, 16, model.cfg.signal_dim)
+
+    def run():
+        return model.generate(z, mask, diffusion, num_steps=2, generator=torch.Generator().manual_seed(1))
+
+    eager_cache, eager = model.generator.cache_references(z, mask, plan), run()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    model.generator.compile_reference_pass(backend=counter, fullgraph=True)
+    try:
+        cache, compiled = model.generator.cache_references(z, mask, plan), run()
+        assert counter.frame_count == 1 and len(cache.kv) == len(model.generator.blocks)
+        for (k, v), (k0, v0) in zip(cache.kv, eager_cache.kv):
+            torch.testing.assert_close((k, v), (k0, v0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache.rope, eager_cache.rope, rtol=0, atol=0)
+        assert torch.equal(cache.generated, eager_cache.generated)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        calls = counter.frame_count, len(counter.graphs)
+        model.generator.compile_reference_pass(enabled=False)
+        run()
+        assert (counter.frame_count, len(counter.graphs)) == calls
+    finally:
+        torch._dynamo.reset()
+
+
 def generator_inputs(model: MarDini, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x [2, 5, C, 8, 8], plan [2, 5, 16, signal_dim]): a generator's latents and planning signals, at random."""
     g = torch.Generator().manual_seed(seed)

@@ -92,6 +92,8 @@ class MarDiniPipeline:
         compiles (tens of seconds), so it pays for batches of generations, not for one."""
         self.model.planner.compile(mode=mode, backend=backend)
         self.model.generator.compile(mode=mode, backend=backend)
+        # once per generation: CUDA graphs would not pay, and their output buffers are reused by the next replay
+        self.model.generator.compile_reference_pass(backend=backend)
         decoder = getattr(getattr(self.autoencoder, "vae", None), "decoder", None)  # diffusers VAEs
         if decoder is not None:
             decoder.compile(mode=mode, backend=backend)

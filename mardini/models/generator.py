@@ -197,6 +197,7 @@ class Generator(nn.Module):
         self.rope = RotaryEmbedding3D(g.dim // g.num_heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(GeneratorBlock(cfg) for _ in range(g.depth))
         self.final = FinalLayer(g.dim, patch_dim)
+        self._compiled_reference_pass = None  # compile_reference_pass() puts a compiled _reference_pass here
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -282,6 +283,12 @@ class Generator(nn.Module):
         if refusal:
             raise ValueError(refusal)
         generated, references = mask[0].nonzero().squeeze(1), (~mask[0]).nonzero().squeeze(1)
+        run = self._compiled_reference_pass or self._reference_pass
+        return ReferenceCache(generated, *run(x, mask, plan, motion, generated, references))
+
+    def _reference_pass(self, x, mask, plan, motion, generated: torch.Tensor, references: torch.Tensor):
+        """cache_references past its host-side checks: the reference frames through every block, keeping each block's
+        keys and values, and the generated tokens' RoPE. Returns (kv, rope, plan_rope)."""
         time = torch.zeros(mask.shape, device=x.device)  # reference frames are clean
         tokens, c, ref_plan, ref_mask, rope, plan_rope = self._inputs(x, mask, time, plan, motion, frames=references)
         kv = []
@@ -289,7 +296,14 @@ class Generator(nn.Module):
             tokens = block(tokens, c, ref_plan, ref_mask, rope, plan_rope, keep_kv=kv)
         _, H, W = x.shape[-3:]
         rope = self.rope.angles(self._frame_coords(x.shape[1], H, W, generated, x.device))
-        return ReferenceCache(generated, kv, rope, plan_rope)
+        return kv, rope, plan_rope
+
+    def compile_reference_pass(self, enabled: bool = True, **compile_kwargs) -> None:
+        """torch.compile the reference frames' one pass of cache_references, in place (enabled=False: eager again).
+        Why: Module.compile compiles forward only, and this pass, once per generation, is hundreds of small ops
+        launched one by one when eager (33 ms of a 0.70 s image-to-video call of the paper model on one H200;
+        BENCHMARKS.md, "Inference, fifth step"). MarDiniPipeline.compile calls it."""
+        self._compiled_reference_pass = torch.compile(self._reference_pass, **compile_kwargs) if enabled else None
 
     def _frame_coords(self, T: int, H: int, W: int, frames: torch.Tensor | None, device) -> torch.Tensor:
         """(t, y, x) of the tokens of the listed frames [T'] of a T-frame window (None: all): [T'*n, 3]."""
