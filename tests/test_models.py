@@ -7,6 +7,7 @@ are zero and the generator predicts 0 whatever its input; those tests re-initial
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -593,6 +594,10 @@ def test_compiled_reference_pass_is_one_graph_and_caches_what_eager_caches():
         torch.testing.assert_close(cache.rope, eager_cache.rope, rtol=0, atol=0)
         assert torch.equal(cache.generated, eager_cache.generated)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(model.generator)  # a copy runs its own weights through the compiled pass
+        with torch.no_grad():
+            twin.blocks[0].attn.qkv.weight.mul_(2)
+        assert not torch.allclose(twin.cache_references(z, mask, plan).kv[0][0], cache.kv[0][0])
         calls = counter.frame_count, len(counter.graphs)
         model.generator.compile_reference_pass(enabled=False)
         run()

@@ -283,8 +283,8 @@ class Generator(nn.Module):
         if refusal:
             raise ValueError(refusal)
         generated, references = mask[0].nonzero().squeeze(1), (~mask[0]).nonzero().squeeze(1)
-        run = self._compiled_reference_pass or self._reference_pass
-        return ReferenceCache(generated, *run(x, mask, plan, motion, generated, references))
+        run = self._compiled_reference_pass or Generator._reference_pass
+        return ReferenceCache(generated, *run(self, x, mask, plan, motion, generated, references))
 
     def _reference_pass(self, x, mask, plan, motion, generated: torch.Tensor, references: torch.Tensor):
         """cache_references past its host-side checks: the reference frames through every block, keeping each block's
@@ -302,8 +302,9 @@ class Generator(nn.Module):
         """torch.compile the reference frames' one pass of cache_references, in place (enabled=False: eager again).
         Why: Module.compile compiles forward only, and this pass, once per generation, is hundreds of small ops
         launched one by one when eager (33 ms of a 0.70 s image-to-video call of the paper model on one H200;
-        BENCHMARKS.md, "Inference, fifth step"). MarDiniPipeline.compile calls it."""
-        self._compiled_reference_pass = torch.compile(self._reference_pass, **compile_kwargs) if enabled else None
+        BENCHMARKS.md, "Inference, fifth step"). MarDiniPipeline.compile calls it. The function is compiled unbound
+        and given self at each call, so that a copy of the module runs its own weights."""
+        self._compiled_reference_pass = torch.compile(Generator._reference_pass, **compile_kwargs) if enabled else None
 
     def _frame_coords(self, T: int, H: int, W: int, frames: torch.Tensor | None, device) -> torch.Tensor:
         """(t, y, x) of the tokens of the listed frames [T'] of a T-frame window (None: all): [T'*n, 3]."""
