@@ -8,7 +8,8 @@ weights), in bf16.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
 Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each
---compile-mode (planner and generator, static shapes), reference frames recomputed at every step or cached once
+--compile-mode (planner and generator, static shapes; the reference frames' one pass compiled in mode "default",
+as MarDiniPipeline.compile does), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result
 splits the call into planner, generator steps (of which the reference frames' one pass, `cache_references`, is also
