@@ -85,17 +85,21 @@ def video_clips(root: str, count: int, num_frames: int, height: int, width: int,
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+def squared_errors(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-clip squared errors of the generated frames, in [0, 1] pixel units (float64): pred/target
+    [N, T, 3, H, W] in [-1, 1], mask [T] -> [N, G*3*H*W]."""
+    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))
+    return (p - t).pow(2).reshape(pred.shape[0], -1)
+
+
 def clip_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """PSNR per clip over its generated frames: pred/target [N, T, 3, H, W] in [-1, 1], mask [T] -> [N] (dB)."""
-    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))  # frames in [0, 1], float64
-    mse = (p - t).pow(2).reshape(pred.shape[0], -1).mean(1)
-    return -10.0 * torch.log10(mse.clamp_min(1e-20))
+    """PSNR per clip over its generated frames -> [N] (dB)."""
+    return -10.0 * torch.log10(squared_errors(pred, target, mask).mean(1).clamp_min(1e-20))
 
 
 def pooled_mse(pred: Tensor, target: Tensor, mask: Tensor) -> float:
-    """Mean squared error over the generated frames of all clips, in [0, 1] pixel units (float64)."""
-    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))
-    return float((p - t).pow(2).mean())
+    """Mean squared error over the generated frames of all clips (every clip has the same size)."""
+    return float(squared_errors(pred, target, mask).mean())
 
 
 def sample_error_ratio(samples: Tensor, mean: Tensor, target: Tensor, mask: Tensor) -> float:
