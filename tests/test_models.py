@@ -540,6 +540,9 @@ def test_cached_step_runs_the_generated_frames_only_and_matches_its_flop_count()
         full = model.generator(z, mask, time, plan)
     torch.testing.assert_close(out[mask], full[mask], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))  # reference frames are not computed
+    with torch.no_grad():  # the plan's cross-attention keys and values come from the cache, not from the step's plan
+        assert torch.equal(model.generator(z, mask, time, torch.randn_like(plan), cache=cache), out)
+        assert not torch.allclose(model.generator(z, mask, time, torch.randn_like(plan))[mask], full[mask])
 
 
 def test_compiled_generator_takes_the_reference_cache_in_one_graph():
@@ -590,6 +593,8 @@ def test_compiled_reference_pass_is_one_graph_and_caches_what_eager_caches():
         cache, compiled = model.generator.cache_references(z, mask, plan), run()
         assert counter.frame_count == 1 and len(cache.kv) == len(model.generator.blocks)
         for (k, v), (k0, v0) in zip(cache.kv, eager_cache.kv):
+            torch.testing.assert_close((k, v), (k0, v0), rtol=1e-6, atol=1e-6)
+        for (k, v), (k0, v0) in zip(cache.plan_kv, eager_cache.plan_kv):
             torch.testing.assert_close((k, v), (k0, v0), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(cache.rope, eager_cache.rope, rtol=0, atol=0)
         assert torch.equal(cache.generated, eager_cache.generated)

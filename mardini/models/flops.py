@@ -5,7 +5,8 @@ Only matrix products and attention are counted; norms, activations and adaLN's e
 reference queries x own frame), the figure MFU is quoted on; ``executed=True`` counts what the configured kernels
 actually compute (the ``split`` identity implementation runs both a full and a per-frame attention), which a
 FLOP counter would report. ``cached_references=True`` counts a sampler step that runs the generated frames only
-(Generator.cache_references): their tokens, and their queries against every key.
+(Generator.cache_references): their tokens, and their queries against every key; their plan's cross-attention keys
+and values come from the cache too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, i
     else:  # the useful pairs; what identity_impl=gather executes for a clip (a batch pads to its largest count)
         pairs = num_masked * n * N + (T - num_masked) * n * n
     per_block = _linear(N, g.dim, 3 * g.dim) + _linear(N, g.dim, g.dim) + _attention_core(pairs, g.dim)
-    per_block += _linear(N, g.dim, g.dim) + _linear(T * m, cfg.signal_dim, 2 * g.dim)  # cross q, kv
+    per_block += _linear(N, g.dim, g.dim)                                             # cross q
+    if not cached_references:  # cross kv (a cached step reads the plan's keys and values from the cache)
+        per_block += _linear(T * m, cfg.signal_dim, 2 * g.dim)
     per_block += _attention_core(T * n * m, g.dim) + _linear(N, g.dim, g.dim)       # cross core, proj
     per_block += _mlp(N, g.dim, g.mlp_ratio, cfg.mlp_type)
     per_block += _linear(T, g.dim, 6 * g.dim)                                         # adaLN (per frame)

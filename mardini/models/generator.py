@@ -98,11 +98,14 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class ReferenceCache:
     """What the sampler's steps share (Generator.cache_references). generated: [G] indices of the generated frames
     (the same in every sample); kv: per block, the (keys, values) [B, heads, R*n, head_dim] of the R reference frames'
-    tokens, or None where no generated query reads them (spatial attention); rope, plan_rope: the generated tokens'
-    RoPE (cos, sin) [G*n, head_dim/2] and the cross-attention's (forward's plan_rope), computed once."""
+    tokens, or None where no generated query reads them (spatial attention); plan_kv: per block, the cross-attention's
+    keys and values [B*G, heads, m, head_dim] of the generated frames' plan tokens (the plan does not change between
+    steps); rope, plan_rope: the generated tokens' RoPE (cos, sin) [G*n, head_dim/2] and the cross-attention's
+    (forward's plan_rope), computed once."""
 
     generated: torch.Tensor
     kv: list
+    plan_kv: list
     rope: tuple
     plan_rope: tuple
 
@@ -154,19 +157,25 @@ class GeneratorBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, rope,
                 plan_rope=(None, None), keep_kv: list | None = None, reference_kv: tuple | None = None,
-                counts: tuple[int, int] | None = None) -> torch.Tensor:
+                counts: tuple[int, int] | None = None, plan_kv: tuple | None = None) -> torch.Tensor:
         """x: [B, T, n, D]; c: [B, T, D] per-frame conditioning; plan: [B, T, m, Dc]; mask: [B, T];
         rope: (cos, sin) of every token; plan_rope: (rope of a frame's n tokens, rope of its m plan tokens);
-        keep_kv / reference_kv / counts: see self_attention."""
+        keep_kv / reference_kv / counts: see self_attention; plan_kv: the cross-attention's keys and values of
+        these frames' plan (plan_keys_values), computed once per generation (plan is then not read)."""
         B, T, n, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, :, None].chunk(6, dim=-1)  # [B, T, 1, D]
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
         x = x + gate1 * self.self_attention(h, mask, rope, keep_kv, reference_kv, counts).reshape(B, T, n, D)
         # Per-frame cross-attention: frame i's tokens read plan[i] only.
-        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), rearrange(plan, "b t m d -> (b t) m d"),
-                       *plan_rope)
+        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"),
+                       None if plan_kv is not None else rearrange(plan, "b t m d -> (b t) m d"), *plan_rope,
+                       context_kv=plan_kv)
         x = x + h.reshape(B, T, n, D)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+    def plan_keys_values(self, plan: torch.Tensor, plan_rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """plan [B, T, m, Dc] -> the cross-attention's keys and values [B*T, heads, m, head_dim] (forward's plan_kv)."""
+        return self.cross.context_kv(rearrange(plan, "b t m d -> (b t) m d"), plan_rope[1])
 
 
 class FinalLayer(nn.Module):
@@ -249,8 +258,9 @@ class Generator(nn.Module):
         tokens, c, plan, mask, rope, plan_rope = self._inputs(x, mask, model_time, plan, motion, **cached)
         hidden = []
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, c, plan, mask, rope, plan_rope,
-                           reference_kv=None if cache is None else cache.kv[i], counts=frame_counts)
+            tokens = block(tokens, c, plan, mask, rope, plan_rope, counts=frame_counts,
+                           reference_kv=None if cache is None else cache.kv[i],
+                           plan_kv=None if cache is None else cache.plan_kv[i])
             hidden.append(tokens)
         out = unpatchify(self.final(tokens, c), self.patch_size, H, W)
         if cache is not None:  # [B, G, C, H, W] -> [B, T, C, H, W], zeros on the reference frames
@@ -288,15 +298,17 @@ class Generator(nn.Module):
 
     def _reference_pass(self, x, mask, plan, motion, generated: torch.Tensor, references: torch.Tensor):
         """cache_references past its host-side checks: the reference frames through every block, keeping each block's
-        keys and values, and the generated tokens' RoPE. Returns (kv, rope, plan_rope)."""
+        keys and values; the generated frames' plan keys and values of every block and their tokens' RoPE.
+        Returns (kv, plan_kv, rope, plan_rope)."""
         time = torch.zeros(mask.shape, device=x.device)  # reference frames are clean
         tokens, c, ref_plan, ref_mask, rope, plan_rope = self._inputs(x, mask, time, plan, motion, frames=references)
         kv = []
         for block in self.blocks:
             tokens = block(tokens, c, ref_plan, ref_mask, rope, plan_rope, keep_kv=kv)
+        plan_kv = [block.plan_keys_values(plan[:, generated], plan_rope) for block in self.blocks]
         _, H, W = x.shape[-3:]
         rope = self.rope.angles(self._frame_coords(x.shape[1], H, W, generated, x.device))
-        return kv, rope, plan_rope
+        return kv, plan_kv, rope, plan_rope
 
     def compile_reference_pass(self, enabled: bool = True, **compile_kwargs) -> None:
         """torch.compile the reference frames' one pass of cache_references, in place (enabled=False: eager again).

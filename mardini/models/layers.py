@@ -237,12 +237,20 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, rope_q=None, rope_k=None) -> torch.Tensor:
-        q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads))
+    def context_kv(self, context: torch.Tensor, rope_k=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys (normalised, rotated) and values [B, heads, M, d]: what the queries read. Generation
+        computes them once per call, the plan being the same at every sampler step (Generator.cache_references)."""
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
         k = self.k_norm(k)
+        return (k if rope_k is None else apply_rope(k, *rope_k)), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, rope_q=None, rope_k=None,
+                context_kv: tuple | None = None) -> torch.Tensor:
+        """context_kv: context_kv(context, rope_k) computed earlier, in place of context (then None)."""
+        q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads))
+        k, v = self.context_kv(context, rope_k) if context_kv is None else context_kv
         if rope_q is not None:
-            q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
+            q = apply_rope(q, *rope_q)
         out = attention(q, k, v, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
