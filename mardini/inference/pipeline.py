@@ -88,8 +88,8 @@ class MarDiniPipeline:
     def compile(self, mode: str = "default", backend: str = "inductor") -> "MarDiniPipeline":
         """torch.compile the planner, the generator (its forward and its reference frames' pass) and the VAE's
         decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model makes 12 frames
-        at 512 px with 25 steps in 1.28 s eager and 0.69 s compiled, the 12 frames decoded in one VAE call
-        (BENCHMARKS.md, "Inference, fifth step"); the first call at each shape compiles (tens of seconds), so it pays
+        at 512 px with 25 steps in 1.28 s eager and 0.67 s compiled, the 12 frames decoded in one VAE call
+        (BENCHMARKS.md, "Inference, sixth step"); the first call at each shape compiles (tens of seconds), so it pays
         for batches of generations, not for one."""
         self.model.planner.compile(mode=mode, backend=backend)
         self.model.generator.compile(mode=mode, backend=backend)

@@ -24,7 +24,8 @@ Generation reuses the reference frames across sampler steps (``cache_references`
 ``spatial``) attention a reference frame's tokens read only their own frame, their clean latent, t = 0 and their own
 plan, none of which changes between steps, so every block's keys and values of them are computed once and each step
 runs the generated frames' tokens alone, their queries reading the cached keys beside their own. Exact (the same
-attention, its keys in another order), and each step skips the reference frames' share of the work.
+attention, its keys in another order), and each step skips the reference frames' share of the work. The plan does
+not change between steps either: the cache also holds each block's cross-attention keys and values of it.
 """
 
 from __future__ import annotations
