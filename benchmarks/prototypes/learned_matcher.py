@@ -14,11 +14,14 @@ clips (the validation seed) score the estimate's PSNR as benchmarks/motion_basel
 fixed matcher's temperature 0.06) passes almost no gradient to the features (norms ~1e-8): train at a softer one.
 
     python benchmarks/prototypes/learned_matcher.py --steps 200 --temperature 0.3 --save features.pt
+    python benchmarks/prototypes/learned_matcher.py --device cuda --batch 16 --steps 600 --width 64 --feature-dim 32 \
+        --eval-temperatures 0.06,0.1,0.15,0.2,0.3 --json matcher.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -57,6 +60,13 @@ def main():
     p.add_argument("--smoothness", type=float, default=3e-3)
     p.add_argument("--clips", type=int, default=32, help="held-out clips")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--width", type=int, default=32, help="feature network width (model.motion.feature_width)")
+    p.add_argument("--feature-dim", type=int, default=16, help="feature channels (model.motion.feature_dim)")
+    p.add_argument("--eval-temperatures", default="",
+                   help="comma list: after training, score the held-out estimate at each of these softmax temperatures "
+                        "(the features trained at --temperature; a sharper softmax at use gives a crisper blend)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default="", help="append one JSON line of results here")
     p.add_argument("--load", default="")
     p.add_argument("--save", default="")
     args = p.parse_args()
@@ -64,21 +74,23 @@ def main():
     shape = dict(num_frames=17, height=64, width=64, max_shapes=4, hue_drift=0.0)
     train = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=65536, seed=0, **shape))
     val = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=args.clips, seed=1_000_003, **shape))
-    val_clips = torch.stack([val[i]["video"] for i in range(len(val))])
-    net = MatchFeatures(channels=12)
+    device = torch.device(args.device)
+    val_clips = torch.stack([val[i]["video"] for i in range(len(val))]).to(device)
+    net = MatchFeatures(channels=12, width=args.width, dim=args.feature_dim).to(device)
     if args.load:
-        net.load_state_dict(torch.load(args.load))
+        net.load_state_dict(torch.load(args.load, map_location=device))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
 
     @torch.no_grad()
-    def evaluate() -> float:
-        pairs = [inner_frames(net, val_clips[i:i + 8], args) for i in range(0, len(val_clips), 8)]
+    def evaluate(temperature: float | None = None) -> float:
+        settings = args if temperature is None else argparse.Namespace(**{**vars(args), "temperature": temperature})
+        pairs = [inner_frames(net, val_clips[i:i + 8], settings) for i in range(0, len(val_clips), 8)]
         return psnr_per_clip(torch.cat([e for e, _ in pairs]), torch.cat([r for _, r in pairs]))
 
     print(f"step 0: held-out estimate {evaluate():.2f} dB", flush=True)
     start = time.time()
     for step in range(1, args.steps + 1):
-        clips = torch.stack([train[(step - 1) * args.batch + i]["video"] for i in range(args.batch)])
+        clips = torch.stack([train[(step - 1) * args.batch + i]["video"] for i in range(args.batch)]).to(device)
         est, real = inner_frames(net, clips, args)
         loss = (est - real).pow(2).mean()
         opt.zero_grad()
@@ -87,6 +99,15 @@ def main():
         if step % args.eval_every == 0 or step == args.steps:
             print(f"step {step}: loss {loss.item():.4f}, held-out estimate {evaluate():.2f} dB, "
                   f"{time.time() - start:.0f} s", flush=True)
+    result = {k: v for k, v in vars(args).items() if k not in ("load", "save", "json")}
+    result["held_out_db"] = evaluate()
+    result["seconds"] = time.time() - start
+    for t in filter(None, args.eval_temperatures.split(",")):
+        result[f"held_out_db_at_{t}"] = evaluate(float(t))
+        print(f"  at temperature {t}: held-out estimate {result[f'held_out_db_at_{t}']:.2f} dB", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
     if args.save:
         torch.save(net.state_dict(), args.save)
 
