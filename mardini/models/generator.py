@@ -168,9 +168,9 @@ class GeneratorBlock(nn.Module):
         h = modulate(self.norm1(x), shift1, scale1).reshape(B, T * n, D)
         x = x + gate1 * self.self_attention(h, mask, rope, keep_kv, reference_kv, counts).reshape(B, T, n, D)
         # Per-frame cross-attention: frame i's tokens read plan[i] only.
-        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"),
-                       None if plan_kv is not None else rearrange(plan, "b t m d -> (b t) m d"), *plan_rope,
-                       context_kv=plan_kv)
+        if plan_kv is None:
+            plan_kv = self.plan_keys_values(plan, plan_rope)
+        h = self.cross(rearrange(self.norm_cross(x), "b t n d -> (b t) n d"), plan_kv, plan_rope[0])
         x = x + h.reshape(B, T, n, D)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 

@@ -220,7 +220,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from x [B, N, D] attend to a context [B, M, Dc] (the planning signals).
+    """Queries from x [B, N, D] attend to a context [B, M, Dc] (the planning signals), whose keys and values
+    (context_kv) are computed apart: generation computes them once for all its sampler steps.
 
     With ``rope_q`` / ``rope_k`` (cos, sin of [N, d/2] and [M, d/2]) queries and keys are rotated by their
     positions, so that a query can find the context tokens that cover its place."""
@@ -244,11 +245,10 @@ class CrossAttention(nn.Module):
         k = self.k_norm(k)
         return (k if rope_k is None else apply_rope(k, *rope_k)), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, rope_q=None, rope_k=None,
-                context_kv: tuple | None = None) -> torch.Tensor:
-        """context_kv: context_kv(context, rope_k) computed earlier, in place of context (then None)."""
+    def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], rope_q=None) -> torch.Tensor:
+        """x: [B, N, D] queries; context_kv: context_kv(context, rope_k), the keys and values they read."""
         q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads))
-        k, v = self.context_kv(context, rope_k) if context_kv is None else context_kv
+        k, v = context_kv
         if rope_q is not None:
             q = apply_rope(q, *rope_q)
         out = attention(q, k, v, backend=self.backend, sdpa_kernel=self.sdpa_kernel)
