@@ -133,9 +133,15 @@ def read_sharded_weights(path: str | Path, key: str, like: dict[str, torch.Tenso
     return state[key]
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names every missing, unexpected or mis-shaped tensor."""
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                 optional: tuple[str, ...] = ()) -> None:
+    """Strict load that names every missing, unexpected or mis-shaped tensor. Tensors whose names start with one of
+    `optional` may be absent on either side: a missing one keeps the model's own initialisation, an unexpected one
+    is dropped (training-only heads when fine-tuning under another recipe)."""
     own = model.state_dict()
+    if optional:
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
+        state.update({k: v for k, v in own.items() if k not in state and k.startswith(optional)})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

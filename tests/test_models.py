@@ -316,6 +316,32 @@ def test_generator_learns_a_task_only_the_plan_carries():
     assert error < 0.1, f"relative error {error:.3f}"
 
 
+def test_planner_loss_reads_the_generated_frames_plan_back_and_leaves_the_diffusion_loss_alone():
+    """model.planner.loss_weight: a linear read-out of each generated frame's plan tokens regresses that frame's
+    low-resolution latents (which the planner never saw). With the same weights, inputs and noise the diffusion loss
+    is what it is without the read-out; the total adds weight x the read-out's error, scored on the generated frames
+    only (each sample's frames averaged, then the samples), and that error trains the planner, not the generator."""
+    torch.manual_seed(0)
+    with_loss = randomize(MarDini(model_config("tiny", latent_channels=C, planner=dict(loss_weight=0.5)))).train()
+    plain = MarDini(model_config("tiny", latent_channels=C)).train()
+    plain.load_state_dict({k: v for k, v in with_loss.state_dict().items() if not k.startswith("planner.readout.")})
+    diffusion = Diffusion(DiffusionConfig(**RF))
+    z, mask = torch.randn(2, 5, C, 8, 8), masks("01110", "00111")
+    noise, t = torch.randn_like(z), torch.tensor([0.3, 0.8])
+    out = with_loss(z, None, mask, diffusion, noise=noise, t=t)
+    assert torch.equal(out["diffusion_loss"], plain(z, None, mask, diffusion, noise=noise, t=t)["loss"])
+    assert torch.allclose(out["loss"], out["diffusion_loss"] + 0.5 * out["plan_loss"])
+    z_lo = lowres_from_hires(z, 2)
+    read = with_loss.planner.readout(with_loss.planner(z_lo, mask))                     # [B, T, n, C]
+    per_frame = (read - patchify(z_lo, 1)).pow(2).mean(dim=(2, 3))                       # [B, T]
+    assert torch.allclose(out["plan_loss"], torch.stack([per_frame[b][mask[b]].mean() for b in range(2)]).mean())
+    grads = torch.autograd.grad(out["plan_loss"], list(with_loss.generator.parameters()), allow_unused=True,
+                                retain_graph=True)
+    assert all(g is None for g in grads), "the read-out's error must not train the generator"
+    assert torch.autograd.grad(out["plan_loss"], with_loss.planner.mask_token)[0].abs().sum() > 0
+    assert "plan_loss" not in plain(z, None, mask, diffusion, noise=noise, t=t) and plain.planner.readout is None
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_identity_implementations_agree_with_the_dense_mask(seed):
     """split, gather and the dense-mask reference compute the same function and the same gradients (same weights,
@@ -969,6 +995,7 @@ def test_useful_identity_flops_below_executed_split():
         (dict(sdpa_kernel="fast"), "sdpa_kernel"),
         (dict(mlp_type="relu"), "mlp_type"),
         (dict(plan_dropout=1.0), "plan_dropout"),
+        (dict(planner=dict(loss_weight=-1.0)), "planner.loss_weight"),
         (dict(max_frames=1), "max_frames"),
         (dict(latent_channels=0), "latent_channels"),
     ],

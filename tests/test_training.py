@@ -458,6 +458,33 @@ def test_init_from_export_loads_weights_with_fresh_optimizer_and_frozen_planner(
     assert trainer_state(checkpoint(out, 2))["step"] == 2
 
 
+def test_planner_loss_is_logged_and_fine_tuning_may_add_or_drop_its_readout(straight_run, tmp_path):
+    """model.planner.loss_weight: the total is diffusion + weight x plan loss, both parts in metrics.jsonl. Its read-out
+    is read by that loss alone, so fine-tuning crosses recipes: from an export without one the run starts a fresh
+    read-out (every other weight loaded), and from an export with one a run without the loss drops it."""
+    cfg = tiny_config(tmp_path / "pl", max_steps=2)
+    cfg.model.planner.loss_weight = 0.5
+    Trainer(cfg).fit()
+    for r in read_metrics(tmp_path / "pl"):
+        assert r["plan_loss"] > 0 and r["diffusion_loss"] > 0 and "motion_loss" not in r
+        assert math.isclose(r["loss"], r["diffusion_loss"] + 0.5 * r["plan_loss"], rel_tol=1e-5)
+    readout = {"planner.readout.weight", "planner.readout.bias"}
+    source = export_weights(straight_run)
+    cfg = tiny_config(tmp_path / "add", init_from=str(straight_run / "export"))
+    cfg.model.planner.loss_weight = 0.5
+    trainer = Trainer(cfg)
+    state = unwrapped_state(trainer)
+    trainer._release_lock()
+    assert set(state) - set(source) == readout
+    assert_state_equal({k: v for k, v in state.items() if k not in readout}, source, "weights after adding the loss")
+    trainer = Trainer(tiny_config(tmp_path / "drop", init_from=str(tmp_path / "pl" / "export")))
+    state = unwrapped_state(trainer)
+    trainer._release_lock()
+    trained = export_weights(tmp_path / "pl")
+    assert readout <= set(trained)
+    assert_state_equal(state, {k: v for k, v in trained.items() if k not in readout}, "weights after dropping it")
+
+
 def test_init_from_checkpoint_uses_its_ema_weights(straight_run, tmp_path):
     source = checkpoint(straight_run, 2 * N)
     ema, raw = ema_weights(source), model_weights(source)

@@ -24,6 +24,8 @@ class PlannerConfig:
     num_heads: int = 4      # attention heads (head dim = dim / num_heads)
     patch_size: int = 1     # latent cells per token side, on the low-resolution latents
     mlp_ratio: float = 4.0  # MLP hidden width / dim
+    loss_weight: float = 0.0  # weight of the planner's own loss (a linear read-out of each generated frame's plan
+    #                           regresses its low-resolution latents); 0: the diffusion loss alone, as the paper
 
 
 @dataclass
@@ -121,6 +123,7 @@ def validate_model_config(cfg) -> None:
         head_dim = sub.dim // sub.num_heads
         need(head_dim % 2 == 0 and head_dim >= 6, f"{name}.num_heads",
              f"gives head dim {head_dim}; 3D RoPE needs an even head dim >= 6")
+    need(cfg.planner.loss_weight >= 0, "planner.loss_weight", f"must be >= 0, got {cfg.planner.loss_weight}")
     need(cfg.generator.attention in GENERATOR_ATTENTION, "generator.attention",
          f"must be one of {GENERATOR_ATTENTION}, got {cfg.generator.attention!r}")
     motion = cfg.motion

@@ -69,7 +69,10 @@ class MarDini(nn.Module):
     # ------------------------------------------------------------------ planning
     def plan(self, z_lo: torch.Tensor, mask: torch.Tensor, drop_plan: torch.Tensor | None = None) -> torch.Tensor:
         """Planning signals [B, T, n_lo, Dc]; samples with drop_plan [B] True get the null plan instead."""
-        signals = self.planner(z_lo, mask)
+        return self.with_null_plan(self.planner(z_lo, mask), drop_plan)
+
+    def with_null_plan(self, signals: torch.Tensor, drop_plan: torch.Tensor | None) -> torch.Tensor:
+        """signals with the null plan in place of those of the samples where drop_plan [B] is True."""
         if drop_plan is not None:
             if self.null_plan is None:
                 raise ValueError("drop_plan needs a model built with plan_dropout > 0")
@@ -144,13 +147,22 @@ class MarDini(nn.Module):
             drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
+        signals = self.planner(z_lo, mask)
         x_t, target, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise,
-                                                           self.plan(z_lo, mask, drop_plan), frame_counts)
+                                                           self.with_null_plan(signals, drop_plan), frame_counts)
         loss = diffusion.loss(prediction.float(), target.float(), mask)
         out = {"loss": loss, "prediction": prediction, "target": target}
-        if self.match_features is not None:  # a learned estimate trains on its own error (the diffusion loss is blind)
-            out["diffusion_loss"], out["motion_loss"] = loss, self.motion_loss(motion, z_hi, mask)
-            out["loss"] = loss + self.cfg.motion.loss_weight * out["motion_loss"]
+        # Auxiliary losses, each logged apart: a learned estimate trains on its own error (the diffusion loss is
+        # blind to it); the planner, optionally, on reading its plan back into the frames' low-resolution latents.
+        parts = {}
+        if self.match_features is not None:
+            parts["motion_loss"] = (self.cfg.motion.loss_weight, self.motion_loss(motion, z_hi, mask))
+        if self.planner.readout is not None:
+            parts["plan_loss"] = (self.cfg.planner.loss_weight, self.planner.readout_loss(signals, z_lo, mask))
+        if parts:
+            out["diffusion_loss"] = loss
+            out["loss"] = loss + sum(weight * part for weight, part in parts.values())
+            out.update({key: part for key, (_, part) in parts.items()})
         return out
 
     def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan, frame_counts=None):

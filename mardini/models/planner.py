@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diffusion.diffusion import masked_frame_mse
 from .config import MarDiniConfig
 from .layers import MLP, RMSNorm, RotaryEmbedding3D, SelfAttention, patchify
 
@@ -41,6 +42,8 @@ class Planner(nn.Module):
         self.blocks = nn.ModuleList(PlannerBlock(p.dim, p.num_heads, p.mlp_ratio, cfg) for _ in range(p.depth))
         self.norm = RMSNorm(p.dim)
         self.to_signal = nn.Linear(p.dim, cfg.signal_dim)
+        # Training only (planner.loss_weight > 0): reads each plan token back into the latent patch it covers.
+        self.readout = nn.Linear(cfg.signal_dim, cfg.latent_channels * p.patch_size**2) if p.loss_weight > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -67,3 +70,13 @@ class Planner(nn.Module):
         for block in self.blocks:
             x = block(x, rope)
         return self.to_signal(self.norm(x)).reshape(B, T, n, -1)
+
+    def readout_loss(self, signals: torch.Tensor, z_lo: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The planner's own loss: mean squared error of a linear read-out of the generated frames' planning signals
+        [B, T, n_lo, Dc] against their low-resolution latents z_lo [B, T, C, h, w] (the tokens the planner never saw),
+        weighted like the diffusion loss. Why: trained by the diffusion loss alone, the plan of a generated frame
+        collapses to nearly one vector per frame that says nothing about where things are (BENCHMARKS.md,
+        "Learning"); asked to carry each frame's low-resolution layout, it does, and the generator reads it."""
+        if self.readout is None:
+            raise ValueError("readout_loss needs a planner built with planner.loss_weight > 0")
+        return masked_frame_mse(self.readout(signals.float()), patchify(z_lo, self.patch_size).float(), mask)

@@ -217,10 +217,13 @@ def _check_same_objective(source: str, diffusion) -> None:
 # Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
 # from weights trained under other values of these.
 HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "max_frames", "plan_dropout",
-                     "motion.loss_weight")
+                     "motion.loss_weight", "planner.loss_weight")
 # Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
 # learned per head, so weights loaded under another head split are scrambled without any loading error.
 SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
+# Weights that only a training loss reads (the planner's read-out, model.planner.loss_weight > 0): fine-tuning may
+# start from weights without them (they start fresh) or drop them.
+TRAINING_ONLY_WEIGHTS = ("planner.readout.",)
 
 
 def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | None, how: str) -> None:
@@ -238,7 +241,8 @@ def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | N
                          f"(the same weights would compute another network)")
 
 
-LOSS_PARTS = ("diffusion_loss", "motion_loss")  # a learned motion estimate's loss terms, logged beside the total
+# The terms of a loss with auxiliary parts (a learned motion estimate, the planner's read-out), logged beside the total.
+LOSS_PARTS = ("diffusion_loss", "motion_loss", "plan_loss")
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -303,7 +307,8 @@ class Trainer:
         self._check_validation_frames()
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self._ahead = None  # the next micro-batch's inputs, prepared during a backward (train_step)
-        self._loss_parts: list[torch.Tensor] = []  # this step's [diffusion, motion] losses (a learned estimate)
+        self._loss_parts: list[torch.Tensor] = []  # this step's loss parts (those of LOSS_PARTS the model returns)
+        self._loss_part_keys: list[str] = []
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
         self.mask_sampler = MaskSampler(cfg.curriculum, t.max_steps)
         self.model_cfg = as_model_config(cfg.model)
@@ -317,7 +322,8 @@ class Trainer:
                                         f"checkpoint folder)")
             _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
-            export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from)
+            export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from,
+                                       optional=TRAINING_ONLY_WEIGHTS)
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
@@ -548,8 +554,9 @@ class Trainer:
         with self._autocast():
             out = self.model(z_hi, z_lo, rnd.mask, self.diffusion, noise=rnd.noise, t=rnd.t, drop_plan=drop,
                              frame_counts=rnd.frame_counts)
-        if "motion_loss" in out:  # a learned motion estimate: its loss and the diffusion loss, logged apart
-            self._loss_parts.append(torch.stack([out[key] for key in LOSS_PARTS]).detach().float())
+        self._loss_part_keys = [key for key in LOSS_PARTS if key in out]  # the same at every step of a run
+        if self._loss_part_keys:  # auxiliary losses: each part logged apart
+            self._loss_parts.append(torch.stack([out[key] for key in self._loss_part_keys]).detach().float())
         return out["loss"]
 
     def _next_inputs(self, batches, step: int) -> tuple:
@@ -588,13 +595,13 @@ class Trainer:
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # the one wait
         finite = math.isfinite(grad_norm)
         loss = torch.stack(losses).float().mean()[None]
-        if self._loss_parts:  # [loss, diffusion loss, motion loss]
+        if self._loss_parts:  # [loss, diffusion loss, auxiliary losses...]
             loss = torch.cat([loss, torch.stack(self._loss_parts).mean(0)])
         if acc.num_processes > 1:
             loss = acc.reduce(loss, reduction="mean")
         # computed before the backward that the norm waited for: no second wait
         loss, *parts = loss.tolist()
-        parts = dict(zip(LOSS_PARTS, parts))
+        parts = dict(zip(self._loss_part_keys, parts))
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -620,7 +627,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
         window, window_start, window_steps = [], time.perf_counter(), 0
-        parts_window: dict[str, list[float]] = {}  # a learned estimate's loss parts since the last log
+        parts_window: dict[str, list[float]] = {}  # the loss parts since the last log
         batches, self._ahead = None, None
         try:
             with _stop_signals_blocked():  # the workers start here and must never see SIGTERM / SIGINT
