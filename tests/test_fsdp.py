@@ -41,11 +41,14 @@ TOL = 1e-5
 
 def run_config(out, world: int, parallel: str = "fsdp", **train):
     """2N steps, grad_accum 2 (exercises FSDP's no-sync micro-steps), checkpoints every N steps, warm-up + cosine LR,
-    a curriculum stage change inside the resumed half; the same global batch for 1 or 2 processes."""
+    a curriculum stage change inside the resumed half; the same global batch for 1 or 2 processes. The planner has its
+    own loss (as the default job), so its read-out, called outside the planner's forward, is sharded and resumed too."""
     kw = dict(max_steps=2 * N, grad_accum=2, batch_size=B * 2 // world, warmup_steps=2, checkpoint_every=N,
               keep_last=2, parallel=parallel)
     kw.update(train)
-    return tiny_config(out, curriculum=two_stage_curriculum(SWITCH, 2 * N), **kw)
+    cfg = tiny_config(out, curriculum=two_stage_curriculum(SWITCH, 2 * N), **kw)
+    cfg.model.planner.loss_weight = 0.5
+    return cfg
 
 
 def bf16_config(out, world: int, parallel: str = "fsdp"):
