@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import time
 from dataclasses import is_dataclass
@@ -547,6 +548,17 @@ def test_resume_refuses_another_network_but_not_another_kernel(straight_run, tmp
     cfg = resume_config(tmp_path / "kernel", resume=source)
     cfg.model.sdpa_kernel = "math"
     assert Trainer(cfg).step == N
+    # The planner's loss adds weights: refused by name, also for a checkpoint saved before the key existed.
+    old = tmp_path / "old_checkpoint"
+    shutil.copytree(source, old)
+    saved = OmegaConf.load(old / "config.yaml")
+    del saved.model.planner["loss_weight"]
+    OmegaConf.save(saved, old / "config.yaml")
+    for path in (source, old):
+        cfg = resume_config(tmp_path / "plan_loss", resume=str(path))
+        cfg.model.planner.loss_weight = 1.0
+        with pytest.raises(ValueError, match=r"train.resume=.* pass model.planner.loss_weight=0.0 "):
+            Trainer(cfg)
 
 
 def test_init_from_missing_folder_fails(tmp_path):

@@ -217,7 +217,10 @@ def _check_same_objective(source: str, diffusion) -> None:
 # Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
 # from weights trained under other values of these.
 HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "max_frames", "plan_dropout",
-                     "motion.loss_weight", "planner.loss_weight")
+                     "motion.loss_weight")
+# Keys added after runs were saved, with the value every earlier run had: a resume compares against it. (The
+# planner's loss adds its read-out's weights, so a run resumes only under the loss weight it was saved with.)
+ADDED_KEYS = {"planner.loss_weight": 0.0}
 # Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
 # learned per head, so weights loaded under another head split are scrambled without any loading error.
 SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
@@ -229,8 +232,9 @@ TRAINING_ONLY_WEIGHTS = ("planner.readout.",)
 def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | None, how: str) -> None:
     """Refuse to load weights into a network that computes something else with them, naming each differing key.
     `keys`: the model keys to compare (None: every key but HOW_NOT_WHAT_KEYS, for resuming a run, which must
-    continue the network it trained). Keys the source's config lacks (written before they existed) pass."""
-    trained = _flatten(_trained_config(source).get("model") or {})  # {"planner.num_heads": 6, ...}
+    continue the network it trained). Keys the source's config lacks (written before they existed) pass, except
+    ADDED_KEYS, which read as the value they had then."""
+    trained = {**ADDED_KEYS, **_flatten(_trained_config(source).get("model") or {})}  # {"planner.num_heads": 6, ...}
     ours = _flatten(OmegaConf.to_container(model_cfg, resolve=True))
     compared = keys if keys is not None else [k for k in ours if k not in HOW_NOT_WHAT_KEYS]
     differ = [k for k in compared if k in trained and k in ours and trained[k] != ours[k]]
