@@ -14,8 +14,8 @@ Reports (mardini/evaluation/learning.py):
   motion input     (models with model.motion.estimate) the motion-compensated estimate the generator is given, alone:
                    what the network adds is measured against it
   plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
-                   on half of the clips, scored on the other half) beside the low-resolution blend's, and how much
-                   the plan tokens vary across a frame
+                   on half of the clips, scored on the other half) beside the low-resolution blend's and the motion
+                   input's, and how much the plan tokens vary across a frame
   samples' error   the samples' squared error over the posterior mean's: 2 for samples drawn from the posterior
                    (their PSNR 3.01 dB below the mean's by design), 1 for samples collapsed onto the mean
   image-to-video   middle frame given: best-of-K PSNR vs repeating the frame, the posterior mean (a best guess below
@@ -86,8 +86,9 @@ def print_report(report: dict) -> None:
             print(f"  {name.replace('_', ' '):17s}PSNR {i[key]:6.2f} dB   (drop {drop:+.2f})")
     if "plan_probe" in report:
         q = report["plan_probe"]
-        print(f"plan probe       R^2 {q['r2']:.2f} (low-res blend {q['blend_r2']:.2f}); plan tokens' spread over a "
-              f"frame {q['spatial_share']:.3f} of their mean square")
+        motion = f", motion input {q['motion_r2']:.2f}" if "motion_r2" in q else ""
+        print(f"plan probe       R^2 {q['r2']:.2f} (low-res blend {q['blend_r2']:.2f}{motion}); plan tokens' spread "
+              f"over a frame {q['spatial_share']:.3f} of their mean square")
     if "i2v" in report:
         v = report["i2v"]
         print(f"image-to-video   PSNR {v['best_psnr']:6.2f} dB   best of {v['best_of']} (mean {v['mean_psnr']:.2f})")

@@ -262,6 +262,22 @@ def test_plan_probe_tells_a_plan_with_layout_from_one_without(monkeypatch):
     assert flat["blend_r2"] == pytest.approx(knows["blend_r2"])
     with pytest.raises(ValueError, match="at least 2 clips"):
         plan_probe(pipe, videos[:1])
+    assert "motion_r2" not in knows  # a model without a motion input
+
+
+def test_plan_probe_scores_the_motion_input_beside_the_blend(monkeypatch):
+    """With model.motion the probe also scores the generator's motion input at low resolution: an input that is the
+    true clip scores R^2 1, the blend as input scores what the blend does, and the plan's own score is unchanged."""
+    import mardini.evaluation.learning as learning
+
+    pipe, videos = random_pipeline(), clips(6)
+    monkeypatch.setattr(learning, "motion_input", lambda pipe_, v, m, batch_size=16: v)          # a perfect input
+    perfect = plan_probe(pipe, videos, batch_size=4)
+    assert perfect["motion_r2"] == pytest.approx(1.0) and perfect["blend_r2"] < 0.999
+    as_blend = lambda pipe_, v, m, batch_size=16: baseline(v, m, "linear_blend")  # noqa: E731
+    monkeypatch.setattr(learning, "motion_input", as_blend)
+    blend = plan_probe(pipe, videos, batch_size=4)
+    assert blend["motion_r2"] == pytest.approx(blend["blend_r2"]) and blend["r2"] == pytest.approx(perfect["r2"])
 
 
 @pytest.mark.slow

@@ -276,6 +276,8 @@ def plan_probe(pipe, videos: Tensor, mask: Tensor | None = None, batch_size: int
     frames' real low-resolution latents (what the planner would see if they were given), per planner token:
     - r2: a least-squares linear read-out fitted on the first half of the clips, R^2 on the second half;
     - blend_r2: R^2 of the low-resolution latents of the linear blend, on the same held-out half;
+    - motion_r2 (models with model.motion): the same for the motion-compensated estimate the generator is given —
+      a plan above it knows something about the unseen frames that the generator's other input does not;
     - spatial_share: variance of the plan tokens across a frame's positions / their mean square (0: one vector
       repeated over the frame, which carries no layout).
     Needs at least 2 clips."""
@@ -284,18 +286,22 @@ def plan_probe(pipe, videos: Tensor, mask: Tensor | None = None, batch_size: int
     model, device = pipe.model, pipe.device
     T = videos.shape[1]
     mask = task_mask("interpolation", T) if mask is None else mask
-    blend = baseline(videos, mask, "linear_blend")
+    guesses = {"blend": baseline(videos, mask, "linear_blend")}                                  # [N, T, 3, H, W]
+    motion = motion_input(pipe, videos, mask, batch_size)
+    if motion is not None:
+        guesses["motion"] = motion
     p = model.cfg.planner.patch_size
-    plans, reals, blends = [], [], []
-    for chunk, blend_chunk in zip(videos.split(batch_size), blend.split(batch_size)):
+    plans, reals, guesses_lo = [], [], {name: [] for name in guesses}
+    for i, chunk in enumerate(videos.split(batch_size)):
         m = mask[None].expand(len(chunk), T).to(device)
         _, z_lo = encode_given(pipe.autoencoder, chunk.to(device), m, model.cfg.lowres_factor, pipe.lowres_mode)
         plans.append(model.plan(z_lo.to(pipe.dtype), m)[:, mask].float().cpu())                   # [n, G, m, D]
-        for source, out in ((chunk, reals), (blend_chunk, blends)):
+        sources = [(chunk, reals)] + [(g.split(batch_size)[i], guesses_lo[name]) for name, g in guesses.items()]
+        for source, out in sources:
             _, lo = encode_given(pipe.autoencoder, source.to(device), torch.zeros_like(m), model.cfg.lowres_factor,
                                  pipe.lowres_mode)
             out.append(patchify(lo[:, mask].float(), p).cpu())                                    # [n, G, m, C p p]
-    plan, real, blend_lo = torch.cat(plans), torch.cat(reals), torch.cat(blends)
+    plan, real = torch.cat(plans), torch.cat(reals)
     half = len(videos) // 2
     x = torch.cat([plan, torch.ones_like(plan[..., :1])], -1).double()                            # with a bias
     # gelsd (SVD): plan tokens are often rank-deficient (spatially uniform), where the default driver returns garbage
@@ -304,7 +310,8 @@ def plan_probe(pipe, videos: Tensor, mask: Tensor | None = None, batch_size: int
     total = (target - real[:half].double().flatten(0, 2).mean(0)).pow(2).sum()
     r2 = lambda pred: float(1 - (pred - target).pow(2).sum() / total)  # noqa: E731
     spatial = plan.var(dim=2, unbiased=False).mean() / plan.pow(2).mean().clamp_min(1e-20)
-    return {"r2": r2(x[half:] @ fit), "blend_r2": r2(blend_lo[half:].double()), "spatial_share": float(spatial)}
+    return {"r2": r2(x[half:] @ fit), "spatial_share": float(spatial),
+            **{f"{name}_r2": r2(torch.cat(lo)[half:].double()) for name, lo in guesses_lo.items()}}
 
 
 MOVING_THRESHOLD = 0.05  # a pixel "moves" where the blend misses it by more than this (mean abs over RGB, [0, 1])
