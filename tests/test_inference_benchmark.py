@@ -66,3 +66,30 @@ def test_motion_speed_benchmark_compares_compiled_with_eager_on_cpu(tmp_path):
         assert r["eager"]["ms"] > 0 and r["compiled"]["ms"] > 0 and r["speedup"] > 0
         assert r["max_abs_diff_estimate"] < 1e-5
     assert 0 <= rows["learned"]["grad_rel_diff"] < 1e-4  # fp32 on the CPU: the features' gradient agrees too
+
+
+def test_split_key_attention_prototype_equals_attention_over_all_keys():
+    """benchmarks/prototypes/attention_waves.py folds key chunks into the batch and merges the partial outputs by
+    their log-sum-exps: the result must be softmax attention over every key (any number of parts)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("attention_waves",
+                                                  REPO / "benchmarks" / "prototypes" / "attention_waves.py")
+    waves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(waves)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (6, 12, 12))
+    k = k * 3  # peaked attention: a wrong merge weight shows
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for parts in (1, 2, 3, 4):
+        assert torch.allclose(waves.split_key_attention(q, k, v, parts), full, atol=1e-12), parts
+    halves = [waves.attention_with_lse(q, kc, vc) for kc, vc in zip(k.chunk(2, 2), v.chunk(2, 2))]
+    assert not torch.allclose(sum(o for o, _ in halves) / 2, full, atol=1e-3)  # a plain average is not the answer
+    try:
+        waves.split_key_attention(q, k, v, 5)
+    except ValueError as err:
+        assert "divisible" in str(err)
+    else:
+        raise AssertionError("12 keys in 5 parts must be refused")
