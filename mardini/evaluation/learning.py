@@ -292,12 +292,11 @@ def plan_probe(pipe, videos: Tensor, mask: Tensor | None = None, batch_size: int
         guesses["motion"] = motion
     p = model.cfg.planner.patch_size
     plans, reals, guesses_lo = [], [], {name: [] for name in guesses}
-    for i, chunk in enumerate(videos.split(batch_size)):
+    for chunk, *guess_chunks in zip(videos.split(batch_size), *(g.split(batch_size) for g in guesses.values())):
         m = mask[None].expand(len(chunk), T).to(device)
         _, z_lo = encode_given(pipe.autoencoder, chunk.to(device), m, model.cfg.lowres_factor, pipe.lowres_mode)
         plans.append(model.plan(z_lo.to(pipe.dtype), m)[:, mask].float().cpu())                   # [n, G, m, D]
-        sources = [(chunk, reals)] + [(g.split(batch_size)[i], guesses_lo[name]) for name, g in guesses.items()]
-        for source, out in sources:
+        for source, out in zip([chunk, *guess_chunks], [reals, *guesses_lo.values()]):
             _, lo = encode_given(pipe.autoencoder, source.to(device), torch.zeros_like(m), model.cfg.lowres_factor,
                                  pipe.lowres_mode)
             out.append(patchify(lo[:, mask].float(), p).cpu())                                    # [n, G, m, C p p]
