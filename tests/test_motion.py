@@ -232,26 +232,100 @@ def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
     (dict(motion=dict(estimate="learned")), "motion.temperature"),  # 0.06 passes the features no gradient
     (dict(motion=dict(estimate="learned", temperature=0.3, loss_weight=0.0)), "motion.loss_weight"),
     (dict(motion=dict(estimate="learned", temperature=0.3, feature_dim=0)), "motion.feature_dim"),
+    (dict(planner=dict(loss_weight=1.0), motion=dict(plan_layout=True)), "motion.plan_layout"),  # no estimate
+    (dict(motion=dict(estimate="bilateral", plan_layout=True)), "motion.plan_layout"),  # no read-out
 ])
 def test_bad_motion_config_names_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         model_config("tiny", **overrides)
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["estimate", "pair"])
-def test_flop_estimate_counts_the_motion_embedding(pair):
+@pytest.mark.parametrize("pair, layout", [(False, False), (True, False), (True, True)],
+                         ids=["estimate", "pair", "pair_and_layout"])
+def test_flop_estimate_counts_the_motion_embedding(pair, layout):
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = MarDini(model_config("tiny", latent_channels=C, sdpa_kernel="math",
-                                 motion=dict(estimate="bilateral", pair=pair))).eval()
+    model = MarDini(model_config("tiny", latent_channels=C, sdpa_kernel="math", planner=dict(loss_weight=1.0),
+                                 motion=dict(estimate="bilateral", pair=pair, plan_layout=layout))).eval()
     B, T, H, W = 1, 5, 8, 8
     mask = task_mask("interpolation", T)[None]
     z = torch.randn(B, T, C, H, W)
     with torch.no_grad():
         plan = model.planner(torch.randn(B, T, C, H // 2, W // 2), mask)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn(B, T, C * (3 if pair else 1), H, W))
+        blocks = 1 + 2 * pair + layout
+        model.generator(z, mask, torch.rand(B, T) * 1000, plan, motion=torch.randn(B, T, C * blocks, H, W))
     assert model.estimate_flops(T, (H, W), 3, B, executed=True)["generator"] == counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------ the plan's layout
+def layout_model(**motion) -> MarDini:
+    return MarDini(model_config("tiny", latent_channels=C, planner=dict(loss_weight=1.0),
+                                motion=dict(estimate="bilateral", residual=True, plan_layout=True, **motion))).eval()
+
+
+def test_plan_layout_is_the_readout_of_each_generated_frame_at_its_place():
+    """The layout channels are the planner's read-out of each generated frame's plan, put back on the low-resolution
+    grid (token k covers cell k) and upsampled to the latents; zeros on the given frames; the estimate as before."""
+    torch.manual_seed(0)
+    model = layout_model()
+    B, T, H, W = 2, 5, 16, 16
+    z, mask = torch.randn(B, T, C, H, W), masks("01110", "01111")
+    plan = torch.randn(B, T, (H // 2) * (W // 2), model.cfg.signal_dim)
+    out = model.motion_input(z, mask, plan)
+    assert out.shape == (B, T, 2 * C, H, W)
+    assert torch.equal(out[:, :, :C], model.motion(z, mask))
+    layout = out[:, :, C:]
+    assert torch.equal(layout[~mask], torch.zeros_like(layout[~mask]))
+    cells = model.planner.readout(plan).reshape(B, T, H // 2, W // 2, C).permute(0, 1, 4, 2, 3)  # token k -> cell k
+    want = torch.nn.functional.interpolate(cells.flatten(0, 1), size=(H, W), mode="bilinear").unflatten(0, (B, T))
+    assert torch.allclose(layout[mask], want[mask], atol=1e-6)
+    # a plan token moved to another cell moves its read-out there: the layout follows where each token is
+    moved = plan.clone()
+    moved[:, :, [0, 63]] = plan[:, :, [63, 0]]
+    assert not torch.allclose(model.motion_input(z, mask, moved)[:, :, C:][mask], layout[mask], atol=1e-3)
+
+
+def test_generator_reads_the_plan_layout_and_only_the_plan_loss_trains_the_readout():
+    """The generator's output depends on the read-out (through the layout), the diffusion loss sees the layout
+    detached (no gradient reaches the read-out from it), the planner's own loss trains the read-out."""
+    torch.manual_seed(0)
+    model, diffusion = layout_model().train(), Diffusion(DiffusionConfig(**RF_X0))
+    for p in model.generator.final.parameters():          # a non-zero output layer, so inputs show
+        torch.nn.init.normal_(p, std=0.1)
+    z, mask = moving_square(5, size=16, side=4), task_mask("interpolation", 5)[None]
+    noise, t = torch.randn_like(z), torch.tensor([0.5])
+    out = model(z, None, mask, diffusion, noise=noise, t=t)
+    readout = list(model.planner.readout.parameters())
+    assert all(g is None for g in torch.autograd.grad(out["diffusion_loss"], readout, allow_unused=True,
+                                                       retain_graph=True))
+    assert sum(g.abs().sum() for g in torch.autograd.grad(out["plan_loss"], readout)) > 0
+    with torch.no_grad():
+        model.planner.readout.bias.add_(1.0)              # another read-out, same plan: another prediction
+    moved = model(z, None, mask, diffusion, noise=noise, t=t)["prediction"]
+    assert (moved - out["prediction"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0], ids=["plain", "guided"])
+def test_generation_with_the_plan_layout_caches_references_exactly(guidance):
+    """The layout is computed once per generation, from the plan (and, guided, the null plan's for the unguided half):
+    reusing the reference frames' pass gives what running every frame each step gives."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C, plan_dropout=0.1, planner=dict(loss_weight=1.0),
+                                 motion=dict(estimate="bilateral", residual=True, plan_layout=True))).eval()
+    for p in model.generator.final.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.nn.init.normal_(model.null_plan, std=1.0)
+    diffusion = Diffusion(DiffusionConfig(**RF_X0))
+    z, mask = moving_square(5, size=16, side=4).expand(2, -1, -1, -1, -1), masks("01110", "01110")
+    noise = torch.randn_like(z)
+    cached = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance)
+    full = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance,
+                          reuse_references=False)
+    assert torch.allclose(cached, full, atol=1e-5) and torch.equal(cached[~mask], z[~mask])
+    if guidance != 1.0:  # the unguided half reads the null plan's layout: guidance moves the sample
+        plain = model.generate(z, mask, diffusion, num_steps=3, noise=noise)
+        assert (plain - cached).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------- a learned estimate

@@ -552,12 +552,16 @@ def test_resume_refuses_another_network_but_not_another_kernel(straight_run, tmp
     old = tmp_path / "old_checkpoint"
     shutil.copytree(source, old)
     saved = OmegaConf.load(old / "config.yaml")
-    del saved.model.planner["loss_weight"]
+    del saved.model.planner["loss_weight"], saved.model.motion["plan_layout"]
     OmegaConf.save(saved, old / "config.yaml")
     for path in (source, old):
         cfg = resume_config(tmp_path / "plan_loss", resume=str(path))
         cfg.model.planner.loss_weight = 1.0
         with pytest.raises(ValueError, match=r"train.resume=.* pass model.planner.loss_weight=0.0 "):
+            Trainer(cfg)
+        cfg.model.motion.estimate, cfg.model.motion.plan_layout = "bilateral", True  # the layout: refused by name too
+        with pytest.raises(ValueError, match=r"pass model.planner.loss_weight=0.0 model.motion.estimate=none "
+                                             r"model.motion.plan_layout=False "):
             Trainer(cfg)
 
 

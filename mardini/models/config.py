@@ -47,6 +47,7 @@ class MotionConfig:
     residual: bool = False      # diffuse the generated frames' difference from the estimate instead of the frames
     residual_scale: float = 1.0  # with residual: the difference is multiplied by this before diffusion
     pair: bool = False          # also give the generator the two matched frames (occlusions: it can pick one side)
+    plan_layout: bool = False   # also give it the planner's read-out of each generated frame (planner.loss_weight > 0)
     radius: int = 2             # candidate displacements per pyramid level: +-radius latent cells
     levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
@@ -97,6 +98,12 @@ class MarDiniConfig:
         return cls(**{key: sub(**d.pop(key, {})) for key, sub in subs}, **d)
 
 
+def motion_input_blocks(motion) -> int:
+    """Latent-channel blocks of the generator's motion input: the estimate, the two matched frames with pair, the
+    plan's layout with plan_layout (MotionConfig or an OmegaConf node)."""
+    return 1 + 2 * bool(motion.pair) + bool(motion.plan_layout)
+
+
 def validate_model_config(cfg) -> None:
     """Raise ValueError naming the first bad field (works on dataclasses and OmegaConf nodes)."""
 
@@ -133,6 +140,9 @@ def validate_model_config(cfg) -> None:
          "needs an estimate to be the residual of: set model.motion.estimate=bilateral")
     need(not motion.pair or motion.estimate != "none", "motion.pair",
          "needs an estimate whose matched frames to give: set model.motion.estimate=bilateral")
+    need(not motion.plan_layout or (motion.estimate != "none" and cfg.planner.loss_weight > 0), "motion.plan_layout",
+         "needs a motion estimate to sit beside and the planner's read-out: set model.motion.estimate and "
+         f"model.planner.loss_weight > 0 (got {motion.estimate!r}, {cfg.planner.loss_weight})")
     need(motion.residual_scale > 0 and (motion.residual or motion.residual_scale == 1.0), "motion.residual_scale",
          f"must be > 0, and 1 unless model.motion.residual is set; got {motion.residual_scale}")
     for key in ("radius", "levels"):

@@ -11,7 +11,7 @@ and values come from the cache too.
 
 from __future__ import annotations
 
-from .config import MarDiniConfig
+from .config import MarDiniConfig, motion_input_blocks
 from .layers import mlp_hidden
 
 
@@ -74,7 +74,7 @@ def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, i
     patch_dim = cfg.latent_channels * g.patch_size**2
     total = g.depth * per_block + _linear(N, patch_dim, g.dim) + _linear(N, g.dim, patch_dim)
     if cfg.motion.estimate != "none":  # the motion input's patch embedding (the matcher itself has no matmul)
-        total += _linear(N, patch_dim * (3 if cfg.motion.pair else 1), g.dim)
+        total += _linear(N, patch_dim * motion_input_blocks(cfg.motion), g.dim)
     total += _linear(T, g.dim, 2 * g.dim) + _linear(T, 256, g.dim) + _linear(T, g.dim, g.dim)  # final adaLN, t-embed
     return batch_size * total
 

@@ -36,7 +36,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .config import MarDiniConfig
+from .config import MarDiniConfig, motion_input_blocks
 from .layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, grid_coords, modulate,
                      patchify, unpatchify)
 
@@ -199,8 +199,8 @@ class Generator(nn.Module):
         patch_dim = cfg.latent_channels * g.patch_size**2
         self.patch_embed = nn.Linear(patch_dim, g.dim)
         # The motion-compensated estimate of each frame (models/motion.py), when the config asks for one; with
-        # motion.pair also the two matched frames it blends.
-        motion_dim = patch_dim * (3 if cfg.motion.pair else 1)
+        # motion.pair also the two matched frames it blends, with motion.plan_layout the plan's read-out.
+        motion_dim = patch_dim * motion_input_blocks(cfg.motion)
         self.motion_embed = nn.Linear(motion_dim, g.dim) if cfg.motion.estimate != "none" else None
         self.time_embed = TimestepEmbedder(g.dim)
         self.frame_type = nn.Embedding(2, g.dim)  # 0 = reference, 1 = generated
@@ -248,7 +248,8 @@ class Generator(nn.Module):
         """x: [B, T, C, H, W] (noisy latents on generated frames, clean latents on reference frames);
         mask: [B, T] bool; model_time: [B, T] (0 on reference frames); plan: [B, T, m, Dc];
         motion: [B, T, C, H, W] the motion-compensated estimate (required iff model.motion.estimate is set; with
-        model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames);
+        model.motion.pair [B, T, 3C, H, W], the estimate and the two matched frames; with plan_layout C more
+        channels, MarDini.plan_layout);
         cache: the reference frames of this x, mask, plan and motion (cache_references): only the generated frames
         run, and the reference frames' outputs are 0;
         frame_counts: frame_counts(mask) computed on a host copy of the mask, so that identity_impl=gather does not
@@ -340,8 +341,9 @@ class Generator(nn.Module):
             raise ValueError(f"model.motion.estimate={self.cfg.motion.estimate!r}: the generator needs a motion "
                              f"estimate exactly when one is configured (got {'none' if motion is None else 'one'})")
         if motion is not None and motion.shape[2] * p * p != self.motion_embed.in_features:
-            raise ValueError(f"motion input has {motion.shape[2]} channels; model.motion.pair="
-                             f"{self.cfg.motion.pair} needs {self.motion_embed.in_features // (p * p)}")
+            m = self.cfg.motion
+            raise ValueError(f"motion input has {motion.shape[2]} channels; model.motion.pair={m.pair}, "
+                             f"plan_layout={m.plan_layout} need {self.motion_embed.in_features // (p * p)}")
         if rope is None:
             rope = self.rope.angles(self._frame_coords(T, H, W, frames, x.device))  # (cos, sin) [T'*n, d/2]
         if plan_rope is None:

@@ -82,10 +82,10 @@ class MarDini(nn.Module):
 
     # ------------------------------------------------------------------ motion
     def motion(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The generator's motion input from the given frames of z_hi (None when not configured): the motion-
-        compensated estimate [B, T, C, H, W], or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two
-        matched frames). A fixed function of the inputs, without gradient, except that a learned estimate carries
-        its features' gradient (for the motion loss; the generator and the diffusion target see it detached)."""
+        """The motion-compensated estimate from the given frames of z_hi (None when not configured): [B, T, C, H, W],
+        or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two matched frames). A fixed function of
+        the inputs, without gradient, except that a learned estimate carries its features' gradient (for the motion
+        loss; the generator and the diffusion target see it detached)."""
         m = self.cfg.motion
         if m.estimate == "none":
             return None
@@ -96,6 +96,30 @@ class MarDini(nn.Module):
         B, T = mask.shape
         features = self.match_features(z_hi.flatten(0, 1).float()).unflatten(0, (B, T))  # [B, T, D, H, W]
         return self._motion_estimate(*args, features=features)
+
+    def motion_input(self, z_hi: torch.Tensor, mask: torch.Tensor, plan: torch.Tensor) -> torch.Tensor | None:
+        """What the generator reads beside its frames (None when not configured): motion(z_hi, mask), then with
+        model.motion.plan_layout the plan's layout from plan [B, T, n_lo, Dc] (C channels more; it carries the
+        planner's gradient, the generator sees it detached)."""
+        estimate = self.motion(z_hi, mask)
+        if estimate is None or not self.cfg.motion.plan_layout:
+            return estimate
+        return torch.cat([estimate, self.plan_layout(plan, mask, z_hi.shape[-2:]).to(estimate.dtype)], dim=2)
+
+    def plan_layout(self, plan: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The planner's read-out of each generated frame's low-resolution latents (what its own loss trains),
+        bilinearly upsampled to the generator's latent size: [B, T, C, H, W], zeros on the reference frames (their
+        clean latents are given). Why: the plan reaches the generator's tokens through cross-attention, which must
+        find each token's plan token by its position; its read-out at the token's own place is direct."""
+        B, T, n_lo = plan.shape[:3]
+        factor = self.cfg.lowres_factor
+        h, w = size[0] // factor, size[1] // factor
+        if h * w != n_lo * self.cfg.planner.patch_size ** 2:
+            raise ValueError(f"plan of {n_lo} tokens per frame does not cover {size[0]}x{size[1]} latents at "
+                             f"lowres_factor {factor}")
+        low = self.planner.readout_frames(plan, h, w).flatten(0, 1).float()  # [B T, C, h, w]
+        layout = nn.functional.interpolate(low, size=tuple(size), mode="bilinear", align_corners=False)
+        return torch.where(mask[:, :, None, None, None], layout.unflatten(0, (B, T)), 0.0)
 
     def motion_loss(self, motion: torch.Tensor, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the estimate on the frames it estimates (between two given frames; 0 if none),
@@ -168,7 +192,7 @@ class MarDini(nn.Module):
     def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan, frame_counts=None):
         """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
         (x_t, target, prediction, motion); motion keeps a learned estimate's gradient, all else sees it detached."""
-        motion = self.motion(z_hi, mask)
+        motion = self.motion_input(z_hi, mask, plan)
         fixed = None if motion is None else motion.detach()
         x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], diffusion.network_input(x_t, t), z_hi)  # references clean
@@ -226,15 +250,15 @@ class MarDini(nn.Module):
             noise = torch.randn(z_hi.shape, generator=generator, device=noise_device, dtype=torch.float32)
         noise = noise.to(z_hi.device, z_hi.dtype)
         is_gen = mask[:, :, None, None, None]
-        motion = self.motion(z_hi, mask)
 
         def batch(a):  # a guided step runs each sample twice: with its plan, then with the null plan
             return torch.cat([a, a]) if guided else a
 
+        motion = self.motion_input(batch(z_hi), batch(mask), plan)  # the plan's layout, if read, of either plan
+
         cache = None
         if reuse_references and self.generator.caches_references(mask):
-            cache = self.generator.cache_references(batch(z_hi), batch(mask), plan,
-                                                    motion=None if motion is None else batch(motion))
+            cache = self.generator.cache_references(batch(z_hi), batch(mask), plan, motion=motion)
 
         def project(x):
             return torch.where(is_gen, x, z_hi)
@@ -243,15 +267,15 @@ class MarDini(nn.Module):
             # fp32 whatever the model dtype: bf16 would round timesteps (997 -> 996) before the embedding
             frame_time = torch.where(mask, model_time.reshape(-1).expand(B).float()[:, None], 0.0)
             x = project(diffusion.network_input(x, diffusion.time_of(model_time.reshape(-1).expand(B))))
-            out = self.generator(batch(x), batch(mask), batch(frame_time), plan,
-                                 motion=None if motion is None else batch(motion), cache=cache, frame_counts=counts)
+            out = self.generator(batch(x), batch(mask), batch(frame_time), plan, motion=motion, cache=cache,
+                                 frame_counts=counts)
             if not guided:
                 return out
             cond, uncond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
 
         x = diffusion.sample(denoise, noise, num_steps, project=project, generator=generator, progress=progress)
-        return project(self.from_diffused(x.to(z_hi.dtype), motion))
+        return project(self.from_diffused(x.to(z_hi.dtype), None if motion is None else motion[:B]))
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> dict:

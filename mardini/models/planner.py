@@ -13,7 +13,7 @@ from torch import nn
 
 from ..diffusion.diffusion import masked_frame_mse
 from .config import MarDiniConfig
-from .layers import MLP, RMSNorm, RotaryEmbedding3D, SelfAttention, patchify
+from .layers import MLP, RMSNorm, RotaryEmbedding3D, SelfAttention, patchify, unpatchify
 
 
 class PlannerBlock(nn.Module):
@@ -70,6 +70,13 @@ class Planner(nn.Module):
         for block in self.blocks:
             x = block(x, rope)
         return self.to_signal(self.norm(x)).reshape(B, T, n, -1)
+
+    def readout_frames(self, signals: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The read-out of planning signals [B, T, n_lo, Dc] as low-resolution latents [B, T, C, h, w] (h x w: the
+        planner's input size, in latent cells)."""
+        if self.readout is None:
+            raise ValueError("the plan's read-out needs a planner built with planner.loss_weight > 0")
+        return unpatchify(self.readout(signals), self.patch_size, height, width)
 
     def readout_loss(self, signals: torch.Tensor, z_lo: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The planner's own loss: mean squared error of a linear read-out of the generated frames' planning signals

@@ -220,7 +220,7 @@ HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "
                      "motion.loss_weight")
 # Keys added after runs were saved, with the value every earlier run had: a resume compares against it. (The
 # planner's loss adds its read-out's weights, so a run resumes only under the loss weight it was saved with.)
-ADDED_KEYS = {"planner.loss_weight": 0.0}
+ADDED_KEYS = {"planner.loss_weight": 0.0, "motion.plan_layout": False}
 # Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
 # learned per head, so weights loaded under another head split are scrambled without any loading error.
 SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
