@@ -1,12 +1,15 @@
 """The joint MarDini model: planner + generator, the training loss and generation.
 
-Training is end-to-end with the diffusion loss alone: the planner gets its gradients through the generator's
-cross-attention. Generation runs the planner once, then the sampler's K steps on the masked frames only, with the
+Training is end-to-end with the diffusion loss: the planner gets its gradients through the generator's
+cross-attention (and, with model.planner.loss_weight > 0, from its own loss; a learned motion estimate trains on
+its own). Generation runs the planner once, then the sampler's K steps on the masked frames only, with the
 reference frames held exactly at their clean latents.
 
 With ``model.motion.estimate`` the generator also reads a motion-compensated estimate of each generated frame,
 computed from the given frames (models/motion.py); with ``model.motion.residual`` the diffusion runs on the
 generated frames' (scaled) difference from that estimate: an untrained clean-sample model answers the estimate.
+With ``model.motion.plan_layout`` it also reads, beside the estimate, the planner's read-out of each generated frame
+at the place each plan token covers (the read-out the planner's own loss trains).
 """
 
 from __future__ import annotations

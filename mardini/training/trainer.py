@@ -224,8 +224,9 @@ ADDED_KEYS = {"planner.loss_weight": 0.0, "motion.plan_layout": False}
 # Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
 # learned per head, so weights loaded under another head split are scrambled without any loading error.
 SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
-# Weights that only a training loss reads (the planner's read-out, model.planner.loss_weight > 0): fine-tuning may
-# start from weights without them (they start fresh) or drop them.
+# Weights that only a training loss needs (the planner's read-out, model.planner.loss_weight > 0; with
+# model.motion.plan_layout the generator reads it too, and a fresh one is trained by that loss): fine-tuning may start
+# from weights without them (they start fresh) or drop them.
 TRAINING_ONLY_WEIGHTS = ("planner.readout.",)
 
 
