@@ -272,7 +272,7 @@ def test_plan_layout_is_the_readout_of_each_generated_frame_at_its_place():
     B, T, H, W = 2, 5, 16, 16
     z, mask = torch.randn(B, T, C, H, W), masks("01110", "01111")
     plan = torch.randn(B, T, (H // 2) * (W // 2), model.cfg.signal_dim)
-    out = model.motion_input(z, mask, plan)
+    out = model.motion_input(model.motion(z, mask), mask, plan)
     assert out.shape == (B, T, 2 * C, H, W)
     assert torch.equal(out[:, :, :C], model.motion(z, mask))
     layout = out[:, :, C:]
@@ -283,7 +283,8 @@ def test_plan_layout_is_the_readout_of_each_generated_frame_at_its_place():
     # a plan token moved to another cell moves its read-out there: the layout follows where each token is
     moved = plan.clone()
     moved[:, :, [0, 63]] = plan[:, :, [63, 0]]
-    assert not torch.allclose(model.motion_input(z, mask, moved)[:, :, C:][mask], layout[mask], atol=1e-3)
+    assert not torch.allclose(model.motion_input(model.motion(z, mask), mask, moved)[:, :, C:][mask], layout[mask],
+                              atol=1e-3)
 
 
 def test_generator_reads_the_plan_layout_and_only_the_plan_loss_trains_the_readout():

@@ -100,14 +100,14 @@ class MarDini(nn.Module):
         features = self.match_features(z_hi.flatten(0, 1).float()).unflatten(0, (B, T))  # [B, T, D, H, W]
         return self._motion_estimate(*args, features=features)
 
-    def motion_input(self, z_hi: torch.Tensor, mask: torch.Tensor, plan: torch.Tensor) -> torch.Tensor | None:
-        """What the generator reads beside its frames (None when not configured): motion(z_hi, mask), then with
+    def motion_input(self, estimate: torch.Tensor | None, mask: torch.Tensor,
+                     plan: torch.Tensor) -> torch.Tensor | None:
+        """What the generator reads beside its frames (None when not configured): the estimate (motion()), then with
         model.motion.plan_layout the plan's layout from plan [B, T, n_lo, Dc] (C channels more; it carries the
         planner's gradient, the generator sees it detached)."""
-        estimate = self.motion(z_hi, mask)
         if estimate is None or not self.cfg.motion.plan_layout:
             return estimate
-        return torch.cat([estimate, self.plan_layout(plan, mask, z_hi.shape[-2:]).to(estimate.dtype)], dim=2)
+        return torch.cat([estimate, self.plan_layout(plan, mask, estimate.shape[-2:]).to(estimate.dtype)], dim=2)
 
     def plan_layout(self, plan: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The planner's read-out of each generated frame's low-resolution latents (what its own loss trains),
@@ -195,7 +195,7 @@ class MarDini(nn.Module):
     def _denoise_at(self, z_hi, mask, diffusion, t, noise, plan, frame_counts=None):
         """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
         (x_t, target, prediction, motion); motion keeps a learned estimate's gradient, all else sees it detached."""
-        motion = self.motion_input(z_hi, mask, plan)
+        motion = self.motion_input(self.motion(z_hi, mask), mask, plan)
         fixed = None if motion is None else motion.detach()
         x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], diffusion.network_input(x_t, t), z_hi)  # references clean
@@ -257,7 +257,8 @@ class MarDini(nn.Module):
         def batch(a):  # a guided step runs each sample twice: with its plan, then with the null plan
             return torch.cat([a, a]) if guided else a
 
-        motion = self.motion_input(batch(z_hi), batch(mask), plan)  # the plan's layout, if read, of either plan
+        estimate = self.motion(z_hi, mask)  # guided: the unguided half reads the null plan's layout
+        motion = None if estimate is None else self.motion_input(batch(estimate), batch(mask), plan)
 
         cache = None
         if reuse_references and self.generator.caches_references(mask):
@@ -278,7 +279,7 @@ class MarDini(nn.Module):
             return uncond + guidance_scale * (cond - uncond)
 
         x = diffusion.sample(denoise, noise, num_steps, project=project, generator=generator, progress=progress)
-        return project(self.from_diffused(x.to(z_hi.dtype), None if motion is None else motion[:B]))
+        return project(self.from_diffused(x.to(z_hi.dtype), estimate))
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> dict:
