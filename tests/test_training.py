@@ -502,6 +502,8 @@ def test_init_from_mismatched_model_names_parameter_and_shapes(straight_run, tmp
         Trainer(cfg)
     message = str(err.value)
     assert re.search(r"planner\.[\w.]+: checkpoint \(64[,)].* vs model \(32[,)]", message), message
+    # and which settings made them differ, read from the source's config
+    assert "trained with model.planner.dim=64; this run has model.planner.dim=32" in message, message
 
 
 @pytest.mark.parametrize("source", ["export", "checkpoint"])

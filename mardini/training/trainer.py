@@ -235,15 +235,23 @@ def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | N
     `keys`: the model keys to compare (None: every key but HOW_NOT_WHAT_KEYS, for resuming a run, which must
     continue the network it trained). Keys the source's config lacks (written before they existed) pass, except
     ADDED_KEYS, which read as the value they had then."""
+    differ = _differing_model_keys(source, model_cfg, keys)
+    if differ:
+        settings, found = differ
+        raise ValueError(f"{how}={source} was trained with {settings}; this run has {found}: pass {settings} "
+                         f"(the same weights would compute another network)")
+
+
+def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] | None = None) -> tuple[str, str] | None:
+    """The model keys (of `keys`; None: all but HOW_NOT_WHAT_KEYS) whose values differ between the run or export at
+    source and model_cfg, as ("model.k=theirs ...", "model.k=ours, ...") (None if none)."""
     trained = {**ADDED_KEYS, **_flatten(_trained_config(source).get("model") or {})}  # {"planner.num_heads": 6, ...}
     ours = _flatten(OmegaConf.to_container(model_cfg, resolve=True))
     compared = keys if keys is not None else [k for k in ours if k not in HOW_NOT_WHAT_KEYS]
     differ = [k for k in compared if k in trained and k in ours and trained[k] != ours[k]]
-    if differ:
-        settings = " ".join(f"model.{k}={trained[k]}" for k in differ)
-        found = ", ".join(f"model.{k}={ours[k]}" for k in differ)
-        raise ValueError(f"{how}={source} was trained with {settings}; this run has {found}: pass {settings} "
-                         f"(the same weights would compute another network)")
+    if not differ:
+        return None
+    return " ".join(f"model.{k}={trained[k]}" for k in differ), ", ".join(f"model.{k}={ours[k]}" for k in differ)
 
 
 # The terms of a loss with auxiliary parts (a learned motion estimate, the planner's read-out), logged beside the total.
@@ -327,8 +335,15 @@ class Trainer:
                                         f"checkpoint folder)")
             _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
-            export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"), source=t.init_from,
-                                       optional=TRAINING_ONLY_WEIGHTS)
+            try:
+                export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"),
+                                           source=t.init_from, optional=TRAINING_ONLY_WEIGHTS)
+            except ValueError as err:  # which settings made the shapes differ, where the configs tell
+                differ = _differing_model_keys(t.init_from, cfg.model)
+                if differ is None:
+                    raise
+                raise ValueError(f"{err}\n  the weights were trained with {differ[0]}; this run has {differ[1]}") \
+                    from None
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
