@@ -324,9 +324,14 @@ def test_generation_with_the_plan_layout_caches_references_exactly(guidance):
     full = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance,
                           reuse_references=False)
     assert torch.allclose(cached, full, atol=1e-5) and torch.equal(cached[~mask], z[~mask])
-    if guidance != 1.0:  # the unguided half reads the null plan's layout: guidance moves the sample
-        plain = model.generate(z, mask, diffusion, num_steps=3, noise=noise)
-        assert (plain - cached).abs().max() > 1e-3
+    seen = []  # the plans the layout is read from: once per generation; guided, the null plan for the second half
+    layout = model.plan_layout
+    model.plan_layout = lambda plan, *args: seen.append(plan) or layout(plan, *args)
+    model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance)
+    assert len(seen) == 1 and seen[0].shape[0] == (4 if guidance != 1.0 else 2)
+    if guidance != 1.0:
+        assert torch.equal(seen[0][2:], model.null_plan.expand_as(seen[0][2:]))
+        assert not torch.equal(seen[0][:2], seen[0][2:])
 
 
 # ------------------------------------------------------------------------------------- a learned estimate
