@@ -2,9 +2,10 @@
 
 Paper (MarDini, arXiv 2410.20280): 12 frames at 512 px in 6.05 s using 42.57 GB. --given 2 times interpolation
 (first and last frames given) instead, k > 2 given frames spread evenly over the window. We time the whole call
-the user makes: planner once + K generator steps + VAE decode of the frames (a randomly initialised diffusers
-AutoencoderKL of the FLUX/SD3 shape, 16 latent channels, 8x compression: real VAE cost without downloading
-weights), in bf16.
+the user makes, as MarDiniPipeline makes it: VAE encode of the k given frames + planner once + K generator steps +
+VAE decode of the T - k generated frames (a randomly initialised diffusers AutoencoderKL of the FLUX/SD3 shape, 16
+latent channels, 8x compression: real VAE cost without downloading weights), in bf16. `--decode all` times the
+accounting of the figures before 2026-12-03 instead: no encode, all T frames decoded.
 Also "planner every step", the design MarDini avoids, to show what running the planner once saves.
 
 Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers), torch.compile off or on in each
@@ -12,8 +13,8 @@ Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers),
 as MarDiniPipeline.compile does), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result
-splits the call into planner, generator steps (of which the reference frames' one pass, `cache_references`, is also
-timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the variant computes,
+splits the call into VAE encode, planner, generator steps (of which the reference frames' one pass,
+`cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the variant computes,
 mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents (same input and noise)
 with the eager model's (first kernel, no cache). On the CPU each part runs once (a smoke test, not a timing).
 
@@ -60,6 +61,12 @@ def decode_frames(vae, latents: torch.Tensor, memory_format=torch.contiguous_for
     """[T, C, h, w] -> [T, 3, 8h, 8w], `chunk` frames per decoder call to bound its activation memory (0: all)."""
     chunks = latents.split(chunk) if chunk else [latents]
     return torch.cat([vae.decode(c.contiguous(memory_format=memory_format)).sample for c in chunks])
+
+
+@torch.inference_mode()
+def encode_frames(vae, pixels: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """[k, 3, H, W] -> [k, C, H/8, W/8], the posterior mean (what mardini's KLAutoencoder encodes)."""
+    return vae.encode(pixels.contiguous(memory_format=memory_format)).latent_dist.mean
 
 
 def give_outputs(generator: nn.Module) -> None:
@@ -119,10 +126,13 @@ def main():
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--compile", default="0,1")
     p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
-    p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE decoder (mode default)")
+    p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE encoder and decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
     p.add_argument("--vae-chunk", default="4", help="list of frames per VAE decoder call (0: all frames in one call; "
                                                     "benchmarks/prototypes/vae_decode.py times it alone)")
+    p.add_argument("--decode", default="generated", help="list of: generated (encode the given frames, decode the "
+                                                        "generated ones: the pipeline's call), all (no encode, all "
+                                                        "frames decoded: the accounting before 2026-12-03)")
     p.add_argument("--reuse-references", default="1",
                    help="0/1 list: cache the reference frames' keys and values once per call (MarDini.generate)")
     p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
@@ -143,8 +153,11 @@ def main():
         p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers")
     variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
                 for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
+    decodes = args.decode.split(",")
+    if not set(decodes) <= {"generated", "all"}:
+        p.error("--decode: choose among generated, all")
     vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last)),
-                                          ints(args.vae_chunk)))
+                                          ints(args.vae_chunk), decodes))
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 convolutions are slow on the CPU
@@ -152,6 +165,7 @@ def main():
     latent = args.resolution // 8
     vae = build_vae(device, dtype)
     vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
+    vae_encoders = {False: vae.encoder, True: torch.compile(vae.encoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
                        **attention_choice(kernels[0]),
                        generator={"num_heads": args.generator_heads} if args.generator_heads else {})
@@ -170,7 +184,8 @@ def main():
         given = [T // 2] if k == 1 else torch.linspace(0, T - 1, k).round().long().tolist()
         mask[:, given] = False  # k = 1: image-to-video from the middle (the paper's main setting)
         clips[T, k] = z.to(dtype), mask
-
+    pixels = {k: torch.rand(k, 3, args.resolution, args.resolution, device=device, dtype=dtype) * 2 - 1
+              for k in ints(args.given)}  # the given frames, for the encoder
     @torch.inference_mode()
     def sample(clip: tuple[int, int], steps: int, reuse: bool) -> torch.Tensor:
         """Latents [1, T, C, h, w] from the model as it now stands; the same noise on every call."""
@@ -204,21 +219,26 @@ def main():
                 out, ref = sample((T, k), steps, reuse).float(), reference[((T, k), steps)]
                 diff = {"max_abs_diff_vs_eager": (out - ref).abs().max().item(),
                         "rel_l2_vs_eager": ((out - ref).norm() / ref.norm()).item()}
-                for vae_compile, channels_last, vae_chunk in vae_variants:
-                    vae.decoder = vae_decoders[vae_compile]
+                for vae_compile, channels_last, vae_chunk, decoded in vae_variants:
+                    vae.decoder, vae.encoder = vae_decoders[vae_compile], vae_encoders[vae_compile]
                     memory_format = torch.channels_last if channels_last else torch.contiguous_format
                     vae.to(memory_format=memory_format)
-                    decode = lambda x: decode_frames(vae, x, memory_format, vae_chunk)  # noqa: E731
-                    call = lambda: decode(sample((T, k), steps, reuse)[0])  # noqa: E731  [T, 3, H, W]
+                    frames = (mask[0] if decoded == "generated" else torch.ones_like(mask[0])).nonzero()[:, 0]
+                    decode = lambda x: decode_frames(vae, x[frames], memory_format, vae_chunk)  # noqa: E731
+                    encode = lambda: (encode_frames(vae, pixels[k], memory_format)  # noqa: E731
+                                      if decoded == "generated" else None)
+                    call = lambda: (encode(), decode(sample((T, k), steps, reuse)[0]))  # noqa: E731
                     seconds, peak = timed(call, warmup, iters, device)
                     decode_s, _ = timed(lambda: decode(z[0]), warmup, iters, device)
-                    generator_s = seconds - planner_s - decode_s
+                    encode_s = timed(encode, warmup, iters, device)[0] if decoded == "generated" else 0.0
+                    generator_s = seconds - planner_s - decode_s - encode_s
                     work = work_per_step * steps
                     r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel,
                          "compile": compile_, "compile_mode": mode,
                          "reuse_references": reuse, "generator_tflop_per_step": work_per_step / 1e12,
                          "vae_compile": vae_compile, "vae_channels_last": channels_last, "vae_chunk": vae_chunk,
-                         "seconds": seconds, "peak_mem_gib": peak,
+                         "decoded": decoded, "frames_decoded": len(frames),
+                         "seconds": seconds, "peak_mem_gib": peak, "vae_encode_s": encode_s,
                          "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
                          "reference_pass_s": reference_s,
                          "generator_tflops": work / generator_s / 1e12 if generator_s > 0 else None,
@@ -234,18 +254,19 @@ def main():
                         device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
-    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>11s} {'total s':>8s} "
-          f"{'GiB':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} "
+    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>14s} {'total s':>8s} "
+          f"{'GiB':>6s} {'enc s':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} "
           f"{'max|diff|':>9s} "
           f"{'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
         vae_variant = (("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
-                       + f",{r['vae_chunk'] or 'all'}")
+                       + f",{r['vae_chunk'] or 'all'},{r['frames_decoded']}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
-        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>11s} "
-              f"{r['seconds']:8.2f} {r['peak_mem_gib']:6.1f} {r['planner_once_s']:9.3f} {r['vae_decode_s']:6.2f} "
+        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>14s} "
+              f"{r['seconds']:8.3f} {r['peak_mem_gib']:6.1f} {r['vae_encode_s']:6.3f} {r['planner_once_s']:9.3f} "
+              f"{r['vae_decode_s']:6.3f} "
               f"{r['generator_steps_s']:6.2f} {r['reference_pass_s']:6.3f} {tflops} "
               f"{r['generator_floor_s_at_peak']:7.2f} "
               f"{r['max_abs_diff_vs_eager']:9.2e} {r['rel_l2_vs_eager']:8.1e} "

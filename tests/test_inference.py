@@ -411,6 +411,43 @@ def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     torch.testing.assert_close(batch[1], two, rtol=0, atol=1e-6)
 
 
+def test_pipeline_encodes_the_given_frames_once_and_decodes_the_generated_ones_only():
+    """A window encodes its given frames once for all seeds and decodes only the frames it generated (the given
+    ones are returned as given), and gives the video that encoding and decoding every frame of every seed gives."""
+    from mardini.autoencoders import KLAutoencoder
+    from mardini.data.latent_cache import encode_hi_lo
+
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=4, max_frames=6)).eval()
+    autoencoder = KLAutoencoder(config=dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+                                            down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=1,
+                                            up_block_types=("UpDecoderBlock2D",) * 2), seed=1)
+    diffusion = Diffusion(dict(num_inference_steps=2))
+    pipe = MarDiniPipeline(model, diffusion, autoencoder, {"num_frames": 6, "height": 16, "width": 16})
+    given = dict(zip([0, 2, 5], images(3, seed=4, size=(16, 16))))
+    seeds = [3, 7]
+    encoded, decoded = [], []
+    autoencoder.vae.encoder.register_forward_pre_hook(lambda m, a: encoded.append(len(a[0])))
+    autoencoder.vae.decoder.register_forward_pre_hook(lambda m, a: decoded.append(len(a[0])))
+    video = pipe(given, seed=seeds, num_steps=2)
+    assert sum(encoded) == 3 and sum(decoded) == 2 * 3  # 3 given frames once; 3 generated frames per seed
+
+    with torch.no_grad():  # every frame of every seed through the autoencoder, as the pipeline did before
+        pixels = torch.zeros(2, 6, 3, 16, 16)
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        for i, image in given.items():
+            pixels[:, i], mask[:, i] = image, False
+        z, z_lo = encode_hi_lo(autoencoder, pixels, model.cfg.lowres_factor)
+        keep = ~mask[:, :, None, None, None]
+        z, z_lo = z * keep, z_lo * keep
+        noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        out = model.generate(z, mask, diffusion, z_lo=z_lo, num_steps=2, noise=noise,
+                             generator=[torch.Generator().manual_seed(s) for s in seeds])
+        expected = torch.where(keep, pixels, autoencoder.decode(out))
+    torch.testing.assert_close(video, expected, rtol=0, atol=1e-5)
+    assert torch.equal(video[:, [0, 2, 5]], pixels[:, [0, 2, 5]])
+
+
 # ------------------------------------------------------------------------------------ 5. save and load
 def state(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in pipe.model.state_dict().items()}
@@ -672,14 +709,15 @@ def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path):
 
 @pytest.mark.parametrize("chunk", [2, 0])
 def test_cli_vae_chunk_bounds_the_frames_per_decoder_call(export_dir, cli_inputs, tmp_path, monkeypatch, chunk):
-    """--vae-chunk n decodes at most n frames per call (0: a window's frames in one call) and changes no pixel."""
+    """--vae-chunk n decodes at most n frames per call (0: a window's generated frames in one call), no pixel changed."""
     from mardini.autoencoders.identity import IdentityAutoencoder
 
     pngs, _ = cli_inputs
     calls, decode = [], IdentityAutoencoder.decode_frames
     monkeypatch.setattr(IdentityAutoencoder, "decode_frames", lambda self, z: calls.append(len(z)) or decode(self, z))
     sample(export_dir, "interpolate", pngs[:2], tmp_path / "chunked", "--no-preview", "--vae-chunk", chunk)
-    assert calls and max(calls) == (chunk or NUM_FRAMES) and sum(calls) == NUM_FRAMES
+    generated = NUM_FRAMES - 2  # the two given frames are returned as given, not decoded
+    assert calls and max(calls) == (chunk or generated) and sum(calls) == generated
     sample(export_dir, "interpolate", pngs[:2], tmp_path / "default", "--no-preview")
     assert np.array_equal(read_frames(tmp_path / "chunked"), read_frames(tmp_path / "default"))
 

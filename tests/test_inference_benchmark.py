@@ -17,12 +17,14 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
                              "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "1",
                              "--given", "2", "--compile", "0", "--vae-channels-last", "0,1", "--vae-chunk", "3,0",
-                             "--reuse-references", "0,1", "--kernel", "math", "--out", str(out)],
+                             "--reuse-references", "0,1", "--kernel", "math", "--decode", "generated,all",
+                             "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert [(r["reuse_references"], r["vae_channels_last"], r["vae_chunk"]) for r in results] == \
-        [(reuse, cl, chunk) for reuse in (False, True) for cl in (False, True) for chunk in (3, 0)]
+    assert [(r["reuse_references"], r["vae_channels_last"], r["vae_chunk"], r["decoded"]) for r in results] == \
+        [(reuse, cl, chunk, d) for reuse in (False, True) for cl in (False, True) for chunk in (3, 0)
+         for d in ("generated", "all")]
     for r in results:
         assert r["compile"] is False and r["compile_mode"] is None and r["peak_mem_gib"] == 0.0
         assert r["sdpa_kernel"] == "math"
@@ -34,7 +36,11 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
             assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
             assert r["reference_pass_s"] == 0.0
         assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0
-        assert abs(r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"] - r["seconds"]) < 1e-9
+        parts = r["vae_encode_s"] + r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"]
+        assert abs(parts - r["seconds"]) < 1e-9
+        # the pipeline's call: the 2 given frames encoded, the 2 generated ones decoded; "all": no encode, 4 decoded
+        generated = r["decoded"] == "generated"
+        assert r["frames_decoded"] == (2 if generated else 4) and (r["vae_encode_s"] > 0) == generated
     assert "rel L2" in result.stdout  # the summary table
 
 

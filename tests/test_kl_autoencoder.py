@@ -150,3 +150,24 @@ def test_kwargs_from_run_config(saved_kl):
     assert ae.scaling_factor == 0.5 and ae.shift_factor == 0.0 and ae.frames_per_chunk is None
     with pytest.raises(ValueError, match="autoencoder.pretrained"):
         kl_kwargs_from_config({"name": "kl"})
+
+
+@pytest.mark.parametrize("lowres_mode", ["latents", "pixels"])
+def test_encode_given_encodes_only_the_given_frames(saved_kl, lowres_mode):
+    """Inference inputs: each row's given frames encoded (and nothing else), the generated frames' latents zero,
+    equal to encoding the whole clips and zeroing the generated frames."""
+    from mardini.data.latent_cache import encode_given, encode_hi_lo
+
+    root, _ = saved_kl
+    ae = KLAutoencoder(str(root), subfolder="vae")
+    x = video(b=2, t=4)
+    mask = torch.tensor([[False, True, True, False], [True, False, True, True]])  # 2 + 1 frames given
+    frames_seen = []
+    ae.vae.encoder.register_forward_pre_hook(lambda m, a: frames_seen.append(len(a[0])))
+    with torch.no_grad():
+        z, z_lo = encode_given(ae, x, mask, lowres_factor=2, lowres_mode=lowres_mode)
+        assert sum(frames_seen) == 3 * (2 if lowres_mode == "pixels" else 1)
+        whole, whole_lo = encode_hi_lo(ae, x, lowres_factor=2, lowres_mode=lowres_mode)
+    keep = ~mask[:, :, None, None, None]
+    torch.testing.assert_close(z, whole * keep, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z_lo, whole_lo * keep, rtol=1e-4, atol=1e-5)

@@ -71,10 +71,21 @@ def encode_given(autoencoder, video: Tensor, mask: Tensor, lowres_factor: int,
     """The model inputs at inference, built as training builds them: pixels [B, T, 3, H, W] and mask [B, T]
     (True = frame to generate; its pixels are ignored) -> (z_hi, z_lo) by encode_hi_lo, with the generated frames'
     latents zeroed (the planner never reads them). A model trained with lowres_mode="pixels" must get its z_lo
-    this way too, not by pooling z_hi. Call under torch.no_grad()."""
-    z_hi, z_lo = encode_hi_lo(autoencoder, video, lowres_factor, lowres_mode)
-    generated = mask.to(z_hi.device)[:, :, None, None, None]
-    return torch.where(generated, 0.0, z_hi), torch.where(generated, 0.0, z_lo)
+    this way too, not by pooling z_hi. Call under torch.no_grad().
+
+    A per-frame autoencoder (temporal_compression 1) encodes the given frames only: image-to-video at 12 frames
+    encodes one frame, not twelve; each frame's latents are what encoding the whole clip gives it."""
+    generated = mask.to(video.device)
+    if getattr(autoencoder, "temporal_compression", 1) != 1 or bool(generated.all()):
+        z_hi, z_lo = encode_hi_lo(autoencoder, video, lowres_factor, lowres_mode)
+        keep = ~generated.to(z_hi.device)[:, :, None, None, None]
+        return torch.where(keep, z_hi, 0.0), torch.where(keep, z_lo, 0.0)
+    given_hi, given_lo = encode_hi_lo(autoencoder, video[~generated][None], lowres_factor, lowres_mode)  # [1, G, ...]
+    z_hi = given_hi.new_zeros(*mask.shape, *given_hi.shape[2:])
+    z_lo = given_lo.new_zeros(*mask.shape, *given_lo.shape[2:])
+    z_hi[~generated.to(z_hi.device)] = given_hi[0]
+    z_lo[~generated.to(z_lo.device)] = given_lo[0]
+    return z_hi, z_lo
 
 
 def describe_autoencoder(autoencoder) -> dict:
