@@ -378,7 +378,7 @@ def test_seeds_reproducible_and_distinct(pipe):
 
 
 def test_compiled_pipeline_generates_the_same_video(export_dir):
-    """compile() wraps the networks (and a diffusers VAE's decoder) in place: same weights, same state_dict keys,
+    """compile() wraps the networks (and a diffusers VAE's encoder and decoder) in place: same weights, same state_dict keys,
     same video. Dynamo's eager backend keeps the test fast: it traces what inductor would compile."""
     pipe = MarDiniPipeline.from_pretrained(export_dir)
     first, last = images(2, seed=12)
@@ -411,19 +411,36 @@ def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     torch.testing.assert_close(batch[1], two, rtol=0, atol=1e-6)
 
 
-def test_pipeline_encodes_the_given_frames_once_and_decodes_the_generated_ones_only():
-    """A window encodes its given frames once for all seeds and decodes only the frames it generated (the given
-    ones are returned as given), and gives the video that encoding and decoding every frame of every seed gives."""
+def kl_pipeline() -> MarDiniPipeline:
+    """An untrained tiny model over a tiny random-weight diffusers VAE (6-frame window of 16x16 frames)."""
     from mardini.autoencoders import KLAutoencoder
-    from mardini.data.latent_cache import encode_hi_lo
 
     torch.manual_seed(0)
     model = MarDini(model_config("tiny", latent_channels=4, max_frames=6)).eval()
     autoencoder = KLAutoencoder(config=dict(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
                                             down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=1,
                                             up_block_types=("UpDecoderBlock2D",) * 2), seed=1)
-    diffusion = Diffusion(dict(num_inference_steps=2))
-    pipe = MarDiniPipeline(model, diffusion, autoencoder, {"num_frames": 6, "height": 16, "width": 16})
+    return MarDiniPipeline(model, Diffusion(dict(num_inference_steps=2)), autoencoder,
+                           {"num_frames": 6, "height": 16, "width": 16})
+
+
+def test_compiled_pipeline_compiles_the_vae_encoder_and_decoder():
+    pipe = kl_pipeline()
+    given = dict(zip([0, 5], images(2, seed=2, size=(16, 16))))
+    before = pipe(given, seed=1)
+    pipe.compile(backend="eager")
+    for part in (pipe.autoencoder.vae.encoder, pipe.autoencoder.vae.decoder):
+        assert part._compiled_call_impl is not None
+    torch.testing.assert_close(pipe(given, seed=1), before, rtol=0, atol=1e-6)
+
+
+def test_pipeline_encodes_the_given_frames_once_and_decodes_the_generated_ones_only():
+    """A window encodes its given frames once for all seeds and decodes only the frames it generated (the given
+    ones are returned as given), and gives the video that encoding and decoding every frame of every seed gives."""
+    from mardini.data.latent_cache import encode_hi_lo
+
+    pipe = kl_pipeline()
+    model, diffusion, autoencoder = pipe.model, pipe.diffusion, pipe.autoencoder
     given = dict(zip([0, 2, 5], images(3, seed=4, size=(16, 16))))
     seeds = [3, 7]
     encoded, decoded = [], []

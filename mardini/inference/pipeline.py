@@ -87,17 +87,19 @@ class MarDiniPipeline:
 
     def compile(self, mode: str = "default", backend: str = "inductor") -> "MarDiniPipeline":
         """torch.compile the planner, the generator (its forward and its reference frames' pass) and the VAE's
-        decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model makes 12 frames
-        at 512 px with 25 steps in 1.28 s eager and 0.67 s compiled, the 12 frames decoded in one VAE call
-        (BENCHMARKS.md, "Inference, sixth step"); the first call at each shape compiles (tens of seconds), so it pays
-        for batches of generations, not for one."""
+        encoder and decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model
+        makes 12 frames at 512 px with 25 steps in 0.67 s (image-to-video) and 0.60 s (interpolation) compiled, the
+        given frames encoded and the generated ones decoded in one VAE call each (BENCHMARKS.md, "Inference, seventh
+        step"); the first call at each shape compiles (tens of seconds), so it pays for batches of generations, not
+        for one."""
         self.model.planner.compile(mode=mode, backend=backend)
         self.model.generator.compile(mode=mode, backend=backend)
         # once per generation: CUDA graphs would not pay, and their output buffers are reused by the next replay
         self.model.generator.compile_reference_pass(backend=backend)
-        decoder = getattr(getattr(self.autoencoder, "vae", None), "decoder", None)  # diffusers VAEs
-        if decoder is not None:
-            decoder.compile(mode=mode, backend=backend)
+        vae = getattr(self.autoencoder, "vae", None)  # diffusers VAEs
+        for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
+            if part is not None:
+                part.compile(mode=mode, backend=backend)
         return self
 
     @property
