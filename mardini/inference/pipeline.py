@@ -161,27 +161,27 @@ class MarDiniPipeline:
         if len(pixels) >= T:
             raise ValueError(f"all {T} frames are given: nothing to generate")
         S, device = len(seeds), self.device
-        video = torch.zeros(1, T, 3, self.height, self.width)
-        mask = torch.ones(1, T, dtype=torch.bool)
-        for p, img in pixels.items():
-            video[:, p] = img
-            mask[:, p] = False
+        given = sorted(pixels)
+        generated = torch.tensor([p for p in range(T) if p not in pixels], device=device)
+        # The window is built on the device and comes back in one copy: no full-size host buffers per call.
+        video = torch.zeros(1, T, 3, self.height, self.width, device=device)
+        video[0, given] = torch.stack([pixels[p] for p in given]).to(device)
+        mask = torch.ones(1, T, dtype=torch.bool, device=device)
+        mask[0, given] = False
         # Every seed shares the given frames: encode them once (the given frames only: encode_given), expand to S.
-        z, z_lo = encode_given(self.autoencoder, video.to(device), mask.to(device), self.model.cfg.lowres_factor,
-                               self.lowres_mode)
+        z, z_lo = encode_given(self.autoencoder, video, mask, self.model.cfg.lowres_factor, self.lowres_mode)
         z, z_lo = (x.to(self.dtype).expand(S, *x.shape[1:]) for x in (z, z_lo))
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds]).to(device, self.dtype)
         self.planner_calls += 1
-        out = self.model.generate(z, mask.expand(S, T).to(device), self.diffusion, z_lo=z_lo,
+        out = self.model.generate(z, mask.expand(S, T), self.diffusion, z_lo=z_lo,
                                   num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
                                   generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
                                   progress=progress)
         # Decode the generated frames only: the given ones are returned as given, their exact pixels.
-        generated = mask[0].nonzero().squeeze(1)
         video = video.expand(S, -1, -1, -1, -1).clone()
-        video[:, generated] = self.autoencoder.decode(out[:, generated.to(device)].float()).cpu()
-        return video
+        video[:, generated] = self.autoencoder.decode(out[:, generated].float()).to(video.dtype)
+        return video.cpu()
 
     # ------------------------------------------------------------------------------------------- tasks
     def interpolate(self, first, last, num_frames: int | None = None, **kw) -> torch.Tensor:
