@@ -7,7 +7,7 @@ drawing the noise, moving the frames to the device and the video back. The paper
 not depend on them) over a random-weight diffusers AutoencoderKL of the FLUX/SD3 shape (16 latent channels, 8x),
 bf16, 12 frames at 512 px, 25 steps, every VAE call over all of a window's frames (`frames_per_chunk=None`).
 
-    python benchmarks/pipeline_call.py --out pipeline_call.json
+    python benchmarks/pipeline_call.py --out pipeline_call.json [--dynamic false]
     python benchmarks/pipeline_call.py --device cpu --size tiny --resolution 32 --steps 1 --compile 0  # smoke test
 """
 
@@ -55,6 +55,9 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--compile", type=int, default=1, help="1: pipe.compile() (mode default)")
+    p.add_argument("--dynamic", default="none", choices=("none", "false"),
+                   help="pipe.compile(dynamic=...): none (torch's default: static, then dynamic at a second shape) "
+                        "or false (every shape static)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="pipeline_call.json")
@@ -71,7 +74,7 @@ def main():
                            {"num_frames": args.frames, "height": args.resolution, "width": args.resolution})
     pipe.to(device, dtype)
     if args.compile:
-        pipe.compile()
+        pipe.compile(dynamic=None if args.dynamic == "none" else False)
     g = torch.Generator().manual_seed(1)
     first, middle, last = (torch.rand(3, args.resolution, args.resolution, generator=g) * 2 - 1 for _ in range(3))
     calls = {"image_to_video": lambda: pipe.image_to_video(middle, position="middle"),
@@ -82,7 +85,7 @@ def main():
         seconds, peak = wall(call, warmup, iters, device)
         video = call()
         r = {"task": task, "frames": args.frames, "steps": args.steps, "resolution": args.resolution,
-             "compile": bool(args.compile), "seconds": seconds, "peak_mem_gib": peak,
+             "compile": bool(args.compile), "dynamic": args.dynamic, "seconds": seconds, "peak_mem_gib": peak,
              "output_shape": list(video.shape), "output_device": str(video.device),
              "vs_paper_time": seconds / 6.05}
         results.append(r)

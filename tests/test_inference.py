@@ -424,13 +424,14 @@ def kl_pipeline() -> MarDiniPipeline:
                            {"num_frames": 6, "height": 16, "width": 16})
 
 
-def test_compiled_pipeline_compiles_the_vae_encoder_and_decoder():
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_compiled_pipeline_compiles_the_vae_encoder_and_decoder(dynamic):
     pipe = kl_pipeline()
     video = torch.rand(1, 2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         z = pipe.autoencoder.encode(video)
         before = z, pipe.autoencoder.decode(z)
-        pipe.compile(backend="eager")
+        pipe.compile(backend="eager", dynamic=dynamic)
         for part in (pipe.autoencoder.vae.encoder, pipe.autoencoder.vae.decoder):
             assert part._compiled_call_impl is not None
         after = pipe.autoencoder.encode(video), pipe.autoencoder.decode(z)

@@ -85,21 +85,25 @@ class MarDiniPipeline:
         self.autoencoder.to(device=device)
         return self
 
-    def compile(self, mode: str = "default", backend: str = "inductor") -> "MarDiniPipeline":
+    def compile(self, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None
+                ) -> "MarDiniPipeline":
         """torch.compile the planner, the generator (its forward and its reference frames' pass) and the VAE's
         encoder and decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model
         makes 12 frames at 512 px with 25 steps in 0.67 s (image-to-video) and 0.60 s (interpolation) compiled, the
         given frames encoded and the generated ones decoded in one VAE call each (BENCHMARKS.md, "Inference, seventh
         step"); the first call at each shape compiles (tens of seconds), so it pays for batches of generations, not
-        for one."""
-        self.model.planner.compile(mode=mode, backend=backend)
-        self.model.generator.compile(mode=mode, backend=backend)
+        for one. `dynamic` is torch.compile's: None (its default) compiles the first shape static and recompiles
+        with dynamic sizes when another comes (another task's frame counts); False compiles every shape static, up
+        to torch._dynamo.config.recompile_limit shapes (the benchmarks' choice)."""
+        kwargs = dict(mode=mode, backend=backend, dynamic=dynamic)
+        self.model.planner.compile(**kwargs)
+        self.model.generator.compile(**kwargs)
         # once per generation: CUDA graphs would not pay, and their output buffers are reused by the next replay
-        self.model.generator.compile_reference_pass(backend=backend)
+        self.model.generator.compile_reference_pass(backend=backend, dynamic=dynamic)
         vae = getattr(self.autoencoder, "vae", None)  # diffusers VAEs
         for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
             if part is not None:
-                part.compile(mode=mode, backend=backend)
+                part.compile(**kwargs)
         return self
 
     @property
