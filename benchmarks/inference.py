@@ -14,9 +14,10 @@ as MarDiniPipeline.compile does), reference frames recomputed at every step or c
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result
 splits the call into VAE encode, planner, generator steps (of which the reference frames' one pass,
-`cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the variant computes,
-mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents (same input and noise)
-with the eager model's (first kernel, no cache). On the CPU each part runs once (a smoke test, not a timing).
+`cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the
+variant computes, mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents
+(same input and noise) with the eager model's (first kernel, no cache). On the CPU each part runs once (a smoke
+test, not a timing).
 
     python benchmarks/inference.py --frames 12,17 --steps 25,10,4 --out inference.json
     python benchmarks/inference.py --frames 12 --steps 25,4 --compile 0,1 \
@@ -254,18 +255,18 @@ def main():
                         device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
-    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>14s} {'total s':>8s} "
-          f"{'GiB':>6s} {'enc s':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} {'TFLOP/s':>7s} {'floor s':>7s} "
-          f"{'max|diff|':>9s} "
-          f"{'rel L2':>8s} {'+planner/step s':>15s}")
+    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>14s} "
+          f"{'total s':>8s} {'GiB':>6s} {'enc s':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} "
+          f"{'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} {'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
         vae_variant = (("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
                        + f",{r['vae_chunk'] or 'all'},{r['frames_decoded']}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
-        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} {vae_variant:>14s} "
-              f"{r['seconds']:8.3f} {r['peak_mem_gib']:6.1f} {r['vae_encode_s']:6.3f} {r['planner_once_s']:9.3f} "
+        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} "
+              f"{vae_variant:>14s} {r['seconds']:8.3f} {r['peak_mem_gib']:6.1f} {r['vae_encode_s']:6.3f} "
+              f"{r['planner_once_s']:9.3f} "
               f"{r['vae_decode_s']:6.3f} "
               f"{r['generator_steps_s']:6.2f} {r['reference_pass_s']:6.3f} {tflops} "
               f"{r['generator_floor_s_at_peak']:7.2f} "

@@ -378,8 +378,8 @@ def test_seeds_reproducible_and_distinct(pipe):
 
 
 def test_compiled_pipeline_generates_the_same_video(export_dir):
-    """compile() wraps the networks (and a diffusers VAE's encoder and decoder) in place: same weights, same state_dict keys,
-    same video. Dynamo's eager backend keeps the test fast: it traces what inductor would compile."""
+    """compile() wraps the networks (and a diffusers VAE's encoder and decoder) in place: same weights, same
+    state_dict keys, same video. Dynamo's eager backend keeps the test fast: it traces what inductor would compile."""
     pipe = MarDiniPipeline.from_pretrained(export_dir)
     first, last = images(2, seed=12)
     frames = {0: first, NUM_FRAMES - 1: last}
@@ -730,7 +730,8 @@ def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path):
 
 @pytest.mark.parametrize("chunk", [2, 0])
 def test_cli_vae_chunk_bounds_the_frames_per_decoder_call(export_dir, cli_inputs, tmp_path, monkeypatch, chunk):
-    """--vae-chunk n decodes at most n frames per call (0: a window's generated frames in one call), no pixel changed."""
+    """--vae-chunk n decodes at most n frames per call (0: a window's generated frames in one call), no pixel
+    changed."""
     from mardini.autoencoders.identity import IdentityAutoencoder
 
     pngs, _ = cli_inputs

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE: faster "
                    "on a GPU once compiled (the first window compiles for tens of seconds)")
     p.add_argument("--vae-chunk", type=int, default=None, help="frames per VAE decoder call; 0: a window's generated "
-                   "frames in one call, fastest on a large GPU for more memory (12 frames at 512 px, compiled, on an H200: "
-                   "0.071 s and 4.0 GiB against 0.102 s and 1.5 GiB at 4); default: the export's "
+                   "frames in one call, fastest on a large GPU for more memory (12 frames at 512 px, compiled, on an "
+                   "H200: 0.071 s and 4.0 GiB against 0.102 s and 1.5 GiB at 4); default: the export's "
                    "autoencoder.frames_per_chunk")
     p.add_argument("--no-preview", action="store_true", help="skip the side-by-side preview with inputs marked")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (and the preview)")
