@@ -48,13 +48,16 @@ from mardini.models.mardini import lowres_from_hires
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
+# A diffusers AutoencoderKL of the FLUX/SD3 shape (16 latent channels, 8x): real VAE cost without its weights.
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(128, 256, 512, 512))
+
+
 def build_vae(device, dtype):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-    return vae.to(device, dtype).eval()
+    return AutoencoderKL(**VAE_CONFIG).to(device, dtype).eval()
 
 
 @torch.inference_mode()

@@ -23,11 +23,7 @@ from mardini.autoencoders import KLAutoencoder
 from mardini.diffusion import Diffusion
 from mardini.inference import MarDiniPipeline
 from mardini.models import MarDini, model_config
-from inference import give_outputs  # benchmarks/inference.py (the script's folder is on sys.path)
-
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  block_out_channels=(128, 256, 512, 512))
+from inference import VAE_CONFIG, give_outputs  # benchmarks/inference.py (the script's folder is on sys.path)
 
 
 def wall(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:

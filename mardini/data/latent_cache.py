@@ -78,13 +78,12 @@ def encode_given(autoencoder, video: Tensor, mask: Tensor, lowres_factor: int,
     generated = mask.to(video.device)
     if getattr(autoencoder, "temporal_compression", 1) != 1 or bool(generated.all()):
         z_hi, z_lo = encode_hi_lo(autoencoder, video, lowres_factor, lowres_mode)
-        keep = ~generated.to(z_hi.device)[:, :, None, None, None]
+        keep = ~generated[:, :, None, None, None]
         return torch.where(keep, z_hi, 0.0), torch.where(keep, z_lo, 0.0)
     given_hi, given_lo = encode_hi_lo(autoencoder, video[~generated][None], lowres_factor, lowres_mode)  # [1, G, ...]
     z_hi = given_hi.new_zeros(*mask.shape, *given_hi.shape[2:])
     z_lo = given_lo.new_zeros(*mask.shape, *given_lo.shape[2:])
-    z_hi[~generated.to(z_hi.device)] = given_hi[0]
-    z_lo[~generated.to(z_lo.device)] = given_lo[0]
+    z_hi[~generated], z_lo[~generated] = given_hi[0], given_lo[0]
     return z_hi, z_lo
 
 
