@@ -20,7 +20,8 @@ from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
 from mardini.models.generator import frame_counts
-from mardini.models.layers import MLP, RotaryEmbedding3D, apply_rope, patchify, unpatchify, xformers_available
+from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens, patchify,
+                                   unpatchify, xformers_available)
 
 from helpers_models import fit_fixed_batch
 
@@ -1109,6 +1110,50 @@ def test_apply_rope_rotates_each_consecutive_channel_pair(dtype):
                                   * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_heads_are_views_of_the_projections_token_major_memory():
+    """Self- and cross-attention hand SDPA [B, H, N, d] views of the projection's own layout [B, N, H, d] (so that no
+    copy into a heads-first layout runs before the kernel and none after it), with the values the heads-first
+    computation gives; cat_tokens appends keys in that layout."""
+    torch.manual_seed(0)
+    B, N, M, H, d = 2, 10, 6, 4, 8
+    token_major = lambda t: t.stride(-1) == 1 and t.stride(2) > t.stride(1)  # noqa: E731  N outer to H
+
+    def heads_first_reference(projected, parts, norm=None, rope=None):  # the computation in [B, H, N, d] memory
+        out = list(projected.unflatten(-1, (parts, H, d)).permute(2, 0, 3, 1, 4).contiguous().unbind(0))
+        if norm is not None:
+            out[0] = apply_rope(norm(out[0]), *rope)
+        return out
+
+    attn = SelfAttention(H * d, H)
+    x = torch.randn(B, N, H * d)
+    rope = RotaryEmbedding3D(d)(1, 2, 5)
+    q, k, v = attn.qkv_heads(x, rope)
+    q_ref, = heads_first_reference(attn.qkv(x)[..., :H * d], 1, attn.q_norm, rope)
+    k_ref, = heads_first_reference(attn.qkv(x)[..., H * d:2 * H * d], 1, attn.k_norm, rope)
+    v_ref, = heads_first_reference(attn.qkv(x)[..., 2 * H * d:], 1)
+    for got, want in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        assert got.shape == (B, H, N, d) and token_major(got)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    references = torch.randn(B, 3, H, d).transpose(1, 2)                       # [B, H, 3, d], token-major
+    both = cat_tokens(k, references)
+    assert token_major(both)
+    torch.testing.assert_close(both, torch.cat([k_ref, references], dim=2), rtol=0, atol=0)
+
+    cross = CrossAttention(H * d, 12, H)
+    context = torch.randn(B, M, 12)
+    rope_k = RotaryEmbedding3D(d)(1, 2, 3)
+    ck, cv = cross.context_kv(context, rope_k)
+    assert token_major(ck) and token_major(cv)
+    ck_ref, cv_ref = heads_first_reference(cross.kv(context), 2, cross.k_norm, rope_k)
+    torch.testing.assert_close(ck, ck_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cv, cv_ref, rtol=0, atol=0)
+    q_ref, = heads_first_reference(cross.q(x), 1, cross.q_norm, rope)
+    out_ref = cross.proj(torch.nn.functional.scaled_dot_product_attention(q_ref, ck_ref, cv_ref).transpose(1, 2)
+                         .flatten(2))
+    torch.testing.assert_close(cross(x, (ck, cv), rope), out_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_rope_rejects_bad_head_dims():

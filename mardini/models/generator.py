@@ -37,8 +37,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import MarDiniConfig, motion_input_blocks
-from .layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, grid_coords, modulate,
-                     patchify, unpatchify)
+from .layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, TimestepEmbedder, cat_tokens, grid_coords,
+                     modulate, patchify, unpatchify)
 
 
 def per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -137,7 +137,7 @@ class GeneratorBlock(nn.Module):
         if keep_kv is not None:
             keep_kv.append((k, v) if self.mode == "identity" else None)
         if reference_kv is not None:  # generated frames only: every key is theirs or a reference frame's
-            k, v = torch.cat([k, reference_kv[0]], dim=2), torch.cat([v, reference_kv[1]], dim=2)
+            k, v = cat_tokens(k, reference_kv[0]), cat_tokens(v, reference_kv[1])
             out = self.attn.attend(q, k, v)
         elif self.mode == "full":
             out = self.attn.attend(q, k, v)
