@@ -89,8 +89,8 @@ class MarDiniPipeline:
                 ) -> "MarDiniPipeline":
         """torch.compile the planner, the generator (its forward and its reference frames' pass) and the VAE's
         encoder and decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model
-        makes 12 frames at 512 px with 25 steps in 0.67 s (image-to-video) and 0.60 s (interpolation) compiled, the
-        given frames encoded and the generated ones decoded in one VAE call each (BENCHMARKS.md, "Inference, seventh
+        makes 12 frames at 512 px with 25 steps in 0.65 s (image-to-video) and 0.59 s (interpolation) compiled, the
+        given frames encoded and the generated ones decoded in one VAE call each (BENCHMARKS.md, "Inference, eighth
         step"); the first call at each shape compiles (tens of seconds), so it pays for batches of generations, not
         for one. `dynamic` is torch.compile's: None (its default) compiles the first shape static and recompiles
         with dynamic sizes when another comes (another task's frame counts); False compiles every shape static, up
