@@ -7,7 +7,7 @@ drawing the noise, moving the frames to the device and the video back. The paper
 not depend on them) over a random-weight diffusers AutoencoderKL of the FLUX/SD3 shape (16 latent channels, 8x),
 bf16, 12 frames at 512 px, 25 steps, every VAE call over all of a window's frames (`frames_per_chunk=None`).
 
-    python benchmarks/pipeline_call.py --out pipeline_call.json [--dynamic false]
+    python benchmarks/pipeline_call.py --out pipeline_call.json [--dynamic none]
     python benchmarks/pipeline_call.py --device cpu --size tiny --resolution 32 --steps 1 --compile 0  # smoke test
 """
 
@@ -51,9 +51,9 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--compile", type=int, default=1, help="1: pipe.compile() (mode default)")
-    p.add_argument("--dynamic", default="none", choices=("none", "false"),
-                   help="pipe.compile(dynamic=...): none (torch's default: static, then dynamic at a second shape) "
-                        "or false (every shape static)")
+    p.add_argument("--dynamic", default="false", choices=("none", "false"),
+                   help="pipe.compile(dynamic=...): false (the pipeline's default: every shape static) or none "
+                        "(torch's default: static, then dynamic at a second shape)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="pipeline_call.json")
