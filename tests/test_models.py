@@ -1140,7 +1140,7 @@ def test_attention_heads_are_views_of_the_projections_token_major_memory():
     references = torch.randn(B, 3, H, d).transpose(1, 2)                       # [B, H, 3, d], token-major
     both = cat_tokens(k, references)
     assert token_major(both)
-    torch.testing.assert_close(both, torch.cat([k_ref, references], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(both, torch.cat([k, references], dim=2), rtol=0, atol=0)
 
     cross = CrossAttention(H * d, 12, H)
     context = torch.randn(B, M, 12)

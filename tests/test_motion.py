@@ -90,6 +90,31 @@ def test_batched_estimate_equals_each_frame_matched_alone():
     assert torch.equal(out[1, 6], z[1, 5]) and torch.equal(out[2, 0], z[2, 1]) and torch.equal(out[2, 6], z[2, 1])
 
 
+@pytest.mark.parametrize("pair", [False, True])
+def test_matching_only_the_frames_between_given_ones_changes_nothing(pair):
+    """On the CPU (compact) only the frames between two given frames go through the matcher; on a GPU every frame
+    does. Both give the same estimate and the same gradient to learned features, for any mix of tasks, and a batch
+    with no frame between given ones (image-to-video) skips the matcher."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 7, C, 16, 16, generator=g)
+    raw = torch.randn(4, 7, 3, 16, 16, generator=g)
+    mask = masks("0111110", "0110101", "1011111", "0111111")            # between given frames and one-sided
+    outs, grads = [], []
+    for compact in (True, False):
+        features = raw.clone().requires_grad_()
+        out = motion_estimate(z, mask, temperature=0.3, pair=pair, features=features, compact=compact)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(features.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
+    assert grads[0].abs().sum() > 0
+    for mask in (mask, masks("1110111", "0111111", "1111110", "1101111")):  # the second: one-sided only
+        compact = motion_estimate(z, mask, pair=pair, compact=True)
+        torch.testing.assert_close(compact, motion_estimate(z, mask, pair=pair, compact=False), rtol=0, atol=1e-6)
+        assert torch.equal(motion_estimate(z, mask, pair=pair), compact)  # the default on the CPU: compact
+
+
 def test_estimate_is_independent_of_latent_scale_and_offset():
     video = moving_square(5)
     mask = task_mask("interpolation", 5)[None]
