@@ -21,7 +21,7 @@ from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
 from mardini.models.generator import frame_counts
 from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens, patchify,
-                                   unpatchify, xformers_available)
+                                   split_heads, unpatchify, xformers_available)
 
 from helpers_models import fit_fixed_batch
 
@@ -1110,6 +1110,30 @@ def test_apply_rope_rotates_each_consecutive_channel_pair(dtype):
                                   * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_traced_form_equals_the_eager_complex_product(dtype):
+    """apply_rope has two forms of one rotation: eager, a complex product (one kernel each way); traced by
+    torch.compile, the pointwise pair-flip expression Inductor fuses (it generates no complex code). Traced with
+    dynamo's eager backend (the traced form, no code generation), both give the same values and gradients, on a
+    strided view of a projection's output as the attention layers pass it."""
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 7, 3 * 4 * 12, generator=g).to(dtype)
+    angles = torch.rand(7, 1, 6, generator=g) * 20
+    results = []
+    for rope in (apply_rope, torch.compile(apply_rope, backend="eager", fullgraph=True)):
+        torch._dynamo.reset()
+        leaf = qkv.clone().requires_grad_()
+        q = split_heads(leaf, 3, 4)[1]                                          # [2, 7, 4, 12], strided view
+        out = rope(q, angles.cos(), angles.sin())
+        out.float().square().sum().backward()
+        results.append((out, leaf.grad))
+    (eager, eager_grad), (traced, traced_grad) = results
+    assert eager.dtype == traced.dtype == dtype
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(traced.float(), eager.float(), **tolerance)
+    torch.testing.assert_close(traced_grad.float(), eager_grad.float(), **tolerance)
 
 
 def test_attention_heads_are_views_of_the_projections_token_major_memory():
