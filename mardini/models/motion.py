@@ -164,15 +164,17 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     if compact is None:
         compact = z.device.type == "cpu" and features is None and not torch.compiler.is_compiling()
     pick = between.flatten().nonzero().squeeze(1) if compact else slice(None)
-    matched = widen(first).flatten(0, 1)                        # [B T, C', H, W]: kept where nothing is matched
-    if isinstance(pick, slice) or len(pick):
+    if compact and not len(pick):  # nothing to match: every generated frame copies its nearest given frame
+        matched = widen(first)
+    else:
         pair_features = None if features is None else \
             (features[rows, before].flatten(0, 1)[pick], features[rows, after].flatten(0, 1)[pick])
-        picked = bilateral_estimate(first.flatten(0, 1)[pick], last.flatten(0, 1)[pick], fraction[pick], radius,
-                                    levels, window, smoothness, temperature, pair=pair,
-                                    features=pair_features).to(z.dtype)
-        matched = picked if isinstance(pick, slice) else matched.index_copy(0, pick, picked)
-    matched = matched.unflatten(0, (B, T))
+        matched = bilateral_estimate(first.flatten(0, 1)[pick], last.flatten(0, 1)[pick], fraction[pick], radius,
+                                     levels, window, smoothness, temperature, pair=pair,
+                                     features=pair_features).to(z.dtype)                 # [B T or picked, C', H, W]
+        if compact:  # back among all frames; the others keep the nearest given frame (replaced below anyway)
+            matched = widen(first).flatten(0, 1).index_copy(0, pick, matched)
+        matched = matched.unflatten(0, (B, T))
     out = torch.where(between[:, :, None, None, None], matched, widen(first))  # one-sided: the nearest given frame
     return torch.where(mask[:, :, None, None, None], out, widen(z))
 
