@@ -30,3 +30,18 @@ def timed(fn, warmup: int, iters: int, device="cuda") -> tuple[float, float]:
         times.append(start.elapsed_time(end) / 1e3)
     times.sort()
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def mean_ms(fn, warmup: int, iters: int) -> float:
+    """Mean milliseconds per call of a back-to-back loop on the GPU (CUDA events around the whole loop): for kernels
+    so short that a per-call event and synchronisation would dominate them."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

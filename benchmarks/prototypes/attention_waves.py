@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import mean_ms  # noqa: E402
 
 
 def merge_partials(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
@@ -51,19 +56,6 @@ def split_key_attention(q, k, v, parts: int) -> torch.Tensor:
     chunks = lambda x: x.reshape(H, parts, Nk // parts, D).transpose(0, 1)  # noqa: E731  [parts, H, Nk/parts, D]
     out, lse = attention_with_lse(q.expand(parts, -1, -1, -1).contiguous(), chunks(k), chunks(v))
     return merge_partials(list(out.unbind(0)), list(lse.unbind(0)))[None]
-
-
-def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None) -> dict:
@@ -98,7 +90,7 @@ def main(argv=None) -> dict:
                     fn = lambda parts=parts: split_key_attention(q, k, v, parts)  # noqa: E731
                 out = fn()
                 err = float((out.float() - reference.float()).norm() / reference.float().norm())
-                ms = time_ms(fn, args.warmup, args.iters)
+                ms = mean_ms(fn, args.warmup, args.iters)
                 rows.append({"queries": Nq, "keys": Nk, "parts": parts, "ms": ms, "tflops": flops / ms / 1e9,
                              "us_per_1k_queries": 1000 * ms / (Nq / 1024), "rel_l2_vs_one_call": err})
                 print(f"queries {Nq:6d}  parts {parts}  {ms:7.3f} ms  {flops / ms / 1e9:6.1f} TFLOP/s  "
@@ -106,7 +98,7 @@ def main(argv=None) -> dict:
             # the output's layout when q is a [B, N, H, D] tensor seen as [B, H, N, D] (no transposes needed after)
             q_bnhd = q.transpose(1, 2).contiguous().transpose(1, 2)
             out = F.scaled_dot_product_attention(q_bnhd, k, v)
-            ms = time_ms(lambda: F.scaled_dot_product_attention(q_bnhd, k, v), args.warmup, args.iters)
+            ms = mean_ms(lambda: F.scaled_dot_product_attention(q_bnhd, k, v), args.warmup, args.iters)
             rows.append({"queries": Nq, "keys": Nk, "parts": 1, "q_layout": "BNHD", "ms": ms,
                          "tflops": flops / ms / 1e9, "out_stride": list(out.stride())})
             print(f"queries {Nq:6d}  q as [B, N, H, D]  {ms:7.3f} ms  out strides {tuple(out.stride())}", flush=True)

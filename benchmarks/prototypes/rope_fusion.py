@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mardini.models.layers import apply_rope, cat_tokens, heads_first, split_heads
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import mean_ms  # noqa: E402
+from mardini.models.layers import apply_rope, cat_tokens, heads_first, split_heads  # noqa: E402
 
 
 def rope_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,19 +66,6 @@ def block_attention(rope: str, norm: str, keys: str):
         out = F.scaled_dot_product_attention(heads_first(q), k, v)
         return out.transpose(1, 2).flatten(2)                                    # [1, N, D]
     return f
-
-
-def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def kernel_us(fn, iters: int) -> dict[str, float]:
@@ -119,14 +110,14 @@ def main():
     reference = block_attention("stack", "fused", "cat")(qkv, cos, sin, wq, wk, *inputs("cat"), H).float()
     sdpa_only_inputs = [torch.randn(1, H, n, d, device=device, dtype=dtype, generator=g).transpose(1, 2).contiguous()
                         .transpose(1, 2) for n in (N, N + R, N + R)]
-    sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(*sdpa_only_inputs), 5, args.iters)
+    sdpa_ms = mean_ms(lambda: F.scaled_dot_product_attention(*sdpa_only_inputs), 5, args.iters)
     rows = []
     for rope, norm, keys in itertools.product(("stack", "flip"), ("fused", "manual"), ("cat", "buffer")):
         f = torch.compile(block_attention(rope, norm, keys))
         ref_k, ref_v = inputs(keys)
         call = lambda: f(qkv, cos, sin, wq, wk, ref_k, ref_v, H)  # noqa: E731
         out = call().float()
-        ms = time_ms(call, 5, args.iters)
+        ms = mean_ms(call, 5, args.iters)
         kernels = kernel_us(call, 10)
         prep = sum(us for name, us in kernels.items() if "triton" in name)
         row = {"rope": rope, "norm": norm, "keys": keys, "ms": ms, "ms_minus_attention": ms - sdpa_ms,
