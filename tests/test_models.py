@@ -23,7 +23,7 @@ from mardini.models.generator import frame_counts
 from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens, patchify,
                                    split_heads, unpatchify, xformers_available)
 
-from helpers_models import fit_fixed_batch
+from helpers_models import fit_fixed_batch, frames_seen_by_blocks
 
 C = 4  # latent channels everywhere below
 
@@ -534,10 +534,14 @@ def test_generation_with_cached_references_equals_full_generation(attn, setup):
     mask = masks("011011", "011011")
 
     def run(reuse):
-        return model.generate(z, mask, diffusion, num_steps=3, guidance_scale=2.0 if setup == "guided" else 1.0,
-                              generator=torch.Generator().manual_seed(2), reuse_references=reuse)
+        with frames_seen_by_blocks(model) as seen:
+            out = model.generate(z, mask, diffusion, num_steps=3, guidance_scale=2.0 if setup == "guided" else 1.0,
+                                 generator=torch.Generator().manual_seed(2), reuse_references=reuse)
+        return out, set(seen)
 
-    full, cached = run(False), run(True)
+    (full, full_seen), (cached, cached_seen) = run(False), run(True)
+    # the cache is used: its one pass runs the 2 reference frames, its steps the 4 generated ones, never all 6
+    assert full_seen == {6} and cached_seen == {2, 4}
     assert (full[mask] - z[mask]).abs().max() > 1e-2  # generated, not copied
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-10)
 
@@ -551,13 +555,8 @@ def test_cached_step_runs_the_generated_frames_only_and_matches_its_flop_count()
     z, plan = torch.randn(B, T, C, H, W), torch.randn(B, T, 16, model.cfg.signal_dim)
     time = torch.where(mask, 500.0, 0.0)
     cache = model.generator.cache_references(z, mask, plan)
-    seen = []
-    hooks = [block.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
-             for block in model.generator.blocks]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, frames_seen_by_blocks(model) as seen:
         out = model.generator(z, mask, time, plan, cache=cache)
-    for h in hooks:
-        h.remove()
     assert seen == [4] * len(model.generator.blocks)
     lowres = (H // model.cfg.lowres_factor, W // model.cfg.lowres_factor)
     cached_flops = generator_flops(model.cfg, T, (H, W), lowres, 4, B, cached_references=True)
@@ -590,10 +589,15 @@ def test_compiled_generator_takes_the_reference_cache_in_one_graph():
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     model.generator.compile(backend=counter)
+    caches, cache_references = [], model.generator.cache_references
+    model.generator.cache_references = lambda *args, **kwargs: caches.append(cache_references(*args, **kwargs)) \
+        or caches[-1]
     try:
         compiled = run()
     finally:
         torch._dynamo.reset()
+        del model.generator.cache_references
+    assert len(caches) == 1  # the steps were cached ones (else the one graph would be the full step's)
     assert counter.frame_count == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
@@ -794,6 +798,12 @@ def test_guidance_changes_output_and_needs_null_plan():
     guided = model.generate(z, mask, diffusion, num_steps=2, noise=noise, guidance_scale=3.0)
     assert (guided[mask] - plain[mask]).abs().max() > 1e-4
     assert torch.equal(guided[~mask], z[~mask])
+    # the formula: one Euler step moves by -dt * (uncond + s (cond - uncond)), affine in s, and s = 1 is the plain
+    # (conditional) step; guiding towards the null plan (cond + s (uncond - cond)) breaks the equal spacing
+    one = {s: model.generate(z, mask, diffusion, num_steps=1, noise=noise, guidance_scale=s) for s in (1.0, 2.0, 3.0)}
+    spacing = one[2.0] - one[1.0]
+    assert spacing.abs().max() > 1e-3
+    torch.testing.assert_close(one[3.0] - one[2.0], spacing, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ 6. learning

@@ -10,7 +10,7 @@ from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
 from mardini.models.motion import MatchFeatures, bilateral_estimate, motion_estimate, nearest_given
 
-from helpers_models import fit_fixed_batch
+from helpers_models import fit_fixed_batch, frames_seen_by_blocks
 
 C = 4
 RF_X0 = dict(formulation="rectified_flow", prediction="sample", sampler="euler")
@@ -160,9 +160,10 @@ def test_pair_carries_each_given_frame_along_the_motion_and_blends_to_the_estima
 
 
 # ------------------------------------------------------------------------------------------------ the model
-def motion_model(residual: bool, pair: bool = False, **overrides) -> MarDini:
+def motion_model(residual: bool, pair: bool = False, residual_scale: float = 1.0, **overrides) -> MarDini:
     return MarDini(model_config("tiny", latent_channels=C, **overrides,
-                                motion=dict(estimate="bilateral", residual=residual, pair=pair))).eval()
+                                motion=dict(estimate="bilateral", residual=residual, pair=pair,
+                                            residual_scale=residual_scale))).eval()
 
 
 def test_generator_reads_the_estimate_and_needs_it_exactly_when_configured():
@@ -225,13 +226,18 @@ def test_residual_model_starts_at_the_estimate(pair):
 
 @pytest.mark.parametrize("residual", [False, True], ids=["input", "residual"])
 def test_loss_target_is_relative_to_the_estimate_only_with_residual(residual):
+    """The target is the residual from the estimate times motion.residual_scale (2 here), and generation maps it
+    back: from_diffused inverts to_diffused."""
     torch.manual_seed(0)
-    model, diffusion = motion_model(residual=residual), Diffusion(DiffusionConfig(**RF_X0))
+    scale = 2.0 if residual else 1.0  # a scale other than 1 needs the residual (the config refuses it otherwise)
+    model, diffusion = motion_model(residual=residual, residual_scale=scale), Diffusion(DiffusionConfig(**RF_X0))
     z = moving_square(5, size=16, side=4)
     mask = task_mask("interpolation", 5)[None]
     out = model(z, None, mask, diffusion, noise=torch.randn_like(z), t=torch.tensor([0.5]))
-    expected = z - model.motion(z, mask) if residual else z
+    motion = model.motion(z, mask)
+    expected = (z - motion) * scale if residual else z
     assert torch.allclose(out["target"][mask], expected[mask], atol=1e-6)
+    torch.testing.assert_close(model.from_diffused(model.to_diffused(z, motion), motion), z, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["input", "residual"])
@@ -345,9 +351,11 @@ def test_generation_with_the_plan_layout_caches_references_exactly(guidance):
     diffusion = Diffusion(DiffusionConfig(**RF_X0))
     z, mask = moving_square(5, size=16, side=4).expand(2, -1, -1, -1, -1), masks("01110", "01110")
     noise = torch.randn_like(z)
-    cached = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance)
+    with frames_seen_by_blocks(model) as seen_cached:
+        cached = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance)
     full = model.generate(z, mask, diffusion, num_steps=3, noise=noise, guidance_scale=guidance,
                           reuse_references=False)
+    assert set(seen_cached) == {2, 3}  # the cache is used: one pass of the 2 reference frames, steps of the 3 others
     assert torch.allclose(cached, full, atol=1e-5) and torch.equal(cached[~mask], z[~mask])
     seen = []  # the plans the layout is read from: once per generation; guided, the null plan for the second half
     layout = model.plan_layout
