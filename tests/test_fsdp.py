@@ -475,10 +475,12 @@ def test_parallelize_unknown_mode_names_the_key(tmp_path):
 ])
 def test_resume_with_other_parallel_format_fails_clearly(tmp_path, saved, resumed, message):
     out = tmp_path / "run"
-    path = Trainer(tiny_config(out, max_steps=2, parallel=saved)).save_checkpoint()
+    trainer = Trainer(tiny_config(out, max_steps=2, parallel=saved))
+    trainer.step = 1  # a step a fresh start (0) does not have: the resume below must read it from the checkpoint
+    path = trainer.save_checkpoint()
     assert ((path / "sharded" / ".metadata").exists()) == (saved == "fsdp")
     for resume in ("auto", str(path)):
         with pytest.raises(ValueError, match=rf"{path.name}.*{message.replace('.', '[.]')}"):
             Trainer(tiny_config(out, max_steps=2, parallel=resumed, resume=resume))
-    # the same format resumes
-    assert Trainer(tiny_config(out, max_steps=2, parallel=saved, resume="auto")).step == 0
+    # the same format resumes, at the saved step
+    assert Trainer(tiny_config(out, max_steps=2, parallel=saved, resume="auto")).step == 1

@@ -407,7 +407,8 @@ def preprocess_for_i3d(videos: torch.Tensor, size: int = INPUT_SIZE, resize: str
        style PyTorch code). ``resize='tf_legacy'``: TF1's resize_bilinear sampling (no half-pixel offset), the
        exact reference arithmetic. (VideoGPT's own code instead scales the short side and centre-crops; inputs
        of the protocols here are square, where the two agree.)
-    3. Scale to [-1, 1] as 2 * x / 255 - 1 (TF reference ``preprocess``; the TF-hub module asserts this range).
+    3. Scale to [-1, 1] as 2 * x / 255 - 1 (TF reference ``preprocess``; the TF-hub module asserts this range),
+       clamped to [-1, 1] to drop the float rounding of the resize (a convex combination: nothing else is cut).
        VideoGPT's original preprocessing left [-0.5, 0.5] here, a bug later copies (TATS, common_metrics) fixed
        by multiplying by 2.
     4. Frames: the network needs T >= 9 (time is halved three times with SAME padding, ceil(T / 8), before a
@@ -431,7 +432,7 @@ def preprocess_for_i3d(videos: torch.Tensor, size: int = INPUT_SIZE, resize: str
             frames = _resize_tf_legacy(frames, (size, size))
         else:
             raise ValueError(f"resize must be 'bilinear' or 'tf_legacy', got {resize!r}")
-    frames = frames * (2.0 / 255.0) - 1.0
+    frames = (frames * (2.0 / 255.0) - 1.0).clamp_(-1.0, 1.0)  # the resize may overshoot 255 by float rounding
     return frames.reshape(B, T, 3, size, size).permute(0, 2, 1, 3, 4).contiguous()
 
 
