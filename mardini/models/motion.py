@@ -163,19 +163,20 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     # with learned features: a batch with no frame to match would leave them without a gradient, which DDP refuses.
     if compact is None:
         compact = z.device.type == "cpu" and features is None and not torch.compiler.is_compiling()
-    pick = between.flatten().nonzero().squeeze(1) if compact else slice(None)
-    if compact and not len(pick):  # nothing to match: every generated frame copies its nearest given frame
-        matched = widen(first)
-    else:
+
+    def matched(picked):  # the matcher on the picked [B T] rows (slice or indices) -> [picked, C', H, W], z's dtype
         pair_features = None if features is None else \
-            (features[rows, before].flatten(0, 1)[pick], features[rows, after].flatten(0, 1)[pick])
-        matched = bilateral_estimate(first.flatten(0, 1)[pick], last.flatten(0, 1)[pick], fraction[pick], radius,
-                                     levels, window, smoothness, temperature, pair=pair,
-                                     features=pair_features).to(z.dtype)                 # [B T or picked, C', H, W]
-        if compact:  # back among all frames; the others keep the nearest given frame (replaced below anyway)
-            matched = widen(first).flatten(0, 1).index_copy(0, pick, matched)
-        matched = matched.unflatten(0, (B, T))
-    out = torch.where(between[:, :, None, None, None], matched, widen(first))  # one-sided: the nearest given frame
+            (features[rows, before].flatten(0, 1)[picked], features[rows, after].flatten(0, 1)[picked])
+        return bilateral_estimate(first.flatten(0, 1)[picked], last.flatten(0, 1)[picked], fraction[picked],
+                                  radius, levels, window, smoothness, temperature, pair=pair,
+                                  features=pair_features).to(z.dtype)
+
+    nearest = widen(first)  # what a generated frame without a given frame on both sides gets
+    if compact:  # the matched frames written among the others (none: every generated frame keeps its nearest)
+        pick = between.flatten().nonzero().squeeze(1)
+        out = nearest.flatten(0, 1).index_copy(0, pick, matched(pick)).unflatten(0, (B, T)) if len(pick) else nearest
+    else:
+        out = torch.where(between[:, :, None, None, None], matched(slice(None)).unflatten(0, (B, T)), nearest)
     return torch.where(mask[:, :, None, None, None], out, widen(z))
 
 
