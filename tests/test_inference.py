@@ -398,17 +398,54 @@ def test_compiled_pipeline_generates_the_same_video(export_dir):
 
 def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     """With the DDPM sampler every step draws fresh noise; a batch of seeds must still equal separate calls."""
-    torch.manual_seed(0)
-    model = MarDini(model_config("tiny", latent_channels=12, max_frames=5))
-    diffusion = Diffusion(dict(formulation="ddpm", prediction="epsilon", sampler="ddpm", num_inference_steps=3))
-    pipe = MarDiniPipeline(model, diffusion, build_autoencoder("identity", patch_size=2),
-                           {"num_frames": 5, "height": 16, "width": 16})
+    pipe = ddpm_pipeline()
     (image,) = images(1, seed=12, size=(16, 16))
     one, two = pipe({0: image}, seed=1), pipe({0: image}, seed=2)
     assert torch.equal(one, pipe({0: image}, seed=1))
     batch = pipe({0: image}, seed=[1, 2])
     torch.testing.assert_close(batch[0], one, rtol=0, atol=1e-6)
     torch.testing.assert_close(batch[1], two, rtol=0, atol=1e-6)
+
+
+def ddpm_pipeline() -> MarDiniPipeline:
+    """An untrained tiny model whose sampler draws fresh noise at every step (5-frame window of 16x16 frames)."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=12, max_frames=5))
+    diffusion = Diffusion(dict(formulation="ddpm", prediction="epsilon", sampler="ddpm", num_inference_steps=3))
+    return MarDiniPipeline(model, diffusion, build_autoencoder("identity", patch_size=2),
+                           {"num_frames": 5, "height": 16, "width": 16})
+
+
+@pytest.mark.parametrize("make", ["kl", "ddpm"])
+def test_generate_clips_equals_one_call_per_clip_in_fewer_planner_calls(make):
+    """The learning benchmark samples its clips in batches: each clip's video is the one a call of its own with its
+    seed makes (a real VAE's batched encode; a stochastic sampler's per-step noise), in one planner call per batch."""
+    pipe = kl_pipeline() if make == "kl" else ddpm_pipeline()
+    T = pipe.num_frames
+    videos = torch.stack([torch.stack(images(T, seed=20 + i, size=(16, 16))) for i in range(5)])
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[[0, T - 1]] = False
+    seeds = [11, 3, 11, 8, 0]
+    pipe.planner_calls = 0
+    batched = pipe.generate_clips(videos, mask, seeds, num_steps=2, batch_size=2)
+    assert pipe.planner_calls == 3  # batches of 2, 2, 1 clips
+    for i, seed in enumerate(seeds):
+        alone = pipe({0: videos[i, 0], T - 1: videos[i, T - 1]}, num_frames=T, num_steps=2, seed=seed)
+        torch.testing.assert_close(batched[i], alone, rtol=0, atol=1e-5)
+    assert torch.equal(batched[:, ~mask], videos[:, ~mask])
+    assert not torch.allclose(batched[0], batched[2], atol=1e-3)  # same seed, other clip: another video
+
+
+def test_generate_clips_rejects_inputs_it_cannot_pair():
+    pipe = ddpm_pipeline()
+    videos = torch.zeros(2, 5, 3, 16, 16)
+    mask = torch.tensor([False, True, True, True, False])
+    with pytest.raises(ValueError, match="one seed per clip"):
+        pipe.generate_clips(videos, mask, [0])
+    with pytest.raises(ValueError, match=r"mask must be \[T\]"):
+        pipe.generate_clips(videos, mask[None].expand(2, 5), [0, 1])
+    with pytest.raises(ValueError, match="videos must be"):
+        pipe.generate_clips(videos[..., :8], mask, [0, 1])
 
 
 def kl_pipeline() -> MarDiniPipeline:

@@ -195,13 +195,12 @@ def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16) -> Te
 
 
 @torch.no_grad()
-def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, seed: int = 0) -> Tensor:
-    """One sample per clip (seed + clip index): [N, T, 3, H, W], given frames exactly as given."""
-    out = []
-    for i, video in enumerate(videos):
-        given = {int(p): video[p] for p in (~mask).nonzero().flatten()}
-        out.append(pipe(frames=given, num_frames=video.shape[0], num_steps=num_steps, seed=seed + i))
-    return torch.stack(out)
+def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, seed: int = 0,
+            batch_size: int = 16) -> Tensor:
+    """One sample per clip (seed + clip index): [N, T, 3, H, W], given frames exactly as given. The clips run in
+    batches (MarDiniPipeline.generate_clips): each is the sample ``pipe(frames=..., seed=seed + i)`` makes."""
+    return pipe.generate_clips(videos, mask, [seed + i for i in range(len(videos))], num_steps,
+                               batch_size=batch_size)
 
 
 @torch.no_grad()

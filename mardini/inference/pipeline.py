@@ -159,6 +159,31 @@ class MarDiniPipeline:
         video = self._generate_window(pixels, T, seeds, num_steps, guidance_scale, progress)
         return video[0] if isinstance(seed, int) else video
 
+    @torch.inference_mode()
+    def generate_clips(self, videos: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int],
+                       num_steps: int | None = None, guidance_scale: float = 1.0, batch_size: int = 16,
+                       progress: bool = False) -> torch.Tensor:
+        """Many clips at once, one seed each, in batches: videos [N, T, 3, H, W] in [-1, 1] at the model's size,
+        mask [T] (True = generate; those frames' pixels are ignored) -> [N, T, 3, H, W] on the host, the given
+        frames exactly as given. Clip i is what ``self(frames={p: videos[i, p] for given p}, seed=seeds[i])``
+        makes, up to the rounding of a batched matmul: evaluation of a small model is launch-bound, so batching the
+        clips makes it as many times faster as the batch holds clips."""
+        N, T = videos.shape[:2]
+        if videos.ndim != 5 or tuple(videos.shape[2:]) != (3, self.height, self.width):
+            raise ValueError(f"videos must be [N, T, 3, {self.height}, {self.width}], got {tuple(videos.shape)}")
+        if mask.shape != (T,):
+            raise ValueError(f"mask must be [T] = [{T}] (one task for every clip), got {tuple(mask.shape)}")
+        if len(seeds) != N:
+            raise ValueError(f"one seed per clip: {N} clips, {len(seeds)} seeds")
+        if T > self.model.cfg.max_frames:
+            raise ValueError(f"clips of {T} frames exceed the model's max_frames={self.model.cfg.max_frames}")
+        out = []
+        for start in tqdm(range(0, N, batch_size), desc="clips", disable=not progress):
+            chunk = videos[start:start + batch_size].to(self.device, torch.float32).clamp(-1, 1)
+            out.append(self._generate(chunk, mask, list(seeds[start:start + batch_size]), num_steps,
+                                      guidance_scale))
+        return torch.cat(out)
+
     def _generate_window(self, pixels: dict[int, torch.Tensor], T: int, seeds: list[int], num_steps, guidance_scale,
                          progress=False) -> torch.Tensor:
         """pixels: {position: [3, H, W]} -> [S, T, 3, H, W]; given frames are copied back exactly."""
@@ -166,16 +191,26 @@ class MarDiniPipeline:
             raise ValueError("at least one frame must be given")
         if len(pixels) >= T:
             raise ValueError(f"all {T} frames are given: nothing to generate")
-        S, device = len(seeds), self.device
         given = sorted(pixels)
-        generated = torch.tensor([p for p in range(T) if p not in pixels], device=device)
         # The window is built on the device and comes back in one copy: no full-size host buffers per call.
-        video = torch.zeros(1, T, 3, self.height, self.width, device=device)
-        video[0, given] = torch.stack([pixels[p] for p in given]).to(device)
-        mask = torch.ones(1, T, dtype=torch.bool, device=device)
-        mask[0, given] = False
-        # Every seed shares the given frames: encode them once (the given frames only: encode_given), expand to S.
-        z, z_lo = encode_given(self.autoencoder, video, mask, self.model.cfg.lowres_factor, self.lowres_mode)
+        video = torch.zeros(1, T, 3, self.height, self.width, device=self.device)
+        video[0, given] = torch.stack([pixels[p] for p in given]).to(self.device)
+        mask = torch.ones(T, dtype=torch.bool)
+        mask[given] = False
+        return self._generate(video, mask, seeds, num_steps, guidance_scale, progress)
+
+    def _generate(self, video: torch.Tensor, mask: torch.Tensor, seeds: list[int], num_steps, guidance_scale,
+                  progress=False) -> torch.Tensor:
+        """video [B, T, 3, H, W] on the device, its given frames in place (mask [T] False); B = 1 (one clip for
+        every seed) or B = len(seeds) (a seed per clip) -> [S, T, 3, H, W] on the host, given frames exact."""
+        S, (B, T), device = len(seeds), video.shape[:2], self.device
+        if B not in (1, S):
+            raise ValueError(f"{B} clips for {S} seeds: give one clip, or one seed per clip")
+        mask = mask.to(device)
+        generated = mask.nonzero().flatten()
+        # The given frames are encoded once (the given frames only: encode_given), a single clip's expanded to S.
+        z, z_lo = encode_given(self.autoencoder, video, mask.expand(B, T), self.model.cfg.lowres_factor,
+                               self.lowres_mode)
         z, z_lo = (x.to(self.dtype).expand(S, *x.shape[1:]) for x in (z, z_lo))
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds]).to(device, self.dtype)
