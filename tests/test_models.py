@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mardini.diffusion import Diffusion, DiffusionConfig
@@ -875,19 +876,34 @@ def test_xformers_backend_matches_sdpa(impl):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-CPU_SDPA_KERNELS = ["math", "flash"]  # efficient and cudnn exist on GPUs only
+class AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops that run inside it (which SDPA kernel a model reached)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kernel", CPU_SDPA_KERNELS)
+@pytest.mark.parametrize("kernel", ["flash", "auto"])  # CPU's kernels: efficient and cudnn exist on GPUs only
 @pytest.mark.parametrize("attn", ["identity-split", "identity-mask", "full", "spatial"])
-def test_sdpa_kernels_agree_with_auto(kernel, attn):
+def test_sdpa_kernels_agree_with_the_math_kernel(kernel, attn):
+    """Each kernel a model can be told to use gives what SDPA's reference (math) kernel gives, and really runs:
+    on the CPU `flash` (and `auto`, which picks it there) reach the fused kernel, `math` the softmax."""
     mode, _, impl = attn.partition("-")
     gen = dict(attention=mode, identity_impl=impl or "split")
-    auto = randomize(tiny(sdpa_kernel="auto", generator=gen))
+    math = randomize(tiny(sdpa_kernel="math", generator=gen))
     other = tiny(sdpa_kernel=kernel, generator=gen)
-    other.load_state_dict(auto.state_dict())
-    plan_a, out_a = _backend_outputs(auto)
-    plan_b, out_b = _backend_outputs(other)
+    other.load_state_dict(math.state_dict())
+    with AtenOps() as math_ops:
+        plan_a, out_a = _backend_outputs(math)
+    with AtenOps() as other_ops:
+        plan_b, out_b = _backend_outputs(other)
+    fused = "_scaled_dot_product_flash_attention_for_cpu.default"
+    assert fused in other_ops.names and fused not in math_ops.names
     assert out_a.abs().max() > 1e-3
     torch.testing.assert_close(plan_b, plan_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
