@@ -74,7 +74,8 @@ def print_report(report: dict) -> None:
           f"posterior, 1: the mean itself)")
     if "posterior_mean_avg_psnr" in i:
         print(f"  mean of {i['posterior_mean_seeds']:<2d}     PSNR {i['posterior_mean_avg_psnr']:6.2f} dB   (posterior "
-              f"means from that many noise inputs; two of them agree to {i['posterior_mean_seed_agreement_psnr']:.1f} dB)")
+              f"means from that many noise inputs; two of them agree to "
+              f"{i['posterior_mean_seed_agreement_psnr']:.1f} dB)")
     if "motion_input_psnr" in i:
         print(f"motion input     PSNR {i['motion_input_psnr']:6.2f} dB   (the model's motion-compensated input, "
               f"before the generator; the posterior mean beats it on "
@@ -128,7 +129,8 @@ def main(argv=None) -> dict:
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--pm-seeds", type=int, default=1,
-                   help="also average the posterior mean over this many noise inputs (> 1; shows noise carried through)")
+                   help="also average the posterior mean over this many noise inputs (> 1; shows noise carried "
+                        "through)")
     p.add_argument("--step-sweep", type=int, nargs="*", default=[], help="also sample with these step counts")
     p.add_argument("--noise-levels", type=float, nargs="*", default=[],
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
@@ -137,6 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (stderr) while sampling")
     args = p.parse_args(argv)
     if args.clips < 1:
         p.error("--clips must be >= 1")
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)
     report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
-                             args.step_sweep, args.noise_levels, args.pm_seeds)
+                             args.step_sweep, args.noise_levels, args.pm_seeds, progress=not args.no_progress)
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}
