@@ -45,6 +45,7 @@ def test_decode_clamps_and_chunking_matches():
     torch.testing.assert_close(ae.encode(video), IdentityAutoencoder(patch_size=2).encode(video))
     out = ae.decode(ae.encode(video) * 3)
     assert out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(out, (video * 3).clamp(-1, 1))  # each chunk decoded in place, then clamped
 
 
 def test_encode_rejects_indivisible_size():

@@ -136,6 +136,11 @@ def test_every_group_option_composes(group, option):
     assert cfg.model.latent_channels == latent_space(cfg.autoencoder)["latent_channels"]
     if group == "experiment":
         assert cfg.experiment == option, f"experiment/{option}.yaml must set `experiment: {option}`"
+    # the option is applied: every value its file sets is in the composed config (not a preset's, nor a default's)
+    body = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    body.pop("defaults", None)
+    node = cfg if group == "experiment" else cfg[group]
+    assert OmegaConf.merge(node, body) == node, f"{group}={option}: values of configs/{group}/{option}.yaml lost"
 
 
 def test_hydra_run_dir_under_outputs_and_no_chdir():

@@ -128,12 +128,15 @@ def test_video_vae_temporal_compression(tmp_path):
     assert ae.latent_shape(9, 16, 16) == (3, 4, 4, 4)
     x = video(b=2, t=9, h=16, w=16)
     with torch.no_grad():
-        z = ae.encode(x)
+        z = ae.encode(x)  # one video per VAE call
         assert z.shape == (2, 3, 4, 4, 4)
-        expected = raw.encode(x[:1].permute(0, 2, 1, 3, 4)).latent_dist.mean * ae.scaling_factor
-        torch.testing.assert_close(z[:1], expected.permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
-        out = ae.decode(z[:1])
+        for i in range(2):
+            expected = raw.encode(x[i : i + 1].permute(0, 2, 1, 3, 4)).latent_dist.mean * ae.scaling_factor
+            torch.testing.assert_close(z[i : i + 1], expected.permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
+        out = ae.decode(z[1:])
         assert out.shape == x[:1].shape and out.abs().max() <= 1
+        expected = raw.decode(z[1:].permute(0, 2, 1, 3, 4) / ae.scaling_factor).sample.clamp(-1, 1)
+        torch.testing.assert_close(out, expected.permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
         ae.encode(video(b=1, t=8))
 

@@ -150,5 +150,14 @@ def test_cache_latents_script(folder, vae_dir, tmp_path):
     assert meta["complete"] and read_cache_meta(out)["num_items"] == 6
     assert json.loads((out / "cache.json").read_text())["extra"]["source"] == str(folder)
     cached = CachedLatentDataset(out)
-    cached.check_compatible(KLAutoencoder(str(vae_dir)), lowres_factor=2)
+    ae = KLAutoencoder(str(vae_dir))
+    cached.check_compatible(ae, lowres_factor=2)
     assert cached[5]["z_hi"].shape == (3, 4, 8, 8) and cached[5]["z_lo"].shape == (3, 4, 4, 4)
+    # the clips the command line asked for (the script's defaults for the rest), encoded as on the fly
+    ds = VideoDataset(VideoDataConfig(root=str(folder), num_frames=3, height=16, width=16, fps=10,
+                                      max_failure_fraction=1.0))
+    with torch.no_grad():
+        z_hi, z_lo = encode_hi_lo(ae, torch.stack([ds[i]["video"] for i in range(6)]), 2)
+    batch = next(iter(DataLoader(cached, batch_size=6)))
+    torch.testing.assert_close(batch["z_hi"], z_hi, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batch["z_lo"], z_lo, rtol=1e-4, atol=1e-5)

@@ -20,6 +20,13 @@ def read_mp4(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+def nearest_frames(decoded: np.ndarray, written: np.ndarray) -> list[int]:
+    """For each decoded frame, the written frame it is closest to (neighbouring frames differ by less than the
+    codec's tolerance above, so a shifted or repeated frame shows only here)."""
+    error = np.abs(decoded[:, None].astype(np.float32) - written[None].astype(np.float32)).mean(axis=(2, 3, 4))
+    return error.argmin(axis=1).tolist()
+
+
 def test_to_uint8_frames():
     video = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(4, 1, 1, 1).expand(4, 3, 2, 2)
     frames = to_uint8_frames(video)
@@ -30,22 +37,27 @@ def test_to_uint8_frames():
 @pytest.mark.parametrize("h,w", [(32, 32), (33, 31)])
 def test_mp4_round_trip(tmp_path, h, w):
     video = clip(h=h, w=w)
-    out = write_video(tmp_path / "clip.mp4", video, fps=8)
+    out = write_video(tmp_path / "clip.mp4", video, fps=12)
     assert out == tmp_path / "clip.mp4"
     frames = read_mp4(out)
     # yuv420p needs even sizes: odd ones come back padded by one row / column
     assert frames.shape == (9, h + h % 2, w + w % 2, 3)
     error = np.abs(frames[:, :h, :w].astype(np.float32) - to_uint8_frames(video)).mean()
     assert error < 10, error
+    assert nearest_frames(frames[:, :h, :w], to_uint8_frames(video)) == list(range(9))  # in order, none repeated
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].average_rate == 12
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]  # no temporary file left
 
 
 def test_gif_round_trip(tmp_path):
     frames = to_uint8_frames(clip())
-    out = write_video(tmp_path / "clip.gif", frames)
+    out = write_video(tmp_path / "clip.gif", frames, fps=5)
     back = iio.imread(out, index=None)[..., :3]
     assert back.shape == frames.shape
     assert np.abs(back.astype(np.float32) - frames).mean() < 10  # palette quantisation
+    assert nearest_frames(back, frames) == list(range(9))
+    assert iio.immeta(out, index=None)["duration"] == 200  # ms per frame at 5 fps
     assert [p.name for p in tmp_path.iterdir()] == ["clip.gif"]
 
 
