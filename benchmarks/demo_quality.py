@@ -39,9 +39,13 @@ from pathlib import Path
 
 import torch
 
+from mardini.cli import ArgumentParser, interrupts, user_errors
 from mardini.evaluation.learning import generator_attention, held_out_clips, learning_report, video_clips
 from mardini.masking import task_mask
 from mardini.inference import MarDiniPipeline
+
+
+PROG = "demo_quality.py"
 
 
 def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[torch.Tensor, str]:
@@ -60,7 +64,7 @@ def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[t
                                                              height=H, width=W, max_shapes=3 if H <= 32 else 4))
         return torch.stack([dataset[i]["video"] for i in range(count)]), "synthetic clips of seed 1000003"
     if not Path(source).exists():
-        raise SystemExit(f"--data {source}: no such manifest or folder")
+        raise FileNotFoundError(f"--data {source}: no such manifest or folder")
     return video_clips(source, count, T, H, W, fps=pipe.fps), f"video files of {source}"
 
 
@@ -120,7 +124,7 @@ def print_report(report: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="export or checkpoint folder")
     p.add_argument("--data", default=None, help="synthetic | a manifest (.csv/.jsonl) or folder of videos "
                                                 "(default: the held-out part of the model's training data)")
@@ -140,6 +144,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stderr) while sampling")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
     if args.clips < 1:
         p.error("--clips must be >= 1")
@@ -147,6 +152,12 @@ def main(argv=None) -> dict:
         p.error("--pm-seeds must be >= 1")
     if any(not 0 < t < 1 for t in args.noise_levels):
         p.error("--noise-levels must lie in (0, 1)")
+    # A missing export, an unreadable clip or a bad option value is one line on stderr and exit status 2
+    with interrupts(PROG, args.debug), user_errors(PROG, args.debug):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
     videos, where = load_clips(pipe, args.data, args.clips)
