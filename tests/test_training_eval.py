@@ -21,6 +21,7 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     assert {f"val/{task}_{m}" for task in ("interpolation", "i2v") for m in ("psnr", "ssim", "fvd")} <= set(first)
     # The reference features are computed once and reused; the fixed set and seeds make it deterministic.
     assert len(trainer._fvd_cache) == 1
+    reference = next(iter(trainer._fvd_cache.values()))
     assert trainer.evaluate() == first
     # the same metrics on methods that return the validation clips themselves, plus noise: the clips score
     # perfectly (PSNR inf, SSIM 1, FVD ~0), and every metric gets worse as the noise grows
@@ -31,6 +32,8 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     scores = {s: periodic_fvd(lambda given, mask, s=s: (clips + s * noise).clamp(-1, 1), clips,
                               trainer._fvd_extractor, tasks=("interpolation",), cache=trainer._fvd_cache)
               for s in (0.0, 0.1, 0.5)}
+    # the second evaluation and these calls reused the reference features (the same object, not recomputed)
+    assert len(trainer._fvd_cache) == 1 and next(iter(trainer._fvd_cache.values())) is reference
     psnr, ssim, fvd = ([scores[s][f"val/interpolation_{m}"] for s in (0.0, 0.1, 0.5)] for m in ("psnr", "ssim", "fvd"))
     assert psnr[0] == math.inf and psnr[1] > psnr[2] and ssim[0] == 1.0 and ssim[1] > ssim[2], (psnr, ssim)
     assert abs(fvd[0]) < 1e-6 * fvd[1] and fvd[1] < fvd[2], fvd

@@ -5,7 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers_training import export_weights, read_metrics, tiny_config
+from helpers_training import single_thread  # noqa: F401 (single_thread: autouse fixture)
+from helpers_training import checkpoint_names, export_weights, read_metrics, tiny_config
 from mardini.autoencoders import build_autoencoder
 from mardini.data.counter_videos import write_test_video
 from mardini.data.latent_cache import CachedLatentDataset, build_latent_cache, encode_hi_lo
@@ -48,7 +49,11 @@ def test_video_training_skips_bad_files_and_resumes_exactly(tmp_path, video_fold
 
     stopped.train_step = stop_after_two
     stopped.fit()
-    Trainer(video_config(tmp_path / "b", video_folder, max_steps=4, resume="auto")).fit()
+    # the run stopped at step 2 with a checkpoint, so the second half really resumes (not an already finished run)
+    assert checkpoint_names(tmp_path / "b") == ["step_000002"] and not (tmp_path / "b" / "export").exists()
+    resumed = Trainer(video_config(tmp_path / "b", video_folder, max_steps=4, resume="auto"))
+    assert resumed.step == 2
+    resumed.fit()
     assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
     a, b = export_weights(tmp_path / "a"), export_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -69,6 +74,17 @@ def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video
     cfg.data.source, cfg.data.cache_dir = "cache", str(tmp_path / "cache")
     trainer = Trainer(cfg)
     assert (trainer.num_frames, trainer.height, trainer.width) == (9, 32, 32)
+    # the trainer's first micro-batch: items of training files (data=video's hold-out rule keeps the others for
+    # validation) with the latents that encoding their clips on the fly gives
+    batch = next(iter(trainer._dataloader()))
+    z_hi, z_lo, _ = trainer._prepare(batch, 0)
+    held_out = set(VideoDataset(data_cfg, split="val").manifest.paths)
+    assert len(batch["index"]) == 2 and held_out
+    for row, index in enumerate(batch["index"].tolist()):
+        assert cached.sample_metadata(index)["path"] not in held_out, f"held-out item {index} in a training batch"
+        hi, lo = encode_hi_lo(ae, dataset[index]["video"][None], 2)
+        torch.testing.assert_close(z_hi[row], hi[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(z_lo[row], lo[0], rtol=0, atol=1e-6)
     trainer.fit()
     assert len(read_metrics(tmp_path / "run")) == 3 and (tmp_path / "run" / "export").is_dir()
 
