@@ -257,6 +257,18 @@ def test_expansion_plans_are_valid(direction, num_given, num_frames, window, con
     check_plan(plan, given, num_frames, window)
     validate_plan_independently(plan, given, num_frames, window)
     assert all(w.kind == "expand" for w in plan)
+    # each window reads the `context` nearest known frames (default half the window, at most window - 1) and
+    # generates the next contiguous frames, as many as fit: no window is shorter than it needs to be but the last
+    reads = min(context or window // 2, window - 1)
+    known = num_given
+    for i, w in enumerate(plan):
+        c = min(reads, known)
+        toward = list(w.positions) if direction == "forward" else [num_frames - 1 - p for p in w.positions][::-1]
+        flags = list(w.context) if direction == "forward" else list(w.context)[::-1]
+        assert toward == list(range(known - c, known + len(toward) - c)), f"window {i}: {w.positions}"
+        assert flags == [True] * c + [False] * (len(toward) - c), f"window {i} reads {sum(w.context)}, not {c}"
+        assert len(toward) == window or i == len(plan) - 1, f"window {i} has {len(toward)} of {window} frames"
+        known += len(toward) - c
 
 
 def window17_pipeline(height=16, width=16) -> MarDiniPipeline:
@@ -353,7 +365,7 @@ def test_check_plan_rejects_positions_outside_the_video():
     for extra in (5, -1):
         positions = tuple(sorted((0, 1, 2, 3, 4, extra)))
         plan = [Window(positions, tuple(p in (0, 4) for p in positions), "interpolate")]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="outside the video"):
             check_plan(plan, [0, 4], 5, 6)
 
 
@@ -401,7 +413,7 @@ def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     pipe = ddpm_pipeline()
     (image,) = images(1, seed=12, size=(16, 16))
     one, two = pipe({0: image}, seed=1), pipe({0: image}, seed=2)
-    assert torch.equal(one, pipe({0: image}, seed=1))
+    assert torch.equal(one, pipe({0: image}, seed=1)) and (one - two).abs().max() > 1e-2  # the seed is used
     batch = pipe({0: image}, seed=[1, 2])
     torch.testing.assert_close(batch[0], one, rtol=0, atol=1e-6)
     torch.testing.assert_close(batch[1], two, rtol=0, atol=1e-6)
@@ -689,6 +701,14 @@ def read_frames(path: Path) -> np.ndarray:
     return np.stack(list(iio.imiter(path, plugin="pyav")))
 
 
+def nearest_frames(frames: np.ndarray, inputs: np.ndarray) -> tuple[list[int], float]:
+    """For each input image, the output frame nearest to it; and the largest of those distances (mean absolute
+    difference in uint8 levels). A given frame comes back through a lossy format (mp4, gif) within ~10 levels of its
+    input here; a frame generated from random images by the tiny model lies ~60 levels away."""
+    distance = np.abs(frames[None].astype(np.int32) - inputs[:, None].astype(np.int32)).mean(axis=(2, 3, 4))
+    return distance.argmin(1).tolist(), float(distance.min(1).max())
+
+
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_inputs")
@@ -725,7 +745,10 @@ def test_cli_i2v_gif_without_preview(export_dir, cli_inputs, tmp_path, monkeypat
     compiled = []  # --compile reaches the pipeline (inductor itself is too slow to run here on the CPU)
     monkeypatch.setattr(MarDiniPipeline, "compile", lambda self: compiled.append(self) or self)
     sample(export_dir, "i2v", pngs[:1], out, "--position", "first", "--no-preview", "--compile")
-    assert read_frames(out).shape == (NUM_FRAMES, HEIGHT, WIDTH, 3)
+    frames = read_frames(out)
+    assert frames.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3)
+    positions, distance = nearest_frames(frames, iio.imread(pngs[0])[None])  # --position first, not the middle
+    assert positions == [0] and distance < 20, (positions, distance)
     assert len(compiled) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i2v.gif"]
 
@@ -743,7 +766,11 @@ def test_cli_loop_and_slow_motion_mp4(export_dir, cli_inputs, tmp_path):
 def test_cli_expand_from_video_file(export_dir, cli_inputs, tmp_path, direction):
     _, video = cli_inputs
     sample(export_dir, "expand", [video], tmp_path / "expand.mp4", "--num-new", "6", "--direction", direction)
-    assert len(read_frames(tmp_path / "expand.mp4")) == 4 + 6
+    frames = read_frames(tmp_path / "expand.mp4")
+    assert len(frames) == 4 + 6
+    # the clip's frames lead (forward) or end (backward) the output: --direction reaches the pipeline
+    positions, distance = nearest_frames(frames, read_frames(video))
+    assert positions == [i + (0 if direction == "forward" else 6) for i in range(4)] and distance < 20, distance
     assert len(read_frames(tmp_path / "expand_preview.mp4")) == 4 + 6
 
 
@@ -772,14 +799,14 @@ def test_cli_long_with_explicit_positions_and_png_folders_per_seed(export_dir, c
     assert not (tmp_path / "frames_preview.mp4").exists()
 
 
-def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path):
+def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path, capsys):
     pngs, _ = cli_inputs
-    with pytest.raises(SystemExit):
-        sample(export_dir, "interpolate", pngs, tmp_path / "x.mp4")
-    with pytest.raises(SystemExit):
-        sample(export_dir, "long", pngs, tmp_path / "y.mp4", "--positions", "0", "5")
-    with pytest.raises(SystemExit):  # argparse: unknown task
-        sample(export_dir, "upscale", pngs, tmp_path / "z.mp4")
+    for task, extra, message in (("interpolate", [], "takes exactly two --inputs"),
+                                 ("long", ["--positions", "0", "5"], "--positions has 2 entries for 3 --inputs"),
+                                 ("upscale", [], "invalid choice: 'upscale'")):  # argparse: unknown task
+        with pytest.raises(SystemExit) as exit_:
+            sample(export_dir, task, pngs, tmp_path / f"{task}.mp4", *extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, task
     assert not any(tmp_path.iterdir())
 
 

@@ -30,14 +30,16 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
         assert r["sdpa_kernel"] == "math"
         if r["reuse_references"]:
             assert r["max_abs_diff_vs_eager"] < 1e-4 and r["rel_l2_vs_eager"] < 1e-5
-            assert r["generator_tflop_per_step"] < results[0]["generator_tflop_per_step"]
+            # only the 2 generated frames' tokens run each step, not all 4: about half the eager model's work
+            assert r["generator_tflop_per_step"] < 0.6 * results[0]["generator_tflop_per_step"]
             assert r["reference_pass_s"] > 0  # the cached frames' one pass, timed apart
         else:
             assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
             assert r["reference_pass_s"] == 0.0
-        assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0
-        parts = r["vae_encode_s"] + r["planner_once_s"] + r["vae_decode_s"] + r["generator_steps_s"]
-        assert abs(parts - r["seconds"]) < 1e-9
+        assert (r["frames"], r["given"], r["steps"]) == (4, 2, 1)
+        # the parts timed on their own (the generator's steps are the rest of the call's time: on the CPU, with one
+        # timed call each, that difference is noise and can be negative, so it is not checked)
+        assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0 and r["planner_once_s"] > 0
         # the pipeline's call: the 2 given frames encoded, the 2 generated ones decoded; "all": no encode, 4 decoded
         generated = r["decoded"] == "generated"
         assert r["frames_decoded"] == (2 if generated else 4) and (r["vae_encode_s"] > 0) == generated

@@ -121,6 +121,12 @@ def test_interpolation_report_scores_the_blend_independently():
     expected = clip_psnr(torch.stack([linear_blend(v, mask) for v in videos]), videos, mask).mean().item()
     assert report["blend_psnr"] == pytest.approx(expected)
     assert report["psnr"] < report["blend_psnr"]  # a random model loses to the blend
+    # the sampled figure scores clip i's own pipeline call with seed i (first and last frame given), the posterior
+    # mean's figure the posterior mean
+    sampled = torch.stack([pipe({0: v[0], T - 1: v[-1]}, num_steps=2, seed=i) for i, v in enumerate(videos)])
+    assert report["psnr"] == pytest.approx(clip_psnr(sampled, videos, mask).mean().item(), abs=1e-3)
+    estimate = posterior_mean(pipe, videos, mask)
+    assert report["posterior_mean_psnr"] == pytest.approx(clip_psnr(estimate, videos, mask).mean().item())
     assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr", "sample_error_ratio"}
 
 
@@ -310,6 +316,23 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert set(report["plan_probe"]) == {"r2", "blend_r2", "spatial_share"} and "plan probe" in result.stdout
 
 
+def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
+    """A missing export or clips folder, or a bad option, is one line on stderr and exit status 2 (no traceback);
+    --debug shows the traceback."""
+    script = str(REPO / "benchmarks" / "demo_quality.py")
+    export = random_pipeline().save_pretrained(tmp_path / "export")
+    cases = [([str(tmp_path / "missing")], "is not a folder"),
+             ([str(export), "--data", str(tmp_path / "nope.csv")], "no such manifest or folder"),
+             ([str(export), "--clips", "0"], "--clips must be >= 1")]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
+        assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--debug"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
 def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> None:
     """Every generator self-attention's queries and keys = weight_scale * W x + bias (values untouched)."""
     with torch.no_grad():
@@ -365,7 +388,8 @@ def test_learning_sweep_trains_each_variant_and_scores_it(tmp_path):
         assert "seed: 3" in config
         assert ("lr: 1.0e-05" in config) == (name == "slow"), name
     # the same clips for every variant: the blend is the same
-    assert rows["base"]["report"]["interpolation"]["blend_psnr"] == rows["slow"]["report"]["interpolation"]["blend_psnr"]
+    base, slow = (rows[name]["report"]["interpolation"] for name in ("base", "slow"))
+    assert base["blend_psnr"] == slow["blend_psnr"]
     assert "base" in result.stdout and "slow" in result.stdout  # the summary table
     with pytest.raises(SystemExit, match="NAME=OVERRIDES"):
         sys.path.insert(0, str(REPO / "benchmarks"))

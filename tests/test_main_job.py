@@ -28,7 +28,9 @@ def test_default_mardini_train_finishes_learns_and_writes_outputs(tmp_path):
                             capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
-    assert elapsed < 600, f"the default job took {elapsed:.0f} s on this machine"
+    # the README: "under three minutes on 2 cores" (141-173 s); twice that is a regression, not a slow machine
+    # (the subprocess's own timeout, 600 s, would end it before any bound of 600 s could fail)
+    assert elapsed < 360, f"the default job took {elapsed:.0f} s on this machine"
     run = tmp_path / "run"
 
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
