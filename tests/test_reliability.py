@@ -710,5 +710,8 @@ def test_cuda_rng_state_is_this_devices_and_resumes_on_fewer_gpus(monkeypatch):
     ckpt._set_rng_state(older)
     assert restored[-1] == [2]
     device["index"] = 2  # more GPUs now than then: no state for this device, the rest is restored
+    expected = torch.rand(3)  # drawn right after the state was saved
+    torch.rand(5)
     ckpt._set_rng_state(older)
     assert len(restored) == 2
+    assert torch.equal(torch.rand(3), expected)  # the CPU generator is back where the checkpoint left it
