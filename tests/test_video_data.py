@@ -340,6 +340,7 @@ def test_deterministic_per_index_with_workers(good_folder, tmp_path):
         return [b for b in loader]
 
     a, b = run(0), run(2)
+    assert len(a) == len(b) == 4 and sum(len(x["path"]) for x in b) == len(order)  # every index, once per run
     for x, y in zip(a, b):
         assert torch.equal(x["video"], y["video"]) and x["path"] == y["path"] and x["skipped"] == y["skipped"]
         assert torch.equal(x["frame_indices"], y["frame_indices"])
