@@ -21,8 +21,8 @@ from mardini.masking import task_mask
 from mardini.models import MarDini, lowres_from_hires, model_config
 from mardini.models.flops import generator_flops
 from mardini.models.generator import frame_counts
-from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens, patchify,
-                                   split_heads, unpatchify, xformers_available)
+from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens,
+                                   patchify, split_heads, unpatchify, xformers_available)
 
 from helpers_models import fit_fixed_batch, frames_seen_by_blocks
 
@@ -268,7 +268,8 @@ def test_plan_tokens_sit_at_their_centres_on_the_generator_grid(lowres, planner_
 
     def centres(rows, cols, size):  # centres of grid cells of `size` latent cells, in generator-token units
         y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        return torch.stack([(y.reshape(-1) + 0.5) * size / gen_patch - 0.5, (x.reshape(-1) + 0.5) * size / gen_patch - 0.5], 1)
+        return torch.stack([(y.reshape(-1) + 0.5) * size / gen_patch - 0.5,
+                            (x.reshape(-1) + 0.5) * size / gen_patch - 0.5], 1)
 
     assert torch.allclose(positions(qcos, qsin), centres(H // gen_patch, W // gen_patch, gen_patch), atol=1e-3)
     assert torch.allclose(positions(kcos, ksin), centres(H // cell, W // cell, cell), atol=1e-3)
