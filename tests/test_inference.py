@@ -454,8 +454,12 @@ def test_generate_clips_rejects_inputs_it_cannot_pair():
     mask = torch.tensor([False, True, True, True, False])
     with pytest.raises(ValueError, match="one seed per clip"):
         pipe.generate_clips(videos, mask, [0])
-    with pytest.raises(ValueError, match=r"mask must be \[T\]"):
-        pipe.generate_clips(videos, mask[None].expand(2, 5), [0, 1])
+    for bad in (mask[None].expand(2, 5), mask.long()):
+        with pytest.raises(ValueError, match=r"mask must be a bool \[T\]"):
+            pipe.generate_clips(videos, bad, [0, 1])
+    for bad in (torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="at least one frame and generate at least one"):
+            pipe.generate_clips(videos, bad, [0, 1])
     with pytest.raises(ValueError, match="videos must be"):
         pipe.generate_clips(videos[..., :8], mask, [0, 1])
 

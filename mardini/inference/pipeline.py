@@ -171,8 +171,11 @@ class MarDiniPipeline:
         N, T = videos.shape[:2]
         if videos.ndim != 5 or tuple(videos.shape[2:]) != (3, self.height, self.width):
             raise ValueError(f"videos must be [N, T, 3, {self.height}, {self.width}], got {tuple(videos.shape)}")
-        if mask.shape != (T,):
-            raise ValueError(f"mask must be [T] = [{T}] (one task for every clip), got {tuple(mask.shape)}")
+        if mask.shape != (T,) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool [T] = [{T}] (one task for every clip), got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        if mask.all() or not mask.any():
+            raise ValueError("mask must give at least one frame and generate at least one (True = generate)")
         if len(seeds) != N:
             raise ValueError(f"one seed per clip: {N} clips, {len(seeds)} seeds")
         if T > self.model.cfg.max_frames:
@@ -206,8 +209,8 @@ class MarDiniPipeline:
         S, (B, T), device = len(seeds), video.shape[:2], self.device
         if B not in (1, S):
             raise ValueError(f"{B} clips for {S} seeds: give one clip, or one seed per clip")
+        generated = mask.cpu().nonzero().flatten().to(device)  # found on the host: no device-to-host wait
         mask = mask.to(device)
-        generated = mask.nonzero().flatten()
         # The given frames are encoded once (the given frames only: encode_given), a single clip's expanded to S.
         z, z_lo = encode_given(self.autoencoder, video, mask.expand(B, T), self.model.cfg.lowres_factor,
                                self.lowres_mode)
