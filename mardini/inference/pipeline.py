@@ -174,8 +174,6 @@ class MarDiniPipeline:
         if mask.shape != (T,) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool [T] = [{T}] (one task for every clip), got {mask.dtype} "
                              f"{tuple(mask.shape)}")
-        if mask.all() or not mask.any():
-            raise ValueError("mask must give at least one frame and generate at least one (True = generate)")
         if len(seeds) != N:
             raise ValueError(f"one seed per clip: {N} clips, {len(seeds)} seeds")
         if T > self.model.cfg.max_frames:
@@ -190,14 +188,11 @@ class MarDiniPipeline:
     def _generate_window(self, pixels: dict[int, torch.Tensor], T: int, seeds: list[int], num_steps, guidance_scale,
                          progress=False) -> torch.Tensor:
         """pixels: {position: [3, H, W]} -> [S, T, 3, H, W]; given frames are copied back exactly."""
-        if not pixels:
-            raise ValueError("at least one frame must be given")
-        if len(pixels) >= T:
-            raise ValueError(f"all {T} frames are given: nothing to generate")
         given = sorted(pixels)
         # The window is built on the device and comes back in one copy: no full-size host buffers per call.
         video = torch.zeros(1, T, 3, self.height, self.width, device=self.device)
-        video[0, given] = torch.stack([pixels[p] for p in given]).to(self.device)
+        if given:  # none: _generate says so
+            video[0, given] = torch.stack([pixels[p] for p in given]).to(self.device)
         mask = torch.ones(T, dtype=torch.bool)
         mask[given] = False
         return self._generate(video, mask, seeds, num_steps, guidance_scale, progress)
@@ -209,6 +204,10 @@ class MarDiniPipeline:
         S, (B, T), device = len(seeds), video.shape[:2], self.device
         if B not in (1, S):
             raise ValueError(f"{B} clips for {S} seeds: give one clip, or one seed per clip")
+        if bool(mask.all()):
+            raise ValueError("at least one frame must be given")
+        if not bool(mask.any()):
+            raise ValueError(f"all {T} frames are given: nothing to generate")
         generated = mask.cpu().nonzero().flatten().to(device)  # found on the host: no device-to-host wait
         mask = mask.to(device)
         # The given frames are encoded once (the given frames only: encode_given), a single clip's expanded to S.
