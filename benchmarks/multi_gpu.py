@@ -63,13 +63,15 @@ PRESETS = {
                "train.parallel=fsdp", "train.warmup_steps=10", "train.log_every=10", "train.eval_num_videos=4",
                "train.num_sample_videos=1", "train.sample_steps=10", "train.keep_last=1",
                "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0", *QUIET],
-        paper_batch=4, paper_steps=60, paper_eval_every=30, paper_ac_batch=8, paper_ac_steps=24, pair_steps=40,
+        paper_batch=4, paper_steps=40, paper_eval_every=20, paper_ac_batch=8, paper_ac_steps=24, pair_steps=40,
         small=["experiment=small_synthetic", "train.eval_every=0", "train.sample_every=0",
                "train.checkpoint_every=100000", "train.num_sample_videos=1", *QUIET],
         small_batch=32, loss_batch=16, loss_steps=200, ddp_steps=160,
         identity_impl=["--parts", "joint", "--compile", "1", "--kernels", "cudnn", "--impls", "split,gather",
                        "--batch", "2"],
-        max_batch=["--ac", "0,1", "--sizes", "2,4"]),
+        # one launch each; the sizes measured first bracket the largest fits found on 2026-11-30 (6 without
+        # activation checkpointing, 50-60 with it), so few sizes are tried
+        max_batch=[["--ac", "0", "--sizes", "4,6"], ["--ac", "1", "--sizes", "40,50", "--bisections", "3"]]),
     "cpu": dict(
         peak_tflops=1.0,
         paper=["model=tiny", "data=synthetic", "train.cpu=true", "train.parallel=fsdp", "train.warmup_steps=2",
@@ -80,7 +82,8 @@ PRESETS = {
         small=["model=tiny", "data=synthetic", "train.cpu=true", "train.eval_every=0", "train.sample_every=0",
                "train.checkpoint_every=100000", "train.num_sample_videos=1", "train.sample_steps=2",
                "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
-        small_batch=2, loss_batch=2, loss_steps=6, ddp_steps=6, identity_impl=None, max_batch=["--ac", "0", "--sizes", "1,2"]),
+        small_batch=2, loss_batch=2, loss_steps=6, ddp_steps=6, identity_impl=None,
+        max_batch=[["--ac", "0", "--sizes", "1,2"], ["--ac", "1", "--sizes", "1,2", "--bisections", "1"]]),
 }
 
 
@@ -93,6 +96,8 @@ def free_port() -> int:
 class Bench:
     def __init__(self, args):
         self.args, self.p = args, dict(PRESETS[args.preset], gpus=args.gpus)
+        if args.max_batch is not None:
+            self.p["max_batch"] = args.max_batch
         self.out = Path(args.out).resolve()
         self.runs = Path(args.runs).resolve()
         self.logs = self.out / "logs"
@@ -291,13 +296,19 @@ class Bench:
         return record
 
     def max_batch(self) -> dict:
-        p = self.p
-        out = self.out / "max_batch.json"
-        record = self.launch("max_batch", [str(REPO / "benchmarks" / "max_batch.py"), *p["max_batch"], "--json",
-                                           str(out), "--", *self.paper(p["paper_batch"], p["paper_steps"])],
-                             p["gpus"], timeout=900)
-        record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
-        return record
+        """benchmarks/max_batch.py once per argument list of the preset (or --max-batch)."""
+        p, result = self.p, {}
+        for i, args in enumerate(p["max_batch"]):
+            name = f"max_batch_{i}"
+            out = self.out / f"{name}.json"
+            record = self.launch(name, [str(REPO / "benchmarks" / "max_batch.py"), *args, "--json", str(out), "--",
+                                        *self.paper(p["paper_batch"], p["paper_steps"])], p["gpus"], timeout=900)
+            record["args"] = args
+            record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
+            result[name] = record
+            self.results["phases"]["max_batch"] = result
+            self.save()
+        return result
 
     def launcher_pair(self) -> dict:
         """The same paper-size run under both launchers, one after the other (both use every GPU)."""
@@ -352,7 +363,7 @@ class Bench:
         with tarfile.open(self.out / "logs.tar.gz", "w:gz") as tar:
             tar.add(self.logs, arcname="logs")
             for run in sorted(self.runs.iterdir()):
-                for name in ("metrics.jsonl", "eval.jsonl", "config.yaml"):
+                for name in ("metrics.jsonl", "eval.jsonl", "config.yaml", "cli.log"):
                     if (run / name).exists():
                         tar.add(run / name, arcname=f"runs/{run.name}/{name}")
         self.save()
@@ -402,6 +413,9 @@ def main():
         "paper_torchrun": 4, "weak_scaling": 3.5, "reshard": 2, "paper_accelerate": 3, "loss_equality": 3,
         "ddp_small": 4, "identity_impl": 3, "max_batch": 5, "launcher_pair": 5, "loss_noise": 3.5}, help="JSON: expected minutes per phase")
     p.add_argument("--keep-heavy", action="store_true", help="keep checkpoints and exports of finished runs")
+    p.add_argument("--max-batch", type=json.loads, default=None,
+                   help='JSON list of argument lists for benchmarks/max_batch.py, one launch each (default: the '
+                        'preset\'s), e.g. \'[["--ac", "1", "--sizes", "48,56"]]\'')
     args = p.parse_args()
     phases = args.phases.split(",")
     unknown = sorted(set(phases) - set(PHASES))
