@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from train_throughput import model_flops_per_step, steady_rate  # benchmarks/ (the script's folder)
+from train_throughput import median_rate, model_flops_per_step, steady_rate, step_seconds  # benchmarks/ (the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("paper_torchrun", "weak_scaling", "reshard", "paper_accelerate", "loss_equality", "ddp_small",
@@ -63,7 +63,7 @@ PRESETS = {
                "train.parallel=fsdp", "train.warmup_steps=10", "train.log_every=10", "train.eval_num_videos=4",
                "train.num_sample_videos=1", "train.sample_steps=10", "train.keep_last=1",
                "train.checkpoint_every=100000", "train.sample_every=0", "train.eval_every=0", *QUIET],
-        paper_batch=4, paper_steps=40, paper_eval_every=20, paper_ac_batch=8, paper_ac_steps=24, pair_steps=40,
+        paper_batch=4, paper_steps=40, paper_eval_every=20, paper_ac_batch=8, paper_ac_steps=20, pair_steps=40,
         small=["experiment=small_synthetic", "train.eval_every=0", "train.sample_every=0",
                "train.checkpoint_every=100000", "train.num_sample_videos=1", *QUIET],
         small_batch=32, loss_batch=16, loss_steps=200, ddp_steps=160,
@@ -109,6 +109,7 @@ class Bench:
                               "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                               "phases": {}}
         self.start = time.time()
+        self.overrides_of: dict[str, list[str]] = {}  # run name -> the overrides it was launched with
 
     # ------------------------------------------------------------------------------------------ launching
     def launch(self, name: str, target: list[str], nproc: int, gpus: str | None = None, launcher: str = "torchrun",
@@ -144,6 +145,7 @@ class Bench:
               launcher: str = "torchrun", timeout: float = 600) -> dict:
         run_dir = self.runs / name
         overrides = [*overrides, f"train.output_dir={run_dir}", f"run_name={name}"]
+        self.overrides_of[name] = overrides
         record = self.launch(name, ["-m", "mardini.train", *overrides], nproc, gpus, launcher, timeout)
         record.update(self.throughput(run_dir, overrides, nproc))
         return record
@@ -167,6 +169,15 @@ class Bench:
         if flops:
             record["tflops_per_gpu"] = round(flops * rate / 1e12, 1)
             record["mfu_per_gpu"] = round(flops * rate / (self.p["peak_tflops"] * 1e12), 4)
+        # the compiled steady state: the median step, without the few recompilations for new mask shapes
+        median, seconds = median_rate(metrics), step_seconds(metrics)
+        record.update(steps_per_s_median=round(median, 4),
+                      slow_steps=sum(s > 3 / median for s in seconds), slow_steps_s=round(sum(
+                          s for s in seconds if s > 3 / median), 1))
+        if "tokens_per_sample" in shape:
+            record["tokens_per_s_per_gpu_median"] = round(median * batch * shape["tokens_per_sample"])
+        if flops:
+            record["mfu_per_gpu_median"] = round(flops * median / (self.p["peak_tflops"] * 1e12), 4)
         peaks = [m["peak_mem_gib"] for m in metrics if "peak_mem_gib" in m]
         if peaks:
             record["peak_mem_gib_rank0"] = max(peaks)
@@ -208,30 +219,42 @@ class Bench:
         ckpt = self.checkpoint_of("paper_torchrun")
         with ThreadPoolExecutor(2) as pool:
             one = pool.submit(self.train, "paper_1gpu", self.paper(p["paper_batch"], p["paper_steps"]), 1, "0")
-            resave = pool.submit(self.resave, "resaved_1gpu", ckpt, 1, "1", "torchrun") if ckpt else None
+            resave = pool.submit(self.resave, "resaved_1gpu", "paper_torchrun", 1, "1", "torchrun") \
+                if ckpt and self.args.reshard_from == "paper_torchrun" else None
             result = {"run_1gpu": one.result(), "resave_1gpu": resave.result() if resave else "no checkpoint"}
         self.drop_heavy("paper_1gpu")
         two = self.results["phases"].get("paper_torchrun", {}).get("run", {})
-        if "steps_per_s" in two and "steps_per_s" in result["run_1gpu"]:
-            result["efficiency_1_to_n"] = round(two["steps_per_s"] / result["run_1gpu"]["steps_per_s"], 4)
+        for key in ("steps_per_s", "steps_per_s_median"):
+            if key in two and key in result["run_1gpu"]:
+                result[key.replace("steps_per_s", "efficiency_1_to_n")] = round(two[key] / result["run_1gpu"][key], 4)
         return result
 
     def checkpoint_of(self, name: str) -> str | None:
         found = sorted((self.runs / name / "checkpoints").glob("step_*"))
         return str(found[-1]) if found else None
 
-    def resave(self, name: str, ckpt: str, nproc: int, gpus: str | None, launcher: str) -> dict:
-        p = self.p
-        overrides = [*self.paper(p["paper_batch"], p["paper_steps"]), f"train.output_dir={self.runs / name}"]
-        return self.launch(name, [str(REPO / "benchmarks" / "resave_checkpoint.py"), ckpt, *overrides], nproc, gpus,
-                           launcher, timeout=400)
+    def resave(self, name: str, source: str, nproc: int, gpus: str | None, launcher: str) -> dict:
+        """The last checkpoint of run `source` loaded by `nproc` processes and saved again (as run `name`), with
+        the overrides `source` was launched with."""
+        ckpt = self.checkpoint_of(source)
+        overrides = [o for o in self.overrides_of[source] if not o.startswith(("train.output_dir=", "run_name="))]
+        self.overrides_of[name] = overrides
+        record = self.launch(name, [str(REPO / "benchmarks" / "resave_checkpoint.py"), ckpt, *overrides,
+                                    f"train.output_dir={self.runs / name}"], nproc, gpus, launcher, timeout=400)
+        return dict(record, source=ckpt)
 
     def reshard(self) -> dict:
-        one = self.checkpoint_of("resaved_1gpu")
-        if one is None:
-            return {"error": "no 1-process checkpoint (weak_scaling phase)"}
-        result = {"resave_2gpu": self.resave("resaved_2gpu", one, self.p["gpus"], None, "accelerate")}
-        chain = [self.checkpoint_of(n) for n in ("paper_torchrun", "resaved_1gpu", "resaved_2gpu")]
+        """N -> 1 -> N processes: the checkpoint of --reshard-from resaved by 1 process (weak_scaling does it
+        beside its 1-GPU run for paper_torchrun), that one by N under `accelerate launch`; all three compared."""
+        source, result = self.args.reshard_from, {}
+        if self.checkpoint_of(source) is None:
+            return {"error": f"no checkpoint of {source}"}
+        if self.checkpoint_of("resaved_1gpu") is None:
+            result["resave_1gpu"] = self.resave("resaved_1gpu", source, 1, "0", "torchrun")
+            if self.checkpoint_of("resaved_1gpu") is None:
+                return result
+        result["resave_2gpu"] = self.resave("resaved_2gpu", "resaved_1gpu", self.p["gpus"], None, "accelerate")
+        chain = [self.checkpoint_of(n) for n in (source, "resaved_1gpu", "resaved_2gpu")]
         if all(chain):
             report = self.out / "compare_checkpoints.json"
             cmd = [sys.executable, str(REPO / "scripts" / "compare_checkpoints.py"), *chain, "--json", str(report)]
@@ -239,7 +262,7 @@ class Bench:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
             result.update(compare_exit_status=rc, chain=chain,
                           compare=json.loads(report.read_text()) if report.exists() else None)
-        self.drop_heavy("paper_torchrun", "resaved_1gpu", "resaved_2gpu")
+        self.drop_heavy(source, "resaved_1gpu", "resaved_2gpu")
         return result
 
     def paper_accelerate(self) -> dict:
@@ -247,7 +270,8 @@ class Bench:
         run = self.train("paper_accelerate_ac", self.paper(p["paper_ac_batch"], p["paper_ac_steps"],
                                                              "train.activation_checkpointing=true"),
                          nproc=p["gpus"], launcher="accelerate")
-        self.drop_heavy("paper_accelerate_ac")
+        if self.args.reshard_from != "paper_accelerate_ac":
+            self.drop_heavy("paper_accelerate_ac")
         return {"run": run}
 
     def loss_equality(self) -> dict:
@@ -413,6 +437,8 @@ def main():
         "paper_torchrun": 4, "weak_scaling": 3.5, "reshard": 2, "paper_accelerate": 3, "loss_equality": 3,
         "ddp_small": 4, "identity_impl": 3, "max_batch": 5, "launcher_pair": 5, "loss_noise": 3.5}, help="JSON: expected minutes per phase")
     p.add_argument("--keep-heavy", action="store_true", help="keep checkpoints and exports of finished runs")
+    p.add_argument("--reshard-from", default="paper_torchrun", choices=("paper_torchrun", "paper_accelerate_ac"),
+                   help="the multi-GPU run whose checkpoint the reshard phase moves N -> 1 -> N processes")
     p.add_argument("--max-batch", type=json.loads, default=None,
                    help='JSON list of argument lists for benchmarks/max_batch.py, one launch each (default: the '
                         'preset\'s), e.g. \'[["--ac", "1", "--sizes", "48,56"]]\'')

@@ -28,9 +28,22 @@ from mardini.models import MarDini, as_model_config
 
 
 def steady_rate(metrics: list[dict]) -> float:
-    """Steps per second over the second half of the run."""
+    """Steps per second over the second half of the run (everything included: recompilations, evaluations)."""
     half = metrics[len(metrics) // 2:]
     return (half[-1]["step"] - half[0]["step"]) / (half[-1]["time"] - half[0]["time"])
+
+
+def step_seconds(metrics: list[dict]) -> list[float]:
+    """Seconds per step between consecutive logged steps of the second half of the run."""
+    half = metrics[len(metrics) // 2:]
+    return [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(half, half[1:])]
+
+
+def median_rate(metrics: list[dict]) -> float:
+    """Steps per second of the median step of the second half: the compiled steady state, without the
+    recompilations that a curriculum's new mask shapes cause (a few per run, 5-17 s each at paper size)."""
+    seconds = sorted(step_seconds(metrics))
+    return 1.0 / seconds[len(seconds) // 2]
 
 
 def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
@@ -41,7 +54,8 @@ def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
     frames, batch = data.num_frames, t.batch_size * t.grad_accum
     sampler = MaskSampler(cfg.curriculum, t.max_steps)
     g = torch.Generator().manual_seed(0)
-    masked = sum(int(sampler.sample(t.max_steps // 2, frames, g).sum()) for _ in range(512)) / 512
+    steps = [t.max_steps // 2 + i * (t.max_steps - t.max_steps // 2) // 8 for i in range(8)]  # the second half
+    masked = sum(int(sampler.sample(s, frames, g).sum()) for s in steps for _ in range(64)) / 512
     shape = {"mean_generated_frames": masked, "frames": frames, "batch_per_process": batch}
     if cfg.autoencoder.name != "identity":
         return 0.0, shape
