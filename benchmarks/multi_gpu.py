@@ -1,24 +1,25 @@
 """Multi-GPU training figures (BENCHMARKS.md "Multi-GPU", issues 14 and 15): every run is a real `mardini.train`
 launch; "2 GPUs" below means --gpus N (default 2; with 8, accelerate reads configs/accelerate/fsdp_8gpu.yaml).
 
-    python benchmarks/multi_gpu.py --out results/            # 2 GPUs, about 25 minutes
+    python benchmarks/multi_gpu.py --out results/            # 2 GPUs, about 45 minutes (one call: --phases)
     python benchmarks/multi_gpu.py --gpus 8 --out results/   # 8 GPUs: scaling 1 -> 8, resharding 8 -> 1 -> 8
     python benchmarks/multi_gpu.py --preset cpu --out /tmp/mg # the same phases with the tiny model on 2 CPU
                                                               # processes (gloo): checks the script, not the speed
 Phases (in this order; --phases picks some, --deadline-min skips those that would start too late):
   paper_torchrun   paper-size model, FSDP2, bf16, compiled, `torchrun --nproc_per_node 2`: periodic validation,
                    final samples, export, exit status 0; steps/s, tokens/s, MFU and peak memory per GPU
-  weak_scaling     the same per-GPU batch on 1 GPU (torchrun, 1 process, FSDP) -> efficiency 1 -> 2 GPUs;
-                   meanwhile on the other GPU: the 2-GPU checkpoint loaded and saved again by 1 process
-  reshard          that 1-process checkpoint loaded and saved again by 2 processes under `accelerate launch`;
-                   scripts/compare_checkpoints.py: model, optimizer and EMA identical across 2 -> 1 -> 2
+  weak_scaling     the same per-GPU batch on 1 GPU (torchrun, 1 process, FSDP) -> efficiency 1 -> 2 GPUs (mean
+                   and median step); meanwhile on the other GPU: the 2-GPU checkpoint resaved by 1 process
+  reshard          the checkpoint of --reshard-from (paper_torchrun, or paper_accelerate_ac in a later call) loaded
+                   and saved again by 1 process (unless weak_scaling did), that one by 2 processes under
+                   `accelerate launch`; scripts/compare_checkpoints.py: model, optimizer, EMA identical 2 -> 1 -> 2
   paper_accelerate paper-size model under `accelerate launch --config_file configs/accelerate/fsdp_2gpu.yaml`,
                    activation checkpointing on, a larger batch
   loss_equality    `small`, FSDP: 2 GPUs x batch b vs 1 GPU x batch b x grad_accum 2 (same global batch, same
                    samples, noise and masks): the per-step losses; meanwhile on the other GPU: identity_impl
   ddp_small        `small`, DDP: 1 vs 2 GPUs, torch.compile on and off
   max_batch        benchmarks/max_batch.py: the largest per-GPU batch of the paper-size run, activation
-                   checkpointing off and on
+                   checkpointing off and on (--max-batch); launched again after an out-of-memory exit
   launcher_pair    the paper-size run at identical settings (batch, steps, no periodic validation) under torchrun
                    and under `accelerate launch`: the launchers must not change speed, memory or losses
   loss_noise       the noise floor of loss_equality: `small`, FSDP, 1 GPU at the same global batch two ways
@@ -27,8 +28,10 @@ Phases (in this order; --phases picks some, --deadline-min skips those that woul
   identity_impl    benchmarks/train_step.py: the paper joint step with identity attention split vs gather (1 GPU;
                    runs inside loss_equality unless that phase is left out)
 Writes --out/multi_gpu.json (after every phase) and --out/logs.tar.gz. MFU = model FLOPs per step per GPU (3 x the
-analytic forward count at the curriculum's mean number of generated frames, benchmarks/train_throughput.py) x
-steps/s / --peak-tflops (790: bf16 matmul measured on the lent H200).
+analytic forward count at the mean number of generated frames of the curriculum's second half,
+benchmarks/train_throughput.py) x steps/s / --peak-tflops (790: bf16 matmul measured on the lent H200). steps/s is
+the mean over the second half of a run (everything included); steps_per_s_median the median step there, the compiled
+steady state without the few recompilations new mask shapes cause (slow_steps, slow_steps_s count them).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from train_throughput import median_rate, model_flops_per_step, steady_rate, step_seconds  # benchmarks/ (the script's folder)
+from train_throughput import median_rate, model_flops_per_step, steady_rate, step_seconds  # benchmarks/
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_BATCH_LAUNCHES = 8  # per setting: each out-of-memory try in a multi-process launch ends that launch
 PHASES = ("paper_torchrun", "weak_scaling", "reshard", "paper_accelerate", "loss_equality", "ddp_small",
           "max_batch", "identity_impl", "launcher_pair", "loss_noise")
 
@@ -83,7 +87,8 @@ PRESETS = {
                "train.checkpoint_every=100000", "train.num_sample_videos=1", "train.sample_steps=2",
                "diffusion.num_inference_steps=2", "data.num_workers=0", *QUIET],
         small_batch=2, loss_batch=2, loss_steps=6, ddp_steps=6, identity_impl=None,
-        max_batch=[["--ac", "0", "--sizes", "1,2"], ["--ac", "1", "--sizes", "1,2", "--bisections", "1"]]),
+        max_batch=[["--ac", "0", "--sizes", "1,2", "--max-size", "4"],
+                   ["--ac", "1", "--sizes", "1,2", "--max-size", "3"]]),
 }
 
 
@@ -320,16 +325,27 @@ class Bench:
         return record
 
     def max_batch(self) -> dict:
-        """benchmarks/max_batch.py once per argument list of the preset (or --max-batch)."""
+        """benchmarks/max_batch.py per argument list of the preset (or --max-batch); launched again after each
+        out-of-memory exit (one rank out of memory ends a multi-process launch), going on from its JSON."""
         p, result = self.p, {}
         for i, args in enumerate(p["max_batch"]):
             name = f"max_batch_{i}"
             out = self.out / f"{name}.json"
-            record = self.launch(name, [str(REPO / "benchmarks" / "max_batch.py"), *args, "--json", str(out), "--",
-                                        *self.paper(p["paper_batch"], p["paper_steps"])], p["gpus"], timeout=900)
-            record["args"] = args
-            record["results"] = json.loads(out.read_text())["results"] if out.exists() else None
-            result[name] = record
+            launches, tries = [], 0
+            for attempt in range(MAX_BATCH_LAUNCHES):
+                target = [str(REPO / "benchmarks" / "max_batch.py"), *args, "--json", str(out),
+                          *(["--fresh"] if attempt == 0 else []), "--", *self.paper(p["paper_batch"],
+                                                                                      p["paper_steps"])]
+                launches.append(self.launch(f"{name}_{attempt}", target, p["gpus"], timeout=900))
+                # torchrun reports a failed worker as exit status 1, whatever the worker's own (3 after running
+                # out of memory): go on while the JSON shows progress and an unfinished setting
+                state = json.loads(out.read_text())["results"] if out.exists() else []
+                done, before = all(r.get("done") for r in state), tries
+                tries = sum(len(r.get("tries", [])) for r in state)
+                if launches[-1]["exit_status"] == 0 or done or tries == before:
+                    break
+            result[name] = {"args": args, "launches": launches,
+                            "results": json.loads(out.read_text())["results"] if out.exists() else None}
             self.results["phases"]["max_batch"] = result
             self.save()
         return result
@@ -433,9 +449,10 @@ def main():
     p.add_argument("--out", default="multi_gpu_results")
     p.add_argument("--runs", default="/tmp/mardini_multi_gpu", help="run folders (checkpoints: tens of GB)")
     p.add_argument("--deadline-min", type=float, default=1e9, help="start no phase that would end after this")
-    p.add_argument("--phase-minutes", type=json.loads, default={
-        "paper_torchrun": 4, "weak_scaling": 3.5, "reshard": 2, "paper_accelerate": 3, "loss_equality": 3,
-        "ddp_small": 4, "identity_impl": 3, "max_batch": 5, "launcher_pair": 5, "loss_noise": 3.5}, help="JSON: expected minutes per phase")
+    p.add_argument("--phase-minutes", type=json.loads, default={  # as measured on 2 H200s (2026-11-30, 12-04)
+        "paper_torchrun": 4.5, "weak_scaling": 3.3, "reshard": 2, "paper_accelerate": 3.3, "loss_equality": 4,
+        "ddp_small": 4.5, "identity_impl": 3, "max_batch": 9, "launcher_pair": 5, "loss_noise": 3.5},
+        help="JSON: expected minutes per phase")
     p.add_argument("--keep-heavy", action="store_true", help="keep checkpoints and exports of finished runs")
     p.add_argument("--reshard-from", default="paper_torchrun", choices=("paper_torchrun", "paper_accelerate_ac"),
                    help="the multi-GPU run whose checkpoint the reshard phase moves N -> 1 -> N processes")
