@@ -681,13 +681,14 @@ def test_gather_attention_with_host_counts_is_one_graph_for_training():
             torch.testing.assert_close(grad, grad_e, rtol=1e-4, atol=1e-6)
 
 
-def test_gather_attention_compiles_few_graphs_over_every_frame_count():
+def test_gather_attention_compiles_few_graphs_over_every_frame_count(monkeypatch):
     """A long run meets many (G, R) (the paper curriculum at batch 32: 15 pairs over 20 000 steps). The compiled
     blocks must not compile one graph per pair: past torch._dynamo's recompile limit they would silently run eagerly.
-    The counts become symbolic after the first change (a specialised graph for a count of 1 aside), so every pair
-    of 5 frames is served by at most 4 graphs."""
+    Left to torch.compile (no dynamic sources), the counts become symbolic after the first change (a specialised
+    graph for a count of 1 aside), so every pair of 5 frames is served by at most 4 graphs."""
     import torch._dynamo.testing
 
+    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "")  # another test's trainer may have set it
     model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
     x, plan = generator_inputs(model)
     counter = torch._dynamo.testing.CompileCounter()
@@ -704,6 +705,48 @@ def test_gather_attention_compiles_few_graphs_over_every_frame_count():
     finally:
         torch._dynamo.reset()
     assert len(pairs) == 10 and 2 <= counter.frame_count <= 4 < torch._dynamo.config.recompile_limit
+
+
+def test_training_compiles_one_generator_graph_for_every_mask(monkeypatch):
+    """What the trainer does (parallel.compile_frame_counts_dynamic, data.training_frame_counts): the counts are
+    symbolic from the first graph and never below 2, so one graph serves every (G, R) of 5 frames, counts of 1
+    included (4 graphs above; on 2 H200s each recompilation of the paper block stalled a step by 15-17 s), and the
+    raised counts give the outputs and gradients of the exact ones."""
+    import torch._dynamo.testing
+
+    from mardini.training.data import training_frame_counts
+    from mardini.training.parallel import compile_frame_counts_dynamic
+
+    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "")  # restored after the test
+    compile_frame_counts_dynamic()
+    compile_frame_counts_dynamic()  # idempotent
+    assert torch.compiler.config.dynamic_sources == "L['counts'][0],L['counts'][1]"
+    model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
+    x, plan = generator_inputs(model)
+
+    def step(mask, counts):
+        model.zero_grad()
+        out = model.generator(x, mask, torch.where(mask, 500.0, 0.0), plan, frame_counts=counts)
+        out.square().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.generator.parameters() if p.grad is not None]
+
+    pairs = [(G, R) for G in range(1, 5) for R in range(1, 5) if G + R >= 5]
+    batches = [torch.stack([torch.arange(5) < G, torch.arange(5) >= R]) for G, R in pairs]
+    assert [training_frame_counts(m) for m in batches] == [(max(G, 2), max(R, 2)) for G, R in pairs]
+    assert training_frame_counts(torch.tensor([[True, False]])) == (2, 2)  # at most T
+    exact = [step(m, frame_counts(m)) for m in batches]
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    for block in model.generator.blocks:
+        block.compile(backend=counter)
+    try:
+        compiled = [step(m, training_frame_counts(m)) for m in batches]
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for got, want in zip(compiled, exact):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled GPU kernels (cuDNN attention) need a GPU")

@@ -107,8 +107,18 @@ def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: Ma
         t=_to_device(torch.cat(ts), device),
         drop_plan=_to_device(torch.cat(drops), device),
         noise=torch.stack(noises),
-        frame_counts=frame_counts(mask),  # read here, on the host: the gather attention's shapes without a wait
+        frame_counts=training_frame_counts(mask),  # on the host: the gather attention's shapes without a wait
     )
+
+
+def training_frame_counts(mask: torch.Tensor) -> tuple[int, int]:
+    """frame_counts(mask) of a training batch [B, T], each raised to at least 2 (at most T). torch.compile
+    specialises sizes 0 and 1, so an image-to-video batch (one reference frame) needed a graph of its own beside the
+    symbolic one of the other masks; computing a spare frame (the gather attention is exact with counts larger than
+    needed) lets one graph serve every mask of the curriculum once the counts first change. On 2 H200s each
+    recompilation of the paper generator block stalled a step by 15-17 s."""
+    T = mask.shape[1]
+    return tuple(min(max(count, 2), T) for count in frame_counts(mask))
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
