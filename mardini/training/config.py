@@ -80,7 +80,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 (fp16 is refused: no loss scaling)
     parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 per block; sharded checkpoints)
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile each transformer block (one generator graph for every mask)
     compile_motion: bool = True  # with compile: also torch.compile the motion estimate (matcher, learned features)
     ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(10+s))
     log_every: int = 10  # steps between metric logs
