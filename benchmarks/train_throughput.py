@@ -47,8 +47,9 @@ def median_rate(metrics: list[dict]) -> float:
 
 
 def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
-    """Training FLOPs of one optimizer step per process (3 x forward) at the curriculum's mean number of generated
-    frames; identity autoencoder only (0 otherwise: a VAE's latent shape needs its weights)."""
+    """Training FLOPs of one optimizer step per process (3 x forward) at the mean number of generated frames of the
+    curriculum's second half (where the rates are measured); identity autoencoder only (0 otherwise: a VAE's latent
+    shape needs its weights)."""
     cfg = compose_config(overrides)
     t, data = cfg.train, getattr(cfg.data, cfg.data.source)
     frames, batch = data.num_frames, t.batch_size * t.grad_accum
