@@ -110,7 +110,8 @@ class Bench:
         self.runs.mkdir(parents=True, exist_ok=True)
         import torch
 
-        self.results: dict = {"preset": args.preset, "commit": git_commit(), "torch": torch.__version__,
+        self.results: dict = {"preset": args.preset, "commit": git_commit(), "source_digest": source_digest(),
+                              "torch": torch.__version__,
                               "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                               "phases": {}}
         self.start = time.time()
@@ -430,6 +431,21 @@ def compare_losses(a: Path, b: Path) -> dict:
                                 "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
                                 "mean_rel_diff": sum(rel) / len(rel), "first5_rel_diff": rel[:5],
                                 "window_means": windows}}
+
+
+def source_digest() -> str:
+    """sha256 of the code that ran (mardini/, benchmarks/, configs/: .py and .yaml): a device machine may be handed
+    a copy of the working tree whose git metadata is older than its files, so the commit alone can mislead; the same
+    digest computed in a checkout (`python -c "import sys; sys.path.insert(0, 'benchmarks'); import multi_gpu;
+    print(multi_gpu.source_digest())"`) identifies the commit."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in ("mardini", "benchmarks", "configs"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def git_commit() -> str:

@@ -72,7 +72,8 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     first; its first G (the most generated frames of any sample) cover all its generated frames and its last R
     all its reference frames; where a sample has fewer, the extra frames are computed both ways and each frame
     then reads its result from the right part. Fixed shapes for given counts: no host sync; compiled, the counts
-    turn symbolic at their first change, so a few graphs serve every (G, R). Only gathers (whose backward adds into
+    turn symbolic at their first change, so a few graphs serve every (G, R) (training: one, see
+    mardini.training.parallel.compile_frame_counts_dynamic and data.training_frame_counts). Only gathers (whose backward adds into
     zeros): index_copy's backward could not be compiled for cuDNN's output layout on the GPU."""
     B, T = mask.shape
     G, R = frame_counts(mask) if counts is None else counts
