@@ -1,6 +1,7 @@
 """benchmarks/max_batch.py under torchrun (2 CPU processes, gloo, FSDP): when one rank runs out of memory, the launch
 ends at once instead of leaving the other rank in a collective until the process-group timeout (on 2 H200s that
-cost 180 s), and the next launch of the same command goes on from the JSON to the same answer."""
+cost 180 s), and the next launch of the same command goes on from the JSON to the same answer. Also the rates
+benchmarks/multi_gpu.py reports from a run's metrics."""
 
 import json
 import subprocess
@@ -95,3 +96,23 @@ def test_next_size_predicts_from_memory_then_bisects_to_an_eighth():
     assert next_size([{"batch": 2, "fits": False}], [2, 4], None, 0.97, 10, 8)[0] == 1
     # at most max_extra tries beyond the listed sizes
     assert next_size([fit(1, 0.0), fit(2, 0.0), fit(4, 0.0)], [1, 2], None, 0.97, 1, 64)[0] is None
+
+
+def test_median_rate_is_the_steady_state_and_the_mean_keeps_the_stalls():
+    """benchmarks/multi_gpu.py's two rates over a run's second half: a recompilation stall (16 s) and an evaluation
+    (9 s) among 1-s steps leave the median step at 1 s and pull the mean down; slow steps are those over 3x the
+    median."""
+    from train_throughput import median_rate, steady_rate, step_seconds
+
+    durations = [90.0] + [1.0] * 23 + [9.0] + [1.0] * 5 + [16.0] + [1.0] * 9  # steps 1-40 (the first: compilation)
+    metrics, now = [], 0.0
+    for step, seconds in enumerate(durations, start=1):
+        now += seconds
+        metrics.append({"step": step, "time": now})
+    seconds = step_seconds(metrics)  # steps 21-40: 19 intervals
+    assert len(seconds) == 19 and sorted(seconds)[-3:] == [1.0, 9.0, 16.0]
+    assert median_rate(metrics) == 1.0
+    assert abs(steady_rate(metrics) - 19 / (17 + 9 + 16)) < 1e-12
+    assert sum(s > 3 / median_rate(metrics) for s in seconds) == 2
+    sparse = [m for m in metrics if m["step"] % 5 == 0]  # logged every 5 steps: per-step seconds of each interval
+    assert step_seconds(sparse) == [1.0, 4.0, 1.0]  # steps 26-30, 31-35 (the stall spread over 5), 36-40
