@@ -35,7 +35,7 @@ USER_ERRORS = {
     "mardini.data.decode": ("VideoDecodeError",),
     "mardini.data.video": ("TooManyFailuresError",),
     "mardini.training.runlock": ("RunLockedError",),
-    "mardini.training.trainer": ("NonFiniteLossError", "RankFailedError"),
+    "mardini.training.trainer": ("NonFiniteLossError", "RankFailedError", "TrainingOutOfMemoryError"),
 }
 
 

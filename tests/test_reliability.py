@@ -622,6 +622,53 @@ def test_a_rank_failing_in_end_of_run_work_ends_the_job(tmp_path):
     print(f"job ended {elapsed:.0f} s after its start")
 
 
+OUT_OF_MEMORY_RANK = """
+import os, sys
+import torch
+from mardini.training.trainer import Trainer
+
+real = Trainer.train_step
+
+def train_step(self, batches):
+    if os.environ["RANK"] == "1" and self.step == 3:  # one rank alone, mid-run: what a too-large batch does
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return real(self, batches)
+
+Trainer.train_step = train_step
+from mardini.cli import train_main
+
+sys.argv = ["mardini-train", *sys.argv[1:]]
+train_main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_one_rank_out_of_memory_mid_run_ends_the_job_in_one_line_saying_what_to_change(tmp_path):
+    """Out of memory in a training step is the run's shape, not a passing fault: the rank says what to change and
+    where the run resumes in one line, exits 2 (a requeue would fail again), and the job ends at once (FSDP: the
+    other rank is inside a collective)."""
+    script = tmp_path / "out_of_memory.py"
+    script.write_text(textwrap.dedent(OUT_OF_MEMORY_RANK))
+    command = [*torchrun(), str(script), *TINY, "train.max_steps=6", "train.cpu=true", "train.parallel=fsdp",
+               "train.checkpoint_every=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                            timeout=240)
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and elapsed < 120, output[-4000:]
+    line = next((x for x in output.splitlines() if x.startswith("mardini-train: error (rank 1): out of cpu memory")),
+                None)
+    assert line is not None, output[-4000:]
+    assert "in training step 4" in line and "lower train.batch_size=2 (raise train.grad_accum=1 to keep the global " \
+        "batch of 4)" in line and "train.activation_checkpointing=true" in line, line
+    assert "train.parallel=fsdp" not in line  # already sharded
+    assert "the last checkpoint, step_000002, continues with train.resume=auto" in line, line
+    assert "exitcode  : 2" in output  # rank 1's own status: a user error
+    assert checkpoint_names(tmp_path / "run") == ["step_000002"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_accelerate_launch_with_the_two_gpu_fsdp_config_runs_to_a_clean_finish(tmp_path):

@@ -61,6 +61,11 @@ class RankFailedError(RuntimeError):
     """Another process of the job failed; this one stops too instead of waiting for it at a collective."""
 
 
+class TrainingOutOfMemoryError(RuntimeError):
+    """A training step ran out of device memory: the run's shape is too large for the device, which a restart
+    does not change (a user error, exit status 2, with what to change)."""
+
+
 def _as_dictconfig(cfg) -> DictConfig:
     if isinstance(cfg, DictConfig):
         return cfg
@@ -654,7 +659,10 @@ class Trainer:
                 batches = iter(self._dataloader())
             while self.step < t.max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                result = self.train_step(batches)
+                try:
+                    result = self.train_step(batches)
+                except torch.OutOfMemoryError as err:
+                    raise self._out_of_memory() from err
                 self.step += 1
                 window.append(result["loss"])
                 for key in LOSS_PARTS:
@@ -720,6 +728,25 @@ class Trainer:
             acc.end_training()
             self._release_lock()
             _stop_workers(batches)
+
+    def _out_of_memory(self) -> TrainingOutOfMemoryError:
+        """What to change, in one line: the batch, activation checkpointing, sharding; and where the run resumes."""
+        t, device = self.cfg.train, self.device
+        where = ""
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            where = f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} of {total:.1f} GiB at the peak)"
+        changes = [f"lower train.batch_size={t.batch_size} (raise train.grad_accum={t.grad_accum} to keep the global "
+                   f"batch of {self.layout.samples_per_step})"]
+        if not t.activation_checkpointing:
+            changes.append("set train.activation_checkpointing=true")
+        if t.parallel != "fsdp":
+            changes.append("set train.parallel=fsdp (sharded weights and optimizer state)")
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        resume = f"the last checkpoint, {last.name}, continues with train.resume=auto" if last else \
+            "no checkpoint was saved yet"
+        return TrainingOutOfMemoryError(
+            f"out of {device.type} memory in training step {self.step + 1}{where}: {', or '.join(changes)}; {resume}")
 
     @_outcome_shared
     def sample(self) -> dict:
