@@ -73,9 +73,9 @@ PRESETS = {
         small_batch=32, loss_batch=16, loss_steps=200, ddp_steps=160,
         identity_impl=["--parts", "joint", "--compile", "1", "--kernels", "cudnn", "--impls", "split,gather",
                        "--batch", "2"],
-        # one launch each; the sizes measured first bracket the largest fits found on 2026-11-30 (6 without
-        # activation checkpointing, 50-60 with it), so few sizes are tried
-        max_batch=[["--ac", "0", "--sizes", "4,6"], ["--ac", "1", "--sizes", "40,50", "--bisections", "3"]]),
+        # one launch each; the sizes measured first sit just below the largest fits found on 2026-12-04 (6 without
+        # activation checkpointing, 54-65 with it), so few sizes are tried
+        max_batch=[["--ac", "0", "--sizes", "5,6"], ["--ac", "1", "--sizes", "48,54", "--bisections", "2"]]),
     "cpu": dict(
         peak_tflops=1.0,
         paper=["model=tiny", "data=synthetic", "train.cpu=true", "train.parallel=fsdp", "train.warmup_steps=2",
@@ -332,7 +332,7 @@ class Bench:
         for i, args in enumerate(p["max_batch"]):
             name = f"max_batch_{i}"
             out = self.out / f"{name}.json"
-            launches, tries = [], 0
+            launches, tries, state = [], 0, None
             for attempt in range(MAX_BATCH_LAUNCHES):
                 target = [str(REPO / "benchmarks" / "max_batch.py"), *args, "--json", str(out),
                           *(["--fresh"] if attempt == 0 else []), "--", *self.paper(p["paper_batch"],
@@ -340,13 +340,12 @@ class Bench:
                 launches.append(self.launch(f"{name}_{attempt}", target, p["gpus"], timeout=900))
                 # torchrun reports a failed worker as exit status 1, whatever the worker's own (3 after running
                 # out of memory): go on while the JSON shows progress and an unfinished setting
-                state = json.loads(out.read_text())["results"] if out.exists() else []
-                done, before = all(r.get("done") for r in state), tries
-                tries = sum(len(r.get("tries", [])) for r in state)
+                state = json.loads(out.read_text())["results"] if out.exists() else None
+                done, before = all(r.get("done") for r in state or []), tries
+                tries = sum(len(r.get("tries", [])) for r in state or [])
                 if launches[-1]["exit_status"] == 0 or done or tries == before:
                     break
-            result[name] = {"args": args, "launches": launches,
-                            "results": json.loads(out.read_text())["results"] if out.exists() else None}
+            result[name] = {"args": args, "launches": launches, "results": state}
             self.results["phases"]["max_batch"] = result
             self.save()
         return result

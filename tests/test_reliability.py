@@ -593,7 +593,9 @@ if os.environ["RANK"] == "0":
         raise OSError(28, "No space left on device (simulated)")
 
     sampling.write_video = full_disk
-
+"""
+# What each failing-rank script ends with: mardini-train itself, with the script's arguments.
+RUN_TRAIN = """
 from mardini.cli import train_main
 
 sys.argv = ["mardini-train", *sys.argv[1:]]
@@ -601,20 +603,24 @@ train_main()
 """
 
 
+def launch_failing_rank(tmp_path, source: str, *overrides: str) -> tuple[int, str, float]:
+    """`source` + RUN_TRAIN under torchrun on 2 CPU processes with the tiny run: (torchrun's exit status, the
+    output, seconds until the job ended)."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(textwrap.dedent(source) + RUN_TRAIN)
+    command = [*torchrun(), str(script), *TINY, "train.cpu=true", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                            timeout=240)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - start
+
+
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_rank_failing_in_end_of_run_work_ends_the_job(tmp_path):
-    script = tmp_path / "failing_rank.py"
-    script.write_text(textwrap.dedent(FAILING_RANK))
-    command = [*torchrun(), str(script), *TINY,
-               "train.max_steps=2", "train.cpu=true", f"hydra.run.dir={tmp_path / 'run'}"]
-    start = time.monotonic()
-    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                            timeout=240)
-    elapsed = time.monotonic() - start
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-4000:]
+    returncode, output, elapsed = launch_failing_rank(tmp_path, FAILING_RANK, "train.max_steps=2")
+    assert returncode != 0, output[-4000:]
     assert "mardini-train: error (rank 0): [Errno 28] No space left on device (simulated)" in output, output[-4000:]
     assert "mardini-train: error (rank 1): sample failed on another process (rank 0: OSError" in output, \
         output[-4000:]
@@ -635,10 +641,6 @@ def train_step(self, batches):
     return real(self, batches)
 
 Trainer.train_step = train_step
-from mardini.cli import train_main
-
-sys.argv = ["mardini-train", *sys.argv[1:]]
-train_main()
 """
 
 
@@ -648,16 +650,9 @@ def test_one_rank_out_of_memory_mid_run_ends_the_job_in_one_line_saying_what_to_
     """Out of memory in a training step is the run's shape, not a passing fault: the rank says what to change and
     where the run resumes in one line, exits 2 (a requeue would fail again), and the job ends at once (FSDP: the
     other rank is inside a collective)."""
-    script = tmp_path / "out_of_memory.py"
-    script.write_text(textwrap.dedent(OUT_OF_MEMORY_RANK))
-    command = [*torchrun(), str(script), *TINY, "train.max_steps=6", "train.cpu=true", "train.parallel=fsdp",
-               "train.checkpoint_every=2", f"hydra.run.dir={tmp_path / 'run'}"]
-    start = time.monotonic()
-    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                            timeout=240)
-    elapsed = time.monotonic() - start
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and elapsed < 120, output[-4000:]
+    returncode, output, elapsed = launch_failing_rank(tmp_path, OUT_OF_MEMORY_RANK, "train.max_steps=6",
+                                                      "train.parallel=fsdp", "train.checkpoint_every=2")
+    assert returncode != 0 and elapsed < 120, output[-4000:]
     line = next((x for x in output.splitlines() if x.startswith("mardini-train: error (rank 1): out of cpu memory")),
                 None)
     assert line is not None, output[-4000:]
