@@ -34,7 +34,7 @@ from mardini.training.config import validate_config
 from mardini.training.data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from mardini.training.ema import EMA
 from mardini.training.optim import build_optimizer, build_scheduler, lr_factor
-from mardini.training.trainer import NonFiniteLossError, Trainer
+from mardini.training.trainer import NonFiniteLossError, Trainer, TrainingOutOfMemoryError
 
 N = 3  # resume tests: stop after N steps, train to 2N; the curriculum switches stage at SWITCH in (N, 2N]
 SWITCH = 4
@@ -113,6 +113,60 @@ def test_exact_resume_auto_and_explicit_path(straight_run, tmp_path):
     assert resumed.step == N
     resumed.fit()
     assert_same_run(straight_run, stopped)
+
+
+def out_of_memory_at(trainer: Trainer, step: int, where: str) -> None:
+    """Raise torch.OutOfMemoryError in training step `step` (1-based): in its second micro-step's forward
+    (where="forward") or in the optimizer's update (where="update"), as a too-large batch does on a GPU."""
+    def fail(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    if where == "update":
+        real_step = trainer.optimizer.step
+        trainer.optimizer.step = lambda *a, **kw: fail() if trainer.step == step - 1 else real_step(*a, **kw)
+        return
+    real, calls = trainer._micro_step, []
+
+    def micro_step(inputs, at):
+        calls.append(at)
+        return fail() if calls.count(step - 1) == 2 else real(inputs, at)
+    trainer._micro_step = micro_step
+
+
+@pytest.mark.slow
+def test_out_of_memory_keeps_the_steps_since_the_last_checkpoint_and_resumes_at_a_smaller_batch(
+        straight_run, tmp_path):
+    """Out of memory in a step's forward (one process) leaves the weights, optimizer, EMA and schedule at the last
+    completed step: they are checkpointed before the run stops, so none of the steps since the periodic checkpoint
+    is lost, and resumed with half the micro-batch and twice the accumulation (the global batch, hence the samples,
+    masks and noise, unchanged) the run ends where the uninterrupted one does. Out of memory inside the update
+    leaves a state that is neither step: then only the periodic checkpoint stands."""
+    out = tmp_path / "forward"
+    trainer = Trainer(resume_config(out))  # 2N steps, batch 2 x 2 micro-steps, checkpoints every N
+    out_of_memory_at(trainer, N + 2, "forward")
+    with pytest.raises(TrainingOutOfMemoryError) as err:
+        trainer.fit()
+    assert f"in training step {N + 2}" in str(err.value), err.value
+    assert f"the last checkpoint, step_{N + 1:06d} (the last completed step, saved now), continues with " \
+        "train.resume=auto" in str(err.value), err.value
+    assert checkpoint_names(out) == [f"step_{N:06d}", f"step_{N + 1:06d}"]
+    saved = model_weights(checkpoint(out, N + 1))
+    resumed = Trainer(resume_config(out, resume="auto", batch_size=1, grad_accum=4))
+    assert resumed.step == N + 1
+    resumed.fit()
+    final, reference = model_weights(checkpoint(out, 2 * N)), model_weights(checkpoint(straight_run, 2 * N))
+    assert max_abs_diff(final, reference) < 1e-6, max_abs_diff(final, reference)  # float summation order only
+    assert max_abs_diff(final, saved) > 1e-4  # and it did train on (by 8e-4)
+    losses = {m["step"]: m["loss"] for m in read_metrics(straight_run)}
+    assert all(abs(m["loss"] - losses[m["step"]]) < 1e-5 for m in read_metrics(out))
+
+    out = tmp_path / "update"
+    trainer = Trainer(resume_config(out))
+    out_of_memory_at(trainer, N + 2, "update")
+    with pytest.raises(TrainingOutOfMemoryError) as err:
+        trainer.fit()
+    assert f"the last checkpoint, step_{N:06d}, continues with train.resume=auto" in str(err.value), err.value
+    assert checkpoint_names(out) == [f"step_{N:06d}"]
 
 
 @pytest.mark.slow

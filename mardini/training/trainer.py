@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import traceback
 import weakref
 from functools import wraps
 from pathlib import Path
@@ -325,6 +326,7 @@ class Trainer:
         self._check_validation_frames()
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self._ahead = None  # the next micro-batch's inputs, prepared during a backward (train_step)
+        self._updating = False  # inside train_step's update (optimizer, EMA, schedule): the state is mid-step
         self._loss_parts: list[torch.Tensor] = []  # this step's loss parts (those of LOSS_PARTS the model returns)
         self._loss_part_keys: list[str] = []
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
@@ -627,6 +629,7 @@ class Trainer:
         # computed before the backward that the norm waited for: no second wait
         loss, *parts = loss.tolist()
         parts = dict(zip(self._loss_part_keys, parts))
+        self._updating = True
         if finite:
             self.optimizer.step()
             self.ema.update(acc.unwrap_model(self.model))
@@ -636,6 +639,7 @@ class Trainer:
             self.nonfinite_in_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self._updating = False
         return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite, **parts}
 
     # -------------------------------------------------------------------------------------------------- loop
@@ -662,7 +666,7 @@ class Trainer:
                 try:
                     result = self.train_step(batches)
                 except torch.OutOfMemoryError as err:
-                    raise self._out_of_memory() from err
+                    raise self._out_of_memory(err) from err
                 self.step += 1
                 window.append(result["loss"])
                 for key in LOSS_PARTS:
@@ -729,8 +733,9 @@ class Trainer:
             self._release_lock()
             _stop_workers(batches)
 
-    def _out_of_memory(self) -> TrainingOutOfMemoryError:
+    def _out_of_memory(self, err: torch.OutOfMemoryError) -> TrainingOutOfMemoryError:
         """What to change, in one line: the batch, activation checkpointing, sharding; and where the run resumes."""
+        saved = self._checkpoint_after_out_of_memory(err)
         t, device = self.cfg.train, self.device
         where = ""
         if device.type == "cuda":
@@ -743,10 +748,34 @@ class Trainer:
         if t.parallel != "fsdp":
             changes.append("set train.parallel=fsdp (sharded weights and optimizer state)")
         last = ckpt.latest_checkpoint(self.checkpoint_dir)
-        resume = f"the last checkpoint, {last.name}, continues with train.resume=auto" if last else \
+        now = " (the last completed step, saved now)" if saved else ""
+        resume = f"the last checkpoint, {last.name}{now}, continues with train.resume=auto" if last else \
             "no checkpoint was saved yet"
         return TrainingOutOfMemoryError(
             f"out of {device.type} memory in training step {self.step + 1}{where}: {', or '.join(changes)}; {resume}")
+
+    def _checkpoint_after_out_of_memory(self, err: torch.OutOfMemoryError) -> bool:
+        """Keep the steps since the last periodic checkpoint (up to train.checkpoint_every of them), which a run
+        resumed with a smaller micro-batch and more accumulation repeats exactly (same global batch: same samples,
+        masks and noise). Only where that state is whole: the error came before the update (the weights, optimizer,
+        EMA and schedule are those of the last completed step), in one process (other ranks may wait inside a
+        collective of the failed step) and without FSDP (a forward cut short can leave its parameters unsharded)."""
+        if self._updating or self.step == 0 or self.fsdp or self.accelerator.num_processes > 1:
+            return False
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if last is not None and last.name == ckpt.checkpoint_name(self.step):
+            return False
+        traceback.clear_frames(err.__traceback__)  # the failed step's activations, held by its frames' locals
+        self._ahead = None
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            self.save_checkpoint()
+        except Exception as save_err:  # out of memory again, a full disk: the last periodic checkpoint stands
+            log.warning("could not checkpoint step %d after running out of memory: %s", self.step, save_err)
+            return False
+        return True
 
     @_outcome_shared
     def sample(self) -> dict:
