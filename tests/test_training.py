@@ -118,7 +118,7 @@ def test_exact_resume_auto_and_explicit_path(straight_run, tmp_path):
 def out_of_memory_at(trainer: Trainer, step: int, where: str) -> None:
     """Raise torch.OutOfMemoryError in training step `step` (1-based): in its second micro-step's forward
     (where="forward") or in the optimizer's update (where="update"), as a too-large batch does on a GPU."""
-    def fail(*args, **kw):
+    def fail():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
     if where == "update":
