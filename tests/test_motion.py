@@ -8,6 +8,7 @@ import torch
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.masking import task_mask
 from mardini.models import MarDini, model_config
+from mardini.models import motion as motion_module
 from mardini.models.motion import MatchFeatures, bilateral_estimate, motion_estimate, nearest_given
 
 from helpers_models import fit_fixed_batch, frames_seen_by_blocks
@@ -411,6 +412,39 @@ def test_motion_loss_trains_only_the_features_and_the_diffusion_sees_the_estimat
     assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
     estimate = model.motion(z, mask)  # the target is relative to the estimate (residual), without its gradient
     assert torch.allclose(out["target"][mask], ((z - estimate) * model.cfg.motion.residual_scale)[mask], atol=1e-5)
+
+
+def test_the_cpu_computes_features_of_the_given_frames_only_and_matches_the_frames_between_them_only(monkeypatch):
+    """The learned estimate reads the features of given frames only and estimates only the frames between two given
+    ones; on the CPU it computes no more (the GPU keeps fixed shapes: every frame). Same estimate and the same
+    gradient to the feature network either way; a batch with nothing to match (image-to-video) still passes the
+    features a (zero) gradient, which DDP needs of every parameter."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C, motion=LEARNED))
+    z = torch.cat([uniform_square(), moving_square(5, size=16, side=4)])
+    params = list(model.match_features.parameters())
+    seen, matched = [], []
+    model.match_features.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    real = motion_module.bilateral_estimate
+
+    def bilateral_estimate(first, *args, **kw):
+        matched.append(first.shape[0])
+        return real(first, *args, **kw)
+    monkeypatch.setattr(motion_module, "bilateral_estimate", bilateral_estimate)
+    for mask in (masks("01110", "01010"), masks("01111", "11011")):  # interpolation-like; nothing between
+        cpu = model.motion(z, mask)
+        cpu_grads = torch.autograd.grad(cpu.square().sum(), params, allow_unused=True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the fixed-shape path of a GPU
+        fixed = model.motion(z, mask)
+        fixed_grads = torch.autograd.grad(fixed.square().sum(), params, allow_unused=True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        torch.testing.assert_close(cpu, fixed, rtol=0, atol=1e-6)
+        assert all(a is not None and b is not None for a, b in zip(cpu_grads, fixed_grads))
+        for a, b in zip(cpu_grads, fixed_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert seen == [5, 10, 2, 10]  # given frames only on the CPU path, all 2 x 5 on the fixed one
+    assert matched == [5, 10, 10, 10]  # frames between given ones only, unless there are none (then all)
+    assert sum(g.abs().sum() for g in cpu_grads) == 0  # nothing between given frames: a zero gradient, not None
 
 
 def test_learned_features_lower_the_estimate_error_of_a_uniform_object():

@@ -96,9 +96,19 @@ class MarDini(nn.Module):
         if self.match_features is None:
             with torch.no_grad():
                 return self._motion_estimate(*args)
+        return self._motion_estimate(*args, features=self.given_frame_features(z_hi, mask))
+
+    def given_frame_features(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The matching features [B, T, D, H, W] of the frames the estimate reads: the given ones. On a GPU (or
+        compiling) of every frame, for fixed shapes; on the CPU of the given frames alone (2 of the default job's 9
+        frames), the others left zero."""
         B, T = mask.shape
-        features = self.match_features(z_hi.flatten(0, 1).float()).unflatten(0, (B, T))  # [B, T, D, H, W]
-        return self._motion_estimate(*args, features=features)
+        frames = z_hi.flatten(0, 1).float()                                                   # [B T, C, H, W]
+        if z_hi.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.match_features(frames).unflatten(0, (B, T))
+        given = (~mask).flatten().nonzero().squeeze(1)
+        features = self.match_features(frames[given])
+        return features.new_zeros(B * T, *features.shape[1:]).index_copy(0, given, features).unflatten(0, (B, T))
 
     def motion_input(self, estimate: torch.Tensor | None, mask: torch.Tensor,
                      plan: torch.Tensor) -> torch.Tensor | None:

@@ -144,8 +144,8 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     generated frames a copy of the nearest given frame, given frames themselves (exactly). With pair [B, T, 3C, H, W]:
     the estimate, then the two matched frames (copies of the estimate where there is no pair). features: [B, T, D, H, W]
     matching features of the frames (only the given frames' are read), compared in the cost beside them. compact:
-    match only the frames between two given frames (the same values; None: on the CPU without features, when not
-    compiling)."""
+    match only the frames between two given frames (the same values; None: on the CPU when not compiling, with
+    features only if some frame is matched)."""
     B, T = mask.shape
 
     def widen(x):  # a frame as its own estimate and both matched sides: three copies with pair
@@ -159,10 +159,11 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     fraction = torch.where(between, (torch.arange(T, device=z.device) - before) / span, 0.5).flatten()  # [B T]
     # On a GPU every frame goes through the matcher, not only those between two given frames: fixed shapes, so the
     # queue never waits for the host to count them (the others' results are discarded below). On the CPU counting
-    # costs nothing and the matcher is a quarter of a training step of the default job: only those frames go. Not
-    # with learned features: a batch with no frame to match would leave them without a gradient, which DDP refuses.
+    # costs nothing and the matcher is a quarter of a training step of the default job: only those frames go. With
+    # learned features, only when some frame is matched: else they would get no gradient, which DDP refuses.
     if compact is None:
-        compact = z.device.type == "cpu" and features is None and not torch.compiler.is_compiling()
+        compact = z.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            (features is None or bool(between.any()))
 
     def matched(picked):  # the matcher on the picked [B T] rows (slice or indices) -> [picked, C', H, W], z's dtype
         pair_features = None if features is None else \
