@@ -73,8 +73,8 @@ def identity_gathered(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     all its reference frames; where a sample has fewer, the extra frames are computed both ways and each frame
     then reads its result from the right part. Fixed shapes for given counts: no host sync; compiled, the counts
     turn symbolic at their first change, so a few graphs serve every (G, R) (training: one, see
-    mardini.training.parallel.compile_frame_counts_dynamic and data.training_frame_counts). Only gathers (whose backward adds into
-    zeros): index_copy's backward could not be compiled for cuDNN's output layout on the GPU."""
+    mardini.training.parallel.compile_frame_counts_dynamic and data.training_frame_counts). Only gathers (whose
+    backward adds into zeros): index_copy's backward could not be compiled for cuDNN's output layout on the GPU."""
     B, T = mask.shape
     G, R = frame_counts(mask) if counts is None else counts
     q_frames, k_frames, v_frames = (rearrange(x, "b h (t n) d -> (b t) h n d", t=T) for x in (q, k, v))
