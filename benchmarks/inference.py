@@ -115,9 +115,9 @@ def ints(csv: str) -> list[int]:
 
 
 def attention_choice(kernel: str) -> dict:
-    """The model's attention settings for a --kernel name: an SDPA kernel, or "xformers" (the xformers backend)."""
-    if kernel == "xformers":
-        return {"attn_backend": "xformers", "sdpa_kernel": "auto"}
+    """The model's attention settings for a --kernel name: an SDPA kernel, or "xformers" / "fa4" (those backends)."""
+    if kernel in ("xformers", "fa4"):
+        return {"attn_backend": kernel, "sdpa_kernel": "auto"}
     return {"attn_backend": "sdpa", "sdpa_kernel": kernel}
 
 
@@ -141,8 +141,8 @@ def main():
                    help="0/1 list: cache the reference frames' keys and values once per call (MarDini.generate)")
     p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
                                                   "k > 1 = k frames spread evenly from the first to the last")
-    p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values) and/or xformers "
-                                                   "(the xformers backend); the first also computes the eager "
+    p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values) and/or xformers, "
+                                                   "fa4 (those backends); the first also computes the eager "
                                                    "reference")
     p.add_argument("--generator-heads", type=int, default=0, help="the generator's head count (0 = the size's)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
@@ -153,8 +153,8 @@ def main():
     if not set(modes) <= set(COMPILE_MODES):
         p.error(f"--compile-mode: choose among {', '.join(COMPILE_MODES)}")
     kernels = args.kernel.split(",")
-    if not set(kernels) <= {*SDPA_KERNELS, "xformers"}:
-        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers")
+    if not set(kernels) <= {*SDPA_KERNELS, "xformers", "fa4"}:
+        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers, fa4")
     variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
                 for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
     decodes = args.decode.split(",")

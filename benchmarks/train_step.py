@@ -7,7 +7,7 @@ rate measured on this project's H100 (8192^3 matmul).
 
     python benchmarks/train_step.py --parts joint --compile 0,1 --kernels cudnn,xformers --out results.json
 
-Each variant: eager/compile x activation checkpointing x attention kernel (an SDPA kernel, or xformers) x
+Each variant: eager/compile x activation checkpointing x attention kernel (an SDPA kernel, xformers or fa4) x
 identity-attention implementation.
 """
 
@@ -87,10 +87,10 @@ def build_step(args, part: str, compile_: bool = False, ac: bool = False, kernel
 
 
 def run_variant(args, part: str, compile_: bool, ac: bool, kernel: str, impl: str, heads: int = 0) -> dict:
-    """kernel: an SDPA kernel (cudnn, flash, efficient, math, auto) or "xformers" (the xformers backend); heads: the
-    generator's head count (0 = the size's)."""
-    backend = "xformers" if kernel == "xformers" else "sdpa"
-    step, model, mask = build_step(args, part, compile_, ac, "auto" if backend == "xformers" else kernel, impl,
+    """kernel: an SDPA kernel (cudnn, flash, efficient, math, auto) or "xformers" / "fa4" (those backends); heads:
+    the generator's head count (0 = the size's)."""
+    backend = kernel if kernel in ("xformers", "fa4") else "sdpa"
+    step, model, mask = build_step(args, part, compile_, ac, "auto" if backend != "sdpa" else kernel, impl,
                                    backend, heads)
     cfg, (B, T) = model.cfg, mask.shape
     seconds, peak = timed(step, args.warmup + (3 if compile_ else 0), args.iters)
@@ -122,7 +122,7 @@ def main():
     p.add_argument("--parts", default="planner,generator,joint")
     p.add_argument("--compile", default="0,1")
     p.add_argument("--ac", default="0")
-    p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers (the xformers backend)")
+    p.add_argument("--kernels", default="cudnn,flash", help="SDPA kernels, and/or xformers, fa4 (those backends)")
     p.add_argument("--impls", default="gather", help="identity-attention implementations: gather, split, mask")
     p.add_argument("--generator-heads", default="0", help="generator head counts (0 = the size's), e.g. 16,8")
     p.add_argument("--warmup", type=int, default=3)

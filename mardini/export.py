@@ -16,12 +16,15 @@ configs and ``ema.safetensors`` / ``model.safetensors`` the EMA / raw weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "mardini"
 EXPORT_VERSION = 1
@@ -158,11 +161,22 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, which: str = "ema", device="cpu"):
-    """(MarDini model in eval mode, config dict) from an export or checkpoint folder."""
+def load_model(path: str | Path, which: str = "ema", device="cpu", attn_backend: str | None = None):
+    """(MarDini model in eval mode, config dict) from an export or checkpoint folder. attn_backend: the attention
+    backend to compute with (sdpa, xformers, fa4; the weights are the same under each); None keeps the one the
+    model was trained with where it runs on `device`, else takes sdpa (a run trained with fa4 on a GPU is sampled on
+    a CPU), saying so."""
     from .models import MarDini
+    from .models.layers import backend_runs_on
 
     config = read_config(path)
+    trained = config["model"].get("attn_backend", "sdpa")
+    if attn_backend is None and not backend_runs_on(trained, device):
+        log.warning("%s: trained with attention backend %r, which has no kernels on %s here: computing with sdpa "
+                    "(the same attention)", path, trained, device)
+        attn_backend = "sdpa"
+    if attn_backend is not None:
+        config["model"] = {**config["model"], "attn_backend": attn_backend}
     model = MarDini(config["model"])
     load_weights(model, read_weights(path, which), source=str(path))
     return model.to(device).eval(), config

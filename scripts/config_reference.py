@@ -47,7 +47,9 @@ def field_comments(cls: type) -> dict[str, tuple[int, str]]:
     """{field name: (line number in its file, trailing comment)} for the fields declared in dataclass ``cls``.
 
     A field statement is a line at the class body's indentation that starts ``name:``. Its description is the text
-    of the comment(s) on that statement's physical line(s), joined with spaces ("" when there is none).
+    of the comment-only lines right above it, of the comment(s) on its physical line(s), and of comment-only lines
+    right below it whose text is indented ("#" then two or more spaces: a wrapped trailing comment), joined with
+    spaces ("" when there is none).
     """
     first_line = inspect.getsourcelines(cls)[1]
     source = inspect.getsource(cls)
@@ -59,6 +61,7 @@ def field_comments(cls: type) -> dict[str, tuple[int, str]]:
     comments: dict[str, tuple[int, str]] = {}
     depth = 0  # INDENT depth: 1 = the class body
     statement: list[tokenize.TokenInfo] = []  # tokens of the current logical line
+    last = None  # (name, column, last row) of the field statement just read, while comment lines may continue it
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.INDENT:
             depth += 1
@@ -67,12 +70,26 @@ def field_comments(cls: type) -> dict[str, tuple[int, str]]:
             depth -= 1
             continue
         if tok.type == tokenize.NL and not statement:
-            continue  # blank or comment-only line between statements
+            last = None
+            continue  # blank line between statements
+        if tok.type == tokenize.NL and len(statement) == 1 and statement[0].type == tokenize.COMMENT:
+            # a comment-only line: a wrapped comment of the field above it when it directly follows that field and
+            # its text is indented ("#" and two or more spaces, aligned under the comment it continues); else it
+            # stays in `statement`, to describe the field below it
+            if last and tok.start[0] == last[2] + 1 and statement[0].string.startswith("#  "):
+                line, text = comments[last[0]]
+                comments[last[0]] = (line, f"{text} {statement[0].string.lstrip('#').strip()}".strip())
+                last = (last[0], last[1], tok.start[0])
+                statement = []
+                continue
+            last = None
         if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
             code = [t for t in statement if t.type not in (tokenize.COMMENT, tokenize.NL)]
+            last = None
             if depth == 1 and len(code) >= 2 and code[0].type == tokenize.NAME and code[1].string == ":":
                 text = " ".join(t.string.lstrip("#").strip() for t in statement if t.type == tokenize.COMMENT)
                 comments[code[0].string] = (first_line + code[0].start[0] - 1, text)
+                last = (code[0].string, code[0].start[1], tok.start[0])
             statement = []
             continue
         statement.append(tok)

@@ -377,6 +377,24 @@ def test_config_reference_names_a_field_without_comment():
         ref.collect_sections(Documented)
 
 
+def test_config_reference_keeps_a_wrapped_comment_with_its_field():
+    """A trailing comment wrapped onto the next line ("#" then aligned text) continues the field above it; a comment
+    block above a field describes that field. (Wrapped text once moved to the next field's row.)"""
+    ref = _load_reference_script()
+
+    @dataclasses.dataclass
+    class Wrapped:
+        mode: str = "a"  # a | b (the first two)
+        #                  | c (the third)
+        after: int = 1  # the next field
+        # described from above
+        above: int = 2
+
+    comments = {name: text for name, (_, text) in ref.field_comments(Wrapped).items()}
+    assert comments == {"mode": "a | b (the first two) | c (the third)", "after": "the next field",
+                        "above": "described from above"}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_yaml_line_has_a_comment(path):
     """Every line that is not blank or a comment carries a non-empty trailing `# comment`: values, list items and

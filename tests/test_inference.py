@@ -10,6 +10,7 @@ uses 1-3 steps so the whole file runs in well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -582,6 +583,28 @@ def test_missing_raw_weights_names_the_file(pipe, tmp_path):
     saved = pipe.save_pretrained(tmp_path / "saved")  # save_pretrained writes no raw weights
     with pytest.raises(FileNotFoundError, match=r"raw_model\.safetensors"):
         MarDiniPipeline.from_pretrained(saved, weights="raw")
+
+
+@pytest.mark.parametrize("backend", ["xformers", "fa4"])
+def test_a_model_trained_with_a_gpu_only_backend_samples_on_the_cpu_with_sdpa(pipe, export_dir, tmp_path, caplog,
+                                                                             backend):
+    """An export records the attention backend it trained with; where that backend has no kernels (xformers and
+    FlashAttention-4 have none on a CPU) loading computes the same attention with SDPA and says so, instead of
+    failing at the first attention call. Asked for explicitly, the backend is kept, and fails clearly."""
+    other = Path(shutil.copytree(export_dir, tmp_path / "other"))
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["attn_backend"] = backend
+    (other / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="mardini.export"):
+        loaded = MarDiniPipeline.from_pretrained(other)
+    assert loaded.model.cfg.attn_backend == "sdpa" and f"backend '{backend}'" in caplog.text
+    (image,) = images(1, seed=13)
+    assert torch.equal(loaded.image_to_video(image, seed=5, num_steps=STEPS),
+                       pipe.image_to_video(image, seed=5, num_steps=STEPS))
+    explicit = MarDiniPipeline.from_pretrained(other, attn_backend=backend)
+    assert explicit.model.cfg.attn_backend == backend
+    with pytest.raises(RuntimeError, match="model.attn_backend=sdpa"):
+        explicit.image_to_video(image, seed=5, num_steps=STEPS)
 
 
 def test_other_format_version_is_rejected(export_dir, tmp_path):

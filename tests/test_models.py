@@ -920,6 +920,77 @@ def test_xformers_backend_matches_sdpa(impl):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+def fa4_runs_here() -> bool:
+    from mardini.models.flash4 import FA4_INSTALLED
+
+    return FA4_INSTALLED and torch.cuda.is_available() and torch.cuda.get_device_properties(0).major in (9, 10)
+
+
+def _token_major(B, N, H, D, seed, grad=False):
+    """q, k, v [B, H, N, D] as the model hands them to attention: heads-first views of one projection's token-major
+    memory [B, N, 3, H, D] (so q is not contiguous), bf16 on the GPU."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, D, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+    return qkv, [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+@pytest.mark.skipif(not fa4_runs_here(), reason="FlashAttention-4 needs flash-attn-4 and a Hopper/Blackwell GPU")
+def test_fa4_attention_matches_an_fp32_softmax_as_closely_as_sdpa_forward_and_backward_and_compiles_whole():
+    """The fa4 backend computes SDPA's attention: its output and gradients err against an fp32 softmax no more than
+    SDPA's own bf16 kernel does, and compiled with fullgraph=True (one graph: the custom operators, not a break)
+    it gives what it gives eagerly."""
+    from mardini.models.layers import attention
+
+    B, N, H, D = 2, 700, 4, 64
+    qkv, (q, k, v) = _token_major(B, N, H, D, seed=0, grad=True)
+    grad = torch.randn(B, H, N, D, generator=torch.Generator("cuda").manual_seed(1), device="cuda",
+                       dtype=torch.bfloat16)
+
+    def run(fn, dtype):
+        qkv.grad = None
+        out = fn(*(x.to(dtype) for x in (q, k, v)))
+        out.backward(grad.to(dtype))
+        return out.float(), qkv.grad.float()
+
+    exact = run(lambda a, b, c: attention(a, b, c, sdpa_kernel="math"), torch.float32)
+    sdpa = run(attention, torch.bfloat16)
+    fa4 = run(lambda a, b, c: attention(a, b, c, backend="fa4"), torch.bfloat16)
+    compiled = run(torch.compile(lambda a, b, c: attention(a, b, c, backend="fa4"), fullgraph=True), torch.bfloat16)
+    for ours, theirs, truth in zip(fa4, sdpa, exact):
+        err = lambda x: float((x - truth).norm() / truth.norm())  # noqa: E731
+        assert err(ours) <= 1.5 * err(theirs) + 1e-4, (err(ours), err(theirs))
+    for a, b in zip(compiled, fa4):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not fa4_runs_here(), reason="FlashAttention-4 needs flash-attn-4 and a Hopper/Blackwell GPU")
+@pytest.mark.parametrize("impl", ["gather", "split"])
+def test_fa4_backend_matches_sdpa_in_the_model(impl):
+    """The whole model under bf16 autocast (as it trains) with each identity-attention implementation that takes no
+    mask: the fa4 backend gives what SDPA gives, to bf16 rounding."""
+    sdpa = randomize(tiny(attn_backend="sdpa", generator=dict(identity_impl=impl)))
+    fa4 = tiny(attn_backend="fa4", generator=dict(identity_impl=impl))
+    fa4.load_state_dict(sdpa.state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = _backend_outputs(sdpa, device="cuda"), _backend_outputs(fa4, device="cuda")
+    for a, b in zip(*outputs):
+        assert b.abs().max() > 1e-3
+        assert float((b.float() - a.float()).norm() / a.float().norm()) < 2e-2
+
+
+def test_fa4_operators_give_shapes_and_gradients_without_running_a_kernel():
+    """The custom operators that keep a compiled graph whole: their fake kernels give the output and log-sum-exp
+    shapes, and autograd reaches q, k and v through the registered backward (meta tensors: no GPU needed)."""
+    from mardini.models.flash4 import fa4_forward
+
+    q, k, v = (torch.empty(2, n, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+               for n in (300, 500, 500))
+    out, lse = fa4_forward(q, k, v)
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == (2, 4, 300) and lse.dtype == torch.float32
+    out.sum().backward()
+    assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
 class AtenOps(TorchDispatchMode):
     """Records the names of the aten ops that run inside it (which SDPA kernel a model reached)."""
 
@@ -1006,13 +1077,14 @@ def test_cuda12_runtime_preloaded_only_for_another_cuda(monkeypatch, tmp_path, t
         assert result is None and calls == []
 
 
-def test_unavailable_backend_fails_clearly():
-    """xformers missing, or installed without a kernel for the device (its attention has none on the CPU): a one-line
-    error that names the backend and the way out, not xformers' dispatch table."""
-    if xformers_available() and torch.cuda.is_available():
-        pytest.skip("xformers is installed and has GPU kernels")
-    model = tiny(attn_backend="xformers")
-    with pytest.raises(RuntimeError, match="xformers"):
+@pytest.mark.parametrize("backend", ["xformers", "fa4"])
+def test_unavailable_backend_fails_clearly(backend):
+    """xformers or flash-attn-4 missing, or installed without a kernel for the device (neither has one on the CPU):
+    a one-line error that names the backend and the way out, not the package's dispatch table."""
+    if torch.cuda.is_available() and (xformers_available() if backend == "xformers" else fa4_runs_here()):
+        pytest.skip(f"{backend} is installed and has GPU kernels")
+    model = tiny(attn_backend=backend)
+    with pytest.raises(RuntimeError, match=f"{backend}.*model.attn_backend=sdpa"):
         _backend_outputs(model)
 
 
@@ -1063,6 +1135,7 @@ def test_useful_identity_flops_below_executed_split():
         (dict(planner=dict(dim=16, num_heads=4)), "planner.num_heads"),      # head dim 4: < 6
         (dict(generator=dict(depth=0)), "generator.depth"),
         (dict(attn_backend="flashy"), "attn_backend"),
+        (dict(attn_backend="fa4", generator=dict(identity_impl="mask")), "attn_backend"),  # fa4 takes no mask
         (dict(sdpa_kernel="fast"), "sdpa_kernel"),
         (dict(mlp_type="relu"), "mlp_type"),
         (dict(plan_dropout=1.0), "plan_dropout"),

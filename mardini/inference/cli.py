@@ -28,6 +28,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..cli import ArgumentParser  # one-line errors
+    from ..models.layers import ATTENTION_BACKENDS
 
     p = ArgumentParser(prog="mardini-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export folder (config.json + model.safetensors) or checkpoint")
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="several seeds: one output per seed")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
+    p.add_argument("--attn-backend", default=None, choices=ATTENTION_BACKENDS,
+                   help="attention backend (default: the trained one where it runs on --device, else sdpa)")
     p.add_argument("--fps", type=int, default=None, help="output frame rate (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -222,7 +225,7 @@ def sample(args) -> None:
         num_frames, positions = long_positions(args, len(inputs), config["num_frames"])
         check_long_plan(args, config, positions, num_frames)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
-                                           weights=args.weights, sampler=args.sampler)
+                                           weights=args.weights, sampler=args.sampler, attn_backend=args.attn_backend)
     if args.vae_chunk is not None:
         pipe.autoencoder.frames_per_chunk = args.vae_chunk or None  # None: every frame in one call
     if args.compile:

@@ -61,10 +61,12 @@ class MarDiniPipeline:
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema",
-                        sampler: str | None = None):
+                        sampler: str | None = None, attn_backend: str | None = None):
         """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights.
-        `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model)."""
-        model, config = export_format.load_model(path, weights, device)
+        `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
+        `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
+        `device`, else sdpa)."""
+        model, config = export_format.load_model(path, weights, device, attn_backend)
         for key in ("height", "width"):
             if key not in config:
                 raise ValueError(f"{path}: config.json lacks {key!r}")

@@ -1,8 +1,9 @@
 """Building blocks shared by the planner and the generator.
 
 Attention takes q, k, v as ``[B, H, N, d]`` and an optional boolean mask (True = may attend) and dispatches to
-PyTorch SDPA (with a selectable kernel) or xformers. Positions enter through 3D rotary embeddings over (t, y, x),
-so one model handles any number of frames and any latent size without learned position tables.
+PyTorch SDPA (with a selectable kernel), xformers or FlashAttention-4 (flash4.py). Positions enter through 3D rotary
+embeddings over (t, y, x), so one model handles any number of frames and any latent size without learned position
+tables.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .flash4 import FA4_INSTALLED, fa4_attention
 
 
 def preload_cuda12_runtime() -> Path | None:
@@ -48,12 +51,23 @@ if importlib.util.find_spec("xformers") is not None:
     except Exception:  # pragma: no cover - depends on the environment; xops stays None
         pass
 
-ATTENTION_BACKENDS = ("sdpa", "xformers")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "fa4")
 SDPA_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 def xformers_available() -> bool:
     return xops is not None
+
+
+def backend_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether an attention backend has kernels on a device here (an installed package, a GPU it supports)."""
+    device = torch.device(device)
+    if backend == "xformers":
+        return xops is not None and device.type == "cuda"
+    if backend == "fa4":
+        return (FA4_INSTALLED and device.type == "cuda"
+                and torch.cuda.get_device_properties(device).major in (9, 10))
+    return backend == "sdpa"
 
 
 def sdpa_backends(kernel: str, device: torch.device) -> tuple[list, bool] | None:
@@ -104,7 +118,7 @@ def attention(
     if backend == "xformers":
         if xops is None:
             raise RuntimeError("attention backend 'xformers' requested but xformers is not installed "
-                               "(pip install 'mardini[gpu]')")
+                               "(pip install 'mardini[gpu]'); or use model.attn_backend=sdpa")
         bias = None
         if mask is not None:
             B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -121,6 +135,10 @@ def attention(
                                f"not match torch {torch.__version__} (python -m xformers.info); use "
                                f"model.attn_backend=sdpa\n{str(e)[:500]}") from e
         return out.transpose(1, 2)
+    if backend == "fa4":
+        if mask is not None:
+            raise ValueError("attention backend 'fa4' takes no mask: use model.generator.identity_impl=gather or split")
+        return fa4_attention(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 

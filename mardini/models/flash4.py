@@ -1,0 +1,96 @@
+"""FlashAttention-4 as a PyTorch operator: the attention backend `model.attn_backend=fa4`.
+
+The `flash-attn-4` package (module `flash_attn.cute`; extra `mardini[fa4]`) holds attention kernels written in
+NVIDIA's CuTe DSL and compiled at their first call, for Hopper (compute capability 9.x) and Blackwell (10.x). On an
+H200 at this project's shapes they ran 7-11 % faster than SDPA's cuDNN kernel, forward and backward, with the same
+error against an fp32 softmax (BENCHMARKS.md, "FlashAttention-4"). Its Python entry points are opaque to
+torch.compile, so each attention call would break a compiled graph in two; wrapped here as custom operators with a
+registered backward and shape-only fake kernels, a compiled network stays one graph and the kernels run as extern
+calls. The package is a pre-release whose internal entry points (`_flash_attn_fwd`, `_flash_attn_bwd`) change
+between versions: the extra pins the version measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+FA4_VERSION = "4.0.0b40"  # the version the extra pins and BENCHMARKS.md measured
+
+
+def fa4_installed() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    return importlib.util.find_spec("flash_attn.cute") is not None
+
+
+FA4_INSTALLED = fa4_installed()
+
+
+def _interface():
+    import flash_attn.cute.interface as interface
+
+    return interface
+
+
+def check_fa4_inputs(q: torch.Tensor) -> None:
+    """A one-line error for what FlashAttention-4 cannot run, instead of the DSL's assertion deep inside."""
+    if not FA4_INSTALLED:
+        raise RuntimeError(f"attention backend 'fa4' requested but flash-attn-4 is not installed "
+                           f"(pip install 'mardini[fa4]', flash-attn-4=={FA4_VERSION}); or use model.attn_backend=sdpa")
+    if q.device.type != "cuda" or torch.cuda.get_device_properties(q.device).major not in (9, 10):
+        raise RuntimeError(f"attention backend 'fa4' runs on NVIDIA GPUs of compute capability 9.x or 10.x (Hopper, "
+                           f"Blackwell), not on {q.device}; use model.attn_backend=sdpa")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"attention backend 'fa4' runs bf16 or fp16, got {q.dtype} (train with bf16 autocast, "
+                           f"generate in bf16); or use model.attn_backend=sdpa")
+
+
+@torch.library.custom_op("mardini::fa4_forward", mutates_args=(), device_types="cuda")
+def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Nq, H, D], k/v [B, Nk, H, D] (token-major) -> (output [B, Nq, H, D] contiguous, log-sum-exp [B, H, Nq]
+    fp32)."""
+    out, lse = _interface()._flash_attn_fwd(q, k, v, return_lse=True)[:2]
+    return out.contiguous(), lse.contiguous()
+
+
+@fa4_forward.register_fake
+def _(q, k, v):
+    B, Nq, H, _ = q.shape
+    return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mardini::fa4_backward", mutates_args=(), device_types="cuda")
+def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), each contiguous in its input's shape."""
+    dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, grad_out.contiguous(), lse)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@fa4_backward.register_fake
+def _(q, k, v, out, grad_out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return fa4_backward(q, k, v, out, grad_out, lse)
+
+
+fa4_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with scale 1/sqrt(d), as SDPA: q [B, H, Nq, d], k/v [B, H, Nk, d] -> [B, H, Nq, d]. The
+    model's heads-first tensors are views of token-major memory (layers.split_heads), which is what the kernels read,
+    so the transposes here cost nothing."""
+    if not torch.compiler.is_compiling():  # the eager call before compiling checks the same inputs
+        check_fa4_inputs(q)
+    out, _ = fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
