@@ -181,7 +181,12 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
         first = message.strip().splitlines()[0]
         key = re.search(r"full_key: (\S+)", message)
         group = re.search(r"Could not find '([^/']+)/([^']+)'", message)
-        if key:
+        bad_value = re.search(r"Value '(.*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (\w+))",
+                              message)
+        if key and bad_value:  # a known key given a value of the wrong type
+            wanted = (bad_value.group(2) or bad_value.group(3)).lower()
+            first = f"{key.group(1)}={bad_value.group(1)}: not a valid {wanted}"
+        elif key:
             parent = key.group(1).rpartition(".")[0]
             node = compose_config(validate=False)
             node = OmegaConf.select(node, parent) if parent else node
@@ -191,7 +196,7 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
         elif group:
             options = sorted(p.stem for p in (CONFIG_DIR / group.group(1)).glob("*.yaml"))
             first = f"{group.group(1)}={group.group(2)}: no such option (choose one of {', '.join(options)})"
-        where = "; the keys are listed in docs/CONFIG.md" if key else ""
+        where = "; docs/CONFIG.md lists the keys and their types" if key else ""
         print(f"{prog}: error: {first}{where}\n(--debug shows Hydra's message)", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT_CODE) from None
 

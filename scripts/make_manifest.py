@@ -10,8 +10,9 @@ num_frames, video_fps, height, width, duration); bad ones, with the reason, to a
     python scripts/make_manifest.py /data/videos manifest.jsonl --min-frames 17 --bad bad.jsonl
     python scripts/make_manifest.py old_manifest.csv new_manifest.csv --no-decode-check
 
-Paths are written as given (absolute when the input folder is absolute); ``--relative`` writes them relative to
-the output manifest's folder instead (a manifest that moves together with its videos).
+Paths are written absolute; ``--relative`` writes them relative to the output manifest's folder instead (a
+manifest that moves together with its videos). Either way the manifest reads the same from any working folder
+(the loader resolves a relative path against the manifest's folder).
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     start = time.perf_counter()
     good, bad = probe_files(entries, workers=args.workers, decode_check=not args.no_decode_check,
                             backend=args.backend, min_frames=args.min_frames, progress=not args.quiet)
-    if args.relative:
-        base = output.resolve().parent
-        for row in good:
-            row["path"] = os.path.relpath(Path(row["path"]).resolve(), base)
+    base = output.resolve().parent
+    for row in good:  # a path relative to the working folder would be read against the manifest's folder
+        path = Path(row["path"]).resolve()
+        row["path"] = os.path.relpath(path, base) if args.relative else str(path)
     write_manifest(output, good)
     bad_path = Path(args.bad) if args.bad else output.with_name(output.stem + ".bad.jsonl")
     write_manifest(bad_path, bad)

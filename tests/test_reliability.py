@@ -259,6 +259,9 @@ def test_train_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("train.lrr=1", "mardini-train: error: unknown config key train.lrr (did you mean train.lr?)"),
     ("model=hugee", "mardini-train: error: model=hugee: no such option (choose one of base, paper, small, tiny)"),
+    # a known key with a value of the wrong type (once reported as an unknown key that "means" itself)
+    ("train.max_steps=abc", "mardini-train: error: train.max_steps=abc: not a valid integer"),
+    ("train.freeze_planner=maybe", "mardini-train: error: train.freeze_planner=maybe: not a valid bool"),
 ])
 def test_unknown_key_or_option_is_one_line_with_the_nearest_valid_one(tmp_path, override, expected):
     result = run_train(tmp_path, tmp_path / "run", override)

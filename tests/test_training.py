@@ -632,6 +632,43 @@ def test_resume_refuses_another_network_but_not_another_kernel(straight_run, tmp
             Trainer(cfg)
 
 
+def test_resume_takes_this_runs_learning_rate_and_refuses_another_objective(straight_run, tmp_path):
+    """A resume with another train.lr (or weight decay) continues at the new rate on the same schedule, as its
+    config.yaml says, instead of the checkpoint's (the optimizer's saved param groups and the schedule's base rates
+    once won silently); a resume that would read the network's output as another objective is refused by name."""
+    from mardini.training.optim import lr_factor
+
+    source = str(checkpoint(straight_run, N))
+    cfg = resume_config(tmp_path / "lr", resume=source, lr=2.5e-4, weight_decay=0.01)
+    trainer = Trainer(cfg)
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [2.5e-4] * len(groups)
+    assert max(g["weight_decay"] for g in groups) == 0.01
+    trainer.fit()
+    t = cfg.train
+    lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "lr")}
+    for step in range(N + 1, 2 * N + 1):
+        expected = 2.5e-4 * lr_factor(step - 1, t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
+        assert lrs[step] == pytest.approx(expected, rel=1e-12)
+    cfg = resume_config(tmp_path / "objective", resume=source)
+    cfg.diffusion.prediction = "velocity"
+    with pytest.raises(ValueError, match=r"train.resume=.* diffusion.prediction=sample; .* to continue it"):
+        Trainer(cfg)
+
+
+def test_a_finished_run_resumed_redoes_the_end_of_run_videos_and_the_export(straight_run, tmp_path):
+    """A run stopped after its final checkpoint (Ctrl-C or a failure while writing the videos or the export) is
+    finished by train.resume=auto: both are written again, without a training step."""
+    run = Path(shutil.copytree(straight_run, tmp_path / "run"))
+    shutil.rmtree(run / "samples")
+    shutil.rmtree(run / "export")
+    steps = len(read_metrics(run))
+    Trainer(resume_config(run, resume="auto")).fit()
+    assert sorted(p.name for p in (run / "samples").glob("*.mp4")) == \
+        sorted(p.name for p in (straight_run / "samples").glob("*.mp4")) != []
+    assert (run / "export" / "model.safetensors").exists() and len(read_metrics(run)) == steps
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

@@ -59,6 +59,22 @@ def test_video_training_skips_bad_files_and_resumes_exactly(tmp_path, video_fold
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_unreadable_validation_videos_stop_the_run_at_start_naming_them(tmp_path, video_folder):
+    """Validation reads only held-out files; when none of them decodes, the run stops before training (it once
+    trained to the end and then failed writing the end-of-run videos, with no export) with a message that says
+    these are the validation clips and how to choose others, and writes nothing into the run folder."""
+    from mardini.data.video import TooManyFailuresError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "corrupt.mp4").write_bytes((video_folder / "corrupt.mp4").read_bytes())
+    cfg = video_config(tmp_path / "run", video_folder)
+    cfg.data.video.val_root = str(broken)
+    with pytest.raises(TooManyFailuresError, match=r"validation clips \(data.video.val_root=.*broken\).*corrupt"):
+        Trainer(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video_folder):
     data_cfg = VideoDataConfig(root=str(video_folder), num_frames=9, height=32, width=32, fps=12.0,
                                clip_start="first", min_failures=100)

@@ -262,6 +262,16 @@ def test_make_manifest_script(good_folder, tmp_path):
     assert {os.path.basename(r["path"]) for r in bad_listed} == {"corrupt.mp4", "empty.webm", "short.mp4"}
     assert any("too short" in r["error"] for r in bad_listed)
     assert len(VideoDataset(small_cfg(out))) == 4  # the manifest it wrote is readable
+    # a source folder given relative to the working folder, the manifest written into another folder: readable
+    # (the paths were once written relative to the working folder and read against the manifest's)
+    cwd = os.getcwd()
+    try:
+        os.chdir(root.parent)
+        make_manifest.main([root.name, "elsewhere/manifest.csv", "--workers", "1", "--min-frames", "8", "--quiet"])
+    finally:
+        os.chdir(cwd)
+    elsewhere = VideoDataset(small_cfg(root.parent / "elsewhere" / "manifest.csv"))
+    assert len(elsewhere) == 4 and all(elsewhere[i]["num_skipped"] == 0 for i in range(4))
 
 
 # ------------------------------------------------------------------------------------------ the dataset, robustness

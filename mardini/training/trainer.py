@@ -30,7 +30,7 @@ from ..autoencoders.kl import kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
-from ..data.video import SkipStats, VideoDataset
+from ..data.video import SkipStats, TooManyFailuresError, VideoDataset
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask
@@ -204,7 +204,7 @@ def _trained_config(source: str | Path) -> dict:
     return {}
 
 
-def _check_same_objective(source: str, diffusion) -> None:
+def _check_same_objective(source: str, diffusion, how: str = "train.init_from") -> None:
     """Fine-tuning keeps the objective the weights learned: their output means x0, velocity, epsilon or v, and
     training it as another would silently start the output over; nor does it change what the network reads
     (input_data_std: a network trained on x_t fed the scaled x_t, or the reverse, starts from wrong inputs).
@@ -216,8 +216,9 @@ def _check_same_objective(source: str, diffusion) -> None:
     for key in ("formulation", "prediction", "input_data_std"):
         theirs, ours = trained.get(key), getattr(diffusion, key)
         if theirs is not None and theirs != ours:
-            raise ValueError(f"train.init_from={source} was trained with diffusion.{key}={theirs}; this run has "
-                             f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to fine-tune it")
+            raise ValueError(f"{how}={source} was trained with diffusion.{key}={theirs}; this run has "
+                             f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to "
+                             f"{'fine-tune' if how == 'train.init_from' else 'continue'} it")
 
 
 # Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
@@ -436,6 +437,9 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"{where} is too short for the {name} validation videos ({e}): use at least 3 "
                                  f"frames") from None
+        if d.source == "video":  # decode the clips validation will read now: a bad held-out file fails here
+            t = self.cfg.train
+            self.validation_clips(max(t.num_sample_videos, t.eval_num_videos if t.eval_every else 0))
 
     def _build_dataset(self):
         """(training dataset, clip size) for data.source: synthetic | video (decoded files) | cache (latents).
@@ -494,6 +498,8 @@ class Trainer:
             return
         self._check_same_optimizer(Path(path))
         _check_same_network(path, self.cfg.model, None, "train.resume")
+        _check_same_objective(str(path), self.cfg.diffusion, "train.resume")
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if self.fsdp:
             state = ckpt.load_sharded_checkpoint(self.accelerator, path, self.model, self.optimizer, self.scheduler,
                                                  self.ema.shadow)
@@ -504,7 +510,29 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_row = state["nonfinite_in_row"]
+        self._keep_this_runs_optimizer_settings(settings)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _keep_this_runs_optimizer_settings(self, settings: list[dict]) -> None:
+        """Loading an optimizer and a schedule restores the saved run's hyperparameters with the moments (learning
+        rate, weight decay, betas, eps): put back this run's, as config.yaml records them, so that a resume with
+        train.lr=... continues at the new rate on the same schedule. Unchanged settings leave every value as loaded
+        (bit-exact resume). settings: the param groups' hyperparameters as this run built them, before loading."""
+        schedule = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps it outside FSDP
+        changed = set()
+        for group, ours in zip(self.optimizer.param_groups, settings):
+            for key, value in ours.items():
+                if key != "lr" and group.get(key) != value:
+                    changed.add(key)
+                    group[key] = value
+        if not changed:
+            return
+        schedule.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        log.info("resumed with this run's optimizer settings (%s), not the checkpoint's",
+                 ", ".join(sorted("lr" if key == "initial_lr" else key for key in changed)))
 
     def _check_same_optimizer(self, path: Path) -> None:
         """An optimizer's state cannot be loaded into another kind: say so before loading, naming the key."""
@@ -646,8 +674,10 @@ class Trainer:
     def fit(self) -> Path:
         acc, t = self.accelerator, self.cfg.train
         if self.step >= t.max_steps:
-            log.info("already at step %d >= train.max_steps=%d; nothing to train", self.step, t.max_steps)
+            log.info("already at step %d >= train.max_steps=%d; nothing to train: the end-of-run videos and the "
+                     "export", self.step, t.max_steps)
             try:
+                self.sample()
                 return self.export()
             finally:
                 self._release_lock()
@@ -828,7 +858,13 @@ class Trainer:
             with torch.no_grad():
                 return self.autoencoder.decode(z.to(self.device).float()).cpu()
         if d.source == "video":
-            return self.val_dataset.clips(count)
+            try:
+                return self.val_dataset.clips(count)
+            except TooManyFailuresError as e:
+                held = f"data.video.val_root={d.video.val_root}" if d.video.val_root else \
+                    f"the files data.video.val_fraction={d.video.val_fraction} holds out of data.video.root"
+                raise TooManyFailuresError(f"validation clips ({held}): {e}; remove or replace the file(s), or "
+                                           f"name other validation videos with data.video.val_root") from None
         return held_out_clips(OmegaConf.to_container(d, resolve=True), count)  # the learning benchmark's clips
 
     @_outcome_shared
