@@ -241,6 +241,14 @@ def test_bad_value_fails_validation_naming_the_key(override, key):
         compose_config([override])
 
 
+def test_init_from_goes_with_resume_auto_but_not_with_a_checkpoint_path():
+    """A fine-tuning run requeued by one command (resume=auto) is valid; init_from beside an explicit checkpoint to
+    resume from is ambiguous and refused by name."""
+    compose_config(["train.init_from=/some/export", "train.resume=auto"])
+    with pytest.raises(ValueError, match=r"train\.init_from cannot be combined with train\.resume=<checkpoint>"):
+        compose_config(["train.init_from=/some/export", "train.resume=/some/checkpoint"])
+
+
 def test_curriculum_stage_without_steps_fails_naming_the_stage():
     with pytest.raises(ValueError, match=r"curriculum\.stages\[2\] \(start=0\.5, end=0\.75\) gets no step at "
                                          r"train\.max_steps=3"):

@@ -502,7 +502,9 @@ def test_init_from_export_loads_weights_with_fresh_optimizer_and_frozen_planner(
     export = straight_run / "export"
     weights = export_weights(straight_run)
     out = tmp_path / "ft"
-    trainer = Trainer(tiny_config(out, max_steps=2, init_from=str(export), freeze_planner=True))
+    # resume=auto: one command for every attempt of a fine-tuning run (init_from while it has no checkpoint)
+    cfg = tiny_config(out, max_steps=2, init_from=str(export), freeze_planner=True, resume="auto")
+    trainer = Trainer(cfg)
     assert_state_equal(unwrapped_state(trainer), weights, "weights after init_from")
     assert_state_equal(trainer.ema.state_dict(), weights, "EMA after init_from")
     assert trainer.step == 0 and trainer.ema.num_updates == 0
@@ -522,6 +524,10 @@ def test_init_from_export_loads_weights_with_fresh_optimizer_and_frozen_planner(
     n_trainable = sum(1 for k in generator) + sum(1 for k in final if not k.startswith(("planner.", "generator.")))
     assert len(opt["state"]) == n_trainable, "frozen parameters must not be in the optimizer"
     assert trainer_state(checkpoint(out, 2))["step"] == 2
+    again = Trainer(cfg)  # the same command again (a requeue): the run's own checkpoint wins over init_from
+    assert again.step == 2
+    assert_state_equal(unwrapped_state(again), final, "weights of a requeued fine-tuning run")
+    again._release_lock()
 
 
 def test_planner_loss_is_logged_and_fine_tuning_may_add_or_drop_its_readout(straight_run, tmp_path):

@@ -234,8 +234,10 @@ def validate_config(cfg) -> None:
     need(t.wandb_mode in WANDB_MODES, "train.wandb_mode", f"must be one of {WANDB_MODES}, got {t.wandb_mode!r}")
     need(not (t.freeze_planner and t.freeze_generator), "train.freeze_planner",
          "and train.freeze_generator are both set: nothing would train")
-    need(not (t.resume and t.init_from), "train.init_from",
-         "cannot be combined with train.resume (resume restores everything; init_from loads weights only)")
+    need(not (t.resume not in ("", "auto") and t.init_from), "train.init_from",
+         "cannot be combined with train.resume=<checkpoint> (that restores everything; init_from loads weights "
+         "only); with train.resume=auto a run continues from its own last checkpoint and starts from init_from "
+         "when it has none")
 
     ae, d = cfg.autoencoder, cfg.data
     need(ae.name in AUTOENCODERS, "autoencoder.name", f"must be one of {AUTOENCODERS}, got {ae.name!r}")

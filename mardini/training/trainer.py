@@ -337,7 +337,11 @@ class Trainer:
         # ---- model (same init on every rank), fine-tuning, EMA, optimizer
         torch.manual_seed(cfg.seed)
         model = MarDini(self.model_cfg)
-        if t.init_from:
+        own_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir) if t.resume == "auto" else None
+        if t.init_from and own_checkpoint is not None:  # a requeued fine-tuning run: its own checkpoint wins
+            log.info("train.resume=auto: continuing from %s (train.init_from=%s started this run)", own_checkpoint,
+                     t.init_from)
+        elif t.init_from:
             if not Path(t.init_from).is_dir():
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
