@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import List, Optional
 
+from omegaconf import OmegaConf
+
 from ..data.synthetic import SyntheticVideoConfig
 from ..data.video import VideoDataConfig, read_video_config
 from ..diffusion.config import DiffusionConfig, validate_diffusion_config
@@ -190,6 +192,28 @@ def clip_config(cfg):
             "cache": None}[cfg.data.source]
 
 
+def preset_required_keys(experiment: str) -> list[str]:
+    """The dotted keys an experiment preset marks ``???`` (a value the user must give, e.g. the weights a fine-tuning
+    preset starts from): a structured config merges such a key as its schema default, so they are checked here."""
+    from ..cli import CONFIG_DIR
+
+    path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"
+    if not experiment or not path.is_file():
+        return []
+    keys = []
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            name = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                keys.append(name)
+            elif OmegaConf.is_dict(node[key]):
+                walk(node[key], name + ".")
+
+    walk(OmegaConf.load(path), "")
+    return [k for k in keys if k != "defaults"]
+
+
 def validate_config(cfg) -> None:
     """Check values and cross-field consistency; raise ValueError naming the key. Accepts a DictConfig or Config."""
 
@@ -198,6 +222,10 @@ def validate_config(cfg) -> None:
             raise ValueError(f"{key} {msg}")
 
     check_known_keys(cfg)
+    experiment = getattr(cfg, "experiment", "")
+    for key in preset_required_keys(experiment):  # merged over the schema's default, `???` keeps the default
+        need(OmegaConf.select(cfg, key) not in ("", None), key,
+             f"is required by experiment={experiment} (marked ??? in configs/experiment/{experiment}.yaml)")
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
