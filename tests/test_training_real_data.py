@@ -109,3 +109,12 @@ def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video
     wrong.model.lowres_factor = 4
     with pytest.raises(ValueError, match="lowres_factor"):
         Trainer(wrong)
+    # the cached clips' size is checked against the model at start, as a config's clip size is (a 9-frame cache
+    # once passed the start-up checks of a model of 8 frames and failed in the first step, naming neither)
+    short = tiny_config(tmp_path / "run3", max_steps=3)
+    short.data.source, short.data.cache_dir = "cache", str(tmp_path / "cache")
+    short.model.max_frames = 8
+    with pytest.raises(ValueError, match=r"the clips of data.cache_dir=.*cache \(num_frames\) \(9, 9 latent frames\) "
+                                         r"exceeds model.max_frames \(8\)"):
+        Trainer(short)
+    assert not (tmp_path / "run3" / "config.yaml").exists()

@@ -296,19 +296,29 @@ def validate_config(cfg) -> None:
          f"({m.latent_channels}) must equal the autoencoder's latent channels ({space['latent_channels']} for "
          f"autoencoder.name={ae.name}" + (f" with patch_size={ae.patch_size})" if ae.name == "identity" else ")"))
     clip = clip_config(cfg)
-    if clip is None:
+    if clip is None:  # a latent cache: the trainer checks its clips' size with check_clip_shape once it is read
         return
     key, c = clip
-    s, r = space["spatial_compression"], space["temporal_compression"]
-    need(c.num_frames >= 2, f"{key}.num_frames", f"must be >= 2, got {c.num_frames}")
-    need((c.num_frames - 1) % r == 0, f"{key}.num_frames", f"({c.num_frames}) must be 1 + a multiple of the VAE's "
-                                                             f"temporal compression {r}")
-    latent_frames = (c.num_frames - 1) // r + 1 if r > 1 else c.num_frames
-    need(latent_frames <= m.max_frames, f"{key}.num_frames",
-         f"({c.num_frames}, {latent_frames} latent frames) exceeds model.max_frames ({m.max_frames})")
+    check_clip_shape(lambda field: f"{key}.{field}", dict(num_frames=c.num_frames, height=c.height, width=c.width),
+                     m, space)
+
+
+def check_clip_shape(label, clip: dict, m, space: dict) -> None:
+    """The clip size (num_frames, height, width) fits the model and the autoencoder; ValueError naming
+    label(field) otherwise (a config key, or the latent cache the clips come from)."""
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ValueError(f"{label(field)} {msg}")
+
+    s, r, n = space["spatial_compression"], space["temporal_compression"], clip["num_frames"]
+    need(n >= 2, "num_frames", f"must be >= 2, got {n}")
+    need((n - 1) % r == 0, "num_frames", f"({n}) must be 1 + a multiple of the VAE's temporal compression {r}")
+    latent_frames = (n - 1) // r + 1 if r > 1 else n
+    need(latent_frames <= m.max_frames, "num_frames",
+         f"({n}, {latent_frames} latent frames) exceeds model.max_frames ({m.max_frames})")
     for side in ("height", "width"):
-        pixels = getattr(c, side)
+        pixels = clip[side]
         cell = s * m.lowres_factor * max(m.planner.patch_size, 1)
-        need(pixels % (s * m.generator.patch_size) == 0 and pixels % cell == 0, f"{key}.{side}",
+        need(pixels % (s * m.generator.patch_size) == 0 and pixels % cell == 0, side,
              f"({pixels}) must be divisible by the autoencoder's compression * generator.patch_size "
              f"({s * m.generator.patch_size}) and by compression * model.lowres_factor * planner.patch_size ({cell})")

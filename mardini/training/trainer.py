@@ -38,7 +38,7 @@ from ..models import MarDini, as_model_config
 from .. import export as export_format
 from . import checkpoint as ckpt
 from . import runlock
-from .config import Config, validate_config
+from .config import Config, check_clip_shape, latent_space, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler
@@ -322,6 +322,8 @@ class Trainer:
         self.autoencoder = self._build_autoencoder()
         if cfg.data.source == "cache":
             self.dataset.check_compatible(self.autoencoder, cfg.model.lowres_factor, cfg.data.lowres_mode)
+            check_clip_shape(lambda field: f"the clips of data.cache_dir={cfg.data.cache_dir} ({field})", clip,
+                             cfg.model, latent_space(cfg.autoencoder))
         self.latent_frames, c, h, w = self.autoencoder.latent_shape(self.num_frames, self.height, self.width)
         self.latent_shape = (c, h, w)
         self._check_validation_frames()
