@@ -58,8 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--subfolder", default="", help="e.g. vae")
     a.add_argument("--vae-class", default="", help="diffusers class (default AutoencoderKL / AutoencoderKLCogVideoX)")
     a.add_argument("--vae-config", default="", help="kl / kl_video: JSON config for random weights (testing)")
-    a.add_argument("--scaling-factor", type=float, default=None, help="override the VAE config's")
-    a.add_argument("--shift-factor", type=float, default=None, help="override the VAE config's")
+    a.add_argument("--scaling-factor", type=float, default=None,
+                   help="override the VAE config's; identity: its scale (default 1), the run's autoencoder.scale")
+    a.add_argument("--shift-factor", type=float, default=None,
+                   help="override the VAE config's; identity: its shift (default 0), the run's autoencoder.shift")
     a.add_argument("--vae-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     a.add_argument("--frames-per-chunk", type=int, default=16, help="frames (kl) or videos (kl_video) per VAE call")
     a.add_argument("--patch-size", type=int, default=2, help="identity: pixels per latent cell side")
@@ -83,7 +85,9 @@ def build(args):
                           max_failure_fraction=args.max_failure_fraction)
     dataset = VideoDataset(cfg)
     if args.autoencoder == "identity":
-        ae = build_autoencoder("identity", patch_size=args.patch_size)
+        scale = 1.0 if args.scaling_factor is None else args.scaling_factor  # was ignored: a cache then matched
+        shift = 0.0 if args.shift_factor is None else args.shift_factor      # no identity config but scale 1
+        ae = build_autoencoder("identity", patch_size=args.patch_size, scale=scale, shift=shift)
     else:
         kwargs = dict(subfolder=args.subfolder, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
                       dtype=args.vae_dtype, frames_per_chunk=args.frames_per_chunk)

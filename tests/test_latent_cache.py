@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 
-from mardini.autoencoders import IdentityAutoencoder, KLAutoencoder
+from mardini.autoencoders import IdentityAutoencoder, KLAutoencoder, build_autoencoder
 from mardini.data.counter_videos import write_test_video
 from mardini.data.latent_cache import (
     CachedLatentDataset,
@@ -161,3 +161,23 @@ def test_cache_latents_script(folder, vae_dir, tmp_path):
     batch = next(iter(DataLoader(cached, batch_size=6)))
     torch.testing.assert_close(batch["z_hi"], z_hi, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batch["z_lo"], z_lo, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_latents_script_builds_the_identity_autoencoder_a_run_configures(folder, tmp_path):
+    """--scaling-factor / --shift-factor set the identity autoencoder's scale and shift (they were ignored, so no
+    cache matched an identity config other than scale 1, shift 0), and a mismatch names the run's keys to set."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "identity"
+    cache_latents.main([str(folder), str(out), "--autoencoder", "identity", "--scaling-factor", "3.5",
+                        "--shift-factor", "-0.38", "--num-frames", "3", "--height", "16", "--width", "16", "--fps",
+                        "10", "--num-workers", "0", "--dtype", "float32", "--max-failure-fraction", "1", "--cpu",
+                        "--quiet"])
+    cached = CachedLatentDataset(out)
+    cached.check_compatible(build_autoencoder("identity", patch_size=2, scale=3.5, shift=-0.38), lowres_factor=2)
+    with pytest.raises(ValueError, match=r"scaling_factor: cached 3.5 != 1.0.*autoencoder\.scale / "
+                                         r"autoencoder\.shift for the identity autoencoder"):
+        cached.check_compatible(build_autoencoder("identity", patch_size=2), lowres_factor=2)

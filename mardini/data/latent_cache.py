@@ -481,7 +481,12 @@ class CachedLatentDataset(Dataset):
         if lowres_mode is not None and lowres_mode != cached_mode:
             diff.append(f"lowres_mode: cached {cached_mode!r} != data.lowres_mode={lowres_mode!r}")
         if diff:
-            raise ValueError(f"latent cache {self.root} does not match this run: " + "; ".join(diff))
+            hint = ""
+            if any(d.startswith(("scaling_factor", "shift_factor")) for d in diff):
+                hint = (" (the run's autoencoder.scale / autoencoder.shift for the identity autoencoder, "
+                        "autoencoder.scaling_factor / autoencoder.shift_factor for a VAE; or build the cache with "
+                        "scripts/cache_latents.py --scaling-factor / --shift-factor)")
+            raise ValueError(f"latent cache {self.root} does not match this run: " + "; ".join(diff) + hint)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
