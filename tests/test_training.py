@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import logging
 import shutil
 import signal
 import time
@@ -673,6 +674,12 @@ def test_a_finished_run_resumed_redoes_the_end_of_run_videos_and_the_export(stra
     assert sorted(p.name for p in (run / "samples").glob("*.mp4")) == \
         sorted(p.name for p in (straight_run / "samples").glob("*.mp4")) != []
     assert (run / "export" / "model.safetensors").exists() and len(read_metrics(run)) == steps
+
+
+def test_a_warm_up_longer_than_the_run_is_named(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mardini.train"):
+        Trainer(tiny_config(tmp_path / "warm", max_steps=4, warmup_steps=1000))._release_lock()
+    assert "train.warmup_steps=1000 >= train.max_steps=4" in caplog.text
 
 
 def test_init_from_missing_folder_fails(tmp_path):

@@ -274,6 +274,19 @@ def test_make_manifest_script(good_folder, tmp_path):
     assert len(elsewhere) == 4 and all(elsewhere[i]["num_skipped"] == 0 for i in range(4))
 
 
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_a_missing_or_empty_video_folder_is_named_by_its_key(tmp_path, split, monkeypatch):
+    """A relative data.video.root read from another working folder, or a folder without videos: the message names
+    the key and says where it looked (it once said "no folder or manifest file at data/...", no key)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"data.video.root=data/clips: no folder or manifest file there "
+                                                 rf"\(relative to the working folder {re.escape(str(tmp_path))}\)"):
+        VideoDataset(VideoDataConfig(root="data/clips"), split=split)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"data.video.root=empty holds no video files \(data.video.extensions: "):
+        VideoDataset(VideoDataConfig(root="empty"), split=split)
+
+
 # ------------------------------------------------------------------------------------------ the dataset, robustness
 
 
@@ -368,5 +381,5 @@ def test_config_checks(good_folder):
 
     cfg = OmegaConf.structured(VideoDataConfig(root=str(good_folder), num_frames=3))
     assert read_video_config(cfg).num_frames == 3 and read_video_config(cfg).extensions[0] == ".mp4"
-    with pytest.raises(ValueError, match="no videos"):
+    with pytest.raises(ValueError, match="holds no video files"):
         VideoDataset(small_cfg(good_folder, extensions=[".flv"]))

@@ -51,19 +51,19 @@ def _read_config(cfg: Any) -> SyntheticVideoConfig:
         is_float = f.type in (float, "float")  # a string under `from __future__ import annotations`
         kinds = (int, float, np.integer, np.floating) if is_float else (int, np.integer)
         if isinstance(value, bool) or not isinstance(value, kinds):
-            raise ValueError(f"synthetic data: '{f.name}' must be {'a number' if is_float else 'an int'}, "
+            raise ValueError(f"data.synthetic.{f.name} must be {'a number' if is_float else 'an int'}, "
                              f"got {value!r}")
         values[f.name] = float(value) if is_float else int(value)
     out = SyntheticVideoConfig(**values)
     if not 0.0 <= out.hue_drift <= 0.5:
-        raise ValueError(f"synthetic data: 'hue_drift' must be in [0, 0.5] turns per frame, got {out.hue_drift}")
+        raise ValueError(f"data.synthetic.hue_drift must be in [0, 0.5] turns per frame, got {out.hue_drift}")
     lower_bounds = {"num_videos": 1, "num_frames": 1, "height": 1, "width": 1, "min_shapes": 0, "seed": 0}
     for name, low in lower_bounds.items():
         if getattr(out, name) < low:
-            raise ValueError(f"synthetic data: '{name}' must be >= {low}, got {getattr(out, name)}")
+            raise ValueError(f"data.synthetic.{name} must be >= {low}, got {getattr(out, name)}")
     if out.max_shapes < out.min_shapes:
         raise ValueError(
-            f"synthetic data: 'max_shapes' ({out.max_shapes}) must be >= 'min_shapes' ({out.min_shapes})"
+            f"data.synthetic.max_shapes ({out.max_shapes}) must be >= data.synthetic.min_shapes ({out.min_shapes})"
         )
     return out
 

@@ -229,20 +229,32 @@ def split_key(path: str, root: str) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
 
 
+def _load_named(source: str, key: str, extensions) -> "Manifest":
+    """load_manifest, its error naming the config key (and the working folder a relative path was read from)."""
+    try:
+        return load_manifest(source, extensions)
+    except FileNotFoundError:
+        where = "" if os.path.isabs(source) else f" (relative to the working folder {os.getcwd()})"
+        raise FileNotFoundError(f"{key}={source}: no folder or manifest file there{where}") from None
+
+
 def split_manifests(cfg: Any) -> tuple[Manifest, Manifest, str]:
     """(training files, validation files, a sentence saying what is held out) for a data.video config."""
     cfg = read_video_config(cfg)
     if not cfg.root:
         raise ValueError("data.video.root is empty: give a folder of videos or a manifest file")
-    root = load_manifest(cfg.root, cfg.extensions)
+    root = _load_named(cfg.root, "data.video.root", cfg.extensions)
     if cfg.val_root:
-        val = load_manifest(cfg.val_root, cfg.extensions)
+        val = _load_named(cfg.val_root, "data.video.val_root", cfg.extensions)
         shared = sorted({os.path.abspath(p) for p in root.paths} & {os.path.abspath(p) for p in val.paths})
         if shared:
             raise ValueError(f"data.video.val_root={cfg.val_root} shares {len(shared)} files with data.video.root "
                              f"(e.g. {shared[0]}): validation files must never be trained on")
         return root, val, f"validation: all {len(val)} files of data.video.val_root={cfg.val_root}"
     paths = root.paths
+    if not paths:
+        raise ValueError(f"data.video.root={cfg.root} holds no video files (data.video.extensions: "
+                         f"{', '.join(cfg.extensions)})")
     if len(paths) < 2:
         raise ValueError(f"data.video.root={cfg.root} has {len(paths)} file(s): none can be held out for "
                          f"validation and still leave one to train on; give data.video.val_root")
@@ -276,14 +288,15 @@ class VideoDataset(Dataset):
             if not self.cfg.root:
                 raise ValueError("data.video.root is empty: give a folder of videos or a manifest file")
             if split == "all":
-                manifest = load_manifest(self.cfg.root, self.cfg.extensions)
+                manifest = _load_named(self.cfg.root, "data.video.root", self.cfg.extensions)
             else:
                 train, val, self.split_note = split_manifests(self.cfg)
                 manifest = train if split == "train" else val
         if self.cfg.num_videos and split != "val":
             manifest = manifest.head(self.cfg.num_videos)
         if len(manifest) == 0:
-            raise ValueError(f"no videos in {self.cfg.root!r} (extensions {self.cfg.extensions})")
+            raise ValueError(f"data.video.root={self.cfg.root} holds no video files (data.video.extensions: "
+                             f"{', '.join(self.cfg.extensions)})")
         self.manifest = manifest
         self.stats = SkipStats(self.cfg.max_failure_fraction, self.cfg.min_failures)  # this process only
 

@@ -369,6 +369,9 @@ class Trainer:
         self.ema = EMA(model, t.ema_decay)
         optimizer = build_optimizer(model, t, fused=False if is_sharded(model) else None)
         self.scheduler = build_scheduler(optimizer, t)
+        if t.warmup_steps >= t.max_steps:
+            log.warning("train.warmup_steps=%d >= train.max_steps=%d: the learning rate rises through the whole run "
+                        "and never reaches train.lr=%g", t.warmup_steps, t.max_steps, t.lr)
         if self.fsdp:  # already sharded; Accelerate launches, logs and tracks but does not wrap
             self.model, self.optimizer = model, optimizer
         else:
