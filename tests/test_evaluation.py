@@ -718,6 +718,31 @@ def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
     assert grid.shape[0] == 9  # ground truth | 3 methods, side by side, 9 frames (VIDIM-Bench clips)
 
 
+def test_a_model_at_another_resolution_is_scored_without_distortion_and_keeps_the_given_frames():
+    """A model that works at 8x8 evaluated on 16x32 clips: it is handed whole frames resized to its size (not the
+    centre crop its pipeline would cut, which no resize back undoes: rows came back stretched 2x), its video comes
+    back at the protocol's size, the given frames are returned exactly (as by every baseline), and the notes say so."""
+    class CopyFirstFrame:  # a "model" at 8x8 that repeats the first given frame
+        height, width = 8, 8
+
+        def __call__(self, frames, num_frames, **kwargs):
+            first = frames[min(frames)]
+            assert first.shape[-2:] == (8, 8)
+            return first.expand(num_frames, -1, -1, -1).clone()
+
+    ramp = torch.linspace(-1, 1, 16)[:, None].expand(16, 32)  # rows from -1 to 1
+    gt = ramp.expand(5, 3, 16, 32).clone()
+    gt[4] = -gt[4]
+    mask = torch.tensor([False, True, True, True, False])
+    method = bm.PipelineMethod(CopyFirstFrame())
+    out = method(gt.masked_fill(mask[:, None, None, None], 0), mask)
+    assert out.shape == gt.shape and torch.equal(out[[0, 4]], gt[[0, 4]])
+    rows, truth = out[2].mean(dim=(0, 2)), gt[0].mean(dim=(0, 2))
+    assert (rows - truth).abs().max() < 0.15, (rows, truth)  # the ramp's rows where they were: no crop, no stretch
+    assert "ran at its own 8x8" in method.note(16, 32) and "aspect changed" in method.note(16, 32)
+    assert method.note(8, 8) is None
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_cli_fvd_between_folders(tmp_path, monkeypatch, capsys):
     class ColourStats(torch.nn.Module):  # a cheap TorchScript stand-in for the I3D detector

@@ -332,7 +332,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
      ["curriculum.stages[1]", "gets no step at train.max_steps=10"]),
     ("run shorter than the stages", {"curriculum": paper_curriculum(), "train.max_steps": 2},
      ["curriculum.stages[", "train.max_steps=2", "at least 4"]),
-    ("resume + init_from", {"train.resume": "auto", "train.init_from": "some/export"},
+    ("resume <path> + init_from", {"train.resume": "some/checkpoint", "train.init_from": "some/export"},
      ["train.init_from", "train.resume"]),
     ("latent channels", {"model.latent_channels": 16}, ["model.latent_channels", "12"]),
     ("unknown optimizer", {"train.optimizer": "sgd"}, ["train.optimizer", "adamw"]),

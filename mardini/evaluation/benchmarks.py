@@ -217,8 +217,9 @@ BASELINES: dict[str, Method] = {"repeat_nearest": repeat_nearest, "linear_blend"
 
 class PipelineMethod:
     """The model as a method: MarDiniPipeline called with num_frames = the protocol's T (the pipeline's training
-    window may be longer; the model's max_frames must be >= T). Outputs are resized back to the protocol's
-    resolution if the model works at another one. The same seed is used for every clip."""
+    window may be longer; the model's max_frames must be >= T). A model that works at another resolution gets the
+    given frames resized to its own (whole frames: no crop, so the geometry maps back) and its video resized back;
+    the given frames are then returned exactly, as every baseline returns them. The same seed for every clip."""
 
     def __init__(self, pipe, num_steps: int | None = None, seed: int = 0, guidance_scale: float = 1.0):
         self.pipe, self.num_steps, self.seed, self.guidance_scale = pipe, num_steps, seed, guidance_scale
@@ -231,12 +232,26 @@ class PipelineMethod:
 
     def __call__(self, given: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T, _, H, W = given.shape
-        frames = {int(i): given[i] for i in _given_indices(mask)}
-        video = self.pipe(frames=frames, num_frames=T, num_steps=self.num_steps, seed=self.seed,
-                          guidance_scale=self.guidance_scale).float().cpu()
+        size = (self.pipe.height, self.pipe.width)
+        inputs = given if size == (H, W) else \
+            F.interpolate(given, size=size, mode="bilinear", antialias=True, align_corners=False)
+        indices = [int(i) for i in _given_indices(mask)]
+        video = self.pipe(frames={i: inputs[i] for i in indices}, num_frames=T, num_steps=self.num_steps,
+                          seed=self.seed, guidance_scale=self.guidance_scale).float().cpu()
         if video.shape[-2:] != (H, W):
             video = F.interpolate(video, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
-        return video.clamp(-1, 1)
+        video = video.clamp(-1, 1)
+        video[indices] = given[indices].to(video.dtype)
+        return video
+
+    def note(self, height: int, width: int) -> str | None:
+        """What results.md should say about how the model met the protocol's resolution (None: it ran at it)."""
+        h, w = self.pipe.height, self.pipe.width
+        if (h, w) == (height, width):
+            return None
+        return (f"ran at its own {h}x{w}: the given frames resized from {height}x{width} (whole frames"
+                f"{', aspect changed' if h * width != w * height else ''}) and its video resized back; the given "
+                f"frames returned exactly")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -361,8 +376,13 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
     flush(force=True)
 
     notes = [f"methods, left to right in the sample grids: ground truth, {', '.join(methods)}"]
+    for name, method in methods.items():
+        note = getattr(method, "note", None)
+        text = note(protocol.height, protocol.width) if callable(note) else None
+        if text:
+            notes.append(f"{name}: {text}")
     if extractor is None:
-        notes.append("FVD not computed (no I3D weights given)")
+        notes.append("FVD not computed (no I3D feature extractor: --fvd off, or no I3D weights found)")
     else:
         notes.append(f"FVD settings: {getattr(extractor, 'settings', 'custom')} (covariance ddof="
                      f"{extractor_ddof(extractor)}); see the README's FVD section for the numbers they match")
