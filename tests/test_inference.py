@@ -885,14 +885,39 @@ def test_all_or_no_frames_given_raises(pipe):
         pipe({}, num_steps=1)
 
 
+def test_images_of_every_common_type_give_the_same_frame(pipe, tmp_path):
+    """uint8 and uint16 arrays or tensors span their type, floats are read as [-1, 1], a grey image is
+    replicated, a 16-bit PNG keeps its 16 bits; a uint8 tensor (torchvision's read_image) once came out all white,
+    a float array all black, a 16-bit PNG mostly white. Floats outside [-1, 1] are refused, naming the fix."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+    expected = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    same = [pixels, torch.from_numpy(pixels).permute(2, 0, 1), expected, expected.permute(1, 2, 0).numpy(),
+            Image.fromarray(pixels), pixels.astype(np.uint16) * 257]
+    for image in same:
+        torch.testing.assert_close(pipe.preprocess(image), expected, rtol=0, atol=1e-5)
+    grey = pixels[..., 0]
+    torch.testing.assert_close(pipe.preprocess(grey), expected[:1].expand(3, -1, -1), rtol=0, atol=1e-5)
+    deep = rng.integers(0, 65536, size=(HEIGHT, WIDTH), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    torch.testing.assert_close(pipe.preprocess(tmp_path / "deep.png")[0],
+                               torch.from_numpy(deep.astype(np.float32) / 32767.5 - 1), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"float images must lie in \[-1, 1\].*x \* 2 - 1"):
+        pipe.preprocess(pixels.astype(np.float32))
+    image = pixels
+    assert torch.equal(pipe.image_to_video(image, seed=np.int64(3), num_steps=1),
+                       pipe.image_to_video(image, seed=3, num_steps=1))
+
+
 @pytest.mark.parametrize("bad", [
     np.zeros((32, 32, 4), np.uint8),       # RGBA
-    np.zeros((32, 32), np.uint8),          # grey
     np.zeros((2, 32, 32, 3), np.uint8),    # a video, not an image
     torch.zeros(1, 32, 32),                # one channel
     torch.zeros(32, 32, 3),                # channels last tensor
     torch.zeros(1, 3, 32, 32),             # batched tensor
-], ids=["rgba", "grey", "video", "1ch", "hwc_tensor", "batched"])
+], ids=["rgba", "video", "1ch", "hwc_tensor", "batched"])
 def test_wrong_image_shapes_raise(pipe, bad):
     with pytest.raises(ValueError, match="images must be HxWx3|image tensors must be"):
         pipe.preprocess(bad)

@@ -88,11 +88,13 @@ def read_inputs(paths: list[str]) -> list[np.ndarray]:
         return list(read_clip(paths[0], lambda n, fps: list(range(n)))[0])
     from PIL import Image
 
+    from .pipeline import rgb_array
+
     frames = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                frames.append(np.asarray(image.convert("RGB")))
+                frames.append(rgb_array(image))  # 16-bit images kept at 16 bits (PIL's RGB clips them)
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for a bad file
             raise ValueError(f"--inputs: cannot read {path} as an image ({type(e).__name__}: {e})") from None
     return frames

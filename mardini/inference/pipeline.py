@@ -42,6 +42,16 @@ def _autoencoder_from_config(cfg: dict):
                      f"a temporally compressing VAE does not map given frames to latent frames one to one)")
 
 
+
+def rgb_array(image) -> np.ndarray:
+    """A PIL image -> HxWx3 array: uint8, or uint16 for 16-bit images (PIL's own RGB conversion clips those to 255,
+    turning most of a 16-bit PNG white). The alpha channel, if any, is dropped."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        array = np.asarray(image).astype(np.int64)
+        return np.repeat(array.clip(0, 65535).astype(np.uint16)[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
 class MarDiniPipeline:
     def __init__(self, model: MarDini, diffusion: Diffusion, autoencoder, config: dict):
         self.model = model.eval()
@@ -120,20 +130,35 @@ class MarDiniPipeline:
 
     # ------------------------------------------------------------------------------------------- inputs
     def preprocess(self, image) -> torch.Tensor:
-        """An image (path, PIL, uint8 HxWx3 array, or float [3,H,W] tensor in [-1,1]) -> [3, H, W] in [-1, 1] at
-        the model's resolution (resize the short side, then centre crop)."""
+        """An image -> [3, H, W] in [-1, 1] at the model's resolution (resize the short side, then centre crop).
+        Takes a path or PIL image (8- or 16-bit, grey or colour), an HxWx3 (or HxW) array, or a [3, H, W] tensor:
+        integer values span their type (uint8: 0-255, uint16: 0-65535), floats must already lie in [-1, 1]."""
         if isinstance(image, (str, Path)):
             from PIL import Image
 
-            image = Image.open(image).convert("RGB")
-        if not isinstance(image, torch.Tensor):
-            array = np.asarray(image)
-            if array.ndim != 3 or array.shape[-1] != 3:
-                raise ValueError(f"images must be HxWx3, got shape {array.shape}")
-            image = torch.from_numpy(array.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            with Image.open(image) as opened:
+                image = rgb_array(opened)
+        elif not isinstance(image, (torch.Tensor, np.ndarray)):  # a PIL image
+            image = rgb_array(image)
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=-1)
+            if image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"images must be HxWx3 (or HxW), got shape {image.shape}")
+            image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # PIL arrays are read-only
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be [3, H, W], got {tuple(image.shape)}")
-        image = image.float()
+        if image.dtype == torch.bool or not torch.is_floating_point(image):
+            top = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(image.dtype)
+            if top is None:
+                raise ValueError(f"integer images must be uint8 (0-255) or uint16 (0-65535), got {image.dtype}")
+            image = image.float() / (top / 2) - 1.0
+        else:
+            image = image.float()
+            low, high = float(image.min()), float(image.max())
+            if low < -1.01 or high > 1.01:
+                raise ValueError(f"float images must lie in [-1, 1], got values in [{low:.3g}, {high:.3g}] (pass "
+                                 f"uint8 for 0-255 pixels, or x * 2 - 1 for [0, 1] ones)")
         h, w = image.shape[1:]
         if (h, w) != (self.height, self.width):
             scale = max(self.height / h, self.width / w)
@@ -157,9 +182,9 @@ class MarDiniPipeline:
         bad = [p for p in pixels if not 0 <= p < T]
         if bad:
             raise ValueError(f"frame positions {bad} are outside the window [0, {T})")
-        seeds = [seed] if isinstance(seed, int) else list(seed)
+        seeds = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(x) for x in seed]
         video = self._generate_window(pixels, T, seeds, num_steps, guidance_scale, progress)
-        return video[0] if isinstance(seed, int) else video
+        return video[0] if isinstance(seed, (int, np.integer)) else video
 
     @torch.inference_mode()
     def generate_clips(self, videos: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int],
