@@ -93,7 +93,10 @@ def read_config(path: str | Path) -> dict:
     for name in (CONFIG_FILE, EMA_WEIGHTS):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing")
-    config = json.loads((path / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from None
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path / CONFIG_FILE} is not a mardini export (format={config.get('format')!r})")
     if config.get("format_version") != EXPORT_VERSION:
@@ -123,7 +126,10 @@ def read_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
         name = EMA_WEIGHTS if which == "ema" else RAW_WEIGHTS
     if not (path / name).exists():
         raise FileNotFoundError(f"{path / name} is missing ({which} weights requested)")
-    return load_file(str(path / name))
+    try:
+        return load_file(str(path / name))
+    except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+        raise ValueError(f"{path / name} cannot be read as safetensors ({e}): an incomplete copy?") from None
 
 
 def read_sharded_weights(path: str | Path, key: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -822,14 +822,45 @@ def test_cli_long_with_explicit_positions_and_png_folders_per_seed(export_dir, c
 
 
 def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path, capsys):
-    pngs, _ = cli_inputs
-    for task, extra, message in (("interpolate", [], "takes exactly two --inputs"),
-                                 ("long", ["--positions", "0", "5"], "--positions has 2 entries for 3 --inputs"),
-                                 ("upscale", [], "invalid choice: 'upscale'")):  # argparse: unknown task
+    """Every input is used or the run is refused before the model loads (inputs were once silently dropped: a
+    second image for i2v, a colliding long-video position, a 1-frame "slow motion"), in one line, status 2."""
+    pngs, video = cli_inputs
+    for task, inputs, extra, message in (
+            ("interpolate", pngs, [], "--task interpolate takes two images (the first and the last frame) as "
+                                      "--inputs, got 3 image(s)"),
+            ("interpolate", [video], [], "got a video of 4 frames"),
+            ("i2v", pngs[:2], [], "--task i2v takes one image as --inputs, got 2 image(s)"),
+            ("i2v", [video], [], "--task i2v takes one image as --inputs, got a video of 4 frames"),
+            ("loop", pngs[:2], [], "--task loop takes one image"),
+            ("slow_motion", pngs[:1], [], "--task slow_motion takes two or more images"),
+            ("slow_motion", pngs[:2], ["--factor", "1"], "--factor 1: slow motion makes at least 2"),
+            ("long", pngs, ["--positions", "0", "5"], "--positions has 2 entries for 3 --inputs"),
+            ("long", pngs[:2], ["--positions", "0", "0", "--num-frames", "20"], "each input needs its own position"),
+            ("long", pngs, ["--num-frames", "2"], "--num-frames 2 leaves nothing to generate between 3 --inputs"),
+            ("i2v", pngs[:1], ["--position", "mid"], "--position mid: give first, middle, last or a frame index"),
+            ("i2v", pngs[:1], ["--seeds", "1", "1"], "--seeds [1, 1]: give one or more different seeds"),
+            ("i2v", pngs[:1], ["--fps", "0"], "argument --fps: must be >= 1"),
+            ("upscale", pngs, [], "invalid choice: 'upscale'")):  # argparse: unknown task
         with pytest.raises(SystemExit) as exit_:
-            sample(export_dir, task, pngs, tmp_path / f"{task}.mp4", *extra)
-        assert exit_.value.code == 2 and message in capsys.readouterr().err, task
+            sample(export_dir, task, inputs, tmp_path / f"{task}.mp4", *extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, (task, extra)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cli_names_a_missing_device_and_an_unreadable_export(export_dir, cli_inputs, tmp_path, capsys):
+    pngs, _ = cli_inputs
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--model", str(export_dir), "--task", "i2v", "--inputs", str(pngs[0]), "--output",
+                  str(tmp_path / "a.mp4"), "--device", "cuda"])
+    assert exit_.value.code == 2 and "--device cuda: no CUDA device here" in capsys.readouterr().err
+    broken = Path(shutil.copytree(export_dir, tmp_path / "truncated"))
+    (broken / "model.safetensors").write_bytes((export_dir / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors cannot be read as safetensors"):
+        MarDiniPipeline.from_pretrained(broken)
+    (broken / "config.json").write_text("{model: 1")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        MarDiniPipeline.from_pretrained(broken)
 
 
 @pytest.mark.parametrize("chunk", [2, 0])

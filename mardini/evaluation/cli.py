@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     with interrupts("mardini-eval", args.debug), user_errors("mardini-eval", args.debug):
+        from ..inference.cli import check_device
+
+        check_device(args.device)
         if args.command == "fvd":
             run_fvd(args)
         else:

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="long: output positions of the inputs (default: evenly spread over --num-frames)")
     p.add_argument("--num-new", type=positive_int, default=16, help="expand: frames to add")
     p.add_argument("--direction", default="forward", choices=("forward", "backward"), help="expand direction")
-    p.add_argument("--factor", type=int, default=4, help="slow_motion: output frames per input interval")
+    p.add_argument("--factor", type=int, default=4, help="slow_motion: output frames per input interval (>= 2)")
     p.add_argument("--stride", type=positive_int, default=1, help="long: keyframe stride of the expansion stage")
     p.add_argument("--max-windows", type=positive_int, default=500,
                    help="long: refuse a plan of more model calls (windows x seeds) than this")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--attn-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="attention backend (default: the trained one where it runs on --device, else sdpa)")
-    p.add_argument("--fps", type=int, default=None, help="output frame rate (default: the model's)")
+    p.add_argument("--fps", type=positive_int, default=None, help="output frame rate (default: the model's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE: faster "
@@ -128,9 +128,13 @@ def long_positions(args, num_inputs: int, window: int) -> tuple[int, list[int]]:
     """--task long: (frames to make, where the inputs go): --num-frames (default 8 windows) and --positions (default
     the inputs spread evenly)."""
     n = args.num_frames or 8 * window
+    if n <= num_inputs:
+        raise ValueError(f"--num-frames {n} leaves nothing to generate between {num_inputs} --inputs")
     positions = args.positions or [round(i * (n - 1) / max(1, num_inputs - 1)) for i in range(num_inputs)]
     if len(positions) != num_inputs:
         raise ValueError(f"--positions has {len(positions)} entries for {num_inputs} --inputs")
+    if len(set(positions)) != len(positions) or not all(0 <= p < n for p in positions):
+        raise ValueError(f"--positions {positions}: each input needs its own position in [0, {n})")
     return n, positions
 
 
@@ -154,6 +158,38 @@ def check_long_plan(args, config: dict, positions: list[int], num_frames: int) -
     if calls > args.max_windows:
         raise ValueError(f"the plan has {calls} model calls, more than --max-windows {args.max_windows}: ask for "
                          f"fewer frames, a larger --stride, or raise --max-windows")
+
+
+INPUT_COUNTS = {"interpolate": (2, 2, "two images (the first and the last frame)"), "i2v": (1, 1, "one image"),
+                "loop": (1, 1, "one image"), "expand": (1, None, "one or more frames (images or a video)"),
+                "slow_motion": (2, None, "two or more images"), "long": (1, None, "one or more images")}
+
+
+def check_arguments(args, inputs: list) -> None:
+    """Before the model is loaded: every input is used (none silently dropped) and the options make a video."""
+    low, high, what = INPUT_COUNTS[args.task]
+    video = len(args.inputs) == 1 and Path(args.inputs[0]).suffix.lower() in VIDEO_INPUTS
+    got = f"a video of {len(inputs)} frames" if video else f"{len(inputs)} image(s)"
+    if len(inputs) < low or (high is not None and len(inputs) > high) or (video and high == 1):
+        raise ValueError(f"--task {args.task} takes {what} as --inputs, got {got}")
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
+        raise ValueError(f"--seeds {args.seeds}: give one or more different seeds")
+    if args.task == "slow_motion" and args.factor < 2:
+        raise ValueError(f"--factor {args.factor}: slow motion makes at least 2 output frames per input interval")
+    position = args.position
+    if args.task == "i2v" and position not in ("first", "middle", "last") and not position.isdigit():
+        raise ValueError(f"--position {position}: give first, middle, last or a frame index >= 0")
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device this machine does not have (torch's own is an assertion deep inside)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu")
 
 
 def run(args, pipe, inputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +256,9 @@ def sample(args) -> None:
                                 f"or a training checkpoint folder)")
     if args.vae_chunk is not None and args.vae_chunk < 0:
         raise ValueError(f"--vae-chunk must be >= 0 (0: all frames in one decoder call), got {args.vae_chunk}")
+    check_device(args.device)
     inputs = read_inputs(args.inputs)
+    check_arguments(args, inputs)
     check_outputs(args)
     if args.task == "long":  # its size is known from the export's config: refuse an absurd one before loading
         config = read_config(args.model)

@@ -177,7 +177,7 @@ class MarDiniPipeline:
         T = num_frames or self.num_frames
         if T > self.model.cfg.max_frames:
             raise ValueError(f"num_frames={T} exceeds the model's max_frames={self.model.cfg.max_frames}; "
-                             f"use long_video() for longer videos")
+                             f"use long_video() (mardini-sample --task long) for longer videos")
         pixels = {int(p): self.preprocess(img) for p, img in frames.items()}
         bad = [p for p in pixels if not 0 <= p < T]
         if bad:
