@@ -92,7 +92,15 @@ def read_config(path: str | Path) -> dict:
                 "lowres_mode": data.get("lowres_mode", "latents"), "data": data}
     for name in (CONFIG_FILE, EMA_WEIGHTS):
         if not (path / name).exists():
-            raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing")
+            hint = ""
+            if (path / "export" / CONFIG_FILE).exists():
+                hint = f" (a run folder? its export is {path / 'export'})"
+            elif (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
+                hint = f" (a run folder without an export: give one of {path / 'checkpoints'}/step_*)"
+            elif (path / "config.yaml").exists():
+                hint = (" (a training checkpoint without its COMPLETE marker: its save was interrupted; use an "
+                        "earlier one)")
+            raise FileNotFoundError(f"{path} is not a mardini export: {name} is missing{hint}")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:

@@ -607,6 +607,15 @@ def test_a_model_trained_with_a_gpu_only_backend_samples_on_the_cpu_with_sdpa(pi
         explicit.image_to_video(image, seed=5, num_steps=STEPS)
 
 
+def test_a_run_folder_or_an_interrupted_checkpoint_is_named_as_such(trained_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"a run folder\? its export is .*export"):
+        MarDiniPipeline.from_pretrained(trained_run)
+    interrupted = Path(shutil.copytree(checkpoint(trained_run, TRAIN_STEPS), tmp_path / "step"))
+    (interrupted / "COMPLETE").unlink()
+    with pytest.raises(FileNotFoundError, match="without its COMPLETE marker"):
+        MarDiniPipeline.from_pretrained(interrupted)
+
+
 def test_other_format_version_is_rejected(export_dir, tmp_path):
     other = Path(shutil.copytree(export_dir, tmp_path / "other"))
     config = json.loads((other / "config.json").read_text())
