@@ -281,9 +281,12 @@ def bad_videos(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_train_with_only_bad_data_fails_in_one_line(tmp_path, bad_videos):
-    """The error raised in a DataLoader worker reaches the console as the worker's own one-line message."""
+    """The error raised in a DataLoader worker reaches the console as the worker's own one-line message. (The
+    validation videos, decoded at start, are a good file elsewhere: unreadable ones stop the run before training.)"""
+    write_test_video(tmp_path / "val" / "good.mp4", num_frames=48, fps=24, height=32, width=32)
     result = run_train(tmp_path, tmp_path / "run", "data=video", f"data.video.root={bad_videos}",
-                       "data.video.num_frames=9", "data.video.height=32", "data.video.width=32", "data.num_workers=2")
+                       f"data.video.val_root={tmp_path / 'val'}", "data.video.num_frames=9", "data.video.height=32",
+                       "data.video.width=32", "data.num_workers=2")
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("mardini-train: error: sample "), result.stderr[-3000:]
