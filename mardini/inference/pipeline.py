@@ -148,7 +148,7 @@ class MarDiniPipeline:
             image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # PIL arrays are read-only
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be [3, H, W], got {tuple(image.shape)}")
-        if image.dtype == torch.bool or not torch.is_floating_point(image):
+        if not torch.is_floating_point(image):
             top = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(image.dtype)
             if top is None:
                 raise ValueError(f"integer images must be uint8 (0-255) or uint16 (0-65535), got {image.dtype}")

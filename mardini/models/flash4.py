@@ -28,6 +28,12 @@ def fa4_installed() -> bool:
 FA4_INSTALLED = fa4_installed()
 
 
+def fa4_runs_on(device: torch.device) -> bool:
+    """flash-attn-4 installed and the device a Hopper or Blackwell GPU (the kernels it ships)."""
+    device = torch.device(device)
+    return FA4_INSTALLED and device.type == "cuda" and torch.cuda.get_device_properties(device).major in (9, 10)
+
+
 def _interface():
     import flash_attn.cute.interface as interface
 
@@ -39,7 +45,7 @@ def check_fa4_inputs(q: torch.Tensor) -> None:
     if not FA4_INSTALLED:
         raise RuntimeError(f"attention backend 'fa4' requested but flash-attn-4 is not installed "
                            f"(pip install 'mardini[fa4]', flash-attn-4=={FA4_VERSION}); or use model.attn_backend=sdpa")
-    if q.device.type != "cuda" or torch.cuda.get_device_properties(q.device).major not in (9, 10):
+    if not fa4_runs_on(q.device):
         raise RuntimeError(f"attention backend 'fa4' runs on NVIDIA GPUs of compute capability 9.x or 10.x (Hopper, "
                            f"Blackwell), not on {q.device}; use model.attn_backend=sdpa")
     if q.dtype not in (torch.bfloat16, torch.float16):

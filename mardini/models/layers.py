@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .flash4 import FA4_INSTALLED, fa4_attention
+from .flash4 import fa4_attention, fa4_runs_on
 
 
 def preload_cuda12_runtime() -> Path | None:
@@ -65,8 +65,7 @@ def backend_runs_on(backend: str, device: torch.device) -> bool:
     if backend == "xformers":
         return xops is not None and device.type == "cuda"
     if backend == "fa4":
-        return (FA4_INSTALLED and device.type == "cuda"
-                and torch.cuda.get_device_properties(device).major in (9, 10))
+        return fa4_runs_on(device)
     return backend == "sdpa"
 
 
