@@ -221,13 +221,44 @@ LONG_GIVEN, LONG_FRAMES, LONG_WINDOW = [0, 42, 85, 127], 128, 17
 
 
 def test_long_video_plan_4_images_to_128_frames():
+    """Each 42-43 frame gap exceeds the 17-frame window: the fewest keyframes that leave every part one window long
+    (3 parts: one call), then each part in one window of consecutive frames (3 calls): 12 calls, not dense's 51."""
     plan = long_video_plan(LONG_GIVEN, LONG_FRAMES, LONG_WINDOW)
     check_plan(plan, LONG_GIVEN, LONG_FRAMES, LONG_WINDOW)
     validate_plan_independently(plan, LONG_GIVEN, LONG_FRAMES, LONG_WINDOW)
-    # the gaps (42, 43, 42 frames) exceed the window: coarse keyframe windows first, then the sub-gaps
     assert all(w.kind == "interpolate" for w in plan)
-    assert plan[0].positions[0] == 0 and plan[0].positions[-1] == 42 and len(plan[0].positions) == LONG_WINDOW
-    assert max(len(w.positions) for w in plan) == LONG_WINDOW
+    assert plan[0].positions == (0, 14, 28, 42) and len(plan) == 12
+    parts = [w for w in plan if len(w.positions) > 4]
+    assert len(parts) == 9 and all(w.positions == tuple(range(w.positions[0], w.positions[-1] + 1)) for w in parts)
+    assert max(len(w.positions) for w in plan) == LONG_WINDOW - 1  # parts of 14-15 frame steps: 15-16 frames
+    dense = long_video_plan(LONG_GIVEN, LONG_FRAMES, LONG_WINDOW, keyframes="dense")
+    check_plan(dense, LONG_GIVEN, LONG_FRAMES, LONG_WINDOW)
+    assert dense[0].positions[-1] == 42 and len(dense[0].positions) == LONG_WINDOW and len(dense) == 51
+
+
+def test_sparse_keyframes_leave_whole_windows_of_consecutive_frames():
+    """keyframes="sparse" splits a long gap into the fewest parts that each fit one window, then fills each part
+    with one window of consecutive frames; "dense" puts a whole window of keyframes first, then small windows."""
+    plan = long_video_plan([0, 32], 33, 9)
+    check_plan(plan, [0, 32], 33, 9)
+    assert [w.positions for w in plan] == [(0, 8, 16, 24, 32)] + [tuple(range(a, a + 9)) for a in (0, 8, 16, 24)]
+    dense = long_video_plan([0, 32], 33, 9, keyframes="dense")
+    assert dense[0].positions == tuple(range(0, 33, 4)) and len(dense) == 9
+    assert all(w.positions == tuple(range(w.positions[0], w.positions[0] + 5)) for w in dense[1:])
+    # a gap too long for one window of keyframes at whole-window spacing falls back to a dense first level
+    plan = long_video_plan([0, 499], 500, 17)
+    check_plan(plan, [0, 499], 500, 17)
+    assert len(plan[0].positions) == 17 and len(plan) == 49 < len(long_video_plan([0, 499], 500, 17, keyframes="dense"))
+    with pytest.raises(ValueError, match="keyframes must be one of"):
+        long_video_plan([0, 32], 33, 9, keyframes="even")
+
+
+@pytest.mark.parametrize("keyframes", ["dense", "sparse"])
+@pytest.mark.parametrize("given,num_frames,window", [([0, 7, 50, 51, 99], 100, 9), ([3], 70, 5), ([0, 200], 201, 17)])
+def test_interpolation_plans_are_valid_either_way(keyframes, given, num_frames, window):
+    plan = long_video_plan(given, num_frames, window, keyframes=keyframes)
+    check_plan(plan, given, num_frames, window)
+    validate_plan_independently(plan, given, num_frames, window)
 
 
 @pytest.mark.parametrize("given,num_frames,window,stride,context", [

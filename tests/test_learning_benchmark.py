@@ -398,3 +398,37 @@ def test_learning_sweep_trains_each_variant_and_scores_it(tmp_path):
         finally:
             sys.path.pop(0)
         learning_sweep.parse_variant("no_equals_sign")
+
+
+def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp_path, monkeypatch, capsys):
+    """benchmarks/long_video_plans.py: both plans run on the same held-out clips, each scored over its generated
+    frames against the real ones (a plan that returned the real clip would score the PSNR ceiling), with its calls."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("long_video_plans", REPO / "benchmarks" / "long_video_plans.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = random_pipeline()
+    pipe.config["data"] = {"source": "synthetic", "val_seed": 11, "synthetic": dict(
+        num_videos=64, num_frames=T, height=H, width=H, min_shapes=1, max_shapes=3, seed=0)}
+    monkeypatch.setattr(MarDiniPipeline, "from_pretrained", lambda *args, **kwargs: pipe)
+    out = tmp_path / "plans.json"
+    bench.main(["export", "--num-frames", "9", "--given", "0", "8", "--clips", "2", "--steps", "1", "--device", "cpu",
+                "--json", str(out)])
+    report = json.loads(out.read_text())
+    dense, sparse = report["plans"]
+    # 9 frames, a 5-frame window: dense (0, 2, 4, 6, 8) then four 3-frame windows; sparse (0, 4, 8), two 5-frame ones
+    assert (dense["keyframes"], dense["windows"], dense["frames_processed"]) == ("dense", 5, 17)
+    assert (sparse["keyframes"], sparse["windows"], sparse["frames_processed"]) == ("sparse", 3, 13)
+    clips = held_out_clips(pipe.config["data"], 2, 9)
+    generated = torch.ones(9, dtype=torch.bool)
+    generated[[0, 8]] = False
+    assert report["blend_psnr"] == pytest.approx(clip_psnr(baseline(clips, generated, "linear_blend"), clips,
+                                                           generated).mean().item())
+    assert all(math.isfinite(p["psnr"]) and p["psnr"] < 60 for p in report["plans"])
+    monkeypatch.setattr(pipe, "run_plan", lambda plan, known, L, **kw: held_out_clips(pipe.config["data"], 2, 9)[
+        int(kw["seed"])])  # the real clip itself: the ceiling
+    assert bench.score_plan(pipe, clips, [0, 8], "sparse", 0, 1)["psnr"] == pytest.approx(200.0)
+    with pytest.raises(SystemExit):  # the ends must be given: every generated frame lies between known ones
+        bench.main(["export", "--num-frames", "9", "--given", "0", "4"])
+    assert "include the first (0) and the last (8) frame" in capsys.readouterr().err

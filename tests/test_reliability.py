@@ -513,6 +513,15 @@ def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_pa
     assert code == 2 and "--model" in err[0] and "no such folder" in err[0]
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--num-frames", "0")
     assert code == 2 and len(err) == 2 and err[0].endswith("--num-frames: must be >= 1, got 0"), err
+    code, err, _ = sample(capsys, export, "slow_motion", [good, good], tmp_path / "o.mp4", "--num-frames", "9")
+    assert code == 2 and "--num-frames does not apply to --task slow_motion" in err[0] and "--factor" in err[0], err
+    code, err, _ = sample(capsys, export, "i2v", [good], tmp_path / "o.mp4", "--positions", "3")
+    assert code == 2 and "--positions applies to --task long only" in err[0], err
+    # Options the export's config decides: a sampler of another formulation, guidance without a null plan.
+    code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--sampler", "ddim")
+    assert code == 2 and err[0].startswith("mardini-sample: error: --sampler ddim: ") and "rectified_flow" in err[0]
+    code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--guidance", "2")
+    assert code == 2 and "--guidance 2.0: this model was trained without model.plan_dropout" in err[0], err
     with pytest.raises(FileNotFoundError):  # --debug: the exception itself
         sample_cli.main(["--model", str(export), "--task", "i2v", "--inputs", str(tmp_path / "missing.png"),
                          "--output", str(tmp_path / "o.mp4"), "--debug"])
@@ -545,9 +554,13 @@ def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, 
     code, err, _ = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "100000")
     assert code == 2 and "needs at least" in err[0] and "--max-windows 500" in err[0], err
     assert time.monotonic() - start < 30  # refused without planning 100000 frames
+    # 40 frames from 2 images in 9-frame windows: at least 5 calls; the plan makes 6 (dense keyframes: 9)
     code, err, out = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "40",
-                            "--max-windows", "6")
-    assert code == 2 and "the plan has" in err[0] and "--max-windows 6" in err[0], err
+                            "--max-windows", "5")
+    assert code == 2 and "the plan has 6 model calls" in err[0] and "--max-windows 5" in err[0], err
+    code, err, out = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "40",
+                            "--max-windows", "8", "--keyframes", "dense")
+    assert code == 2 and "the plan has 9 model calls" in err[0] and "--max-windows 8" in err[0], err
     assert out.startswith("plan: ") and "windows" in out and "model calls" in out
     assert list(tmp_path.iterdir()) == []
 

@@ -8,6 +8,7 @@ slow train for more than a few seconds; the distributed one starts two gloo proc
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -608,6 +609,20 @@ def test_init_from_another_head_split_is_refused(straight_run, tmp_path, source)
     cfg = tiny_config(tmp_path / "ft_generator", init_from=str(path))
     cfg.model.generator.num_heads = cfg.model.generator.num_heads // 2
     with pytest.raises(ValueError, match="model.generator.num_heads="):
+        Trainer(cfg)
+
+
+def test_init_from_another_output_meaning_is_refused(straight_run, tmp_path):
+    """motion.residual changes what the generator's output means (the difference from the motion estimate, not the
+    frame) without changing a weight's shape: fine-tuning across it must be refused by name, like another objective."""
+    source = tmp_path / "residual_export"
+    shutil.copytree(straight_run / "export", source)
+    config = json.loads((source / "config.json").read_text())
+    config["model"]["motion"].update(estimate="bilateral", residual=True, residual_scale=2.0)
+    (source / "config.json").write_text(json.dumps(config))
+    cfg = tiny_config(tmp_path / "ft", init_from=str(source))
+    cfg.model.motion.estimate = "bilateral"
+    with pytest.raises(ValueError, match=r"pass model.motion.residual=True model.motion.residual_scale=2.0 "):
         Trainer(cfg)
 
 

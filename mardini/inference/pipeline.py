@@ -284,23 +284,26 @@ class MarDiniPipeline:
         return self.run_plan(plan, {offset + i: f for i, f in enumerate(given)}, total, seed, progress, **kw)
 
     @torch.inference_mode()
-    def slow_motion(self, frames, factor: int, seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
-        """Insert factor - 1 frames between consecutive frames: k frames -> (k - 1) * factor + 1 frames."""
+    def slow_motion(self, frames, factor: int, seed: int = 0, progress: bool = True, keyframes: str = "sparse",
+                    **kw) -> torch.Tensor:
+        """Insert factor - 1 frames between consecutive frames: k frames -> (k - 1) * factor + 1 frames.
+        `keyframes`: how a gap longer than the window is split (planning.interpolation_plan)."""
         if factor < 2:
             raise ValueError(f"factor must be >= 2, got {factor}")
         given = [self.preprocess(f) for f in frames]
         total = (len(given) - 1) * factor + 1
         known = {i * factor: f for i, f in enumerate(given)}
-        plan = interpolation_plan(sorted(known), self.num_frames)
+        plan = interpolation_plan(sorted(known), self.num_frames, keyframes)
         return self.run_plan(plan, known, total, seed, progress, **kw)
 
     @torch.inference_mode()
     def long_video(self, frames: dict[int, object], num_frames: int, stride: int = 1, context: int | None = None,
-                   seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
+                   seed: int = 0, progress: bool = True, keyframes: str = "sparse", **kw) -> torch.Tensor:
         """Any length: given frames at output positions; expand on a grid of every `stride`-th frame, then
-        interpolate recursively (e.g. 4 images -> 128 frames with a 17-frame window)."""
+        interpolate recursively (e.g. 4 images -> 128 frames with a 17-frame window; `keyframes`: how a gap longer
+        than the window is split, planning.interpolation_plan)."""
         known = {int(p): self.preprocess(img) for p, img in frames.items()}
-        plan = long_video_plan(sorted(known), num_frames, self.num_frames, stride, context)
+        plan = long_video_plan(sorted(known), num_frames, self.num_frames, stride, context, keyframes)
         return self.run_plan(plan, known, num_frames, seed, progress, **kw)
 
     def run_plan(self, plan: list[Window], known: dict[int, torch.Tensor], num_frames: int, seed: int = 0,

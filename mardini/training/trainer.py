@@ -229,8 +229,9 @@ HOW_NOT_WHAT_KEYS = ("attn_backend", "sdpa_kernel", "generator.identity_impl", "
 # planner's loss adds its read-out's weights, so a run resumes only under the loss weight it was saved with.)
 ADDED_KEYS = {"planner.loss_weight": 0.0, "motion.plan_layout": False}
 # Keys that leave every weight's shape alone but change what the weights compute: the attention projections are
-# learned per head, so weights loaded under another head split are scrambled without any loading error.
-SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads")
+# learned per head, so weights loaded under another head split are scrambled without any loading error; with
+# motion.residual the generator's output is the (scaled) difference from the motion estimate, not the frame.
+SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads", "motion.residual", "motion.residual_scale")
 # Weights that only a training loss needs (the planner's read-out, model.planner.loss_weight > 0; with
 # model.motion.plan_layout the generator reads it too, and a fresh one is trained by that loss): fine-tuning may start
 # from weights without them (they start fresh) or drop them.
