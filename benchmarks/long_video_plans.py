@@ -10,7 +10,8 @@ A gap between two known frames that does not fit one window is filled hierarchic
 consecutive frames. Either way the model sees a window's frames as consecutive, so the keyframe window shows it the
 motion of several frames per frame.
 
-On held-out clips of the export's data at --num-frames (the ground truth), with the frames at --given known, each
+On held-out clips of the export's data at --num-frames (the ground truth; consecutive frames, also for a model
+trained at random frame strides, data.synthetic.max_frame_stride), with the frames at --given known, each
 plan is run and scored: PSNR of the generated frames against the real ones, beside the linear blend of the nearest
 given frames, with the model calls, the frames they process and the wall time.
 """
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
         if args.num_frames <= pipe.num_frames:
             raise ValueError(f"--num-frames {args.num_frames}: a clip of the window's {pipe.num_frames} frames or "
                              f"fewer is one model call whatever the plan; ask for more")
-        clips = held_out_clips(pipe.config["data"], args.clips, args.num_frames)
+        clips = held_out_clips(pipe.config["data"], args.clips, args.num_frames, consecutive=True)
         generated = torch.ones(args.num_frames, dtype=torch.bool)
         generated[given] = False
         blend = clip_psnr(baseline(clips, generated, "linear_blend"), clips, generated).mean().item()

@@ -58,6 +58,10 @@ def test_held_out_clips_are_the_validation_seeds_stream():
     videos = held_out_clips(data, 3)
     expected = SyntheticVideoDataset(SyntheticVideoConfig(seed=11, num_videos=3, num_frames=T, height=H, width=H))
     assert torch.equal(videos, torch.stack([expected[i]["video"] for i in range(3)]))
+    # trained at random frame strides: the held-out clips follow them, unless consecutive frames are asked for
+    data["synthetic"]["max_frame_stride"] = 4
+    assert not torch.equal(held_out_clips(data, 3), videos)
+    assert torch.equal(held_out_clips(data, 3, consecutive=True), videos)
     train = SyntheticVideoDataset(SyntheticVideoConfig(seed=0, num_videos=64, num_frames=T, height=H, width=H))
     assert not any(torch.equal(videos[0], train[i]["video"]) for i in range(64))
     with pytest.raises(ValueError, match="data.source='cache'"):

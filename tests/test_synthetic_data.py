@@ -58,6 +58,20 @@ def test_longer_clip_continues_shorter_one():
     assert torch.equal(short, long[:9])
 
 
+def test_frame_strides_show_the_same_scenes_every_kth_frame():
+    """max_frame_stride > 1: each clip is its stride-1 scene read every k-th frame, k drawn per clip in 1..max, so a
+    model meets windows whose frames lie several frames apart (as a long video's keyframe windows do)."""
+    strided, full = make(num_frames=5, max_frame_stride=3), make(num_frames=13)
+    strides = []
+    for i in range(12):
+        clip = strided[i]["video"]
+        strides.append(next(k for k in (1, 2, 3) if torch.equal(clip, full[i]["video"][::k][:5])))
+    assert set(strides) == {1, 2, 3}  # every stride occurs, each clip exactly its scene at one of them
+    assert torch.equal(make(num_frames=5, max_frame_stride=1)[4]["video"], full[4]["video"][:5])
+    with pytest.raises(ValueError, match="max_frame_stride must be >= 1"):
+        make(max_frame_stride=0)
+
+
 def test_accepts_omegaconf_and_rejects_bad_values():
     cfg = OmegaConf.structured(SyntheticVideoConfig(num_videos=10, height=16, width=24))
     ds = SyntheticVideoDataset(cfg)

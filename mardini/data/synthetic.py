@@ -41,6 +41,9 @@ class SyntheticVideoConfig:
     max_shapes: int = 3  # most shapes in a clip
     seed: int = 0  # with the index, the only source of randomness
     hue_drift: float = 0.03  # most hue change of a shape per frame, in turns (0: shapes keep their colour)
+    # > 1: each clip shows every k-th frame of its scene, k drawn uniformly from 1..max_frame_stride per clip (the
+    # same scene as at k = 1, faster): windows whose frames lie several frames apart, as a long video's plan makes
+    max_frame_stride: int = 1
 
 
 def _read_config(cfg: Any) -> SyntheticVideoConfig:
@@ -57,7 +60,8 @@ def _read_config(cfg: Any) -> SyntheticVideoConfig:
     out = SyntheticVideoConfig(**values)
     if not 0.0 <= out.hue_drift <= 0.5:
         raise ValueError(f"data.synthetic.hue_drift must be in [0, 0.5] turns per frame, got {out.hue_drift}")
-    lower_bounds = {"num_videos": 1, "num_frames": 1, "height": 1, "width": 1, "min_shapes": 0, "seed": 0}
+    lower_bounds = {"num_videos": 1, "num_frames": 1, "height": 1, "width": 1, "min_shapes": 0, "seed": 0,
+                    "max_frame_stride": 1}
     for name, low in lower_bounds.items():
         if getattr(out, name) < low:
             raise ValueError(f"data.synthetic.{name} must be >= {low}, got {getattr(out, name)}")
@@ -188,7 +192,10 @@ def _draw_shape(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.
 def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
     """Render clip `index` of the dataset described by cfg -> float32 [T, 3, H, W] in [-1, 1]."""
     rng = np.random.default_rng([cfg.seed, index])
-    t = np.arange(cfg.num_frames, dtype=np.float64)  # time in frames
+    stride = 1
+    if cfg.max_frame_stride > 1:  # its own stream: the scene is the one stride 1 renders
+        stride = int(np.random.default_rng([cfg.seed, index, 1]).integers(1, cfg.max_frame_stride + 1))
+    t = np.arange(cfg.num_frames, dtype=np.float64) * stride  # time in frames of the scene
     # Pixel centres: xs [1, 1, W], ys [1, H, 1].
     xs = (np.arange(cfg.width, dtype=np.float32) + 0.5)[None, None, :]
     ys = (np.arange(cfg.height, dtype=np.float32) + 0.5)[None, :, None]

@@ -50,11 +50,13 @@ POSTERIOR_T = 0.999  # "pure noise": t = 1 is outside the training range (0, 1)
 
 
 # ------------------------------------------------------------------------------------------------ clips
-def held_out_clips(data: Mapping, count: int, num_frames: int | None = None) -> Tensor:
+def held_out_clips(data: Mapping, count: int, num_frames: int | None = None,
+                   consecutive: bool = False) -> Tensor:
     """[count, T, 3, H, W] clips in [-1, 1] that training never read, from a training data config (the ``data``
     entry of an export's config.json): synthetic clips of ``val_seed``'s stream, or clips of the held-out video files
     (``video.val_root``, else the ``val_fraction`` of the training files). More clips than files take other
-    starts in the same files."""
+    starts in the same files. consecutive: synthetic clips of consecutive frames even where training read them at
+    random frame strides (data.synthetic.max_frame_stride), so that models trained either way meet the same clips."""
     source = data.get("source")
     if source == "synthetic":
         from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
@@ -62,6 +64,8 @@ def held_out_clips(data: Mapping, count: int, num_frames: int | None = None) -> 
         values = dict(data["synthetic"], seed=data["val_seed"], num_videos=count)
         if num_frames:
             values["num_frames"] = num_frames
+        if consecutive:
+            values["max_frame_stride"] = 1
         dataset = SyntheticVideoDataset(SyntheticVideoConfig(**values))
         return torch.stack([dataset[i]["video"] for i in range(count)])
     if source == "video":
