@@ -41,19 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=positive_int, default=None,
                    help="interpolate, i2v, loop: window length (default: the training window); long: total "
                         "output frames; not for expand (--num-new) or slow_motion (--factor)")
-    p.add_argument("--position", default="middle", help="i2v: first | middle | last | an index")
-    p.add_argument("--positions", type=int, nargs="*", default=None,
+    # Options of one task or two (TASK_OPTIONS): None here, so that one given to another task is refused.
+    p.add_argument("--position", help="i2v: first | middle | last | an index (default: middle)")
+    p.add_argument("--positions", type=int, nargs="*",
                    help="long: output positions of the inputs (default: evenly spread over --num-frames)")
-    p.add_argument("--num-new", type=positive_int, default=16, help="expand: frames to add")
-    p.add_argument("--direction", default="forward", choices=("forward", "backward"), help="expand direction")
-    p.add_argument("--factor", type=int, default=4, help="slow_motion: output frames per input interval (>= 2)")
-    p.add_argument("--stride", type=positive_int, default=1, help="long: keyframe stride of the expansion stage")
-    p.add_argument("--keyframes", default="sparse", choices=KEYFRAME_MODES,
+    p.add_argument("--num-new", type=positive_int, help="expand: frames to add (default: 16)")
+    p.add_argument("--direction", choices=("forward", "backward"), help="expand: direction (default: forward)")
+    p.add_argument("--factor", type=int, help="slow_motion: output frames per input interval, >= 2 (default: 4)")
+    p.add_argument("--stride", type=positive_int, help="long: keyframe stride of the expansion stage (default: 1)")
+    p.add_argument("--keyframes", choices=KEYFRAME_MODES,
                    help="slow_motion, long: a gap longer than the window is first split by the fewest keyframes "
-                        "that leave each part one window long (sparse: fewer, fuller windows, as good and 3.6-5.7x "
-                        "faster measured) or by a whole window of keyframes (dense)")
-    p.add_argument("--max-windows", type=positive_int, default=500,
-                   help="long: refuse a plan of more model calls (windows x seeds) than this")
+                        "that leave each part one window long (sparse, the default: fewer, fuller windows, as good "
+                        "and 3.6-5.7x faster measured) or by a whole window of keyframes (dense)")
+    p.add_argument("--max-windows", type=positive_int,
+                   help="long: refuse a plan of more model calls (windows x seeds) than this (default: 500)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the diffusion config's)")
     p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
                                                     "(DDPM models); default: the one the model was trained with")
@@ -171,8 +172,21 @@ INPUT_COUNTS = {"interpolate": (2, 2, "two images (the first and the last frame)
                 "slow_motion": (2, None, "two or more images"), "long": (1, None, "one or more images")}
 
 
+# Options that only some tasks read: the tasks, and the value when not given.
+TASK_OPTIONS = {"position": (("i2v",), "middle"), "positions": (("long",), None), "num_new": (("expand",), 16),
+                "direction": (("expand",), "forward"), "factor": (("slow_motion",), 4), "stride": (("long",), 1),
+                "max_windows": (("long",), 500), "keyframes": (("slow_motion", "long"), "sparse")}
+
+
 def check_arguments(args, inputs: list) -> None:
-    """Before the model is loaded: every input is used (none silently dropped) and the options make a video."""
+    """Before the model is loaded: every input and option is used (none silently dropped), the options make a video.
+    Fills in the defaults of TASK_OPTIONS."""
+    for name, (tasks, default) in TASK_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.task not in tasks:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)} only, "
+                             f"not {args.task}")
     low, high, what = INPUT_COUNTS[args.task]
     video = len(args.inputs) == 1 and Path(args.inputs[0]).suffix.lower() in VIDEO_INPUTS
     got = f"a video of {len(inputs)} frames" if video else f"{len(inputs)} image(s)"
@@ -185,8 +199,6 @@ def check_arguments(args, inputs: list) -> None:
     if args.num_frames is not None and args.task in ("expand", "slow_motion"):
         instead = "--num-new (frames to add)" if args.task == "expand" else "--factor (frames per input interval)"
         raise ValueError(f"--num-frames does not apply to --task {args.task}: its length follows from {instead}")
-    if args.positions is not None and args.task != "long":
-        raise ValueError("--positions applies to --task long only (--task i2v takes --position)")
     position = args.position
     if args.task == "i2v" and position not in ("first", "middle", "last") and not position.isdigit():
         raise ValueError(f"--position {position}: give first, middle, last or a frame index >= 0")
