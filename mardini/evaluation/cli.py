@@ -70,23 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--clips", default=None, help="clips JSON: reused if it exists, else written")
         b.add_argument("--preset", default=None, choices=sorted(PROTOCOLS),
                        help=f"protocol preset (default: {DEFAULT_PRESETS[name]})")
-        b.add_argument("--num-frames", type=int, default=None)
-        b.add_argument("--height", type=int, default=None)
-        b.add_argument("--width", type=int, default=None)
-        b.add_argument("--frame-stride", type=int, default=None)
-        b.add_argument("--clips-per-video", type=int, default=None)
-        b.add_argument("--max-clips", type=int, default=None)
-        b.add_argument("--seed", type=int, default=None, help="clip-selection seed")
+        preset = PROTOCOLS[DEFAULT_PRESETS[name]]
+        b.add_argument("--num-frames", type=int, default=None,
+                       help=f"frames per clip (default: the preset's, {preset.num_frames} for {DEFAULT_PRESETS[name]})")
+        b.add_argument("--height", type=int, default=None,
+                       help=f"evaluation height; frames are scaled to cover it and centre-cropped (default: "
+                            f"the preset's, {preset.height})")
+        b.add_argument("--width", type=int, default=None,
+                       help=f"evaluation width (default: the preset's, {preset.width})")
+        b.add_argument("--frame-stride", type=int, default=None,
+                       help=f"take every k-th frame of the source video (default: the preset's, "
+                            f"{preset.frame_stride})")
+        b.add_argument("--clips-per-video", type=int, default=None,
+                       help=f"clips drawn per video, distinct starts where it is long enough (default: "
+                            f"the preset's, {preset.clips_per_video})")
+        b.add_argument("--max-clips", type=int, default=None, help="keep a seeded subset of this many clips "
+                                                                    "(default: all)")
+        b.add_argument("--seed", type=int, default=None,
+                       help=f"clip-selection seed (default: the preset's, {preset.seed})")
         b.add_argument("--model", default=None, help="MarDini export (or checkpoint) folder to evaluate")
-        b.add_argument("--model-name", default="mardini")
-        b.add_argument("--steps", type=int, default=None, help="sampler steps for the model")
-        b.add_argument("--model-seed", type=int, default=0)
-        b.add_argument("--baselines", nargs="*", default=["repeat_nearest", "linear_blend"])
+        b.add_argument("--model-name", default="mardini", help="the model's name in the results (default: mardini)")
+        b.add_argument("--steps", type=int, default=None, help="sampler steps for the model (default: the export's)")
+        b.add_argument("--model-seed", type=int, default=0, help="seed of the model's noise (default: 0)")
+        b.add_argument("--baselines", nargs="*", default=["repeat_nearest", "linear_blend"],
+                       help="baselines scored beside the model (default: repeat_nearest linear_blend)")
         b.add_argument("--fvd", default="auto", choices=("auto", "off", "require"),
                        help="auto: FVD when I3D weights are found; require: fail without them")
         b.add_argument("--lpips", default=None, help="local LPIPS weights (TorchScript or lpips' alex.pth)")
         b.add_argument("--num-grids", type=int, default=4, help="sample grid videos to write")
-        b.add_argument("--fps", type=int, default=8)
+        b.add_argument("--fps", type=int, default=8, help="frame rate of the grid videos (default: 8)")
         _add_i3d_args(b)
     return p
 
