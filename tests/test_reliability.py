@@ -565,7 +565,7 @@ def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, 
     code, err, out = sample(capsys, export, "long", [good, good], tmp_path / "long.mp4", "--num-frames", "40",
                             "--max-windows", "8", "--keyframes", "dense")
     assert code == 2 and "the plan has 9 model calls" in err[0] and "--max-windows 8" in err[0], err
-    assert out.startswith("plan: ") and "windows" in out and "model calls" in out
+    assert out.startswith("plan: ") and "windows" in out and "(dense keyframes)" in out and "model calls" in out
     assert list(tmp_path.iterdir()) == []
 
 

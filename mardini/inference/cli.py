@@ -159,7 +159,7 @@ def check_long_plan(args, config: dict, positions: list[int], num_frames: int) -
     plan = long_video_plan(sorted(set(positions)), num_frames, window, args.stride, keyframes=args.keyframes)
     calls = len(plan) * seeds
     gib = num_frames * 3 * config["height"] * config["width"] * 4 / 2**30
-    print(f"plan: {len(plan)} windows of up to {window} frames for {num_frames} frames"
+    print(f"plan: {len(plan)} windows of up to {window} frames ({args.keyframes} keyframes) for {num_frames} frames"
           f"{f', x {seeds} seeds' if seeds > 1 else ''} = {calls} model calls of "
           f"{args.steps or config['diffusion']['num_inference_steps']} sampler steps; the video takes {gib:.2f} GiB")
     if calls > args.max_windows:
