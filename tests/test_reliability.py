@@ -514,11 +514,12 @@ def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_pa
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--num-frames", "0")
     assert code == 2 and len(err) == 2 and err[0].endswith("--num-frames: must be >= 1, got 0"), err
     code, err, _ = sample(capsys, export, "slow_motion", [good, good], tmp_path / "o.mp4", "--num-frames", "9")
-    assert code == 2 and "--num-frames does not apply to --task slow_motion" in err[0] and "--factor" in err[0], err
+    assert code == 2 and "--num-frames applies to --task interpolate, i2v, loop, long only, not slow_motion" in err[0]
+    assert "the length follows from --factor" in err[0], err
     code, err, _ = sample(capsys, export, "i2v", [good], tmp_path / "o.mp4", "--positions", "3")
     assert code == 2 and "--positions applies to --task long only, not i2v" in err[0], err
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--keyframes", "dense")
-    assert code == 2 and "--keyframes applies to --task slow_motion and long only, not interpolate" in err[0], err
+    assert code == 2 and "--keyframes applies to --task slow_motion, long only, not interpolate" in err[0], err
     code, err, _ = sample(capsys, export, "expand", [good], tmp_path / "o.mp4", "--factor", "8")
     assert code == 2 and "--factor applies to --task slow_motion only, not expand" in err[0], err
     # Options the export's config decides: a sampler of another formulation, guidance without a null plan.

@@ -172,10 +172,13 @@ INPUT_COUNTS = {"interpolate": (2, 2, "two images (the first and the last frame)
                 "slow_motion": (2, None, "two or more images"), "long": (1, None, "one or more images")}
 
 
-# Options that only some tasks read: the tasks, and the value when not given.
-TASK_OPTIONS = {"position": (("i2v",), "middle"), "positions": (("long",), None), "num_new": (("expand",), 16),
-                "direction": (("expand",), "forward"), "factor": (("slow_motion",), 4), "stride": (("long",), 1),
-                "max_windows": (("long",), 500), "keyframes": (("slow_motion", "long"), "sparse")}
+# Options that only some tasks read: the tasks, and the value when not given (num_frames: None, the window).
+TASK_OPTIONS = {"num_frames": (("interpolate", "i2v", "loop", "long"), None), "position": (("i2v",), "middle"),
+                "positions": (("long",), None), "num_new": (("expand",), 16), "direction": (("expand",), "forward"),
+                "factor": (("slow_motion",), 4), "stride": (("long",), 1), "max_windows": (("long",), 500),
+                "keyframes": (("slow_motion", "long"), "sparse")}
+# What sets the length instead, for the tasks that take no --num-frames.
+LENGTH_OPTIONS = {"expand": "--num-new (frames to add)", "slow_motion": "--factor (frames per input interval)"}
 
 
 def check_arguments(args, inputs: list) -> None:
@@ -185,8 +188,9 @@ def check_arguments(args, inputs: list) -> None:
         if getattr(args, name) is None:
             setattr(args, name, default)
         elif args.task not in tasks:
-            raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)} only, "
-                             f"not {args.task}")
+            instead = f": the length follows from {LENGTH_OPTIONS[args.task]}" if name == "num_frames" else ""
+            raise ValueError(f"--{name.replace('_', '-')} applies to --task {', '.join(tasks)} only, not "
+                             f"{args.task}{instead}")
     low, high, what = INPUT_COUNTS[args.task]
     video = len(args.inputs) == 1 and Path(args.inputs[0]).suffix.lower() in VIDEO_INPUTS
     got = f"a video of {len(inputs)} frames" if video else f"{len(inputs)} image(s)"
@@ -196,9 +200,6 @@ def check_arguments(args, inputs: list) -> None:
         raise ValueError(f"--seeds {args.seeds}: give one or more different seeds")
     if args.task == "slow_motion" and args.factor < 2:
         raise ValueError(f"--factor {args.factor}: slow motion makes at least 2 output frames per input interval")
-    if args.num_frames is not None and args.task in ("expand", "slow_motion"):
-        instead = "--num-new (frames to add)" if args.task == "expand" else "--factor (frames per input interval)"
-        raise ValueError(f"--num-frames does not apply to --task {args.task}: its length follows from {instead}")
     position = args.position
     if args.task == "i2v" and position not in ("first", "middle", "last") and not position.isdigit():
         raise ValueError(f"--position {position}: give first, middle, last or a frame index >= 0")

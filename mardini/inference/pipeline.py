@@ -42,7 +42,6 @@ def _autoencoder_from_config(cfg: dict):
                      f"a temporally compressing VAE does not map given frames to latent frames one to one)")
 
 
-
 def rgb_array(image) -> np.ndarray:
     """A PIL image -> HxWx3 array: uint8, or uint16 for 16-bit images (PIL's own RGB conversion clips those to 255,
     turning most of a 16-bit PNG white). The alpha channel, if any, is dropped."""
