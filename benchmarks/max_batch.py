@@ -144,6 +144,10 @@ def probe(overrides: list[str], ac: bool, sizes: list[int], headroom: float, out
                 os._exit(EXIT_OUT_OF_MEMORY)  # torchrun / accelerate then stop the other ranks at once
             if rank() == 0:
                 save()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                # No rank starts the next try before rank 0's file is written: a rank that then runs out of memory
+                # saves after it, so its record is not overwritten by rank 0's older state (a race seen on CPU).
+                dist.barrier()
             size, model = next_size(tries, sizes, capacity, headroom, max_extra, max_size)
         trainer.accelerator.free_memory()
         del trainer
