@@ -12,7 +12,8 @@ Reports (mardini/evaluation/learning.py):
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
   motion input     (models with model.motion.estimate) the motion-compensated estimate the generator is given, alone:
-                   what the network adds is measured against it
+                   what the network adds is measured against it; with learned matching features
+                   (model.motion.estimate=learned) also the same matcher without them
   plan probe       R^2 of the generated frames' low-resolution latents read linearly from their plan tokens (fitted
                    on half of the clips, scored on the other half) beside the low-resolution blend's and the motion
                    input's, and how much the plan tokens vary across a frame
@@ -84,6 +85,9 @@ def print_report(report: dict) -> None:
         print(f"motion input     PSNR {i['motion_input_psnr']:6.2f} dB   (the model's motion-compensated input, "
               f"before the generator; the posterior mean beats it on "
               f"{i['posterior_mean_beats_motion_input']:.0%} of clips)")
+    if "fixed_matcher_psnr" in i:
+        print(f"  without features PSNR {i['fixed_matcher_psnr']:6.2f} dB   (the same matcher without its learned "
+              f"matching features)")
     for name in ("null_plan", "shuffled_plan", "noise_references"):
         key = f"posterior_mean_psnr_{name}"
         if key in i:

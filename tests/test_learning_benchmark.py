@@ -17,6 +17,7 @@ from torch import nn
 from mardini.autoencoders.identity import IdentityAutoencoder
 from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.evaluation import learning
 from mardini.evaluation.benchmarks import linear_blend, repeat_nearest
 from mardini.evaluation.learning import (MOVING_THRESHOLD, baseline, clip_psnr, generator_attention, held_out_clips,
                                          i2v_report, interpolation_report, motion_energy, noise_level_report,
@@ -134,6 +135,27 @@ def test_interpolation_report_scores_the_blend_independently():
     assert set(report) == {"psnr", "ssim", "blend_psnr", "blend_ssim", "posterior_mean_psnr", "sample_error_ratio"}
 
 
+@pytest.mark.parametrize("estimate", ["bilateral", "learned"])
+def test_interpolation_report_scores_the_matcher_without_its_learned_features(estimate):
+    """With learned matching features the report also scores the same matcher without them (what they learned):
+    the motion input computed with learned=False; a fixed matcher has no such line."""
+    torch.manual_seed(0)
+    pipe, videos, mask = random_pipeline(), clips(), task_mask("interpolation", T)
+    pipe.model = MarDini(model_config("tiny", latent_channels=12, motion=dict(estimate=estimate, temperature=0.3)))
+    with torch.no_grad():  # features far from constant, so that the two estimates differ
+        for p in pipe.model.parameters() if estimate == "learned" else []:
+            p.copy_(torch.randn_like(p))
+    report = interpolation_report(pipe, videos, num_steps=1, ablations=False)
+    assert report["motion_input_psnr"] == pytest.approx(
+        clip_psnr(learning.motion_input(pipe, videos, mask), videos, mask).mean().item())
+    if estimate == "bilateral":
+        assert "fixed_matcher_psnr" not in report
+        return
+    fixed = learning.motion_input(pipe, videos, mask, learned=False)
+    assert report["fixed_matcher_psnr"] == pytest.approx(clip_psnr(fixed, videos, mask).mean().item())
+    assert report["fixed_matcher_psnr"] != pytest.approx(report["motion_input_psnr"], abs=1e-3)
+
+
 def test_sample_error_ratio_and_spread_read_a_calibrated_sampler_as_2_and_1():
     """Clips drawn from a known Gaussian posterior (mean mu, std 0.1): samples from the same posterior err twice as
     much as mu and differ pairwise by twice its variance (ratio 2, spread 1); samples equal to mu give 1 and 0;
@@ -165,7 +187,6 @@ def test_posterior_mean_seeds_show_noise_carried_through(monkeypatch, carried):
     """A network that ignores its pure-noise input gives one estimate whatever the noise: averaging K draws changes
     nothing. One that passes the noise through (here `carried` x the noise, a fake) gains when K draws are averaged,
     by ~10 log10(K) dB where that noise dominates, and two draws disagree. The motion-input comparison counts clips."""
-    from mardini.evaluation import learning
 
     pipe, videos = random_pipeline(), clips(4)
     mask = task_mask("interpolation", T)
@@ -196,7 +217,6 @@ def test_i2v_report_scores_the_posterior_mean_of_the_middle_frame_task(monkeypat
     """The image-to-video posterior mean is the model's best guess with only the middle frame given, scored on the
     other frames: a guess that repeats the frame scores exactly the repeat baseline, one nearer the truth scores
     above it, whatever the samples do."""
-    from mardini.evaluation import learning
 
     pipe, videos = random_pipeline(), clips(3)
     i2v_mask = task_mask("i2v", T, position="middle")

@@ -398,6 +398,22 @@ def test_constant_features_give_the_bilateral_estimate():
     assert not torch.allclose(motion_estimate(z, mask, temperature=0.3, features=features), learned, atol=1e-3)
 
 
+def test_the_matcher_without_learned_features_is_the_plain_one_with_the_same_settings():
+    """model.motion(..., learned=False) is what the learning benchmark scores as the fixed matcher (what the features
+    add): the learned model's matcher with its settings and no features, without gradient; with them it differs."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C, motion=dict(LEARNED, window=3, radius=1)))
+    z, mask = uniform_square(), task_mask("interpolation", 5)[None]
+    fixed = model.motion(z, mask, learned=False)
+    assert not fixed.requires_grad
+    assert torch.equal(fixed, motion_estimate(z, mask, radius=1, window=3, temperature=0.3))
+    with torch.no_grad():  # features that vary (at initialisation they are small: the estimate moves by < 1e-4)
+        for p in model.match_features.parameters():
+            p.copy_(torch.randn_like(p))
+    assert model.motion(z, mask).requires_grad
+    assert not torch.allclose(model.motion(z, mask), fixed, atol=1e-4)
+
+
 def test_motion_loss_trains_only_the_features_and_the_diffusion_sees_the_estimate_detached():
     torch.manual_seed(0)
     model = MarDini(model_config("tiny", latent_channels=C, motion=LEARNED)).train()

@@ -23,6 +23,7 @@ comes with the baseline it must beat, computed on the same held-out clips:
   a ratio near 1 samples that collapse onto the mean, larger values samples noisier than the posterior;
 - optionally a sweep of the sampler's step count;
 - for a model with a motion input, that input's PSNR and the share of clips on which the posterior mean beats it;
+  with learned matching features, also the same matcher's PSNR without them (what the features learned);
 - optionally the posterior mean from several noise inputs, averaged and compared with each other: a network that
   passes its pure-noise input through to its estimate gains when the draws are averaged;
 - optionally the clean estimate by noise level: the real clip noised to level t, denoised in one step, scored where
@@ -183,9 +184,10 @@ def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, s
 
 
 @torch.no_grad()
-def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16) -> Tensor | None:
+def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16, learned: bool = True) -> Tensor | None:
     """The motion-compensated estimate the model is given (model.motion), decoded: [N, T, 3, H, W] with the given
-    frames copied back; None for a model without one. What the network adds is measured against it."""
+    frames copied back; None for a model without one. What the network adds is measured against it. learned=False:
+    the same matcher without learned features (what they add)."""
     model = pipe.model
     if model.cfg.motion.estimate == "none":
         return None
@@ -193,7 +195,8 @@ def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16) -> Te
     for chunk in videos.split(batch_size):
         m = mask[None].expand(chunk.shape[0], chunk.shape[1]).to(pipe.device)
         z, _ = encode_given(pipe.autoencoder, chunk.to(pipe.device), m, model.cfg.lowres_factor, pipe.lowres_mode)
-        frames = pipe.autoencoder.decode(model.motion_estimate(model.motion(z.to(pipe.dtype), m)).float()).cpu()
+        estimate = model.motion_estimate(model.motion(z.to(pipe.dtype), m, learned))
+        frames = pipe.autoencoder.decode(estimate.float()).cpu()
         out.append(torch.where(m.cpu()[:, :, None, None, None], frames, chunk))
     return torch.cat(out)
 
@@ -398,6 +401,8 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
         # the share of clips on which the network's best guess improves on its input (0.5: a coin)
         report["posterior_mean_beats_motion_input"] = _mean(
             clip_psnr(means[0], videos, mask) > clip_psnr(given_motion, videos, mask))
+    if pipe.model.match_features is not None:  # the matcher without its learned features, same settings
+        report["fixed_matcher_psnr"] = _mean(clip_psnr(motion_input(pipe, videos, mask, learned=False), videos, mask))
     if ablations:
         for name, kw in (("null_plan", dict(plan="null")), ("shuffled_plan", dict(plan="shuffled")),
                          ("noise_references", dict(references="noise"))):

@@ -84,16 +84,17 @@ class MarDini(nn.Module):
         return signals
 
     # ------------------------------------------------------------------ motion
-    def motion(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def motion(self, z_hi: torch.Tensor, mask: torch.Tensor, learned: bool = True) -> torch.Tensor | None:
         """The motion-compensated estimate from the given frames of z_hi (None when not configured): [B, T, C, H, W],
         or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two matched frames). A fixed function of
         the inputs, without gradient, except that a learned estimate carries its features' gradient (for the motion
-        loss; the generator and the diffusion target see it detached)."""
+        loss; the generator and the diffusion target see it detached). learned=False: the same matcher without the
+        learned features (what they add is measured against it)."""
         m = self.cfg.motion
         if m.estimate == "none":
             return None
         args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
-        if self.match_features is None:
+        if self.match_features is None or not learned:
             with torch.no_grad():
                 return self._motion_estimate(*args)
         return self._motion_estimate(*args, features=self.given_frame_features(z_hi, mask))
