@@ -1,8 +1,7 @@
 """The bar of issue 11, in CI: a model trained by the framework for under a minute on CPU beats the blend of the two
-given frames on clips it never saw. The default recipe trained 150 steps: 25.7 dB sampled, 26.5 posterior mean,
-blend 23.1 (2-core CPU, 63 s of training; 25.1 / 26.0 with the fixed matcher before session 33); the same with
-model.motion.estimate=none, as every recipe before the motion input: 19.3 / 20.5 dB, below the blend (BENCHMARKS.md,
-"Learning")."""
+given frames on clips it never saw. The default recipe trained 150 steps: 25.1 dB sampled, 26.0 posterior mean,
+blend 23.1 (2-core CPU, 64 s of training); the same with model.motion.estimate=none, as every recipe before the
+motion input: 19.3 / 20.5 dB, below the blend (BENCHMARKS.md, "Learning")."""
 
 from __future__ import annotations
 
