@@ -2,6 +2,7 @@
 
     python benchmarks/long_video_plans.py outputs/tiny_synthetic/<run>/export --num-frames 33 --given 0 32
     python benchmarks/long_video_plans.py EXPORT --num-frames 33 --given 0 16 32 --keyframes dense sparse --json o.json
+    python benchmarks/long_video_plans.py EXPORT --num-frames 33 --given 0 32 --window-strides 1 4 8
 
 A gap between two known frames that does not fit one window is filled hierarchically
 (mardini/inference/planning.py): first a window of keyframes spread over the gap, then each part between them.
@@ -14,6 +15,10 @@ On held-out clips of the export's data at --num-frames (the ground truth; consec
 trained at random frame strides, data.synthetic.max_frame_stride), with the frames at --given known, each
 plan is run and scored: PSNR of the generated frames against the real ones, beside the linear blend of the nearest
 given frames, with the model calls, the frames they process and the wall time.
+
+``--window-strides S ...`` also scores the kind of window a plan starts with, alone: each clip read every S-th frame
+(at most a window of frames), its first and last given, the rest sampled in one call; beside the blend and the
+model's motion-compensated input. A long video is only as good as its keyframe windows, whose frames lie S apart.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 from mardini.cli import ArgumentParser, interrupts, user_errors
-from mardini.evaluation.learning import baseline, clip_psnr, held_out_clips
+from mardini.evaluation.learning import baseline, clip_psnr, held_out_clips, motion_input
 from mardini.inference import MarDiniPipeline
 from mardini.inference.planning import KEYFRAME_MODES, long_video_plan
 
@@ -53,6 +58,31 @@ def score_plan(pipe: MarDiniPipeline, clips: torch.Tensor, given: list[int], key
             "seconds_per_video": seconds / len(clips)}
 
 
+def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: list[int], seed: int,
+                         num_steps: int | None) -> list[dict]:
+    """Interpolation in one window of frames `stride` apart, per stride: clips [N, L, 3, H, W] read every stride-th
+    frame (at most the window's frames, at least 3), the first and last given -> sampled PSNR, blend and motion
+    input (None without an estimate) over the generated frames."""
+    results = []
+    for stride in strides:
+        window = clips[:, ::stride][:, :pipe.num_frames]
+        T = window.shape[1]
+        if T < 3:
+            raise ValueError(f"--window-strides {stride}: clips of {clips.shape[1]} frames give {T} frames at that "
+                             f"stride; interpolation needs 3 (ask for more --num-frames)")
+        generated = torch.ones(T, dtype=torch.bool)
+        generated[[0, T - 1]] = False
+        sampled = pipe.generate_clips(window, generated, [seed + i for i in range(len(window))], num_steps)
+        estimate = motion_input(pipe, window, generated)
+        results.append({"stride": stride, "frames": T,
+                        "psnr": clip_psnr(sampled.float(), window, generated).mean().item(),
+                        "blend_psnr": clip_psnr(baseline(window, generated, "linear_blend"), window,
+                                                generated).mean().item(),
+                        "motion_input_psnr": None if estimate is None else
+                        clip_psnr(estimate, window, generated).mean().item()})
+    return results
+
+
 def main(argv=None) -> None:
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="export folder (or checkpoint) of a model trained on synthetic or video data")
@@ -60,6 +90,8 @@ def main(argv=None) -> None:
     p.add_argument("--given", type=int, nargs="+", required=True,
                    help="known frame positions; the first and the last frame (0 and num-frames - 1) among them")
     p.add_argument("--keyframes", nargs="+", default=list(KEYFRAME_MODES), choices=KEYFRAME_MODES)
+    p.add_argument("--window-strides", type=int, nargs="*", default=[],
+                   help="also score one window of frames this many apart (the first and last given)")
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,11 +119,16 @@ def main(argv=None) -> None:
             results.append(r)
             print(f"{keyframes:16s} PSNR {r['psnr']:6.2f} dB  ({r['windows']} windows, {r['frames_processed']} "
                   f"frames processed, {r['seconds_per_video']:.2f} s per video)")
+        spaced = score_spaced_windows(pipe, clips, args.window_strides, args.seed, args.steps)
+        for r in spaced:
+            estimate = "" if r["motion_input_psnr"] is None else f", motion input {r['motion_input_psnr']:.2f}"
+            print(f"one window of frames {r['stride']} apart ({r['frames']} frames): PSNR {r['psnr']:6.2f} dB "
+                  f"(blend {r['blend_psnr']:.2f}{estimate})")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "export": args.export, "num_frames": args.num_frames, "given": given, "window": pipe.num_frames,
                 "clips": args.clips, "steps": args.steps, "device": args.device, "blend_psnr": blend,
-                "plans": results, "command": " ".join(sys.argv)}, indent=1))
+                "plans": results, "spaced_windows": spaced, "command": " ".join(sys.argv)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -438,7 +438,7 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     monkeypatch.setattr(MarDiniPipeline, "from_pretrained", lambda *args, **kwargs: pipe)
     out = tmp_path / "plans.json"
     bench.main(["export", "--num-frames", "9", "--given", "0", "8", "--clips", "2", "--steps", "1", "--device", "cpu",
-                "--json", str(out)])
+                "--window-strides", "1", "2", "--json", str(out)])
     report = json.loads(out.read_text())
     dense, sparse = report["plans"]
     # 9 frames, a 5-frame window: dense (0, 2, 4, 6, 8) then four 3-frame windows; sparse (0, 4, 8), two 5-frame ones
@@ -453,6 +453,18 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     monkeypatch.setattr(pipe, "run_plan", lambda plan, known, L, **kw: held_out_clips(pipe.config["data"], 2, 9)[
         int(kw["seed"])])  # the real clip itself: the ceiling
     assert bench.score_plan(pipe, clips, [0, 8], "sparse", 0, 1)["psnr"] == pytest.approx(200.0)
+    # one window of frames 1 and 2 apart: frames 0-4, then 0, 2, 4, 6, 8 of each clip (the window holds 5)
+    for spaced, frames in zip(report["spaced_windows"], ([0, 1, 2, 3, 4], [0, 2, 4, 6, 8])):
+        window, inner = clips[:, frames], torch.tensor([False, True, True, True, False])
+        assert (spaced["frames"], spaced["motion_input_psnr"]) == (5, None)  # this model reads no motion estimate
+        assert spaced["blend_psnr"] == pytest.approx(clip_psnr(baseline(window, inner, "linear_blend"), window,
+                                                               inner).mean().item())
+        assert math.isfinite(spaced["psnr"]) and spaced["psnr"] < 60
+    monkeypatch.setattr(pipe, "generate_clips", lambda videos, mask, seeds, steps: videos)  # the real frames
+    (ceiling,) = bench.score_spaced_windows(pipe, clips, [2], 0, 1)
+    assert ceiling["psnr"] == pytest.approx(200.0) and ceiling["blend_psnr"] < 60
+    with pytest.raises(ValueError, match="interpolation needs 3"):  # frames 0 and 5 only
+        bench.score_spaced_windows(pipe, clips, [5], 0, 1)
     with pytest.raises(SystemExit):  # the ends must be given: every generated frame lies between known ones
         bench.main(["export", "--num-frames", "9", "--given", "0", "4"])
     assert "include the first (0) and the last (8) frame" in capsys.readouterr().err
