@@ -65,6 +65,8 @@ def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: li
     input (None without an estimate) over the generated frames."""
     results = []
     for stride in strides:
+        if stride < 1:
+            raise ValueError(f"--window-strides {stride}: frames must lie at least 1 apart")
         window = clips[:, ::stride][:, :pipe.num_frames]
         T = window.shape[1]
         if T < 3:

@@ -465,6 +465,8 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     assert ceiling["psnr"] == pytest.approx(200.0) and ceiling["blend_psnr"] < 60
     with pytest.raises(ValueError, match="interpolation needs 3"):  # frames 0 and 5 only
         bench.score_spaced_windows(pipe, clips, [5], 0, 1)
+    with pytest.raises(ValueError, match="at least 1 apart"):
+        bench.score_spaced_windows(pipe, clips, [0], 0, 1)
     with pytest.raises(SystemExit):  # the ends must be given: every generated frame lies between known ones
         bench.main(["export", "--num-frames", "9", "--given", "0", "4"])
     assert "include the first (0) and the last (8) frame" in capsys.readouterr().err
