@@ -74,8 +74,10 @@ def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: li
                              f"stride; interpolation needs 3 (ask for more --num-frames)")
         generated = torch.ones(T, dtype=torch.bool)
         generated[[0, T - 1]] = False
-        sampled = pipe.generate_clips(window, generated, [seed + i for i in range(len(window))], num_steps)
-        estimate = motion_input(pipe, window, generated)
+        # as a plan runs such a window: the motion estimate told the frames' spacing (MarDini.motion)
+        sampled = pipe.generate_clips(window, generated, [seed + i for i in range(len(window))], num_steps,
+                                      spacing=stride)
+        estimate = motion_input(pipe, window, generated, spacing=stride)
         results.append({"stride": stride, "frames": T,
                         "psnr": clip_psnr(sampled.float(), window, generated).mean().item(),
                         "blend_psnr": clip_psnr(baseline(window, generated, "linear_blend"), window,

@@ -333,6 +333,24 @@ def test_long_video_128_frames_with_17_frame_window(monkeypatch):
     assert len(calls) == pipe.planner_calls == len(plan)
 
 
+def test_each_window_tells_the_motion_estimate_its_frames_spacing(monkeypatch):
+    """A long video's keyframe windows show frames several output frames apart: the model is told each window's mean
+    spacing (1 for consecutive frames), so that its motion estimate expects their larger motion (MarDini.motion)."""
+    pipe = window17_pipeline()
+    spacings, original = [], pipe.model.generate
+
+    def spy(*args, spacing=1.0, **kwargs):
+        spacings.append(spacing)
+        return original(*args, spacing=spacing, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "generate", spy)
+    plans = record_plans(pipe, monkeypatch)
+    pipe.long_video(dict(zip([0, 64], images(2, seed=11, size=(16, 16)))), 65, num_steps=1, progress=False)
+    (plan,) = plans
+    assert spacings == [w.spacing for w in plan] == [16.0, 1.0, 1.0, 1.0, 1.0]  # keyframes 0, 16, ..., 64, then gaps
+    assert Window((3, 5, 8), (True, False, True), "interpolate").spacing == 2.5
+
+
 def test_run_plan_copies_context_frames_exactly(monkeypatch):
     """Every window reads its context frames bit-exactly as they were given or generated before it."""
     pipe = window17_pipeline()

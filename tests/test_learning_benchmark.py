@@ -460,7 +460,7 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
         assert spaced["blend_psnr"] == pytest.approx(clip_psnr(baseline(window, inner, "linear_blend"), window,
                                                                inner).mean().item())
         assert math.isfinite(spaced["psnr"]) and spaced["psnr"] < 60
-    monkeypatch.setattr(pipe, "generate_clips", lambda videos, mask, seeds, steps: videos)  # the real frames
+    monkeypatch.setattr(pipe, "generate_clips", lambda videos, mask, seeds, steps, spacing: videos)  # real frames
     (ceiling,) = bench.score_spaced_windows(pipe, clips, [2], 0, 1)
     assert ceiling["psnr"] == pytest.approx(200.0) and ceiling["blend_psnr"] < 60
     with pytest.raises(ValueError, match="interpolation needs 3"):  # frames 0 and 5 only

@@ -398,6 +398,22 @@ def test_constant_features_give_the_bilateral_estimate():
     assert not torch.allclose(motion_estimate(z, mask, temperature=0.3, features=features), learned, atol=1e-3)
 
 
+def test_a_window_of_frames_k_apart_expects_k_times_the_motion():
+    """The smoothness prior is on motion per frame of the scene: in a window whose frames lie k apart (a long video's
+    keyframes) MarDini.motion divides it by k^2, so that a strong prior that holds back the estimate of a window of
+    consecutive frames lets the same displacement through when the frames lie that far apart."""
+    model = MarDini(model_config("tiny", latent_channels=C, motion=dict(estimate="bilateral", smoothness=0.3)))
+    T = 9
+    video, mask = moving_square(T), task_mask("interpolation", T)[None]
+    near, far = model.motion(video, mask), model.motion(video, mask, spacing=4.0)
+    assert torch.equal(near, motion_estimate(video, mask, smoothness=0.3))
+    assert torch.equal(far, motion_estimate(video, mask, smoothness=0.3 / 16))
+    middle = slice(1, T - 1)
+    assert psnr(far[:, middle], video[:, middle]) > psnr(near[:, middle], video[:, middle]) + 3
+    with pytest.raises(ValueError, match="spacing must be >= 1"):
+        model.motion(video, mask, spacing=0.5)
+
+
 def test_the_matcher_without_learned_features_is_the_plain_one_with_the_same_settings():
     """model.motion(..., learned=False) is what the learning benchmark scores as the fixed matcher (what the features
     add): the learned model's matcher with its settings and no features, without gradient; with them it differs."""

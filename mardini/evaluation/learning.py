@@ -184,10 +184,11 @@ def posterior_mean(pipe, videos: Tensor, mask: Tensor, t: float = POSTERIOR_T, s
 
 
 @torch.no_grad()
-def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16, learned: bool = True) -> Tensor | None:
+def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16, learned: bool = True,
+                 spacing: float = 1.0) -> Tensor | None:
     """The motion-compensated estimate the model is given (model.motion), decoded: [N, T, 3, H, W] with the given
     frames copied back; None for a model without one. What the network adds is measured against it. learned=False:
-    the same matcher without learned features (what they add)."""
+    the same matcher without learned features (what they add); spacing: as MarDini.motion's."""
     model = pipe.model
     if model.cfg.motion.estimate == "none":
         return None
@@ -195,7 +196,7 @@ def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16, learn
     for chunk in videos.split(batch_size):
         m = mask[None].expand(chunk.shape[0], chunk.shape[1]).to(pipe.device)
         z, _ = encode_given(pipe.autoencoder, chunk.to(pipe.device), m, model.cfg.lowres_factor, pipe.lowres_mode)
-        estimate = model.motion_estimate(model.motion(z.to(pipe.dtype), m, learned))
+        estimate = model.motion_estimate(model.motion(z.to(pipe.dtype), m, learned, spacing))
         frames = pipe.autoencoder.decode(estimate.float()).cpu()
         out.append(torch.where(m.cpu()[:, :, None, None, None], frames, chunk))
     return torch.cat(out)

@@ -188,12 +188,12 @@ class MarDiniPipeline:
     @torch.inference_mode()
     def generate_clips(self, videos: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int],
                        num_steps: int | None = None, guidance_scale: float = 1.0, batch_size: int = 16,
-                       progress: bool = False) -> torch.Tensor:
+                       progress: bool = False, spacing: float = 1.0) -> torch.Tensor:
         """Many clips at once, one seed each, in batches: videos [N, T, 3, H, W] in [-1, 1] at the model's size,
         mask [T] (True = generate; those frames' pixels are ignored) -> [N, T, 3, H, W] on the host, the given
         frames exactly as given. Clip i is what ``self(frames={p: videos[i, p] for given p}, seed=seeds[i])``
-        makes, up to the rounding of a batched matmul: evaluation of a small model is launch-bound, so batching the
-        clips makes it as many times faster as the batch holds clips."""
+        makes, up to the rounding of a batched matmul (spacing: as _generate_window's): evaluation of a small
+        model is launch-bound, so batching the clips makes it as many times faster as the batch holds clips."""
         N, T = videos.shape[:2]
         if videos.ndim != 5 or tuple(videos.shape[2:]) != (3, self.height, self.width):
             raise ValueError(f"videos must be [N, T, 3, {self.height}, {self.width}], got {tuple(videos.shape)}")
@@ -208,12 +208,14 @@ class MarDiniPipeline:
         for start in tqdm(range(0, N, batch_size), desc="clips", disable=not progress):
             chunk = videos[start:start + batch_size].to(self.device, torch.float32).clamp(-1, 1)
             out.append(self._generate(chunk, mask, list(seeds[start:start + batch_size]), num_steps,
-                                      guidance_scale))
+                                      guidance_scale, spacing=spacing))
         return torch.cat(out)
 
     def _generate_window(self, pixels: dict[int, torch.Tensor], T: int, seeds: list[int], num_steps, guidance_scale,
-                         progress=False) -> torch.Tensor:
-        """pixels: {position: [3, H, W]} -> [S, T, 3, H, W]; given frames are copied back exactly."""
+                         progress=False, spacing: float = 1.0) -> torch.Tensor:
+        """pixels: {position: [3, H, W]} -> [S, T, 3, H, W]; given frames are copied back exactly. spacing: output
+        frames between two frames of the window (a long video's keyframe window: Window.spacing), for the motion
+        estimate's prior (MarDini.motion)."""
         given = sorted(pixels)
         # The window is built on the device and comes back in one copy: no full-size host buffers per call.
         video = torch.zeros(1, T, 3, self.height, self.width, device=self.device)
@@ -221,10 +223,10 @@ class MarDiniPipeline:
             video[0, given] = torch.stack([pixels[p] for p in given]).to(self.device)
         mask = torch.ones(T, dtype=torch.bool)
         mask[given] = False
-        return self._generate(video, mask, seeds, num_steps, guidance_scale, progress)
+        return self._generate(video, mask, seeds, num_steps, guidance_scale, progress, spacing)
 
     def _generate(self, video: torch.Tensor, mask: torch.Tensor, seeds: list[int], num_steps, guidance_scale,
-                  progress=False) -> torch.Tensor:
+                  progress=False, spacing: float = 1.0) -> torch.Tensor:
         """video [B, T, 3, H, W] on the device, its given frames in place (mask [T] False); B = 1 (one clip for
         every seed) or B = len(seeds) (a seed per clip) -> [S, T, 3, H, W] on the host, given frames exact."""
         S, (B, T), device = len(seeds), video.shape[:2], self.device
@@ -246,7 +248,7 @@ class MarDiniPipeline:
         out = self.model.generate(z, mask.expand(S, T), self.diffusion, z_lo=z_lo,
                                   num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
                                   generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
-                                  progress=progress)
+                                  progress=progress, spacing=spacing)
         # Decode the generated frames only: the given ones are returned as given, their exact pixels.
         video = video.expand(S, -1, -1, -1, -1).clone()
         video[:, generated] = self.autoencoder.decode(out[:, generated].float()).to(video.dtype)
@@ -316,7 +318,7 @@ class MarDiniPipeline:
             with torch.inference_mode():
                 window_seed = (int(seed) * 1_000_003 + i) % 2**63
                 out = self._generate_window(given, len(window.positions), [window_seed], num_steps,
-                                            guidance_scale)[0]
+                                            guidance_scale, spacing=window.spacing)[0]
             for j, (p, c) in enumerate(zip(window.positions, window.context)):
                 if not c:
                     frames[p] = out[j]

@@ -32,6 +32,11 @@ class Window:
     def generated(self) -> list[int]:
         return [p for p, c in zip(self.positions, self.context) if not c]
 
+    @property
+    def spacing(self) -> float:
+        """Mean output frames between two of the window's frames: 1 for consecutive frames, more for keyframes."""
+        return (self.positions[-1] - self.positions[0]) / (len(self.positions) - 1)
+
 
 KEYFRAME_MODES = ("dense", "sparse")
 

@@ -84,16 +84,21 @@ class MarDini(nn.Module):
         return signals
 
     # ------------------------------------------------------------------ motion
-    def motion(self, z_hi: torch.Tensor, mask: torch.Tensor, learned: bool = True) -> torch.Tensor | None:
+    def motion(self, z_hi: torch.Tensor, mask: torch.Tensor, learned: bool = True,
+               spacing: float = 1.0) -> torch.Tensor | None:
         """The motion-compensated estimate from the given frames of z_hi (None when not configured): [B, T, C, H, W],
         or with model.motion.pair [B, T, 3C, H, W] (the estimate, then the two matched frames). A fixed function of
         the inputs, without gradient, except that a learned estimate carries its features' gradient (for the motion
         loss; the generator and the diffusion target see it detached). learned=False: the same matcher without the
-        learned features (what they add is measured against it)."""
+        learned features (what they add is measured against it). spacing: frames of the scene between two frames
+        of the window (a long video's keyframe window: their spacing); the smoothness prior is on motion per frame of
+        the scene, so a window whose frames lie k apart expects k times the displacement: smoothness / k^2."""
         m = self.cfg.motion
         if m.estimate == "none":
             return None
-        args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness, m.temperature, m.pair)
+        if not spacing >= 1:
+            raise ValueError(f"spacing must be >= 1 (frames of the scene between two frames), got {spacing}")
+        args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness / spacing**2, m.temperature, m.pair)
         if self.match_features is None or not learned:
             with torch.no_grad():
                 return self._motion_estimate(*args)
@@ -236,7 +241,7 @@ class MarDini(nn.Module):
     def generate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, z_lo: torch.Tensor | None = None,
                  num_steps: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  guidance_scale: float = 1.0, noise: torch.Tensor | None = None, progress: bool = False,
-                 reuse_references: bool = True) -> torch.Tensor:
+                 reuse_references: bool = True, spacing: float = 1.0) -> torch.Tensor:
         """Fill in the masked frames.
 
         z_hi: [B, T, C, H, W] latents whose reference frames (mask False) are given (values of masked frames are
@@ -245,6 +250,7 @@ class MarDini(nn.Module):
         with one generator per sample (initial noise and a stochastic sampler's fresh noise per sample).
         reuse_references: run the reference frames through the generator once and each step on the generated
         frames only (Generator.cache_references; exact, used where the attention and the mask allow it).
+        spacing: frames of the scene between two frames of the window, for the motion estimate (motion()).
         """
         B, T = z_hi.shape[:2]
         check_mask(mask, T)
@@ -268,7 +274,7 @@ class MarDini(nn.Module):
         def batch(a):  # a guided step runs each sample twice: with its plan, then with the null plan
             return torch.cat([a, a]) if guided else a
 
-        estimate = self.motion(z_hi, mask)  # guided: the unguided half reads the null plan's layout
+        estimate = self.motion(z_hi, mask, spacing=spacing)  # guided: the unguided half reads the null plan's layout
         motion = None if estimate is None else self.motion_input(batch(estimate), batch(mask), plan)
 
         cache = None
