@@ -52,6 +52,7 @@ class MotionConfig:
     levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
     smoothness: float = 3e-3    # cost per squared latent cell of displacement, in units of the frames' variance
+    #                             (per frame of the scene: a window of frames k apart uses smoothness / k^2)
     temperature: float = 0.06   # softmax temperature of the matching costs (mean squared difference / variance)
     feature_dim: int = 16       # learned: channels of the matching features
     feature_width: int = 32     # learned: width of the feature network's dilated convolutions
