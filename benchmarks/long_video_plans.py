@@ -19,6 +19,9 @@ given frames, with the model calls, the frames they process and the wall time.
 ``--window-strides S ...`` also scores the kind of window a plan starts with, alone: each clip read every S-th frame
 (at most a window of frames), its first and last given, the rest sampled in one call; beside the blend and the
 model's motion-compensated input. A long video is only as good as its keyframe windows, whose frames lie S apart.
+
+``--spacing one`` tells every window's motion estimate that its frames are consecutive (the prior as it was before
+it became per frame of the scene, MarDini.motion): the ablation of the spacing a plan passes (default ``scene``).
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ def score_plan(pipe: MarDiniPipeline, clips: torch.Tensor, given: list[int], key
 
 
 def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: list[int], seed: int,
-                         num_steps: int | None) -> list[dict]:
+                         num_steps: int | None, tell_spacing: bool = True) -> list[dict]:
     """Interpolation in one window of frames `stride` apart, per stride: clips [N, L, 3, H, W] read every stride-th
     frame (at most the window's frames, at least 3), the first and last given -> sampled PSNR, blend and motion
-    input (None without an estimate) over the generated frames."""
+    input (None without an estimate) over the generated frames. tell_spacing False: the estimate is told 1."""
     results = []
     for stride in strides:
         if stride < 1:
@@ -75,9 +78,10 @@ def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: li
         generated = torch.ones(T, dtype=torch.bool)
         generated[[0, T - 1]] = False
         # as a plan runs such a window: the motion estimate told the frames' spacing (MarDini.motion)
+        spacing = stride if tell_spacing else 1
         sampled = pipe.generate_clips(window, generated, [seed + i for i in range(len(window))], num_steps,
-                                      spacing=stride)
-        estimate = motion_input(pipe, window, generated, spacing=stride)
+                                      spacing=spacing)
+        estimate = motion_input(pipe, window, generated, spacing=spacing)
         results.append({"stride": stride, "frames": T,
                         "psnr": clip_psnr(sampled.float(), window, generated).mean().item(),
                         "blend_psnr": clip_psnr(baseline(window, generated, "linear_blend"), window,
@@ -85,6 +89,13 @@ def score_spaced_windows(pipe: MarDiniPipeline, clips: torch.Tensor, strides: li
                         "motion_input_psnr": None if estimate is None else
                         clip_psnr(estimate, window, generated).mean().item()})
     return results
+
+
+def tell_every_window_spacing_one(pipe: MarDiniPipeline) -> None:
+    """The ablation of --spacing one for plans: every window's motion estimate reads its frames as consecutive
+    (run_plan passes each window's Window.spacing to _generate_window)."""
+    generate_window = pipe._generate_window
+    pipe._generate_window = lambda *a, spacing=1.0, **k: generate_window(*a, spacing=1.0, **k)
 
 
 def main(argv=None) -> None:
@@ -96,6 +107,8 @@ def main(argv=None) -> None:
     p.add_argument("--keyframes", nargs="+", default=list(KEYFRAME_MODES), choices=KEYFRAME_MODES)
     p.add_argument("--window-strides", type=int, nargs="*", default=[],
                    help="also score one window of frames this many apart (the first and last given)")
+    p.add_argument("--spacing", choices=("scene", "one"), default="scene",
+                   help="the spacing each window's motion estimate is told: its frames' (scene) or 1 (one)")
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +121,8 @@ def main(argv=None) -> None:
             raise ValueError(f"--given {args.given}: include the first (0) and the last ({args.num_frames - 1}) "
                              f"frame, so that every generated frame lies between known ones")
         pipe = MarDiniPipeline.from_pretrained(args.export, device=args.device)
+        if args.spacing == "one":
+            tell_every_window_spacing_one(pipe)
         if args.num_frames <= pipe.num_frames:
             raise ValueError(f"--num-frames {args.num_frames}: a clip of the window's {pipe.num_frames} frames or "
                              f"fewer is one model call whatever the plan; ask for more")
@@ -123,7 +138,8 @@ def main(argv=None) -> None:
             results.append(r)
             print(f"{keyframes:16s} PSNR {r['psnr']:6.2f} dB  ({r['windows']} windows, {r['frames_processed']} "
                   f"frames processed, {r['seconds_per_video']:.2f} s per video)")
-        spaced = score_spaced_windows(pipe, clips, args.window_strides, args.seed, args.steps)
+        spaced = score_spaced_windows(pipe, clips, args.window_strides, args.seed, args.steps,
+                                      tell_spacing=args.spacing == "scene")
         for r in spaced:
             estimate = "" if r["motion_input_psnr"] is None else f", motion input {r['motion_input_psnr']:.2f}"
             print(f"one window of frames {r['stride']} apart ({r['frames']} frames): PSNR {r['psnr']:6.2f} dB "
@@ -131,8 +147,9 @@ def main(argv=None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "export": args.export, "num_frames": args.num_frames, "given": given, "window": pipe.num_frames,
-                "clips": args.clips, "steps": args.steps, "device": args.device, "blend_psnr": blend,
-                "plans": results, "spaced_windows": spaced, "command": " ".join(sys.argv)}, indent=1))
+                "clips": args.clips, "steps": args.steps, "device": args.device, "spacing": args.spacing,
+                "blend_psnr": blend, "plans": results, "spaced_windows": spaced,
+                "command": " ".join(sys.argv)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -450,6 +450,15 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     assert report["blend_psnr"] == pytest.approx(clip_psnr(baseline(clips, generated, "linear_blend"), clips,
                                                            generated).mean().item())
     assert all(math.isfinite(p["psnr"]) and p["psnr"] < 60 for p in report["plans"])
+    # each window of a plan tells its motion estimate its frames' spacing (sparse: (0, 4, 8), then two windows of
+    # consecutive frames); --spacing one tells every window 1
+    told, window_call = [], pipe._generate_window
+    monkeypatch.setattr(pipe, "_generate_window", lambda *a, spacing=1.0, **kw: told.append(spacing) or window_call(
+        *a, spacing=spacing, **kw))
+    bench.score_plan(pipe, clips[:1], [0, 8], "sparse", 0, 1)
+    bench.tell_every_window_spacing_one(pipe)
+    bench.score_plan(pipe, clips[:1], [0, 8], "sparse", 0, 1)
+    assert told == [4.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     monkeypatch.setattr(pipe, "run_plan", lambda plan, known, L, **kw: held_out_clips(pipe.config["data"], 2, 9)[
         int(kw["seed"])])  # the real clip itself: the ceiling
     assert bench.score_plan(pipe, clips, [0, 8], "sparse", 0, 1)["psnr"] == pytest.approx(200.0)
@@ -463,6 +472,12 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     monkeypatch.setattr(pipe, "generate_clips", lambda videos, mask, seeds, steps, spacing: videos)  # real frames
     (ceiling,) = bench.score_spaced_windows(pipe, clips, [2], 0, 1)
     assert ceiling["psnr"] == pytest.approx(200.0) and ceiling["blend_psnr"] < 60
+    told = []
+    monkeypatch.setattr(pipe, "generate_clips", lambda videos, mask, seeds, steps, spacing: told.append(spacing)
+                        or videos)
+    bench.score_spaced_windows(pipe, clips, [2], 0, 1)
+    bench.score_spaced_windows(pipe, clips, [2], 0, 1, tell_spacing=False)
+    assert told == [2, 1]
     with pytest.raises(ValueError, match="interpolation needs 3"):  # frames 0 and 5 only
         bench.score_spaced_windows(pipe, clips, [5], 0, 1)
     with pytest.raises(ValueError, match="at least 1 apart"):
@@ -470,3 +485,31 @@ def test_long_video_plans_benchmark_scores_each_plan_against_the_real_frames(tmp
     with pytest.raises(SystemExit):  # the ends must be given: every generated frame lies between known ones
         bench.main(["export", "--num-frames", "9", "--given", "0", "4"])
     assert "include the first (0) and the last (8) frame" in capsys.readouterr().err
+
+
+def test_sampling_temperature_prototype_scales_the_samplers_starting_noise():
+    """benchmarks/prototypes/sampling_temperature.py: tau = 1 samples exactly what the pipeline does, tau = 0 the same
+    sample whatever the seed (no noise left), and a tau in between differs from both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sampling_temperature", REPO / "benchmarks" / "prototypes" / "sampling_temperature.py")
+    proto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proto)
+    videos, mask = clips(2), task_mask("interpolation", T)
+
+    def sample(tau, seed):
+        pipe = random_pipeline()
+        if tau is not None:
+            proto.scaled_noise_sampler(pipe, tau)
+        return learning.samples(pipe, videos, mask, num_steps=3, seed=seed)
+
+    shipped = sample(None, 0)
+    assert torch.equal(sample(1.0, 0), shipped)
+    cold = sample(0.0, 0)
+    assert torch.allclose(cold, sample(0.0, 5), atol=1e-6) and not torch.allclose(cold, shipped, atol=1e-3)
+    warm = sample(0.5, 0)
+    assert not torch.allclose(warm, cold, atol=1e-3) and not torch.allclose(warm, shipped, atol=1e-3)
+    report = proto.score(random_pipeline(), videos, i2v_seeds=2, num_steps=3)
+    assert set(report) == {"interpolation_psnr", "i2v_best_psnr", "i2v_mean_psnr", "motion_ratio"}
+    assert report["i2v_best_psnr"] >= report["i2v_mean_psnr"] and report["motion_ratio"] > 0
