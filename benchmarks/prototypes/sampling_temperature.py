@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demo_quality import load_clips  # noqa: E402
 
-from mardini.evaluation.learning import baseline, clip_psnr, motion_energy, samples  # noqa: E402
+from mardini.evaluation.learning import baseline, clip_psnr, i2v_report, samples  # noqa: E402
 from mardini.inference import MarDiniPipeline  # noqa: E402
 from mardini.masking import task_mask  # noqa: E402
 
@@ -33,15 +33,12 @@ def scaled_noise_sampler(pipe: MarDiniPipeline, tau: float) -> None:
 
 
 def score(pipe: MarDiniPipeline, videos: torch.Tensor, i2v_seeds: int, num_steps: int | None = None) -> dict:
-    """Interpolation PSNR of one sample per clip; image-to-video best-of-K, mean PSNR and motion ratio."""
+    """Interpolation PSNR of one sample per clip; image-to-video best-of-K, mean PSNR and motion ratio (the learning
+    benchmark's i2v_report, same seeds)."""
     interp = task_mask("interpolation", videos.shape[1])
-    row = {"interpolation_psnr": clip_psnr(samples(pipe, videos, interp, num_steps), videos, interp).mean().item()}
-    i2v = task_mask("i2v", videos.shape[1], position="middle")
-    runs = [samples(pipe, videos, i2v, num_steps, seed=1000 * k) for k in range(i2v_seeds)]
-    psnr = torch.stack([clip_psnr(r, videos, i2v) for r in runs])  # [K, N]
-    row.update(i2v_best_psnr=psnr.max(0).values.mean().item(), i2v_mean_psnr=psnr.mean().item(),
-               motion_ratio=sum(motion_energy(r) for r in runs) / len(runs) / motion_energy(videos))
-    return row
+    i2v = i2v_report(pipe, videos, i2v_seeds, num_steps)
+    return {"interpolation_psnr": clip_psnr(samples(pipe, videos, interp, num_steps), videos, interp).mean().item(),
+            "i2v_best_psnr": i2v["best_psnr"], "i2v_mean_psnr": i2v["mean_psnr"], "motion_ratio": i2v["motion_ratio"]}
 
 
 def main() -> None:
