@@ -12,7 +12,9 @@ Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers),
 --compile-mode (planner and generator, static shapes; the reference frames' one pass compiled in mode "default",
 as MarDiniPipeline.compile does), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
-memory format, --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02). Each result
+memory format, with its upsamplers as diffusers computes them or on the low-resolution grid (--vae-subpixel,
+mardini.autoencoders.subpixel), --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02),
+the decoded pixels compared with the eager decoder's (`vae_max_abs_diff_vs_eager`). Each result
 splits the call into VAE encode, planner, generator steps (of which the reference frames' one pass,
 `cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the
 variant computes, mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents
@@ -31,6 +33,7 @@ test, not a timing).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import platform
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 
 from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
+from mardini.autoencoders.subpixel import use_subpixel_upsampling
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.flops import generator_flops
@@ -132,6 +136,8 @@ def main():
     p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE encoder and decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
+    p.add_argument("--vae-subpixel", default="0", help="0/1 list: the decoder's nearest-2x + 3x3-conv upsamplers "
+                                                      "computed on the low-resolution grid (MarDiniPipeline.compile)")
     p.add_argument("--vae-chunk", default="4", help="list of frames per VAE decoder call (0: all frames in one call; "
                                                     "benchmarks/prototypes/vae_decode.py times it alone)")
     p.add_argument("--decode", default="generated", help="list of: generated (encode the given frames, decode the "
@@ -160,15 +166,18 @@ def main():
     decodes = args.decode.split(",")
     if not set(decodes) <= {"generated", "all"}:
         p.error("--decode: choose among generated, all")
-    vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_channels_last)),
-                                          ints(args.vae_chunk), decodes))
+    vae_variants = list(itertools.product(map(bool, ints(args.vae_compile)), map(bool, ints(args.vae_subpixel)),
+                                          map(bool, ints(args.vae_channels_last)), ints(args.vae_chunk), decodes))
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 convolutions are slow on the CPU
     warmup, iters = (1, 3) if device.type == "cuda" else (0, 1)  # the CPU runs are smoke tests, not timings
     latent = args.resolution // 8
     vae = build_vae(device, dtype)
-    vae_decoders = {False: vae.decoder, True: torch.compile(vae.decoder, dynamic=False)}
+    subpixel_decoder = copy.deepcopy(vae.decoder)
+    use_subpixel_upsampling(subpixel_decoder)
+    vae_decoders = {(compiled, subpixel): torch.compile(decoder, dynamic=False) if compiled else decoder
+                    for subpixel, decoder in ((False, vae.decoder), (True, subpixel_decoder)) for compiled in (0, 1)}
     vae_encoders = {False: vae.encoder, True: torch.compile(vae.encoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
                        **attention_choice(kernels[0]),
@@ -223,8 +232,7 @@ def main():
                 out, ref = sample((T, k), steps, reuse).float(), reference[((T, k), steps)]
                 diff = {"max_abs_diff_vs_eager": (out - ref).abs().max().item(),
                         "rel_l2_vs_eager": ((out - ref).norm() / ref.norm()).item()}
-                for vae_compile, channels_last, vae_chunk, decoded in vae_variants:
-                    vae.decoder, vae.encoder = vae_decoders[vae_compile], vae_encoders[vae_compile]
+                for vae_compile, subpixel, channels_last, vae_chunk, decoded in vae_variants:
                     memory_format = torch.channels_last if channels_last else torch.contiguous_format
                     vae.to(memory_format=memory_format)
                     frames = (mask[0] if decoded == "generated" else torch.ones_like(mask[0])).nonzero()[:, 0]
@@ -232,22 +240,27 @@ def main():
                     encode = lambda: (encode_frames(vae, pixels[k], memory_format)  # noqa: E731
                                       if decoded == "generated" else None)
                     call = lambda: (encode(), decode(sample((T, k), steps, reuse)[0]))  # noqa: E731
+                    vae.decoder = vae_decoders[False, False]
+                    eager_pixels = decode(z[0]).float()
+                    vae.decoder, vae.encoder = vae_decoders[vae_compile, subpixel], vae_encoders[vae_compile]
                     seconds, peak = timed(call, warmup, iters, device)
                     decode_s, _ = timed(lambda: decode(z[0]), warmup, iters, device)
+                    vae_diff = (decode(z[0]).float() - eager_pixels).abs().max().item()
                     encode_s = timed(encode, warmup, iters, device)[0] if decoded == "generated" else 0.0
                     generator_s = seconds - planner_s - decode_s - encode_s
                     work = work_per_step * steps
                     r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel,
                          "compile": compile_, "compile_mode": mode,
                          "reuse_references": reuse, "generator_tflop_per_step": work_per_step / 1e12,
-                         "vae_compile": vae_compile, "vae_channels_last": channels_last, "vae_chunk": vae_chunk,
+                         "vae_compile": vae_compile, "vae_subpixel": subpixel, "vae_channels_last": channels_last,
+                         "vae_chunk": vae_chunk,
                          "decoded": decoded, "frames_decoded": len(frames),
                          "seconds": seconds, "peak_mem_gib": peak, "vae_encode_s": encode_s,
                          "planner_once_s": planner_s, "vae_decode_s": decode_s, "generator_steps_s": generator_s,
                          "reference_pass_s": reference_s,
                          "generator_tflops": work / generator_s / 1e12 if generator_s > 0 else None,
                          "generator_floor_s_at_peak": work / (args.peak_tflops * 1e12),
-                         **diff,
+                         **diff, "vae_max_abs_diff_vs_eager": vae_diff,
                          "extra_if_planner_every_step_s": planner_s * (steps - 1),
                          "vs_paper_time": seconds / 6.05 if (T, k) == (12, 1) else None,
                          "vs_paper_memory": peak * 2**30 / 1e9 / 42.57 if (T, k) == (12, 1) else None,
@@ -263,7 +276,8 @@ def main():
           f"{'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} {'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
         compiled = r["compile_mode"] if r["compile"] else "eager"
-        vae_variant = (("comp" if r["vae_compile"] else "eager") + (",cl" if r["vae_channels_last"] else "")
+        vae_variant = (("comp" if r["vae_compile"] else "eager") + (",sub" if r.get("vae_subpixel") else "")
+                       + (",cl" if r["vae_channels_last"] else "")
                        + f",{r['vae_chunk'] or 'all'},{r['frames_decoded']}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
