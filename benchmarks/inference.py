@@ -13,7 +13,7 @@ Variants, each timed on every (frames, steps): each SDPA --kernel (or xformers),
 as MarDiniPipeline.compile does), reference frames recomputed at every step or cached once
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, with its upsamplers as diffusers computes them or on the low-resolution grid (--vae-subpixel,
-mardini.autoencoders.subpixel), --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02),
+prototypes/subpixel_upsample.py), --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02),
 the decoded pixels compared with the eager decoder's (`vae_max_abs_diff_vs_eager`). Each result
 splits the call into VAE encode, planner, generator steps (of which the reference frames' one pass,
 `cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
-from mardini.autoencoders.subpixel import use_subpixel_upsampling
+from prototypes.subpixel_upsample import use_subpixel_upsampling
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.flops import generator_flops
@@ -137,7 +137,7 @@ def main():
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE encoder and decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
     p.add_argument("--vae-subpixel", default="0", help="0/1 list: the decoder's nearest-2x + 3x3-conv upsamplers "
-                                                      "computed on the low-resolution grid (MarDiniPipeline.compile)")
+                                                      "computed on the low-resolution grid (prototypes/subpixel_upsample.py)")
     p.add_argument("--vae-chunk", default="4", help="list of frames per VAE decoder call (0: all frames in one call; "
                                                     "benchmarks/prototypes/vae_decode.py times it alone)")
     p.add_argument("--decode", default="generated", help="list of: generated (encode the given frames, decode the "
@@ -174,10 +174,12 @@ def main():
     warmup, iters = (1, 3) if device.type == "cuda" else (0, 1)  # the CPU runs are smoke tests, not timings
     latent = args.resolution // 8
     vae = build_vae(device, dtype)
-    subpixel_decoder = copy.deepcopy(vae.decoder)
-    use_subpixel_upsampling(subpixel_decoder)
+    plain_decoders = {False: vae.decoder}
+    if "1" in args.vae_subpixel.split(","):
+        plain_decoders[True] = copy.deepcopy(vae.decoder)
+        use_subpixel_upsampling(plain_decoders[True])
     vae_decoders = {(compiled, subpixel): torch.compile(decoder, dynamic=False) if compiled else decoder
-                    for subpixel, decoder in ((False, vae.decoder), (True, subpixel_decoder)) for compiled in (0, 1)}
+                    for subpixel, decoder in plain_decoders.items() for compiled in (0, 1)}
     vae_encoders = {False: vae.encoder, True: torch.compile(vae.encoder, dynamic=False)}
     cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
                        **attention_choice(kernels[0]),

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -114,3 +117,75 @@ def test_pipeline_call_benchmark_runs_on_cpu(tmp_path):
     assert [r["task"] for r in results] == ["image_to_video", "interpolation"]
     for r in results:
         assert r["seconds"] > 0 and r["output_shape"] == [12, 3, 32, 32] and r["output_device"] == "cpu"
+
+
+def subpixel_prototype():
+    """benchmarks/prototypes/subpixel_upsample.py, loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("subpixel_upsample",
+                                                  REPO / "benchmarks" / "prototypes" / "subpixel_upsample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("height,width,bias", [(5, 7, True), (8, 8, False), (1, 1, True)])
+def test_subpixel_upsample_is_nearest_repeat_then_conv_with_fewer_multiply_adds(height, width, bias):
+    """Each output phase's 2x2 taps are sums of the 3x3 taps that fall on one input pixel: the same function, exact
+    in float64, its convolution at 16 (H+1)(W+1) / (36 HW) of the multiply-adds."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    upsample2x_conv3x3 = subpixel_prototype().upsample2x_conv3x3
+
+    g = torch.Generator().manual_seed(height)
+    x = torch.randn(2, 6, height, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if bias else None
+    with FlopCounterMode(display=False) as plain:
+        expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, b, padding=1)
+    with FlopCounterMode(display=False) as subpixel:
+        out = upsample2x_conv3x3(x, weight, b)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    conv = lambda counter: counter.get_flop_counts()["Global"][torch.ops.aten.convolution]  # noqa: E731
+    ratio = conv(subpixel) / conv(plain)
+    assert ratio == pytest.approx(16 * (height + 1) * (width + 1) / (36 * height * width), rel=0.02)
+
+
+def test_subpixel_upsampling_replaces_the_vae_decoders_upsamplers_and_nothing_else():
+    """On a tiny AutoencoderKL: the decoded frames are unchanged (float64), weights and state_dict keys too; only
+    the nearest-2x + 3x3 Upsample2D modules are replaced, a second call finds none, and an explicit output size that
+    is not 2x takes diffusers' path."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from mardini.autoencoders import KLAutoencoder
+
+    prototype = subpixel_prototype()
+    SubpixelUpsample2D, use_subpixel_upsampling = prototype.SubpixelUpsample2D, prototype.use_subpixel_upsampling
+
+    torch.manual_seed(0)
+    ae = KLAutoencoder(config=dict(block_out_channels=(16, 32, 32), latent_channels=4, norm_num_groups=8,
+                                   layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                                   up_block_types=("UpDecoderBlock2D",) * 3)).double()
+    z = torch.randn(1, 2, 4, 5, 6, dtype=torch.float64)
+    state = {k: v.clone() for k, v in ae.state_dict().items()}
+    with torch.no_grad():
+        before = ae.decode(z)
+        assert use_subpixel_upsampling(ae.vae.decoder) == 2  # the two upsampling levels of three blocks
+        after = ae.decode(z)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-10)
+    assert ae.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in ae.state_dict().items())
+    assert not any(isinstance(m, Upsample2D) for m in ae.vae.decoder.modules())
+    assert use_subpixel_upsampling(ae.vae.decoder) == 0
+    others = torch.nn.Sequential(Upsample2D(4, use_conv_transpose=True), Upsample2D(4, use_conv=False),
+                                 Upsample2D(4, use_conv=True, kernel_size=1, padding=0))
+    assert use_subpixel_upsampling(others) == 0
+    upsample = Upsample2D(4, use_conv=True).double()
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(SubpixelUpsample2D(upsample)(x, output_size=(5, 7)), upsample(x, output_size=(5, 7)))
+        torch.testing.assert_close(SubpixelUpsample2D(upsample)(x), upsample(x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="nearest-2x"):
+        SubpixelUpsample2D(others[0])

@@ -4,7 +4,7 @@ The inference benchmark decodes 4 frames per call (`benchmarks/inference.py`, 0.
 of convolutions: ~300 TFLOP/s). Larger calls give the convolutions more work per launch; `cudnn.benchmark` lets
 cuDNN time its algorithms per shape. Each variant: eager and (optionally) compiled, the outputs compared with the
 eager 4-frame decode (bf16 tolerance). --subpixel 0,1 also times the decoder with its upsamplers computed on the
-low-resolution grid (mardini.autoencoders.subpixel: 44 % of those convolutions' multiply-adds, the same function to
+low-resolution grid (subpixel_upsample.py: 44 % of those convolutions' multiply-adds, the same function to
 rounding). Writes one JSON row per variant as it goes (a lost machine keeps the rows).
 
     python benchmarks/prototypes/vae_decode.py --chunks 4,12 --benchmark 0,1 --compile 0,1 --json vae.json
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import timed  # noqa: E402
 from inference import build_vae, decode_frames  # noqa: E402
 
-from mardini.autoencoders.subpixel import use_subpixel_upsampling  # noqa: E402
+from subpixel_upsample import use_subpixel_upsampling  # noqa: E402
 
 
 def main() -> None:

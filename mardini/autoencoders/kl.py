@@ -22,7 +22,6 @@ from einops import rearrange
 from torch import Tensor
 
 from .base import VideoAutoencoder, _check_5d
-from .subpixel import use_subpixel_upsampling
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -144,12 +143,6 @@ class _DiffusersVAE(VideoAutoencoder):
         if self.latents_mean is not None:
             z = z * self.latents_std + self.latents_mean
         return self.vae.decode(z.to(self.dtype)).sample.float()
-
-    def use_subpixel_upsampling(self) -> int:
-        """Compute the decoder's nearest-2x + 3x3-conv upsamplers on the low-resolution grid (the same function up to
-        rounding, 44 % of those convolutions' multiply-adds; mardini.autoencoders.subpixel); weights and state_dict
-        keys unchanged. Returns how many upsamplers it replaced (0 for VAEs built otherwise, e.g. video VAEs)."""
-        return use_subpixel_upsampling(self.vae.decoder) if hasattr(self.vae, "decoder") else 0
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description: where the weights came from, normalisation, the VAE config (cache metadata)."""

@@ -96,8 +96,8 @@ class MarDiniPipeline:
         self.autoencoder.to(device=device)
         return self
 
-    def compile(self, mode: str = "default", backend: str = "inductor", dynamic: bool | None = False,
-                vae_subpixel: bool = True) -> "MarDiniPipeline":
+    def compile(self, mode: str = "default", backend: str = "inductor", dynamic: bool | None = False
+                ) -> "MarDiniPipeline":
         """torch.compile the planner, the generator (its forward and its reference frames' pass) and the VAE's
         encoder and decoder in place (weights and state_dict keys unchanged). On one H200 in bf16, the paper model
         makes 12 frames at 512 px with 25 steps in 0.65 s (image-to-video) and 0.59 s (interpolation) compiled, the
@@ -107,16 +107,12 @@ class MarDiniPipeline:
         torch._dynamo.config.recompile_limit shapes (beyond that dynamo runs the new shape eagerly): measured on the
         user's call, a second task compiled static peaks at 6.2 GiB where None (torch's default, which recompiles
         with dynamic sizes when a second shape comes) peaks at 8.0 and is 0.017 s slower (BENCHMARKS.md, "Inference,
-        ninth step"). Pass None for a stream of many different frame counts or sizes. `vae_subpixel` computes an
-        image VAE decoder's nearest-2x + 3x3-conv upsamplers on the low-resolution grid (the same function to
-        rounding, fewer multiply-adds: KLAutoencoder.use_subpixel_upsampling)."""
+        ninth step"). Pass None for a stream of many different frame counts or sizes."""
         kwargs = dict(mode=mode, backend=backend, dynamic=dynamic)
         self.model.planner.compile(**kwargs)
         self.model.generator.compile(**kwargs)
         # once per generation: CUDA graphs would not pay, and their output buffers are reused by the next replay
         self.model.generator.compile_reference_pass(backend=backend, dynamic=dynamic)
-        if vae_subpixel and hasattr(self.autoencoder, "use_subpixel_upsampling"):
-            self.autoencoder.use_subpixel_upsampling()
         vae = getattr(self.autoencoder, "vae", None)  # diffusers VAEs
         for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
             if part is not None:
