@@ -136,8 +136,8 @@ def main():
     p.add_argument("--compile-mode", default="default", help=f"comma list among {', '.join(COMPILE_MODES)}")
     p.add_argument("--vae-compile", default="0", help="0/1 list: compile the VAE encoder and decoder (mode default)")
     p.add_argument("--vae-channels-last", default="0", help="0/1 list: the VAE in channels_last memory format")
-    p.add_argument("--vae-subpixel", default="0", help="0/1 list: the decoder's nearest-2x + 3x3-conv upsamplers "
-                                                      "computed on the low-resolution grid (prototypes/subpixel_upsample.py)")
+    p.add_argument("--vae-subpixel", default="0", help="0/1 list: the decoder's nearest-2x + 3x3-conv upsamplers on "
+                                                      "the low-resolution grid (prototypes/subpixel_upsample.py)")
     p.add_argument("--vae-chunk", default="4", help="list of frames per VAE decoder call (0: all frames in one call; "
                                                     "benchmarks/prototypes/vae_decode.py times it alone)")
     p.add_argument("--decode", default="generated", help="list of: generated (encode the given frames, decode the "

@@ -119,12 +119,11 @@ def test_pipeline_call_benchmark_runs_on_cpu(tmp_path):
         assert r["seconds"] > 0 and r["output_shape"] == [12, 3, 32, 32] and r["output_device"] == "cpu"
 
 
-def subpixel_prototype():
-    """benchmarks/prototypes/subpixel_upsample.py, loaded by path."""
+def load_prototype(name: str):
+    """benchmarks/prototypes/<name>.py, loaded by path (the prototypes are scripts, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("subpixel_upsample",
-                                                  REPO / "benchmarks" / "prototypes" / "subpixel_upsample.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "prototypes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -137,7 +136,7 @@ def test_subpixel_upsample_is_nearest_repeat_then_conv_with_fewer_multiply_adds(
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    upsample2x_conv3x3 = subpixel_prototype().upsample2x_conv3x3
+    upsample2x_conv3x3 = load_prototype("subpixel_upsample").upsample2x_conv3x3
 
     g = torch.Generator().manual_seed(height)
     x = torch.randn(2, 6, height, width, generator=g, dtype=torch.float64)
@@ -161,7 +160,7 @@ def test_subpixel_upsampling_replaces_the_vae_decoders_upsamplers_and_nothing_el
 
     from mardini.autoencoders import KLAutoencoder
 
-    prototype = subpixel_prototype()
+    prototype = load_prototype("subpixel_upsample")
     SubpixelUpsample2D, use_subpixel_upsampling = prototype.SubpixelUpsample2D, prototype.use_subpixel_upsampling
 
     torch.manual_seed(0)
@@ -189,3 +188,56 @@ def test_subpixel_upsampling_replaces_the_vae_decoders_upsamplers_and_nothing_el
         torch.testing.assert_close(SubpixelUpsample2D(upsample)(x), upsample(x), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="nearest-2x"):
         SubpixelUpsample2D(others[0])
+
+
+def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
+    """benchmarks/prototypes/fp8_error.py: each row is scaled so its largest entry is e4m3's 448 and rounded to
+    3 mantissa bits (relative error <= 2^-4 above the subnormals), and only the linear layers its regex names are
+    computed in FP8 (the tiny model's MLP inputs here): the others give the bf16 layer's output exactly."""
+    from mardini.models import model_config
+    from mardini.models.generator import Generator
+
+    fp8 = load_prototype("fp8_error")
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1e-3], [1.0], [30.0], [1e4]])
+    q = fp8.fp8_rows(x)
+    torch.testing.assert_close(q.abs().amax(-1), x.abs().amax(-1), rtol=1e-6, atol=0)  # the largest entry kept
+    big = x.abs() > x.abs().amax(-1, keepdim=True) / 64  # away from the subnormals
+    assert ((q - x).abs() <= x.abs() * 2**-4 + 1e-12)[big].all() and not torch.equal(q, x)
+    torch.testing.assert_close(fp8.fp8_rows(q), q, rtol=1e-6, atol=0)  # already representable: unchanged
+    generator = Generator(model_config("tiny")).eval()
+    wrapped = fp8.SamplerStepsInFP8(generator, r"mlp\.fc_in")
+    assert len(wrapped.mode.weights) == len(generator.blocks)
+    h = torch.randn(2, 10, generator.blocks[0].mlp.fc_in.in_features)
+    with torch.no_grad(), wrapped.mode:
+        fc_in, fc_out = generator.blocks[0].mlp.fc_in(h), generator.blocks[0].mlp.fc_out
+        hidden = torch.randn(2, 10, fc_out.in_features)
+        assert torch.equal(fc_out(hidden), torch.nn.functional.linear(hidden, fc_out.weight, fc_out.bias).detach())
+    with torch.no_grad():
+        exact = generator.blocks[0].mlp.fc_in(h)
+    assert wrapped.mode.calls == 1 and 1e-3 < ((fc_in - exact).norm() / exact.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="names no linear layer"):
+        fp8.SamplerStepsInFP8(generator, "no_such_layer")
+
+
+def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
+    """benchmarks/prototypes/fp8_generator.py: the MLPs' two GEMMs and the self-attention's qkv projection are
+    swapped, each computing what the bf16 layer does up to FP8 rounding (torch._scaled_mm's rowwise mode, which the
+    CPU build also runs), and nothing else changes."""
+    from mardini.models import model_config
+    from mardini.models.generator import Generator
+    from mardini.models.layers import MLP, SelfAttention
+
+    fp8 = load_prototype("fp8_generator")
+    torch.manual_seed(0)
+    generator = Generator(model_config("tiny")).to(torch.bfloat16).eval()
+    block = generator.blocks[0]
+    x = torch.randn(2, 16, block.mlp.fc_in.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = block.mlp(x).float(), block.attn.qkv(x).float(), block.cross.proj(x).float()
+        mlps = sum(isinstance(m, MLP) for m in generator.modules())
+        attentions = sum(isinstance(m, SelfAttention) for m in generator.modules())
+        assert fp8.use_fp8(generator, {"mlp", "qkv"}) == 2 * mlps + attentions
+        out = block.mlp(x).float(), block.attn.qkv(x).float(), block.cross.proj(x).float()
+    for a, b in zip(out[:2], exact[:2]):
+        assert 1e-3 < ((a - b).norm() / b.norm()).item() < 0.1
+    assert torch.equal(out[2], exact[2])  # the cross-attention's projection stays bf16

@@ -1,0 +1,161 @@
+"""Prototype: would FP8 GEMMs in the generator's sampler steps keep generation within bf16's tolerance?
+
+Issue 16 item 4 asks for 12 frames at 512 px in <= 0.6 s "with the same outputs as today's path to bf16
+tolerance"; image-to-video takes 0.630-0.654 s on one H200, and its sampler steps' GEMMs (5.7 ms of a 21.6 ms step)
+are the one part left that a cheaper number format could halve. Before timing FP8 on a GPU, this measures its error
+where it can be computed exactly, in float32 on the CPU: the paper-size model (the real widths, so every GEMM has the
+real inner dimension) over a smaller latent grid, image-to-video (the middle frame given), the same noise, sampled
+
+- in float32 (the reference),
+- in bf16 (today's path: the model's weights and activations in bf16),
+- in bf16 with the generator's token GEMMs in its sampler steps (the linear layers --layers names) computed as
+  FP8 GEMMs (e4m3 inputs,
+  per-token scales for the activations and per-output-channel scales for the weights, as torch._scaled_mm's
+  rowwise mode takes them; emulated exactly: quantised, dequantised, multiplied in float32, rounded to bf16),
+
+and reports each one's relative L2 distance and largest difference from the float32 samples. FP8 is within bf16's
+tolerance only if its error is of the order of bf16's own.
+
+    python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --json fp8_error.json
+    python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --layers 'mlp\.fc_in' 
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from mardini.diffusion import Diffusion, DiffusionConfig
+from mardini.models import MarDini, model_config
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] rounded to e4m3 with one scale per row (amax -> 448), returned dequantised in float32."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (x / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+class FP8Linears(TorchFunctionMode):
+    """Every F.linear whose weight is one of `weights` computed from FP8-rounded inputs (per-token activation scales,
+    per-output-channel weight scales), accumulated in float32, returned in the input's dtype."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        super().__init__()
+        self.weights, self.calls = {id(w) for w in weights}, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if id(weight) in self.weights:
+                self.calls += 1
+                out = fp8_rows(x) @ fp8_rows(weight).t()
+                if bias is not None:
+                    out = out + bias.float()
+                return out.to(x.dtype)
+        return func(*args, **kwargs)
+
+
+class SamplerStepsInFP8(torch.nn.Module):
+    """The generator with its sampler steps (forward) under FP8Linears; its one reference pass and every other
+    method are the wrapped module's own (bf16)."""
+
+    def __init__(self, generator: torch.nn.Module, layers: str):
+        super().__init__()
+        weights = [m.weight for name, m in generator.named_modules()
+                   if isinstance(m, torch.nn.Linear) and re.search(layers, name)]
+        if not weights:
+            raise ValueError(f"--layers {layers!r} names no linear layer of the generator")
+        self.inner, self.mode = generator, FP8Linears(weights)
+
+    def forward(self, *args, **kwargs):
+        with self.mode:
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def give_outputs(generator: torch.nn.Module) -> None:
+    """adaLN-Zero starts the blocks as the identity and the output at 0: give those zero weights the init of the other
+    linears so that the samples depend on what the layers compute (as benchmarks/inference.py does)."""
+    for m in generator.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.xavier_uniform_(m.weight)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="paper")
+    p.add_argument("--latent", type=int, default=16, help="latent side (512 px is 64; the widths are the size's)")
+    p.add_argument("--lowres", type=int, default=4)
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--layers", default=r"attn\.(qkv|proj)|cross\.(q|proj)|mlp\.fc_(in|out)",
+                   help="regex on the generator's module names: the linear layers computed in FP8 (default: every "
+                        "GEMM over the generated tokens; the per-frame modulation and the plan's keys stay bf16)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=max(17, args.frames))
+    model = MarDini(cfg).eval()
+    give_outputs(model.generator)
+    T, s = args.frames, args.latent
+    z = torch.randn(1, T, 16, s, s, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, T, dtype=torch.bool)
+    mask[:, T // 2] = False  # image-to-video from the middle frame
+    diffusion = Diffusion(DiffusionConfig())
+
+    @torch.inference_mode()
+    def sample(dtype: torch.dtype) -> torch.Tensor:
+        return model.to(dtype).generate(z.to(dtype), mask, diffusion, num_steps=args.steps,
+                                        generator=torch.Generator().manual_seed(0)).float()
+
+    rows, eager_generator = {}, model.generator
+    for name, dtype, fp8 in (("float32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                             ("bf16 + FP8 GEMMs", torch.bfloat16, True)):
+        model.generator = SamplerStepsInFP8(eager_generator, args.layers) if fp8 else eager_generator
+        start = time.perf_counter()
+        out = sample(dtype)
+        rows[name] = {"samples": out, "seconds": time.perf_counter() - start,
+                      "fp8_linear_calls": model.generator.mode.calls if fp8 else 0}
+        print(f"{name}: {rows[name]['seconds']:.1f} s", flush=True)
+    model.generator = eager_generator
+    reference, generated = rows["float32"]["samples"], mask[0]
+    report = {"what": __doc__.splitlines()[0], "args": vars(args), "torch": torch.__version__, "results": {}}
+    for name, row in rows.items():
+        diff = (row["samples"] - reference)[:, generated]
+        report["results"][name] = {
+            "rel_l2_vs_float32": (diff.norm() / reference[:, generated].norm()).item(),
+            "max_abs_diff_vs_float32": diff.abs().max().item(), "seconds": row["seconds"],
+            "fp8_linear_calls": row["fp8_linear_calls"]}
+    bf16 = rows["bf16"]["samples"][:, generated]
+    fp8_vs_bf16 = rows["bf16 + FP8 GEMMs"]["samples"][:, generated] - bf16
+    report["fp8_vs_bf16_rel_l2"] = (fp8_vs_bf16.norm() / bf16.norm()).item()
+    for name, r in report["results"].items():
+        print(f"{name:>18s}: rel L2 vs float32 {r['rel_l2_vs_float32']:.2e}, max |diff| "
+              f"{r['max_abs_diff_vs_float32']:.3f}  ({r['fp8_linear_calls']} FP8 linear calls)")
+    print(f"FP8 against bf16: rel L2 {report['fp8_vs_bf16_rel_l2']:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Prototype: some of the generator's GEMMs in FP8 during generation, timed and checked against the bf16 path.
+
+`fp8_error.py` found, in float32 on the CPU (BENCHMARKS.md, "Inference, eleventh step"), that computing the paper
+generator's MLP GEMMs (fc_in, fc_out) and its self-attention's qkv projection from e4m3 inputs with per-token and
+per-output-channel scales leaves image-to-video samples as far from float32 as bf16 leaves them (relative L2 1.33e-2
+against bf16's 1.31e-2), where the cross-attention's output projection in FP8 triples the error. Those three GEMMs
+are 4.3 ms of the 21.6 ms cached sampler step on one H200; FP8 runs at up to twice bf16's rate on Hopper. This
+script computes them with torch._scaled_mm in its rowwise mode (weights quantised once, activations per call, in a
+form inductor can fuse with the SwiGLU and the norms before them) and times image-to-video (12 frames at 512 px, 25
+steps, the generator compiled, reference frames cached, the planner once; the VAE is left out:
+`benchmarks/inference.py` times it at 0.070 s) for each --variants entry on the same machine, with the samples'
+relative L2 distance from the eager bf16 model's (compiled bf16 itself: 1.2e-2).
+
+    python benchmarks/prototypes/fp8_generator.py --variants bf16,mlp,mlp+qkv --json fp8_generator.json
+    python benchmarks/prototypes/fp8_generator.py --device cpu --size tiny --latent 8 --frames 5 --steps 2 --compile 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import timed  # noqa: E402
+from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from mardini.models import MarDini, model_config  # noqa: E402
+from mardini.models.layers import MLP, SelfAttention  # noqa: E402
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max
+
+
+def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~ e4m3 * scale, each row's amax mapped to 448."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(E4M3), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (bf16) times an FP8 weight (e4m3 [N, K], scales [N, 1]) + bias -> [..., N] bf16."""
+    w, w_scale = weight
+    x2, x_scale = quantise_rows(x.reshape(-1, x.shape[-1]))
+    out = torch._scaled_mm(x2, w.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias, out_dtype=torch.bfloat16)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+class FP8Linear(torch.nn.Module):
+    """A linear layer whose GEMM takes e4m3 inputs: its weight quantised once per output channel, its input per
+    token at every call; bf16 out."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight_fp8, self.bias = quantise_rows(linear.weight.detach()), linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight_fp8, None if self.bias is None else self.bias.to(torch.bfloat16))
+
+
+def fp8_mlp_forward(self: MLP, x: torch.Tensor) -> torch.Tensor:
+    gate, value = self.fc_in(x).chunk(2, dim=-1)
+    return self.fc_out(F.silu(gate) * value)
+
+
+def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
+    """FP8 GEMMs in `model`'s SwiGLU MLPs ("mlp": fc_in and fc_out) and self-attention qkv projections ("qkv");
+    returns how many linear layers it swapped."""
+    swapped = 0
+    for m in list(model.modules()):
+        if "mlp" in parts and isinstance(m, MLP) and m.kind == "swiglu":
+            m.fc_in, m.fc_out = FP8Linear(m.fc_in), FP8Linear(m.fc_out)
+            m.forward = types.MethodType(fp8_mlp_forward, m)
+            swapped += 2
+        if "qkv" in parts and isinstance(m, SelfAttention):
+            m.qkv = FP8Linear(m.qkv)
+            swapped += 1
+    return swapped
+
+
+def give_outputs(generator: torch.nn.Module) -> None:
+    """Non-zero adaLN-Zero and output weights, so that samples depend on the kernels (as benchmarks/inference.py)."""
+    for m in generator.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.xavier_uniform_(m.weight)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="paper")
+    p.add_argument("--latent", type=int, default=64, help="latent side (512 px / 8)")
+    p.add_argument("--lowres", type=int, default=4)
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--variants", default="bf16,mlp,mlp+qkv", help="comma list: bf16 (as shipped) or '+'-joined parts "
+                                                                 "in FP8 among mlp, qkv")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=max(17, args.frames))
+    model = MarDini(cfg)
+    give_outputs(model.generator)
+    model = model.to(device, torch.bfloat16).eval()
+    T, s = args.frames, args.latent
+    z = torch.randn(1, T, 16, s, s, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    mask = torch.ones(1, T, dtype=torch.bool, device=device)
+    mask[:, T // 2] = False  # image-to-video from the middle frame
+    diffusion = Diffusion(DiffusionConfig())
+
+    @torch.inference_mode()
+    def sample() -> torch.Tensor:
+        return model.generate(z, mask, diffusion, num_steps=args.steps,
+                              generator=torch.Generator(device).manual_seed(0)).float()
+
+    reference = sample()[:, mask[0]]  # eager bf16
+    eager = model.generator
+    rows = []
+    for variant in args.variants.split(","):
+        parts = set() if variant == "bf16" else set(variant.split("+"))
+        if not parts <= {"mlp", "qkv"}:
+            p.error(f"--variants: {variant!r} is not bf16 or a '+'-joined list of mlp, qkv")
+        generator = copy.deepcopy(eager)
+        swapped = use_fp8(generator, parts)
+        torch._dynamo.reset()
+        model.generator = torch.compile(generator, dynamic=False) if args.compile else generator
+        generator.compile_reference_pass(enabled=bool(args.compile), dynamic=False)
+        seconds, peak = timed(sample, 2, 5, device)
+        out = sample()[:, mask[0]]
+        row = {"variant": variant, "fp8_linears": swapped, "seconds": seconds, "peak_gib": peak,
+               "rel_l2_vs_eager_bf16": ((out - reference).norm() / reference.norm()).item(),
+               "max_abs_diff_vs_eager_bf16": (out - reference).abs().max().item(),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
