@@ -20,14 +20,15 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
                              "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "1",
                              "--given", "2", "--compile", "0", "--vae-channels-last", "0,1", "--vae-chunk", "3,0",
+                             "--vae-subpixel", "0,1",
                              "--reuse-references", "0,1", "--kernel", "math", "--decode", "generated,all",
                              "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert [(r["reuse_references"], r["vae_channels_last"], r["vae_chunk"], r["decoded"]) for r in results] == \
-        [(reuse, cl, chunk, d) for reuse in (False, True) for cl in (False, True) for chunk in (3, 0)
-         for d in ("generated", "all")]
+    assert [(r["reuse_references"], r["vae_subpixel"], r["vae_channels_last"], r["vae_chunk"], r["decoded"])
+            for r in results] == [(reuse, sub, cl, chunk, d) for reuse in (False, True) for sub in (False, True)
+                                  for cl in (False, True) for chunk in (3, 0) for d in ("generated", "all")]
     for r in results:
         assert r["compile"] is False and r["compile_mode"] is None and r["peak_mem_gib"] == 0.0
         assert r["sdpa_kernel"] == "math"
@@ -40,6 +41,8 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
             assert r["max_abs_diff_vs_eager"] == 0.0 and r["rel_l2_vs_eager"] == 0.0
             assert r["reference_pass_s"] == 0.0
         assert (r["frames"], r["given"], r["steps"]) == (4, 2, 1)
+        # the decoded pixels against the eager decoder's: the same decoder exactly, the sub-pixel one to rounding
+        assert r["vae_max_abs_diff_vs_eager"] < (1e-4 if r["vae_subpixel"] else 1e-6)
         # the parts timed on their own (the generator's steps are the rest of the call's time: on the CPU, with one
         # timed call each, that difference is noise and can be negative, so it is not checked)
         assert r["generator_floor_s_at_peak"] > 0 and r["vae_decode_s"] > 0 and r["planner_once_s"] > 0
