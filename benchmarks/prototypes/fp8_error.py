@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -32,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mardini.diffusion import Diffusion, DiffusionConfig
-from mardini.models import MarDini, model_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from inference import give_outputs  # noqa: E402  (benchmarks/inference.py: samples that depend on the layers)
+from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from mardini.models import MarDini, model_config  # noqa: E402
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -88,14 +91,6 @@ class SamplerStepsInFP8(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.inner, name)
-
-
-def give_outputs(generator: torch.nn.Module) -> None:
-    """adaLN-Zero starts the blocks as the identity and the output at 0: give those zero weights the init of the other
-    linears so that the samples depend on what the layers compute (as benchmarks/inference.py does)."""
-    for m in generator.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.any():
-            torch.nn.init.xavier_uniform_(m.weight)
 
 
 def main() -> None:

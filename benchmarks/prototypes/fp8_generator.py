@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import timed  # noqa: E402
+from inference import give_outputs  # noqa: E402
 from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from mardini.models import MarDini, model_config  # noqa: E402
 from mardini.models.layers import MLP, SelfAttention  # noqa: E402
@@ -81,13 +82,6 @@ def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
             m.qkv = FP8Linear(m.qkv)
             swapped += 1
     return swapped
-
-
-def give_outputs(generator: torch.nn.Module) -> None:
-    """Non-zero adaLN-Zero and output weights, so that samples depend on the kernels (as benchmarks/inference.py)."""
-    for m in generator.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.any():
-            torch.nn.init.xavier_uniform_(m.weight)
 
 
 def main() -> None:
