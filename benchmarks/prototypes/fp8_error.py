@@ -33,19 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference import give_outputs  # noqa: E402  (benchmarks/inference.py: samples that depend on the layers)
-from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
-from mardini.models import MarDini, model_config  # noqa: E402
-
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp8_generator import add_clip_arguments, i2v_setup, quantise_rows  # noqa: E402
 
 
 def fp8_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] rounded to e4m3 with one scale per row (amax -> 448), returned dequantised in float32."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (x / scale).to(torch.float8_e4m3fn).float() * scale
+    q, scale = quantise_rows(x)
+    return q.float() * scale
 
 
 class FP8Linears(TorchFunctionMode):
@@ -95,11 +90,7 @@ class SamplerStepsInFP8(torch.nn.Module):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="paper")
-    p.add_argument("--latent", type=int, default=16, help="latent side (512 px is 64; the widths are the size's)")
-    p.add_argument("--lowres", type=int, default=4)
-    p.add_argument("--frames", type=int, default=12)
-    p.add_argument("--steps", type=int, default=25)
+    add_clip_arguments(p, latent=16)
     p.add_argument("--layers", default=r"attn\.(qkv|proj)|cross\.(q|proj)|mlp\.fc_(in|out)",
                    help="regex on the generator's module names: the linear layers computed in FP8 (default: every "
                         "GEMM over the generated tokens; the per-frame modulation and the plan's keys stay bf16)")
@@ -108,15 +99,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=max(17, args.frames))
-    model = MarDini(cfg).eval()
-    give_outputs(model.generator)
-    T, s = args.frames, args.latent
-    z = torch.randn(1, T, 16, s, s, generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(1, T, dtype=torch.bool)
-    mask[:, T // 2] = False  # image-to-video from the middle frame
-    diffusion = Diffusion(DiffusionConfig())
+    model, _, z, mask, diffusion = i2v_setup(args)
 
     @torch.inference_mode()
     def sample(dtype: torch.dtype) -> torch.Tensor:

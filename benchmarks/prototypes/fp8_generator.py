@@ -84,13 +84,32 @@ def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
     return swapped
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_clip_arguments(p: argparse.ArgumentParser, latent: int) -> None:
+    """The model size and the image-to-video clip both FP8 prototypes sample (i2v_setup)."""
     p.add_argument("--size", default="paper")
-    p.add_argument("--latent", type=int, default=64, help="latent side (512 px / 8)")
+    p.add_argument("--latent", type=int, default=latent, help="latent side (512 px is 64; the widths are the size's)")
     p.add_argument("--lowres", type=int, default=4)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--steps", type=int, default=25)
+
+
+def i2v_setup(args: argparse.Namespace) -> tuple:
+    """(model in float32 with the zero-initialised weights given values, its config, latents [1, T, 16, s, s], the
+    image-to-video mask [1, T] with the middle frame given, the diffusion), seeded: the same in both prototypes."""
+    torch.manual_seed(0)
+    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=max(17, args.frames))
+    model = MarDini(cfg).eval()
+    give_outputs(model.generator)
+    T, s = args.frames, args.latent
+    z = torch.randn(1, T, 16, s, s, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, T, dtype=torch.bool)
+    mask[:, T // 2] = False
+    return model, cfg, z, mask, Diffusion(DiffusionConfig())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_clip_arguments(p, latent=64)
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--variants", default="bf16,mlp,mlp+qkv", help="comma list: bf16 (as shipped) or '+'-joined parts "
                                                                  "in FP8 among mlp, qkv")
@@ -98,16 +117,8 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    cfg = model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=max(17, args.frames))
-    model = MarDini(cfg)
-    give_outputs(model.generator)
-    model = model.to(device, torch.bfloat16).eval()
-    T, s = args.frames, args.latent
-    z = torch.randn(1, T, 16, s, s, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
-    mask = torch.ones(1, T, dtype=torch.bool, device=device)
-    mask[:, T // 2] = False  # image-to-video from the middle frame
-    diffusion = Diffusion(DiffusionConfig())
+    model, cfg, z, mask, diffusion = i2v_setup(args)
+    model, z, mask = model.to(device, torch.bfloat16), z.to(device, torch.bfloat16), mask.to(device)
 
     @torch.inference_mode()
     def sample() -> torch.Tensor:
