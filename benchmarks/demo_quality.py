@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
+    p.add_argument("--fp8", action="store_true", help="the generator's MLP and self-attention GEMMs from FP8 inputs "
+                                                      "(MarDiniPipeline.use_fp8_gemms): its quality against bf16's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
@@ -164,6 +166,8 @@ def main(argv=None) -> dict:
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
+    if args.fp8:
+        pipe.use_fp8_gemms()
     videos, where = load_clips(pipe, args.data, args.clips)
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)
@@ -172,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}
-    report.update(model=str(args.model), weights=args.weights, clips_from=where, device=str(args.device),
+    report.update(model=str(args.model), weights=args.weights, fp8=args.fp8, clips_from=where, device=str(args.device),
                   seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
     print_report(report)
     if args.json:

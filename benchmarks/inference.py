@@ -14,7 +14,8 @@ as MarDiniPipeline.compile does), reference frames recomputed at every step or c
 (--reuse-references), times the VAE decoder eager or compiled (mode "default"), in contiguous or channels_last
 memory format, with its upsamplers as diffusers computes them or on the low-resolution grid (--vae-subpixel,
 prototypes/subpixel_upsample.py), --vae-chunk frames per decoder call (0: all; 4 in the figures before 2026-12-02),
-the decoded pixels compared with the eager decoder's (`vae_max_abs_diff_vs_eager`). Each result
+the generator's MLP and/or self-attention GEMMs in FP8 (--fp8, mardini/models/fp8.py: e4m3 inputs, rowwise
+scales), the decoded pixels compared with the eager decoder's (`vae_max_abs_diff_vs_eager`). Each result
 splits the call into VAE encode, planner, generator steps (of which the reference frames' one pass,
 `cache_references`, is also timed apart) and VAE decode, gives the generator's achieved TFLOP/s (the work the
 variant computes, mardini.models.flops) against its floor at --peak-tflops, and compares the generated latents
@@ -46,6 +47,7 @@ from prototypes.subpixel_upsample import use_subpixel_upsampling
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
 from mardini.models.flops import generator_flops
+from mardini.models.fp8 import FP8_LAYERS, use_fp8_gemms
 from mardini.models.layers import SDPA_KERNELS, CrossAttention, SelfAttention
 from mardini.models.mardini import lowres_from_hires
 
@@ -150,6 +152,10 @@ def main():
     p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values) and/or xformers, "
                                                    "fa4 (those backends); the first also computes the eager "
                                                    "reference")
+    p.add_argument("--fp8", default="none", help="list of: none, or the generator's GEMMs computed from e4m3 inputs "
+                                                 "as a '+'-joined list of mlp (fc_in, fc_out), qkv, proj (the "
+                                                 "self-attention's), and fast (fast accumulation) "
+                                                 "(mardini/models/fp8.py; a GPU of compute capability >= 8.9)")
     p.add_argument("--generator-heads", type=int, default=0, help="the generator's head count (0 = the size's)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the accelerator's dense bf16 TFLOP/s")
     p.add_argument("--device", default="cuda")
@@ -161,8 +167,14 @@ def main():
     kernels = args.kernel.split(",")
     if not set(kernels) <= {*SDPA_KERNELS, "xformers", "fa4"}:
         p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers, fa4")
-    variants = [(kernel, bool(c), mode, bool(reuse)) for kernel in kernels for c in ints(args.compile)
-                for mode in (modes if c else [None]) for reuse in ints(args.reuse_references)]
+    fp8_variants = args.fp8.split(",")
+    fp8_parts = {v: frozenset() if v == "none" else frozenset(v.split("+")) for v in fp8_variants}
+    if not all(parts <= {*FP8_LAYERS, "fast"} and not parts <= {"fast"} for v, parts in fp8_parts.items()
+               if v != "none"):
+        p.error("--fp8: each entry is none or a '+'-joined list of layers among mlp, qkv, proj (and fast: fast "
+                "accumulation)")
+    variants = [(kernel, bool(c), mode, bool(reuse), fp8) for kernel in kernels for c in ints(args.compile)
+                for mode in (modes if c else [None]) for reuse in ints(args.reuse_references) for fp8 in fp8_variants]
     decodes = args.decode.split(",")
     if not set(decodes) <= {"generated", "all"}:
         p.error("--decode: choose among generated, all")
@@ -190,6 +202,11 @@ def main():
     model = model.to(device, dtype).eval()
     params_m = {k: v / 1e6 for k, v in model.num_parameters().items()}
     eager = {"planner": model.planner, "generator": model.generator}
+    generators = {"none": model.generator}  # --fp8 entry -> the eager generator with those GEMMs in FP8
+    for fp8, parts in fp8_parts.items():
+        if parts:
+            generators[fp8] = copy.deepcopy(model.generator)
+            use_fp8_gemms(generators[fp8], tuple(sorted(parts - {"fast"})), fast_accum="fast" in parts)
     diffusion = Diffusion(DiffusionConfig())
 
     clips = {}  # (frames, given frames) -> latents, mask
@@ -210,10 +227,11 @@ def main():
 
     reference = {(c, s): sample(c, s, False).float() for c in clips for s in ints(args.steps)}  # the eager model's
     results = []
-    for kernel, compile_, mode, reuse in variants:
+    for kernel, compile_, mode, reuse, fp8 in variants:
         torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
         choice = attention_choice(kernel)
-        for m in model.modules():
+        eager["generator"] = generators[fp8]
+        for m in itertools.chain(eager["planner"].modules(), *(g.modules() for g in generators.values())):
             if isinstance(m, (SelfAttention, CrossAttention)):
                 m.backend, m.sdpa_kernel = choice["attn_backend"], choice["sdpa_kernel"]
         for name, module in eager.items():
@@ -252,7 +270,7 @@ def main():
                     encode_s = timed(encode, warmup, iters, device)[0] if decoded == "generated" else 0.0
                     generator_s = seconds - planner_s - decode_s - encode_s
                     work = work_per_step * steps
-                    r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel,
+                    r = {"frames": T, "given": k, "steps": steps, "sdpa_kernel": kernel, "fp8": fp8,
                          "compile": compile_, "compile_mode": mode,
                          "reuse_references": reuse, "generator_tflop_per_step": work_per_step / 1e12,
                          "vae_compile": vae_compile, "vae_subpixel": subpixel, "vae_channels_last": channels_last,
@@ -274,7 +292,8 @@ def main():
                         device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
                         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
                                    "results": results}, f, indent=1)
-    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'compile':>26s} {'refs':>6s} {'VAE':>14s} "
+    print(f"\n{'frames':>6s} {'given':>5s} {'steps':>5s} {'kernel':>9s} {'fp8':>7s} {'compile':>26s} {'refs':>6s} "
+          f"{'VAE':>14s} "
           f"{'total s':>8s} {'GiB':>6s} {'enc s':>6s} {'planner s':>9s} {'VAE s':>6s} {'gen s':>6s} {'refs s':>6s} "
           f"{'TFLOP/s':>7s} {'floor s':>7s} {'max|diff|':>9s} {'rel L2':>8s} {'+planner/step s':>15s}")
     for r in results:
@@ -284,7 +303,8 @@ def main():
                        + f",{r['vae_chunk'] or 'all'},{r['frames_decoded']}")
         tflops = f"{r['generator_tflops']:7.0f}" if r["generator_tflops"] is not None else f"{'-':>7s}"
         refs = "cached" if r["reuse_references"] else "every"
-        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {compiled:>26s} {refs:>6s} "
+        print(f"{r['frames']:6d} {r['given']:5d} {r['steps']:5d} {r['sdpa_kernel']:>9s} {r['fp8']:>7s} {compiled:>26s} "
+              f"{refs:>6s} "
               f"{vae_variant:>14s} {r['seconds']:8.3f} {r['peak_mem_gib']:6.1f} {r['vae_encode_s']:6.3f} "
               f"{r['planner_once_s']:9.3f} "
               f"{r['vae_decode_s']:6.3f} "

@@ -9,6 +9,8 @@ uses 1-3 steps so the whole file runs in well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import shutil
@@ -31,6 +33,7 @@ from mardini.diffusion import Diffusion
 from mardini.inference import MarDiniPipeline, Window, check_plan, expansion_plan, long_video_plan
 from mardini.inference import cli
 from mardini.models import MarDini, model_config
+from mardini.models.fp8 import FP8Linear
 
 TRAIN_STEPS = 20
 STEPS = 2  # sampler steps for every call on the trained model
@@ -459,6 +462,21 @@ def test_compiled_pipeline_generates_the_same_video(export_dir):
     torch.testing.assert_close(pipe(frames, seed=5, num_steps=STEPS), before, rtol=0, atol=1e-5)
 
 
+def test_fp8_pipeline_keeps_the_weights_and_generates_nearly_the_same_video(export_dir):
+    """use_fp8_gemms() swaps the generator's MLP and self-attention GEMMs in place (mardini/models/fp8.py): the same
+    state_dict, a video that differs from the float32 one by FP8 rounding only, the given frames still exact."""
+    pipe = MarDiniPipeline.from_pretrained(export_dir)
+    first, last = images(2, seed=12)
+    frames = {0: first, NUM_FRAMES - 1: last}
+    before, state = pipe(frames, seed=5, num_steps=STEPS), copy.deepcopy(pipe.model.state_dict())
+    assert pipe.use_fp8_gemms() is pipe
+    after = pipe(frames, seed=5, num_steps=STEPS)
+    assert_given_exact(pipe, after, frames)
+    difference = (after - before).abs()
+    assert 0 < difference.max() and difference.mean() < 0.02  # pixels in [-1, 1]
+    assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())
+
+
 def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     """With the DDPM sampler every step draws fresh noise; a batch of seeds must still equal separate calls."""
     pipe = ddpm_pipeline()
@@ -831,6 +849,17 @@ def test_cli_i2v_gif_without_preview(export_dir, cli_inputs, tmp_path, monkeypat
     assert positions == [0] and distance.max() < 20, (positions, distance)
     assert len(compiled) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i2v.gif"]
+
+
+def test_cli_fp8_swaps_the_generators_gemms(export_dir, cli_inputs, tmp_path, monkeypatch):
+    pngs, _ = cli_inputs
+    swapped = []
+    real = MarDiniPipeline.use_fp8_gemms
+    monkeypatch.setattr(MarDiniPipeline, "use_fp8_gemms", lambda self: swapped.append(real(self)) or self)
+    out = tmp_path / "interp"
+    sample(export_dir, "interpolate", pngs[:2], out, "--fp8", "--no-preview")
+    assert read_frames(out).shape == (NUM_FRAMES, HEIGHT, WIDTH, 3) and len(swapped) == 1
+    assert isinstance(swapped[0].model.generator.blocks[0].mlp.fc_in, FP8Linear)
 
 
 def test_cli_loop_and_slow_motion_mp4(export_dir, cli_inputs, tmp_path):

@@ -52,6 +52,26 @@ def test_inference_benchmark_runs_on_cpu(tmp_path):
     assert "rel L2" in result.stdout  # the summary table
 
 
+def test_inference_benchmark_times_fp8_gemms_against_the_bf16_model(tmp_path):
+    """--fp8: each entry's generator has those GEMMs from e4m3 inputs (mardini/models/fp8.py), compared with
+    the eager model without them: FP8 moves the samples a little, "none" not at all."""
+    out = tmp_path / "inference.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
+                             "--size", "tiny", "--resolution", "32", "--lowres", "2", "--frames", "4", "--steps", "2",
+                             "--given", "1", "--compile", "0", "--vae-chunk", "0",
+                             "--fp8", "none,mlp,mlp+qkv+proj+fast",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["fp8"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["none", "mlp", "mlp+qkv+proj+fast"]
+    assert rows["none"]["rel_l2_vs_eager"] < 1e-5
+    assert all(1e-5 < rows[v]["rel_l2_vs_eager"] < 0.1 for v in ("mlp", "mlp+qkv+proj+fast"))
+    assert rows["mlp"]["rel_l2_vs_eager"] != rows["mlp+qkv+proj+fast"]["rel_l2_vs_eager"]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inference.py"), "--device", "cpu",
+                          "--fp8", "mlp+attn"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--fp8" in bad.stderr
+
+
 def test_vae_decode_prototype_rows_and_chunking_changes_no_pixel(tmp_path):
     """benchmarks/prototypes/vae_decode.py on the CPU: one row per variant, and the decode of all frames in one call
     equals the 4-frames-per-call reference (fp32) that every row is compared with."""
@@ -223,9 +243,9 @@ def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
 
 
 def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
-    """benchmarks/prototypes/fp8_generator.py: the MLPs' two GEMMs and the self-attention's qkv projection are
-    swapped, each computing what the bf16 layer does up to FP8 rounding (torch._scaled_mm's rowwise mode, which the
-    CPU build also runs), and nothing else changes."""
+    """benchmarks/prototypes/fp8_generator.py: the MLPs' two GEMMs and the self-attention's qkv projection (and its
+    output projection, when named) are swapped, each computing what the bf16 layer does up to FP8 rounding
+    (torch._scaled_mm's rowwise mode, which the CPU build also runs), and nothing else changes."""
     from mardini.models import model_config
     from mardini.models.generator import Generator
     from mardini.models.layers import MLP, SelfAttention
@@ -244,3 +264,7 @@ def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
     for a, b in zip(out[:2], exact[:2]):
         assert 1e-3 < ((a - b).norm() / b.norm()).item() < 0.1
     assert torch.equal(out[2], exact[2])  # the cross-attention's projection stays bf16
+    assert not block.attn.qkv.fast_accum and isinstance(block.attn.proj, torch.nn.Linear)
+    # "proj": the self-attention's output projection too; "fast": fast accumulation, no layer of its own
+    assert fp8.use_fp8(generator, {"proj", "fast"}) == attentions
+    assert block.attn.proj.fast_accum and not block.attn.qkv.fast_accum

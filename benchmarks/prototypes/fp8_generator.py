@@ -32,36 +32,34 @@ from common import timed  # noqa: E402
 from inference import give_outputs  # noqa: E402
 from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from mardini.models import MarDini, model_config  # noqa: E402
+from mardini.models.fp8 import quantise_rows  # noqa: E402  (the library's since session 38; the same function)
 from mardini.models.layers import MLP, SelfAttention  # noqa: E402
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max
 
-
-def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~ e4m3 * scale, each row's amax mapped to 448."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).to(E4M3), scale
-
-
-def fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (bf16) times an FP8 weight (e4m3 [N, K], scales [N, 1]) + bias -> [..., N] bf16."""
+def fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None,
+               fast_accum: bool = False) -> torch.Tensor:
+    """x [..., K] times an FP8 weight (e4m3 [N, K], scales [N, 1]) + bias -> [..., N] in x's dtype (the GEMM's
+    output is bf16: rowwise scaling gives no other). fast_accum: Hopper's faster FP8 accumulation, which keeps
+    fewer bits of each partial sum."""
     w, w_scale = weight
     x2, x_scale = quantise_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(x2, w.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias, out_dtype=torch.bfloat16)
-    return out.reshape(*x.shape[:-1], -1)
+    out = torch._scaled_mm(x2, w.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias, out_dtype=torch.bfloat16,
+                           use_fast_accum=fast_accum)
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 class FP8Linear(torch.nn.Module):
     """A linear layer whose GEMM takes e4m3 inputs: its weight quantised once per output channel, its input per
     token at every call; bf16 out."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, fast_accum: bool = False):
         super().__init__()
         self.weight_fp8, self.bias = quantise_rows(linear.weight.detach()), linear.bias
+        self.fast_accum = fast_accum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight_fp8, None if self.bias is None else self.bias.to(torch.bfloat16))
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return fp8_linear(x, self.weight_fp8, bias, self.fast_accum)
 
 
 def fp8_mlp_forward(self: MLP, x: torch.Tensor) -> torch.Tensor:
@@ -69,18 +67,24 @@ def fp8_mlp_forward(self: MLP, x: torch.Tensor) -> torch.Tensor:
     return self.fc_out(F.silu(gate) * value)
 
 
+FP8_PARTS = ("mlp", "qkv", "proj", "fast")
+
+
 def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
-    """FP8 GEMMs in `model`'s SwiGLU MLPs ("mlp": fc_in and fc_out) and self-attention qkv projections ("qkv");
-    returns how many linear layers it swapped."""
-    swapped = 0
+    """FP8 GEMMs in `model`'s SwiGLU MLPs ("mlp": fc_in and fc_out) and self-attention projections ("qkv": the input
+    one, "proj": the output one), with fast accumulation if "fast" is among the parts; returns how many linear
+    layers it swapped."""
+    fast, swapped = "fast" in parts, 0
     for m in list(model.modules()):
         if "mlp" in parts and isinstance(m, MLP) and m.kind == "swiglu":
-            m.fc_in, m.fc_out = FP8Linear(m.fc_in), FP8Linear(m.fc_out)
+            m.fc_in, m.fc_out = FP8Linear(m.fc_in, fast), FP8Linear(m.fc_out, fast)
             m.forward = types.MethodType(fp8_mlp_forward, m)
             swapped += 2
-        if "qkv" in parts and isinstance(m, SelfAttention):
-            m.qkv = FP8Linear(m.qkv)
-            swapped += 1
+        if isinstance(m, SelfAttention):
+            for name in ("qkv", "proj"):
+                if name in parts:
+                    setattr(m, name, FP8Linear(getattr(m, name), fast))
+                    swapped += 1
     return swapped
 
 
@@ -112,7 +116,8 @@ def main() -> None:
     add_clip_arguments(p, latent=64)
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--variants", default="bf16,mlp,mlp+qkv", help="comma list: bf16 (as shipped) or '+'-joined parts "
-                                                                 "in FP8 among mlp, qkv")
+                                                                 "in FP8 among mlp, qkv, proj (+fast: fast "
+                                                                 "accumulation)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -130,8 +135,9 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         parts = set() if variant == "bf16" else set(variant.split("+"))
-        if not parts <= {"mlp", "qkv"}:
-            p.error(f"--variants: {variant!r} is not bf16 or a '+'-joined list of mlp, qkv")
+        if not parts <= set(FP8_PARTS) or parts <= {"fast"}:
+            p.error(f"--variants: {variant!r} is not bf16 or a '+'-joined list of layers among mlp, qkv, proj "
+                    "(and fast)")
         generator = copy.deepcopy(eager)
         swapped = use_fp8(generator, parts)
         torch._dynamo.reset()
