@@ -145,7 +145,8 @@ def main(argv=None) -> dict:
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--fp8", action="store_true", help="the generator's MLP and self-attention GEMMs from FP8 inputs "
-                                                      "(MarDiniPipeline.use_fp8_gemms): its quality against bf16's")
+                                                      "(MarDiniPipeline.use_fp8_gemms): its quality against the "
+                                                      "float32 model's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
@@ -176,8 +177,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}
-    report.update(model=str(args.model), weights=args.weights, fp8=args.fp8, clips_from=where, device=str(args.device),
-                  seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
+    report.update(model=str(args.model), weights=args.weights, fp8=args.fp8, clips_from=where,
+                  device=str(args.device), seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
     print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -340,6 +340,28 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert set(report["plan_probe"]) == {"r2", "blend_r2", "spatial_share"} and "plan probe" in result.stdout
 
 
+def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
+    """--fp8 (MarDiniPipeline.use_fp8_gemms): the same clips and noise, the generator's GEMMs from e4m3 inputs; the
+    score moves by FP8 rounding only."""
+    pipe = random_pipeline()
+    pipe.config["data"] = {"source": "synthetic", "val_seed": 5, "synthetic": dict(
+        num_videos=10, num_frames=T, height=H, width=H, min_shapes=1, max_shapes=3, seed=0)}
+    export = pipe.save_pretrained(tmp_path / "export")
+    reports = {}
+    for fp8 in (False, True):
+        out = tmp_path / f"report_{fp8}.json"
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export),
+                                 "--clips", "2", "--steps", "2", "--i2v-seeds", "0", "--no-ablations", "--device",
+                                 "cpu", "--no-progress", "--json", str(out), *(["--fp8"] if fp8 else [])],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        reports[fp8] = json.loads(out.read_text())
+    assert reports[False]["fp8"] is False and reports[True]["fp8"] is True
+    plain, fp8 = reports[False]["interpolation"], reports[True]["interpolation"]
+    assert plain["psnr"] != fp8["psnr"] and abs(plain["psnr"] - fp8["psnr"]) < 0.5
+    assert plain["blend_psnr"] == fp8["blend_psnr"]  # the same clips
+
+
 def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
     """A missing export or clips folder, or a bad option, is one line on stderr and exit status 2 (no traceback);
     --debug shows the traceback."""
