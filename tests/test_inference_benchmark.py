@@ -242,6 +242,18 @@ def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
         fp8.SamplerStepsInFP8(generator, "no_such_layer")
 
 
+def test_fp8_generator_prototype_command_line_runs_bf16_and_fp8(tmp_path):
+    out = tmp_path / "fp8_generator.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prototypes" / "fp8_generator.py"), "--device",
+                             "cpu", "--size", "tiny", "--latent", "8", "--frames", "5", "--steps", "2", "--compile",
+                             "0", "--variants", "bf16,mlp+qkv+proj+fast", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["bf16"]["fp8_linears"] == 0 and rows["bf16"]["rel_l2_vs_eager_bf16"] == 0.0
+    assert rows["mlp+qkv+proj+fast"]["fp8_linears"] > 0 and 0 < rows["mlp+qkv+proj+fast"]["rel_l2_vs_eager_bf16"] < 0.1
+
+
 def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
     """benchmarks/prototypes/fp8_generator.py: the MLPs' two GEMMs and the self-attention's qkv projection (and its
     output projection, when named) are swapped, each computing what the bf16 layer does up to FP8 rounding
@@ -264,7 +276,7 @@ def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
     for a, b in zip(out[:2], exact[:2]):
         assert 1e-3 < ((a - b).norm() / b.norm()).item() < 0.1
     assert torch.equal(out[2], exact[2])  # the cross-attention's projection stays bf16
-    assert not block.attn.qkv.fast_accum and isinstance(block.attn.proj, torch.nn.Linear)
+    assert not block.attn.qkv.fast_accum and type(block.attn.proj) is torch.nn.Linear
     # "proj": the self-attention's output projection too; "fast": fast accumulation, no layer of its own
     assert fp8.use_fp8(generator, {"proj", "fast"}) == attentions
     assert block.attn.proj.fast_accum and not block.attn.qkv.fast_accum

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fp8_generator import add_clip_arguments, i2v_setup, quantise_rows  # noqa: E402
+from fp8_generator import add_clip_arguments, i2v_setup  # noqa: E402
+from mardini.models.fp8 import quantise_rows  # noqa: E402
 
 
 def fp8_rows(x: torch.Tensor) -> torch.Tensor:

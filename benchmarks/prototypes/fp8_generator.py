@@ -21,71 +21,27 @@ import argparse
 import copy
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import timed  # noqa: E402
 from inference import give_outputs  # noqa: E402
 from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from mardini.models import MarDini, model_config  # noqa: E402
-from mardini.models.fp8 import quantise_rows  # noqa: E402  (the library's since session 38; the same function)
-from mardini.models.layers import MLP, SelfAttention  # noqa: E402
-
-
-def fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None,
-               fast_accum: bool = False) -> torch.Tensor:
-    """x [..., K] times an FP8 weight (e4m3 [N, K], scales [N, 1]) + bias -> [..., N] in x's dtype (the GEMM's
-    output is bf16: rowwise scaling gives no other). fast_accum: Hopper's faster FP8 accumulation, which keeps
-    fewer bits of each partial sum."""
-    w, w_scale = weight
-    x2, x_scale = quantise_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(x2, w.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias, out_dtype=torch.bfloat16,
-                           use_fast_accum=fast_accum)
-    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
-class FP8Linear(torch.nn.Module):
-    """A linear layer whose GEMM takes e4m3 inputs: its weight quantised once per output channel, its input per
-    token at every call; bf16 out."""
-
-    def __init__(self, linear: torch.nn.Linear, fast_accum: bool = False):
-        super().__init__()
-        self.weight_fp8, self.bias = quantise_rows(linear.weight.detach()), linear.bias
-        self.fast_accum = fast_accum
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        return fp8_linear(x, self.weight_fp8, bias, self.fast_accum)
-
-
-def fp8_mlp_forward(self: MLP, x: torch.Tensor) -> torch.Tensor:
-    gate, value = self.fc_in(x).chunk(2, dim=-1)
-    return self.fc_out(F.silu(gate) * value)
+from mardini.models.fp8 import use_fp8_gemms  # noqa: E402
 
 
 FP8_PARTS = ("mlp", "qkv", "proj", "fast")
 
 
 def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
-    """FP8 GEMMs in `model`'s SwiGLU MLPs ("mlp": fc_in and fc_out) and self-attention projections ("qkv": the input
-    one, "proj": the output one), with fast accumulation if "fast" is among the parts; returns how many linear
-    layers it swapped."""
-    fast, swapped = "fast" in parts, 0
-    for m in list(model.modules()):
-        if "mlp" in parts and isinstance(m, MLP) and m.kind == "swiglu":
-            m.fc_in, m.fc_out = FP8Linear(m.fc_in, fast), FP8Linear(m.fc_out, fast)
-            m.forward = types.MethodType(fp8_mlp_forward, m)
-            swapped += 2
-        if isinstance(m, SelfAttention):
-            for name in ("qkv", "proj"):
-                if name in parts:
-                    setattr(m, name, FP8Linear(getattr(m, name), fast))
-                    swapped += 1
-    return swapped
+    """FP8 GEMMs in `model`'s MLPs ("mlp": fc_in and fc_out) and self-attention projections ("qkv": the input one,
+    "proj": the output one), with fast accumulation if "fast" is among the parts; returns how many linear layers it
+    swapped. Since session 38 the library's mardini.models.fp8 (this prototype's own FP8 linear layer, measured in
+    BENCHMARKS.md's "Inference, twelfth step" on machines 1 and 2, computed the same GEMMs)."""
+    return use_fp8_gemms(model, tuple(sorted(parts - {"fast"})), fast_accum="fast" in parts)
 
 
 def add_clip_arguments(p: argparse.ArgumentParser, latent: int) -> None:
@@ -135,7 +91,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         parts = set() if variant == "bf16" else set(variant.split("+"))
-        if not parts <= set(FP8_PARTS) or parts <= {"fast"}:
+        if parts and (not parts <= set(FP8_PARTS) or parts <= {"fast"}):
             p.error(f"--variants: {variant!r} is not bf16 or a '+'-joined list of layers among mlp, qkv, proj "
                     "(and fast)")
         generator = copy.deepcopy(eager)
