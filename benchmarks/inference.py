@@ -46,6 +46,8 @@ from common import timed  # benchmarks/common.py (the script's folder is on sys.
 from prototypes.subpixel_upsample import use_subpixel_upsampling
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.models import MarDini, model_config
+from mardini.models import flash4
+from mardini.models.flash4 import FA4_MIN_FLOP
 from mardini.models.flops import generator_flops
 from mardini.models.fp8 import FP8_LAYERS, use_fp8_gemms
 from mardini.models.layers import SDPA_KERNELS, CrossAttention, SelfAttention
@@ -121,9 +123,10 @@ def ints(csv: str) -> list[int]:
 
 
 def attention_choice(kernel: str) -> dict:
-    """The model's attention settings for a --kernel name: an SDPA kernel, or "xformers" / "fa4" (those backends)."""
-    if kernel in ("xformers", "fa4"):
-        return {"attn_backend": kernel, "sdpa_kernel": "auto"}
+    """The model's attention settings for a --kernel name: an SDPA kernel, or "xformers" / "fa4" (those backends;
+    "fa4-every-call": fa4 also for the calls the library hands to SDPA as too small, flash4.FA4_MIN_FLOP)."""
+    if kernel in ("xformers", "fa4", "fa4-every-call"):
+        return {"attn_backend": kernel.removesuffix("-every-call"), "sdpa_kernel": "auto"}
     return {"attn_backend": "sdpa", "sdpa_kernel": kernel}
 
 
@@ -150,8 +153,8 @@ def main():
     p.add_argument("--given", default="1", help="list of given-frame counts: 1 = the middle frame (image-to-video), "
                                                   "k > 1 = k frames spread evenly from the first to the last")
     p.add_argument("--kernel", default="auto", help="list of SDPA kernels (model.sdpa_kernel values) and/or xformers, "
-                                                   "fa4 (those backends); the first also computes the eager "
-                                                   "reference")
+                                                   "fa4 (those backends), fa4-every-call (fa4 for the small calls "
+                                                   "too); the first also computes the eager reference")
     p.add_argument("--fp8", default="none", help="list of: none, or the generator's GEMMs computed from e4m3 inputs "
                                                  "as a '+'-joined list of mlp (fc_in, fc_out), qkv, proj (the "
                                                  "self-attention's), and fast (fast accumulation) "
@@ -165,8 +168,8 @@ def main():
     if not set(modes) <= set(COMPILE_MODES):
         p.error(f"--compile-mode: choose among {', '.join(COMPILE_MODES)}")
     kernels = args.kernel.split(",")
-    if not set(kernels) <= {*SDPA_KERNELS, "xformers", "fa4"}:
-        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers, fa4")
+    if not set(kernels) <= {*SDPA_KERNELS, "xformers", "fa4", "fa4-every-call"}:
+        p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers, fa4, fa4-every-call")
     fp8_variants = args.fp8.split(",")
     fp8_parts = {v: frozenset() if v == "none" else frozenset(v.split("+")) for v in fp8_variants}
     if not all(parts <= {*FP8_LAYERS, "fast"} and not parts <= {"fast"} for v, parts in fp8_parts.items()
@@ -230,6 +233,7 @@ def main():
     for kernel, compile_, mode, reuse, fp8 in variants:
         torch._dynamo.reset()  # each variant compiles afresh (and frees the previous one's CUDA graphs)
         choice = attention_choice(kernel)
+        flash4.FA4_MIN_FLOP = 0 if kernel == "fa4-every-call" else FA4_MIN_FLOP
         eager["generator"] = generators[fp8]
         for m in itertools.chain(eager["planner"].modules(), *(g.modules() for g in generators.values())):
             if isinstance(m, (SelfAttention, CrossAttention)):

@@ -935,11 +935,15 @@ def _token_major(B, N, H, D, seed, grad=False):
 
 
 @pytest.mark.skipif(not fa4_runs_here(), reason="FlashAttention-4 needs flash-attn-4 and a Hopper/Blackwell GPU")
-def test_fa4_attention_matches_an_fp32_softmax_as_closely_as_sdpa_forward_and_backward_and_compiles_whole():
+def test_fa4_attention_matches_an_fp32_softmax_as_closely_as_sdpa_forward_and_backward_and_compiles_whole(
+        monkeypatch):
     """The fa4 backend computes SDPA's attention: its output and gradients err against an fp32 softmax no more than
     SDPA's own bf16 kernel does, and compiled with fullgraph=True (one graph: the custom operators, not a break)
     it gives what it gives eagerly."""
+    from mardini.models import flash4
     from mardini.models.layers import attention
+
+    monkeypatch.setattr(flash4, "FA4_MIN_FLOP", 0)  # this small call too runs fa4's kernels
 
     B, N, H, D = 2, 700, 4, 64
     qkv, (q, k, v) = _token_major(B, N, H, D, seed=0, grad=True)
@@ -965,9 +969,12 @@ def test_fa4_attention_matches_an_fp32_softmax_as_closely_as_sdpa_forward_and_ba
 
 @pytest.mark.skipif(not fa4_runs_here(), reason="FlashAttention-4 needs flash-attn-4 and a Hopper/Blackwell GPU")
 @pytest.mark.parametrize("impl", ["gather", "split"])
-def test_fa4_backend_matches_sdpa_in_the_model(impl):
+def test_fa4_backend_matches_sdpa_in_the_model(monkeypatch, impl):
     """The whole model under bf16 autocast (as it trains) with each identity-attention implementation that takes no
     mask: the fa4 backend gives what SDPA gives, to bf16 rounding."""
+    from mardini.models import flash4
+
+    monkeypatch.setattr(flash4, "FA4_MIN_FLOP", 0)  # the tiny model's calls run fa4's kernels, not SDPA
     sdpa = randomize(tiny(attn_backend="sdpa", generator=dict(identity_impl=impl)))
     fa4 = tiny(attn_backend="fa4", generator=dict(identity_impl=impl))
     fa4.load_state_dict(sdpa.state_dict())
@@ -976,6 +983,39 @@ def test_fa4_backend_matches_sdpa_in_the_model(impl):
     for a, b in zip(*outputs):
         assert b.abs().max() > 1e-3
         assert float((b.float() - a.float()).norm() / a.float().norm()) < 2e-2
+
+
+def test_fa4_backend_hands_calls_too_small_for_its_launch_to_sdpa(monkeypatch):
+    """fa4 launches from Python (~0.5 ms a call): calls below FA4_MIN_FLOP run SDPA's kernel instead, the large ones
+    fa4's. At this project's shapes the line falls between the sampler's and training's self-attention (fa4) and the
+    reference frames' own-frame attention and the per-frame cross-attention to the plan (SDPA). Where fa4 cannot run
+    (here: the CPU), a small call still fails with fa4's one-line error rather than silently using SDPA."""
+    from mardini.models import flash4, layers
+
+    def shapes(B, H, Nq, Nk, d=128):
+        return torch.empty(B, H, Nq, d, device="meta"), torch.empty(B, H, Nk, d, device="meta")
+
+    worth = lambda *shape: flash4.fa4_worth_it(*shapes(*shape))  # noqa: E731
+    assert worth(1, 8, 11 * 1024, 12 * 1024)          # paper sampler step, image-to-video: 11 of 12 frames generated
+    assert worth(2, 16, 17 * 256, 17 * 256)           # paper planner in training, batch 2
+    assert worth(32, 3, 17 * 256, 17 * 256, 64)       # `small` generator in training, batch 32
+    assert not worth(1, 8, 1024, 1024)                # paper reference frame's own-frame attention
+    assert not worth(2 * 17, 8, 1024, 256)            # paper per-frame cross-attention to the plan, batch 2
+    assert worth(1, 1, 16384, 16384) and not worth(1, 1, 16384, 8192)  # 1.37e11 and 0.69e11 FLOPs
+    with pytest.raises(RuntimeError, match="fa4"):   # CPU: no kernels, however small the call
+        layers.attention(*torch.randn(3, 1, 2, 5, 8).unbind(0), backend="fa4")
+
+    calls = []
+    monkeypatch.setattr(flash4, "check_fa4_inputs", lambda q: None)
+    monkeypatch.setattr(layers, "fa4_attention", lambda q, k, v: calls.append(q.shape) or q)
+    q, k, v = torch.randn(3, 2, 4, 50, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    torch.testing.assert_close(layers.attention(q, k, v, backend="fa4"),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    assert calls == []
+    big_q, big_k = shapes(1, 1, 16384, 16384)
+    assert layers.attention(big_q, big_k, big_k, backend="fa4") is big_q and calls == [big_q.shape]
+    monkeypatch.setattr(flash4, "FA4_MIN_FLOP", 0)  # benchmarks/inference.py --kernel fa4-every-call
+    assert layers.attention(q, k, v, backend="fa4") is q and len(calls) == 2
 
 
 def test_fa4_operators_give_shapes_and_gradients_without_running_a_kernel():

@@ -1,4 +1,4 @@
-"""Prototype: would FP8 GEMMs in the generator's sampler steps keep generation within bf16's tolerance?
+r"""Prototype: would FP8 GEMMs in the generator's sampler steps keep generation within bf16's tolerance?
 
 Issue 16 item 4 asks for 12 frames at 512 px in <= 0.6 s "with the same outputs as today's path to bf16
 tolerance"; image-to-video takes 0.630-0.654 s on one H200, and its sampler steps' GEMMs (5.7 ms of a 21.6 ms step)

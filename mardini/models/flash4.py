@@ -18,6 +18,14 @@ import torch
 
 FA4_VERSION = "4.0.0b40"  # the version the extra pins and BENCHMARKS.md measured
 
+# Calls below this many forward FLOPs (4 B H Nq Nk d) run on SDPA instead. Why: the package launches each kernel from
+# Python (argument checks, its compile cache, DLPack), ~0.5 ms of host time a call, while SDPA's cuDNN kernel does such
+# a call in tens of microseconds. Where the GPU has little to do between launches (the reference frames' one pass of
+# generation: 24 calls of one frame's 1 024 tokens) that host time is the call's time. 1e11 lies between every
+# attention this project times (the sampler's, the planner's and the generator's training self-attention: >= 3e11)
+# and the small ones (own-frame attention of reference frames, per-frame cross-attention to the plan: <= 4e10).
+FA4_MIN_FLOP = 1e11
+
 
 def fa4_installed() -> bool:
     if importlib.util.find_spec("flash_attn") is None:
@@ -90,6 +98,12 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 fa4_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fa4_worth_it(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether an attention call of q [B, H, Nq, d], k [B, H, Nk, d] is large enough for fa4 (FA4_MIN_FLOP)."""
+    B, H, Nq, d = q.shape
+    return 4 * B * H * Nq * k.shape[2] * d >= FA4_MIN_FLOP
 
 
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

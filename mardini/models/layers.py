@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import flash4
 from .flash4 import fa4_attention, fa4_runs_on
 
 
@@ -110,7 +111,16 @@ def attention(
     sdpa_kernel: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention. q: [B, H, Nq, d], k/v: [B, H, Nk, d], mask: bool broadcastable to
-    [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]."""
+    [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]. The fa4 backend runs calls too small to pay its
+    launch on SDPA (flash4.FA4_MIN_FLOP)."""
+    if backend == "fa4":
+        if mask is not None:
+            raise ValueError("attention backend 'fa4' takes no mask: use model.generator.identity_impl=gather or split")
+        if flash4.fa4_worth_it(q, k):
+            return fa4_attention(q, k, v)
+        if not torch.compiler.is_compiling():  # where fa4 cannot run, a small call fails as a large one would
+            flash4.check_fa4_inputs(q)
+        backend = "sdpa"
     if backend == "sdpa":
         with _sdpa_context(sdpa_kernel, q.device):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -134,10 +144,6 @@ def attention(
                                f"not match torch {torch.__version__} (python -m xformers.info); use "
                                f"model.attn_backend=sdpa\n{str(e)[:500]}") from e
         return out.transpose(1, 2)
-    if backend == "fa4":
-        if mask is not None:
-            raise ValueError("attention backend 'fa4' takes no mask: use model.generator.identity_impl=gather or split")
-        return fa4_attention(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
