@@ -24,13 +24,13 @@ def dequantised(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_linear_is_the_gemm_of_its_e4m3_rounded_inputs(dtype, fast_accum):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 40).to(dtype)
+    linear = nn.Linear(96, 48).to(dtype)  # widths in multiples of 16, as torch._scaled_mm takes them
     x = torch.randn(3, 7, 96, dtype=dtype) * torch.logspace(-2, 1, 96, dtype=dtype)  # channels of unequal size
     exact = linear(x).double()
     fp8 = FP8Linear(linear, fast_accum).eval()
     with torch.no_grad():
         out = fp8(x)
-    assert out.dtype == dtype and out.shape == (3, 7, 40)
+    assert out.dtype == dtype and out.shape == (3, 7, 48)
     # each row's largest |value| maps to e4m3's largest, and the rounded rows come back within e4m3's 3-bit mantissa
     q, scale = quantise_rows(x.reshape(-1, 96))
     assert torch.allclose(q.float().abs().amax(-1), torch.full((21,), E4M3_MAX))
@@ -38,7 +38,7 @@ def test_fp8_linear_is_the_gemm_of_its_e4m3_rounded_inputs(dtype, fast_accum):
     # the GEMM of the dequantised inputs, rounded once to bf16
     bias = linear.bias.detach().to(torch.bfloat16).double()  # the GEMM adds the bias in bf16
     emulated = dequantised(x.reshape(-1, 96)) @ dequantised(linear.weight.detach()).T + bias
-    assert torch.allclose(out.double().reshape(-1, 40), emulated, rtol=2**-7, atol=1e-5)
+    assert torch.allclose(out.double().reshape(-1, 48), emulated, rtol=2**-7, atol=1e-5)
     # really rounded: further from the exact layer than bf16 output rounding, yet close
     rel = ((out.double() - exact).norm() / exact.norm()).item()
     assert 5e-3 < rel < 0.1
@@ -80,6 +80,30 @@ def test_use_fp8_gemms_swaps_mlps_and_self_attention_and_keeps_the_state_dict():
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
     with pytest.raises(ValueError, match="unknown"):
         use_fp8_gemms(generator, ("mlp", "cross"))
+
+
+def test_layers_whose_widths_scaled_mm_cannot_take_stay_bf16_with_a_warning(caplog):
+    """torch._scaled_mm takes widths in multiples of 16 only. A generator of width 128 has a SwiGLU hidden width of
+    344 (a multiple of 8): its fc_out stays nn.Linear, the swap says so, and the model still generates; FP8Linear
+    itself refuses such a layer in one line instead of failing inside the GEMM on the GPU."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", generator=dict(dim=128, num_heads=2))).eval()
+    mlps = [m for m in model.generator.modules() if isinstance(m, MLP)]
+    assert mlps and mlps[0].fc_out.in_features == 344
+    with caplog.at_level("WARNING", logger="mardini.models.fp8"):
+        swapped = use_fp8_gemms(model.generator)
+    assert swapped == 3 * len(mlps)  # fc_in (128 -> 688), qkv, proj; not fc_out (344 -> 128)
+    assert all(isinstance(m.fc_in, FP8Linear) and type(m.fc_out) is nn.Linear for m in mlps)
+    assert "fc_out (344 -> 128)" in caplog.text and "bf16" in caplog.text
+    with pytest.raises(ValueError, match="multiples of 16"):
+        FP8Linear(nn.Linear(344, 128))
+    T, latent = 3, 8
+    x = torch.randn(1, T, model.cfg.latent_channels, latent, latent)
+    mask = torch.tensor([[False, True, False]])
+    with torch.no_grad():
+        out = model.generate(x, mask, Diffusion(DiffusionConfig()), num_steps=2,
+                             generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_fp8_generation_stays_as_close_to_float32_as_bf16():

@@ -10,14 +10,24 @@ output projection in FP8 triples that error, so it stays bf16 (BENCHMARKS.md, "I
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from mardini.models.layers import MLP, SelfAttention
 
+log = logging.getLogger(__name__)
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max
 FP8_LAYERS = ("mlp", "qkv", "proj")  # the SwiGLU MLPs' fc_in and fc_out; the self-attention's qkv and proj
+FP8_MULTIPLE = 16  # torch._scaled_mm takes inner and output widths in multiples of 16
+
+
+def fp8_fits(linear: nn.Linear) -> bool:
+    """Whether torch._scaled_mm can compute this layer (both widths multiples of FP8_MULTIPLE)."""
+    return linear.in_features % FP8_MULTIPLE == 0 and linear.out_features % FP8_MULTIPLE == 0
 
 
 def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +44,9 @@ class FP8Linear(nn.Linear):
     bf16's spread on the paper generator)."""
 
     def __init__(self, linear: nn.Linear, fast_accum: bool = True):
+        if not fp8_fits(linear):
+            raise ValueError(f"FP8Linear needs widths in multiples of {FP8_MULTIPLE} (torch._scaled_mm), got "
+                             f"{linear.in_features} -> {linear.out_features}: keep this layer in bf16")
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight, self.bias, self.fast_accum = linear.weight, linear.bias, fast_accum
         self.register_buffer("weight_e4m3", None, persistent=False)
@@ -80,19 +93,28 @@ def check_fp8_device(device: torch.device) -> None:
 
 def use_fp8_gemms(generator: nn.Module, layers: tuple[str, ...] = FP8_LAYERS, fast_accum: bool = True) -> int:
     """Swap the named linear layers of `generator` (see FP8_LAYERS) for FP8Linear in place; returns how many. The
-    weights and state_dict keys stay; the layers already in FP8 are left as they are."""
+    weights and state_dict keys stay; the layers already in FP8 are left as they are, and so, with a warning, are
+    those whose widths torch._scaled_mm cannot take (fp8_fits; e.g. the SwiGLU fc_out of a width-128 model, whose
+    hidden width 344 is a multiple of 8 only)."""
     unknown = set(layers) - set(FP8_LAYERS)
     if unknown:
         raise ValueError(f"FP8 layers {sorted(unknown)} unknown: choose among {', '.join(FP8_LAYERS)}")
     check_fp8_device(next(generator.parameters()).device)
     mlp_names = ["fc_in", "fc_out"] if "mlp" in layers else []
     attention_names = [n for n in ("qkv", "proj") if n in layers]
-    swapped = 0
+    swapped, unfit = 0, set()
     for module in list(generator.modules()):
         names = mlp_names if isinstance(module, MLP) else attention_names if isinstance(module, SelfAttention) else []
         for name in names:
             linear = getattr(module, name)
-            if type(linear) is nn.Linear:
-                setattr(module, name, FP8Linear(linear, fast_accum))
-                swapped += 1
+            if type(linear) is not nn.Linear:
+                continue
+            if not fp8_fits(linear):
+                unfit.add(f"{name} ({linear.in_features} -> {linear.out_features})")
+                continue
+            setattr(module, name, FP8Linear(linear, fast_accum))
+            swapped += 1
+    if unfit:
+        log.warning("FP8 GEMMs: %s kept in bf16, widths not multiples of %d (torch._scaled_mm)",
+                    ", ".join(sorted(unfit)), FP8_MULTIPLE)
     return swapped
