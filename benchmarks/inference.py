@@ -45,8 +45,7 @@ from torch import nn
 from common import timed  # benchmarks/common.py (the script's folder is on sys.path)
 from prototypes.subpixel_upsample import use_subpixel_upsampling
 from mardini.diffusion import Diffusion, DiffusionConfig
-from mardini.models import MarDini, model_config
-from mardini.models import flash4
+from mardini.models import MarDini, flash4, model_config
 from mardini.models.flash4 import FA4_MIN_FLOP
 from mardini.models.flops import generator_flops
 from mardini.models.fp8 import FP8_LAYERS, use_fp8_gemms
