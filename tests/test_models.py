@@ -985,11 +985,12 @@ def test_fa4_backend_matches_sdpa_in_the_model(monkeypatch, impl):
         assert float((b.float() - a.float()).norm() / a.float().norm()) < 2e-2
 
 
-def test_fa4_backend_hands_calls_too_small_for_its_launch_to_sdpa(monkeypatch):
-    """fa4 launches from Python (~0.5 ms a call): calls below FA4_MIN_FLOP run SDPA's kernel instead, the large ones
-    fa4's. At this project's shapes the line falls between the sampler's and training's self-attention (fa4) and the
-    reference frames' own-frame attention and the per-frame cross-attention to the plan (SDPA). Where fa4 cannot run
-    (here: the CPU), a small call still fails with fa4's one-line error rather than silently using SDPA."""
+def test_fa4_backend_hands_generation_calls_too_small_for_its_launch_to_sdpa(monkeypatch):
+    """fa4 launches from Python: in generation (no autograd) calls below FA4_MIN_FLOP run SDPA's kernel instead and
+    the large ones fa4's; at the paper's shapes the line falls between the sampler's self-attention (fa4) and the
+    reference frames' own-frame attention and the per-frame cross-attention to the plan (SDPA). Training (autograd
+    on) keeps fa4 for every call. Where fa4 cannot run (here: the CPU), a small call still fails with fa4's
+    one-line error rather than silently using SDPA."""
     from mardini.models import flash4, layers
 
     def shapes(B, H, Nq, Nk, d=128):
@@ -997,25 +998,27 @@ def test_fa4_backend_hands_calls_too_small_for_its_launch_to_sdpa(monkeypatch):
 
     worth = lambda *shape: flash4.fa4_worth_it(*shapes(*shape))  # noqa: E731
     assert worth(1, 8, 11 * 1024, 12 * 1024)          # paper sampler step, image-to-video: 11 of 12 frames generated
-    assert worth(2, 16, 17 * 256, 17 * 256)           # paper planner in training, batch 2
-    assert worth(32, 3, 17 * 256, 17 * 256, 64)       # `small` generator in training, batch 32
-    assert not worth(1, 8, 1024, 1024)                # paper reference frame's own-frame attention
-    assert not worth(2 * 17, 8, 1024, 256)            # paper per-frame cross-attention to the plan, batch 2
+    assert worth(1, 8, 2 * 1024, 12 * 1024)           # ... and with only 2 of 12 generated
+    assert not worth(1, 8, 1024, 1024)                # a reference frame's own-frame attention
+    assert not worth(11, 8, 1024, 256)                # per-frame cross-attention to the plan, 11 generated frames
     assert worth(1, 1, 16384, 16384) and not worth(1, 1, 16384, 8192)  # 1.37e11 and 0.69e11 FLOPs
-    with pytest.raises(RuntimeError, match="fa4"):   # CPU: no kernels, however small the call
+    with torch.no_grad(), pytest.raises(RuntimeError, match="fa4"):  # CPU: no kernels, however small the call
         layers.attention(*torch.randn(3, 1, 2, 5, 8).unbind(0), backend="fa4")
 
     calls = []
     monkeypatch.setattr(flash4, "check_fa4_inputs", lambda q: None)
     monkeypatch.setattr(layers, "fa4_attention", lambda q, k, v: calls.append(q.shape) or q)
     q, k, v = torch.randn(3, 2, 4, 50, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
-    torch.testing.assert_close(layers.attention(q, k, v, backend="fa4"),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
-    assert calls == []
     big_q, big_k = shapes(1, 1, 16384, 16384)
-    assert layers.attention(big_q, big_k, big_k, backend="fa4") is big_q and calls == [big_q.shape]
+    with torch.no_grad():
+        torch.testing.assert_close(layers.attention(q, k, v, backend="fa4"),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+        assert calls == []
+        assert layers.attention(big_q, big_k, big_k, backend="fa4") is big_q and calls == [big_q.shape]
+    assert layers.attention(q, k, v, backend="fa4") is q and len(calls) == 2  # autograd on: training's fa4
     monkeypatch.setattr(flash4, "FA4_MIN_FLOP", 0)  # benchmarks/inference.py --kernel fa4-every-call
-    assert layers.attention(q, k, v, backend="fa4") is q and len(calls) == 2
+    with torch.no_grad():
+        assert layers.attention(q, k, v, backend="fa4") is q and len(calls) == 3
 
 
 def test_fa4_operators_give_shapes_and_gradients_without_running_a_kernel():

@@ -18,13 +18,14 @@ import torch
 
 FA4_VERSION = "4.0.0b40"  # the version the extra pins and BENCHMARKS.md measured
 
-# Calls below this many forward FLOPs (4 B H Nq Nk d) run on SDPA instead. Why: the package launches each kernel from
-# Python (argument checks, its compile cache, DLPack), which costs more host time than SDPA's cuDNN kernel takes for
-# a small call on the GPU. Measured (one H100, 12 frames at 512 px, 25 steps, image-to-video, FP8 GEMMs, compiled):
-# 0.620 s with fa4 for every call, 0.606-0.608 s with the small ones on SDPA (BENCHMARKS.md, "Inference, thirteenth
-# step"). 1e11 lies between every large attention of this project (the sampler's self-attention, the planner's and
-# the generator's in training: >= 3e11) and the small ones (the reference frames' own-frame attention, the per-frame
-# cross-attention to the plan: <= 4e10).
+# In generation (no autograd), calls below this many forward FLOPs (4 B H Nq Nk d) run on SDPA instead. Why: the
+# package launches each kernel from Python (argument checks, its compile cache, DLPack), which costs more host time
+# than SDPA's cuDNN kernel takes for a small call on the GPU. Measured (one H100, 12 frames at 512 px, 25 steps,
+# image-to-video, FP8 GEMMs, compiled): 0.620 s with fa4 for every call, 0.606-0.608 s with the small ones on SDPA
+# (BENCHMARKS.md, "Inference, thirteenth step"). 1e11 lies between the sampler's self-attention (5.7e11) and its small
+# calls (the reference frames' own-frame attention, the per-frame cross-attention to the plan: <= 1.2e10). Training
+# keeps fa4 for every call, as measured (6-9 % faster steps): its frame counts are symbolic in the compiled graph,
+# where a rule on sizes would add a guard and a recompilation each time a batch crossed the line.
 FA4_MIN_FLOP = 1e11
 
 

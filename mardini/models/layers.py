@@ -111,12 +111,12 @@ def attention(
     sdpa_kernel: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention. q: [B, H, Nq, d], k/v: [B, H, Nk, d], mask: bool broadcastable to
-    [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]. The fa4 backend runs calls too small to pay its
-    launch on SDPA (flash4.FA4_MIN_FLOP)."""
+    [B, H, Nq, Nk] (True = attend). Returns [B, H, Nq, d]. In generation (no autograd) the fa4 backend runs calls
+    too small to pay its launch on SDPA (flash4.FA4_MIN_FLOP)."""
     if backend == "fa4":
         if mask is not None:
             raise ValueError("attention backend 'fa4' takes no mask: use model.generator.identity_impl=gather or split")
-        if flash4.fa4_worth_it(q, k):
+        if torch.is_grad_enabled() or flash4.fa4_worth_it(q, k):
             return fa4_attention(q, k, v)
         if not torch.compiler.is_compiling():  # where fa4 cannot run, a small call fails as a large one would
             flash4.check_fa4_inputs(q)
