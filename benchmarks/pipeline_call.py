@@ -5,9 +5,10 @@ benchmarks/inference.py times the model's work on the device (VAE encode of the 
 steps, VAE decode of the generated frames); this adds what the pipeline does around it: preprocessing the images,
 drawing the noise, moving the frames to the device and the video back. The paper model (random weights: speed does
 not depend on them) over a random-weight diffusers AutoencoderKL of the FLUX/SD3 shape (16 latent channels, 8x),
-bf16, 12 frames at 512 px, 25 steps, every VAE call over all of a window's frames (`frames_per_chunk=None`).
+bf16, 12 frames at 512 px, 25 steps, every VAE call over all of a window's frames (`frames_per_chunk=None`);
+`--attn-backend fa4 --fp8` as `mardini-sample --attn-backend fa4 --fp8` (the fastest options measured).
 
-    python benchmarks/pipeline_call.py --out pipeline_call.json [--dynamic none]
+    python benchmarks/pipeline_call.py --out pipeline_call.json [--dynamic none] [--attn-backend fa4] [--fp8]
     python benchmarks/pipeline_call.py --device cpu --size tiny --resolution 32 --steps 1 --compile 0  # smoke test
 """
 
@@ -23,6 +24,8 @@ from mardini.autoencoders import KLAutoencoder
 from mardini.diffusion import Diffusion
 from mardini.inference import MarDiniPipeline
 from mardini.models import MarDini, model_config
+from mardini.models.fp8 import FP8Linear
+from mardini.models.layers import ATTENTION_BACKENDS
 from inference import VAE_CONFIG, give_outputs  # benchmarks/inference.py (the script's folder is on sys.path)
 
 
@@ -54,6 +57,9 @@ def main():
     p.add_argument("--dynamic", default="false", choices=("none", "false"),
                    help="pipe.compile(dynamic=...): false (the pipeline's default: every shape static) or none "
                         "(torch's default: static, then dynamic at a second shape)")
+    p.add_argument("--attn-backend", default="sdpa", choices=ATTENTION_BACKENDS, help="model.attn_backend")
+    p.add_argument("--fp8", action="store_true", help="pipe.use_fp8_gemms() before pipe.compile() (mardini-sample "
+                                                      "--fp8): the generator's MLP and self-attention GEMMs in FP8")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="pipeline_call.json")
@@ -62,13 +68,16 @@ def main():
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = MarDini(model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17))
+    model = MarDini(model_config(args.size, latent_channels=16, lowres_factor=args.lowres, max_frames=17,
+                                 attn_backend=args.attn_backend))
     give_outputs(model.generator)
     autoencoder = KLAutoencoder(config=VAE_CONFIG, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
     autoencoder.frames_per_chunk = None  # a window's frames in one VAE call (`mardini-sample --vae-chunk 0`)
     pipe = MarDiniPipeline(model, Diffusion(dict(num_inference_steps=args.steps)), autoencoder,
                            {"num_frames": args.frames, "height": args.resolution, "width": args.resolution})
     pipe.to(device, dtype)
+    if args.fp8:
+        pipe.use_fp8_gemms()
     if args.compile:
         pipe.compile(dynamic=None if args.dynamic == "none" else False)
     g = torch.Generator().manual_seed(1)
@@ -81,7 +90,9 @@ def main():
         seconds, peak = wall(call, warmup, iters, device)
         video = call()
         r = {"task": task, "frames": args.frames, "steps": args.steps, "resolution": args.resolution,
-             "compile": bool(args.compile), "dynamic": args.dynamic, "seconds": seconds, "peak_mem_gib": peak,
+             "compile": bool(args.compile), "dynamic": args.dynamic, "attn_backend": args.attn_backend,
+             "fp8_layers": sum(isinstance(m, FP8Linear) for m in model.modules()), "seconds": seconds,
+             "peak_mem_gib": peak,
              "output_shape": list(video.shape), "output_device": str(video.device),
              "vs_paper_time": seconds / 6.05}
         results.append(r)

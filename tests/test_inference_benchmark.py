@@ -129,17 +129,21 @@ def test_split_key_attention_prototype_equals_attention_over_all_keys():
         raise AssertionError("12 keys in 5 parts must be refused")
 
 
-def test_pipeline_call_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/pipeline_call.py on the CPU (its smoke test): both tasks timed host to host, whole videos back."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pipeline_call_benchmark_runs_on_cpu(tmp_path, fp8):
+    """benchmarks/pipeline_call.py on the CPU (its smoke test): both tasks timed host to host, whole videos back;
+    with --fp8 through the pipeline's own switch (the tiny generator: 2 blocks x 4 layers in FP8)."""
     out = tmp_path / "pipeline_call.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pipeline_call.py"), "--device", "cpu",
                              "--size", "tiny", "--resolution", "32", "--steps", "1", "--compile", "0",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+                             *(["--fp8"] if fp8 else []), "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [r["task"] for r in results] == ["image_to_video", "interpolation"]
     for r in results:
         assert r["seconds"] > 0 and r["output_shape"] == [12, 3, 32, 32] and r["output_device"] == "cpu"
+        assert r["attn_backend"] == "sdpa" and r["fp8_layers"] == (8 if fp8 else 0)
 
 
 def load_prototype(name: str):
