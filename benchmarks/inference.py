@@ -129,6 +129,16 @@ def attention_choice(kernel: str) -> dict:
     return {"attn_backend": "sdpa", "sdpa_kernel": kernel}
 
 
+def fp8_choice(variant: str) -> tuple[tuple[str, ...], bool]:
+    """An --fp8 entry -> (the layers use_fp8_gemms swaps, fast accumulation): "none" (or "bf16"), or a '+'-joined list
+    of layers among FP8_LAYERS with "fast" for fast accumulation; ValueError for anything else."""
+    parts = set() if variant in ("none", "bf16") else set(variant.split("+"))
+    if parts and (not parts <= {*FP8_LAYERS, "fast"} or parts <= {"fast"}):
+        raise ValueError(f"{variant!r} is not none or a '+'-joined list of layers among {', '.join(FP8_LAYERS)} "
+                         f"(and fast: fast accumulation)")
+    return tuple(sorted(parts - {"fast"})), "fast" in parts
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="paper")
@@ -170,11 +180,10 @@ def main():
     if not set(kernels) <= {*SDPA_KERNELS, "xformers", "fa4", "fa4-every-call"}:
         p.error(f"--kernel: choose among {', '.join(SDPA_KERNELS)}, xformers, fa4, fa4-every-call")
     fp8_variants = args.fp8.split(",")
-    fp8_parts = {v: frozenset() if v == "none" else frozenset(v.split("+")) for v in fp8_variants}
-    if not all(parts <= {*FP8_LAYERS, "fast"} and not parts <= {"fast"} for v, parts in fp8_parts.items()
-               if v != "none"):
-        p.error("--fp8: each entry is none or a '+'-joined list of layers among mlp, qkv, proj (and fast: fast "
-                "accumulation)")
+    try:
+        fp8_choices = {v: fp8_choice(v) for v in fp8_variants}
+    except ValueError as e:
+        p.error(f"--fp8: {e}")
     variants = [(kernel, bool(c), mode, bool(reuse), fp8) for kernel in kernels for c in ints(args.compile)
                 for mode in (modes if c else [None]) for reuse in ints(args.reuse_references) for fp8 in fp8_variants]
     decodes = args.decode.split(",")
@@ -205,10 +214,10 @@ def main():
     params_m = {k: v / 1e6 for k, v in model.num_parameters().items()}
     eager = {"planner": model.planner, "generator": model.generator}
     generators = {"none": model.generator}  # --fp8 entry -> the eager generator with those GEMMs in FP8
-    for fp8, parts in fp8_parts.items():
-        if parts:
+    for fp8, (layers, fast_accum) in fp8_choices.items():
+        if layers:
             generators[fp8] = copy.deepcopy(model.generator)
-            use_fp8_gemms(generators[fp8], tuple(sorted(parts - {"fast"})), fast_accum="fast" in parts)
+            use_fp8_gemms(generators[fp8], layers, fast_accum)
     diffusion = Diffusion(DiffusionConfig())
 
     clips = {}  # (frames, given frames) -> latents, mask

@@ -27,13 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import timed  # noqa: E402
-from inference import give_outputs  # noqa: E402
+from inference import fp8_choice, give_outputs  # noqa: E402
 from mardini.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from mardini.models import MarDini, model_config  # noqa: E402
 from mardini.models.fp8 import use_fp8_gemms  # noqa: E402
-
-
-FP8_PARTS = ("mlp", "qkv", "proj", "fast")
 
 
 def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
@@ -41,7 +38,7 @@ def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
     "proj": the output one), with fast accumulation if "fast" is among the parts; returns how many linear layers it
     swapped. Since session 38 the library's mardini.models.fp8 (this prototype's own FP8 linear layer, measured in
     BENCHMARKS.md's "Inference, twelfth step" on machines 1 and 2, computed the same GEMMs)."""
-    return use_fp8_gemms(model, tuple(sorted(parts - {"fast"})), fast_accum="fast" in parts)
+    return use_fp8_gemms(model, *fp8_choice("+".join(sorted(parts)) or "none"))
 
 
 def add_clip_arguments(p: argparse.ArgumentParser, latent: int) -> None:
@@ -90,12 +87,12 @@ def main() -> None:
     eager = model.generator
     rows = []
     for variant in args.variants.split(","):
-        parts = set() if variant == "bf16" else set(variant.split("+"))
-        if parts and (not parts <= set(FP8_PARTS) or parts <= {"fast"}):
-            p.error(f"--variants: {variant!r} is not bf16 or a '+'-joined list of layers among mlp, qkv, proj "
-                    "(and fast)")
+        try:
+            layers, fast_accum = fp8_choice(variant)
+        except ValueError as e:
+            p.error(f"--variants: {e}")
         generator = copy.deepcopy(eager)
-        swapped = use_fp8(generator, parts)
+        swapped = use_fp8_gemms(generator, layers, fast_accum)
         torch._dynamo.reset()
         model.generator = torch.compile(generator, dynamic=False) if args.compile else generator
         generator.compile_reference_pass(enabled=bool(args.compile), dynamic=False)
