@@ -220,8 +220,9 @@ def test_subpixel_upsampling_replaces_the_vae_decoders_upsamplers_and_nothing_el
 def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
     """benchmarks/prototypes/fp8_error.py: each row is scaled so its largest entry is e4m3's 448 and rounded to
     3 mantissa bits (relative error <= 2^-4 above the subnormals), and only the linear layers its regex names are
-    computed in FP8 (the tiny model's MLP inputs here): the others give the bf16 layer's output exactly."""
-    from mardini.models import model_config
+    computed in FP8 (the tiny model's MLP inputs here): the others give the bf16 layer's output exactly; the planner
+    is wrapped the same way (--planner-layers)."""
+    from mardini.models import MarDini, model_config
     from mardini.models.generator import Generator
 
     fp8 = load_prototype("fp8_error")
@@ -242,8 +243,16 @@ def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
     with torch.no_grad():
         exact = generator.blocks[0].mlp.fc_in(h)
     assert wrapped.mode.calls == 1 and 1e-3 < ((fc_in - exact).norm() / exact.norm()).item() < 0.1
-    with pytest.raises(ValueError, match="names no linear layer"):
+    with pytest.raises(ValueError, match="names no linear layer of the generator"):
         fp8.SamplerStepsInFP8(generator, "no_such_layer")
+    # --planner-layers: the planner's one pass wrapped the same way (its MLPs' fc_in in FP8, nothing else)
+    model = MarDini(model_config("tiny", latent_channels=4)).eval()
+    planner = fp8.SamplerStepsInFP8(model.planner, r"mlp\.fc_in")
+    z_lo, mask = torch.randn(1, 3, 4, 4, 4), torch.tensor([[False, True, False]])
+    with torch.no_grad():
+        exact, rounded = model.planner(z_lo, mask), planner(z_lo, mask)
+    assert planner.mode.calls == len(model.planner.blocks)
+    assert 1e-4 < ((rounded - exact).norm() / exact.norm()).item() < 0.1
 
 
 def test_fp8_generator_prototype_command_line_runs_bf16_and_fp8(tmp_path):

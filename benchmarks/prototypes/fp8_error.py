@@ -12,12 +12,15 @@ real inner dimension) over a smaller latent grid, image-to-video (the middle fra
   FP8 GEMMs (e4m3 inputs,
   per-token scales for the activations and per-output-channel scales for the weights, as torch._scaled_mm's
   rowwise mode takes them; emulated exactly: quantised, dequantised, multiplied in float32, rounded to bf16),
+  and, with --planner-layers, the planner's named linear layers in its one pass too (an empty --layers leaves the
+  generator in bf16),
 
 and reports each one's relative L2 distance and largest difference from the float32 samples. FP8 is within bf16's
 tolerance only if its error is of the order of bf16's own.
 
     python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --json fp8_error.json
-    python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --layers 'mlp\.fc_in' 
+    python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --layers 'mlp\.fc_in'
+    python benchmarks/prototypes/fp8_error.py --latent 16 --frames 12 --steps 25 --layers '' --planner-layers 'mlp\.fc_in'
 """
 
 from __future__ import annotations
@@ -67,16 +70,16 @@ class FP8Linears(TorchFunctionMode):
 
 
 class SamplerStepsInFP8(torch.nn.Module):
-    """The generator with its sampler steps (forward) under FP8Linears; its one reference pass and every other
-    method are the wrapped module's own (bf16)."""
+    """A module with its forward under FP8Linears: the generator's sampler steps (its one reference pass and every
+    other method are the wrapped module's own, bf16), or the planner's one pass."""
 
-    def __init__(self, generator: torch.nn.Module, layers: str):
+    def __init__(self, module: torch.nn.Module, layers: str):
         super().__init__()
-        weights = [m.weight for name, m in generator.named_modules()
+        weights = [m.weight for name, m in module.named_modules()
                    if isinstance(m, torch.nn.Linear) and re.search(layers, name)]
         if not weights:
-            raise ValueError(f"--layers {layers!r} names no linear layer of the generator")
-        self.inner, self.mode = generator, FP8Linears(weights)
+            raise ValueError(f"{layers!r} names no linear layer of the {type(module).__name__.lower()}")
+        self.inner, self.mode = module, FP8Linears(weights)
 
     def forward(self, *args, **kwargs):
         with self.mode:
@@ -95,6 +98,9 @@ def main() -> None:
     p.add_argument("--layers", default=r"attn\.(qkv|proj)|cross\.(q|proj)|mlp\.fc_(in|out)",
                    help="regex on the generator's module names: the linear layers computed in FP8 (default: every "
                         "GEMM over the generated tokens; the per-frame modulation and the plan's keys stay bf16)")
+    p.add_argument("--planner-layers", default="",
+                   help="regex on the planner's module names: its linear layers computed in FP8 too (its one pass per "
+                        "call), e.g. 'attn\\.(qkv|proj)|mlp\\.fc_(in|out)'; empty: the planner stays bf16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -107,16 +113,19 @@ def main() -> None:
         return model.to(dtype).generate(z.to(dtype), mask, diffusion, num_steps=args.steps,
                                         generator=torch.Generator().manual_seed(0)).float()
 
-    rows, eager_generator = {}, model.generator
+    rows, eager_generator, eager_planner = {}, model.generator, model.planner
     for name, dtype, fp8 in (("float32", torch.float32, False), ("bf16", torch.bfloat16, False),
                              ("bf16 + FP8 GEMMs", torch.bfloat16, True)):
-        model.generator = SamplerStepsInFP8(eager_generator, args.layers) if fp8 else eager_generator
+        if fp8:
+            model.generator = SamplerStepsInFP8(eager_generator, args.layers) if args.layers else eager_generator
+            model.planner = (SamplerStepsInFP8(eager_planner, args.planner_layers) if args.planner_layers
+                             else eager_planner)
         start = time.perf_counter()
         out = sample(dtype)
-        rows[name] = {"samples": out, "seconds": time.perf_counter() - start,
-                      "fp8_linear_calls": model.generator.mode.calls if fp8 else 0}
+        calls = sum(m.mode.calls for m in (model.generator, model.planner) if isinstance(m, SamplerStepsInFP8))
+        rows[name] = {"samples": out, "seconds": time.perf_counter() - start, "fp8_linear_calls": calls}
         print(f"{name}: {rows[name]['seconds']:.1f} s", flush=True)
-    model.generator = eager_generator
+    model.generator, model.planner = eager_generator, eager_planner
     reference, generated = rows["float32"]["samples"], mask[0]
     report = {"what": __doc__.splitlines()[0], "args": vars(args), "torch": torch.__version__, "results": {}}
     for name, row in rows.items():
