@@ -233,7 +233,7 @@ def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
     assert ((q - x).abs() <= x.abs() * 2**-4 + 1e-12)[big].all() and not torch.equal(q, x)
     torch.testing.assert_close(fp8.fp8_rows(q), q, rtol=1e-6, atol=0)  # already representable: unchanged
     generator = Generator(model_config("tiny")).eval()
-    wrapped = fp8.SamplerStepsInFP8(generator, r"mlp\.fc_in")
+    wrapped = fp8.ForwardInFP8(generator, r"mlp\.fc_in")
     assert len(wrapped.mode.weights) == len(generator.blocks)
     h = torch.randn(2, 10, generator.blocks[0].mlp.fc_in.in_features)
     with torch.no_grad(), wrapped.mode:
@@ -244,10 +244,10 @@ def test_fp8_error_prototype_rounds_to_e4m3_per_row_and_only_the_named_layers():
         exact = generator.blocks[0].mlp.fc_in(h)
     assert wrapped.mode.calls == 1 and 1e-3 < ((fc_in - exact).norm() / exact.norm()).item() < 0.1
     with pytest.raises(ValueError, match="names no linear layer of the generator"):
-        fp8.SamplerStepsInFP8(generator, "no_such_layer")
+        fp8.ForwardInFP8(generator, "no_such_layer")
     # --planner-layers: the planner's one pass wrapped the same way (its MLPs' fc_in in FP8, nothing else)
     model = MarDini(model_config("tiny", latent_channels=4)).eval()
-    planner = fp8.SamplerStepsInFP8(model.planner, r"mlp\.fc_in")
+    planner = fp8.ForwardInFP8(model.planner, r"mlp\.fc_in")
     z_lo, mask = torch.randn(1, 3, 4, 4, 4), torch.tensor([[False, True, False]])
     with torch.no_grad():
         exact, rounded = model.planner(z_lo, mask), planner(z_lo, mask)
@@ -268,10 +268,12 @@ def test_fp8_generator_prototype_command_line_runs_bf16_and_fp8(tmp_path):
 
 
 def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
-    """benchmarks/prototypes/fp8_generator.py: the MLPs' two GEMMs and the self-attention's qkv projection (and its
-    output projection, when named) are swapped, each computing what the bf16 layer does up to FP8 rounding
-    (torch._scaled_mm's rowwise mode, which the CPU build also runs), and nothing else changes."""
+    """benchmarks/prototypes/fp8_generator.py's variants (inference.fp8_choice, then the library's use_fp8_gemms): the
+    MLPs' two GEMMs and the self-attention's qkv projection (and its output projection, when named) are swapped,
+    each computing what the bf16 layer does up to FP8 rounding (torch._scaled_mm's rowwise mode, which the CPU build
+    also runs), and nothing else changes."""
     from mardini.models import model_config
+    from mardini.models.fp8 import use_fp8_gemms
     from mardini.models.generator import Generator
     from mardini.models.layers import MLP, SelfAttention
 
@@ -284,12 +286,12 @@ def test_fp8_generator_prototype_computes_the_named_gemms_from_e4m3():
         exact = block.mlp(x).float(), block.attn.qkv(x).float(), block.cross.proj(x).float()
         mlps = sum(isinstance(m, MLP) for m in generator.modules())
         attentions = sum(isinstance(m, SelfAttention) for m in generator.modules())
-        assert fp8.use_fp8(generator, {"mlp", "qkv"}) == 2 * mlps + attentions
+        assert use_fp8_gemms(generator, *fp8.fp8_choice("mlp+qkv")) == 2 * mlps + attentions
         out = block.mlp(x).float(), block.attn.qkv(x).float(), block.cross.proj(x).float()
     for a, b in zip(out[:2], exact[:2]):
         assert 1e-3 < ((a - b).norm() / b.norm()).item() < 0.1
     assert torch.equal(out[2], exact[2])  # the cross-attention's projection stays bf16
     assert not block.attn.qkv.fast_accum and type(block.attn.proj) is torch.nn.Linear
     # "proj": the self-attention's output projection too; "fast": fast accumulation, no layer of its own
-    assert fp8.use_fp8(generator, {"proj", "fast"}) == attentions
+    assert use_fp8_gemms(generator, *fp8.fp8_choice("proj+fast")) == attentions
     assert block.attn.proj.fast_accum and not block.attn.qkv.fast_accum

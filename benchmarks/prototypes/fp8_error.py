@@ -69,7 +69,7 @@ class FP8Linears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class SamplerStepsInFP8(torch.nn.Module):
+class ForwardInFP8(torch.nn.Module):
     """A module with its forward under FP8Linears: the generator's sampler steps (its one reference pass and every
     other method are the wrapped module's own, bf16), or the planner's one pass."""
 
@@ -117,12 +117,12 @@ def main() -> None:
     for name, dtype, fp8 in (("float32", torch.float32, False), ("bf16", torch.bfloat16, False),
                              ("bf16 + FP8 GEMMs", torch.bfloat16, True)):
         if fp8:
-            model.generator = SamplerStepsInFP8(eager_generator, args.layers) if args.layers else eager_generator
-            model.planner = (SamplerStepsInFP8(eager_planner, args.planner_layers) if args.planner_layers
+            model.generator = ForwardInFP8(eager_generator, args.layers) if args.layers else eager_generator
+            model.planner = (ForwardInFP8(eager_planner, args.planner_layers) if args.planner_layers
                              else eager_planner)
         start = time.perf_counter()
         out = sample(dtype)
-        calls = sum(m.mode.calls for m in (model.generator, model.planner) if isinstance(m, SamplerStepsInFP8))
+        calls = sum(m.mode.calls for m in (model.generator, model.planner) if isinstance(m, ForwardInFP8))
         rows[name] = {"samples": out, "seconds": time.perf_counter() - start, "fp8_linear_calls": calls}
         print(f"{name}: {rows[name]['seconds']:.1f} s", flush=True)
     model.generator, model.planner = eager_generator, eager_planner

@@ -33,14 +33,6 @@ from mardini.models import MarDini, model_config  # noqa: E402
 from mardini.models.fp8 import use_fp8_gemms  # noqa: E402
 
 
-def use_fp8(model: torch.nn.Module, parts: set[str]) -> int:
-    """FP8 GEMMs in `model`'s MLPs ("mlp": fc_in and fc_out) and self-attention projections ("qkv": the input one,
-    "proj": the output one), with fast accumulation if "fast" is among the parts; returns how many linear layers it
-    swapped. Since session 38 the library's mardini.models.fp8 (this prototype's own FP8 linear layer, measured in
-    BENCHMARKS.md's "Inference, twelfth step" on machines 1 and 2, computed the same GEMMs)."""
-    return use_fp8_gemms(model, *fp8_choice("+".join(sorted(parts)) or "none"))
-
-
 def add_clip_arguments(p: argparse.ArgumentParser, latent: int) -> None:
     """The model size and the image-to-video clip both FP8 prototypes sample (i2v_setup)."""
     p.add_argument("--size", default="paper")
