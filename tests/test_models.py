@@ -985,6 +985,37 @@ def test_fa4_backend_matches_sdpa_in_the_model(monkeypatch, impl):
         assert float((b.float() - a.float()).norm() / a.float().norm()) < 2e-2
 
 
+def test_check_backend_refuses_what_has_no_kernels_here_in_one_line_naming_the_setting(monkeypatch):
+    """The start-up check of model.attn_backend / --attn-backend: a backend whose package is missing, whose kernels
+    do not run on the device, or (fa4) not at the dtype attention runs in is refused naming the setting and sdpa;
+    what runs passes. Both packages are faked present where needed, so the test means the same on any machine."""
+    from mardini.models import flash4, layers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    layers.check_backend("sdpa", cpu, torch.float32)  # always runs
+    monkeypatch.setattr(layers, "xops", None)
+    with pytest.raises(ValueError, match=r"^--attn-backend=xformers: xformers is not installed .*; use "
+                                         r"--attn-backend=sdpa$"):
+        layers.check_backend("xformers", gpu, torch.bfloat16, "--attn-backend")
+    monkeypatch.setattr(layers, "xops", object())
+    with pytest.raises(ValueError, match="model.attn_backend=xformers: its attention kernels run on CUDA GPUs, not "
+                                         "on cpu; use model.attn_backend=sdpa"):
+        layers.check_backend("xformers", cpu, torch.bfloat16)
+    layers.check_backend("xformers", gpu, torch.float32)
+
+    monkeypatch.setattr(flash4, "FA4_INSTALLED", False)
+    with pytest.raises(ValueError, match=r"model.attn_backend=fa4: flash-attn-4 is not installed \(pip install "
+                                         r"'mardini\[fa4\]', flash-attn-4==4"):
+        layers.check_backend("fa4", gpu, torch.bfloat16)
+    monkeypatch.setattr(flash4, "FA4_INSTALLED", True)
+    with pytest.raises(ValueError, match="fa4: it runs on NVIDIA GPUs of compute capability 9.x or 10.x .*not on cpu"):
+        layers.check_backend("fa4", cpu, torch.bfloat16)
+    monkeypatch.setattr(flash4, "fa4_runs_on", lambda device: True)  # a Hopper GPU
+    with pytest.raises(ValueError, match=r"fa4: it runs bf16 or fp16, not torch.float32 \(train with bf16 autocast"):
+        layers.check_backend("fa4", gpu, torch.float32)
+    layers.check_backend("fa4", gpu, torch.bfloat16)
+
+
 def test_fa4_backend_hands_generation_calls_too_small_for_its_launch_to_sdpa(monkeypatch):
     """fa4 launches from Python: in generation (no autograd) calls below FA4_MIN_FLOP run SDPA's kernel instead and
     the large ones fa4's; at the paper's shapes the line falls between the sampler's self-attention (fa4) and the

@@ -424,6 +424,19 @@ def test_a_run_refused_after_taking_the_lock_leaves_no_trace(tmp_path, no_model,
         assert run.exists() == existing and snapshot(run) == before, error.value
 
 
+@pytest.mark.parametrize("backend", ["xformers", "fa4"])
+def test_attention_backend_without_kernels_here_fails_at_start(tmp_path, no_model, backend):
+    """model.attn_backend=xformers or fa4 on the CPU (no kernels there, installed or not) used to pass the start-up,
+    write the run folder and its trackers, and fail in the first training step with a traceback."""
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.attn_backend = backend
+    if backend == "fa4":
+        cfg.model.generator.identity_impl = "gather"  # fa4 takes no mask: the config check wants this first
+    with pytest.raises(ValueError, match=f"^model.attn_backend={backend}: .*; use model.attn_backend=sdpa$"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_new_run_refused_by_the_cli_leaves_no_folder(tmp_path):
     """mardini-train train.resume=<missing> (or any check after the lock) with a new run name."""
     result = run_train(tmp_path, tmp_path / "nf2", f"train.resume={tmp_path / 'nowhere'}")
@@ -527,6 +540,9 @@ def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_pa
     assert code == 2 and err[0].startswith("mardini-sample: error: --sampler ddim: ") and "rectified_flow" in err[0]
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--guidance", "2")
     assert code == 2 and "--guidance 2.0: this model was trained without model.plan_dropout" in err[0], err
+    code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--attn-backend", "fa4")
+    assert code == 2 and err[0].startswith("mardini-sample: error: --attn-backend=fa4: ") and \
+        err[0].endswith("use --attn-backend=sdpa"), err  # no kernels on the CPU: refused before loading
     with pytest.raises(FileNotFoundError):  # --debug: the exception itself
         sample_cli.main(["--model", str(export), "--task", "i2v", "--inputs", str(tmp_path / "missing.png"),
                          "--output", str(tmp_path / "o.mp4"), "--debug"])

@@ -291,6 +291,7 @@ def sample(args) -> None:
     from ..data.video_io import make_grid_video, write_video
     from ..export import read_config
     from ..models.fp8 import check_fp8_device
+    from ..models.layers import check_backend
     from .pipeline import MarDiniPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -302,6 +303,8 @@ def sample(args) -> None:
     check_device(args.device)
     if args.fp8:
         check_fp8_device(args.device)  # before the model loads
+    if args.attn_backend is not None:
+        check_backend(args.attn_backend, args.device, DTYPES[args.dtype], "--attn-backend")
     inputs = read_inputs(args.inputs)
     check_arguments(args, inputs)
     check_outputs(args)

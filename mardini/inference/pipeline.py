@@ -23,6 +23,7 @@ from ..diffusion import Diffusion
 from ..data.latent_cache import LOWRES_MODES, encode_given
 from ..models import MarDini
 from ..models.fp8 import FP8_LAYERS, use_fp8_gemms
+from ..models.layers import check_backend
 from .planning import Window, check_plan, expansion_plan, interpolation_plan, long_video_plan
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class MarDiniPipeline:
         `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
         `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
         `device`, else sdpa)."""
+        if attn_backend is not None:  # before the weights load: one line if it has no kernels here
+            check_backend(attn_backend, device, dtype, "attn_backend")
         model, config = export_format.load_model(path, weights, device, attn_backend)
         for key in ("height", "width"):
             if key not in config:

@@ -50,17 +50,22 @@ def _interface():
     return interface
 
 
+def fa4_cannot_run(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention-4 cannot run attention of `dtype` on `device` here, or None when it can."""
+    if not FA4_INSTALLED:
+        return f"flash-attn-4 is not installed (pip install 'mardini[fa4]', flash-attn-4=={FA4_VERSION})"
+    if not fa4_runs_on(device):
+        return f"it runs on NVIDIA GPUs of compute capability 9.x or 10.x (Hopper, Blackwell), not on {device}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it runs bf16 or fp16, not {dtype} (train with bf16 autocast, generate in bf16)"
+    return None
+
+
 def check_fa4_inputs(q: torch.Tensor) -> None:
     """A one-line error for what FlashAttention-4 cannot run, instead of the DSL's assertion deep inside."""
-    if not FA4_INSTALLED:
-        raise RuntimeError(f"attention backend 'fa4' requested but flash-attn-4 is not installed "
-                           f"(pip install 'mardini[fa4]', flash-attn-4=={FA4_VERSION}); or use model.attn_backend=sdpa")
-    if not fa4_runs_on(q.device):
-        raise RuntimeError(f"attention backend 'fa4' runs on NVIDIA GPUs of compute capability 9.x or 10.x (Hopper, "
-                           f"Blackwell), not on {q.device}; use model.attn_backend=sdpa")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise RuntimeError(f"attention backend 'fa4' runs bf16 or fp16, got {q.dtype} (train with bf16 autocast, "
-                           f"generate in bf16); or use model.attn_backend=sdpa")
+    reason = fa4_cannot_run(q.device, q.dtype)
+    if reason is not None:
+        raise RuntimeError(f"attention backend 'fa4': {reason}; or use model.attn_backend=sdpa")
 
 
 @torch.library.custom_op("mardini::fa4_forward", mutates_args=(), device_types="cuda")

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from . import flash4
-from .flash4 import fa4_attention, fa4_runs_on
+from .flash4 import fa4_attention, fa4_cannot_run, fa4_runs_on
 
 
 def preload_cuda12_runtime() -> Path | None:
@@ -68,6 +68,23 @@ def backend_runs_on(backend: str, device: torch.device) -> bool:
     if backend == "fa4":
         return fa4_runs_on(device)
     return backend == "sdpa"
+
+
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype, setting: str = "model.attn_backend") -> None:
+    """Refuse, before a model is built or a run folder written, an attention backend with no kernels for `device`
+    at `dtype` (the dtype attention runs in: the autocast dtype in training), in one line naming `setting`; the
+    first forward pass would otherwise fail deep inside, after the start-up."""
+    device = torch.device(device)
+    reason = None
+    if backend == "xformers":
+        if xops is None:
+            reason = "xformers is not installed or does not load here (pip install 'mardini[gpu]')"
+        elif device.type != "cuda":
+            reason = f"its attention kernels run on CUDA GPUs, not on {device}"
+    elif backend == "fa4":
+        reason = fa4_cannot_run(device, dtype)
+    if reason is not None:
+        raise ValueError(f"{setting}={backend}: {reason}; use {setting}=sdpa")
 
 
 def sdpa_backends(kernel: str, device: torch.device) -> tuple[list, bool] | None:
@@ -126,8 +143,8 @@ def attention(
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "xformers":
         if xops is None:
-            raise RuntimeError("attention backend 'xformers' requested but xformers is not installed "
-                               "(pip install 'mardini[gpu]'); or use model.attn_backend=sdpa")
+            raise RuntimeError("attention backend 'xformers': xformers is not installed (pip install 'mardini[gpu]'); "
+                               "or use model.attn_backend=sdpa")
         bias = None
         if mask is not None:
             B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]

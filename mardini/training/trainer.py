@@ -35,6 +35,7 @@ from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask
 from ..models import MarDini, as_model_config
+from ..models.layers import check_backend
 from .. import export as export_format
 from . import checkpoint as ckpt
 from . import runlock
@@ -420,8 +421,9 @@ class Trainer:
     def _preflight(self) -> None:
         """Fail now, naming the key, on what would otherwise fail after the model is built or after training: a
         folder holding another run's checkpoints, a train.resume path that does not exist, no package to write
-        the sample videos, or none to read data.source=video."""
+        the sample videos, none to read data.source=video, or an attention backend with no kernels here."""
         t = self.cfg.train
+        check_backend(self.cfg.model.attn_backend, self.device, self.autocast_dtype or torch.float32)
         if not t.resume and ckpt.list_checkpoints(self.checkpoint_dir):  # every rank checks, so none is left waiting
             raise FileExistsError(
                 f"{self.checkpoint_dir} already holds checkpoints: pass train.resume=auto to continue that run, "
