@@ -437,6 +437,35 @@ def test_attention_backend_without_kernels_here_fails_at_start(tmp_path, no_mode
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, caplog, monkeypatch):
+    """`mardini-train data=video data.video.root=...` on the CPU (17 frames at 256 px with the tiny model: 146 TFLOP
+    a step) once ran for minutes without a word until the kernel's out-of-memory killer ended it. The start-up now
+    logs every run's step cost and warns, with the time and memory the step needs, where a CPU step is heavy; the
+    default-sized run is not warned about."""
+    monkeypatch.setattr(trainer_module, "_available_memory", lambda: 24 * 2**30)
+
+    def start(name, size, frames):
+        cfg = tiny_config(tmp_path / name, max_steps=320)
+        cfg.model.max_frames = frames
+        cfg.data.synthetic.update(height=size, width=size, num_frames=frames)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mardini.train"):
+            Trainer(cfg)._release_lock()
+        return [r.getMessage() for r in caplog.records if r.name == "mardini.train"]
+
+    small = start("small", 16, 5)
+    cost = next(m for m in small if m.startswith("a training step: "))
+    assert "tokens per clip (planner 16, generator 16 per frame)" in cost, cost
+    assert not any("heavy" in m for m in small), small
+    big = start("big", 256, 17)
+    warning = next(m for m in big if m.startswith("this step is heavy for a CPU: "))
+    tflop = float(warning.split(": ")[1].split(" TFLOP")[0])
+    assert 20 < tflop < 60, warning  # batch 2 and the test's narrower generator: 26 (data=video's defaults: 151)
+    hours = float(warning.split(" h for train.max_steps=320")[0].rsplit(" ", 1)[1])
+    assert hours == pytest.approx(tflop / 0.1 * 320 / 3600, rel=0.01), warning  # at 0.1 TFLOP/s
+    assert "(24 GiB available)" in warning and "train on a GPU" in warning, warning
+
+
 def test_a_new_run_refused_by_the_cli_leaves_no_folder(tmp_path):
     """mardini-train train.resume=<missing> (or any check after the lock) with a new run name."""
     result = run_train(tmp_path, tmp_path / "nf2", f"train.resume={tmp_path / 'nowhere'}")

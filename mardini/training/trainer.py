@@ -53,6 +53,12 @@ log = logging.getLogger("mardini.train")
 # mean an error and a kill without checkpoint. Written by mardini-train (cli.py); documented in the README.
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A CPU step beyond CPU_HEAVY_STEP_FLOP (~10 s) is warned about at start, with its time at CPU_FLOP_PER_S and its
+# activations at CPU_ACTIVATION_BYTES per token, block and unit of width (fp32; both measured on 2 cores with the
+# tiny model on 17-frame clips of 64 and 128 px: 0.15-0.16 TFLOP/s, 4.1 and 61 s per step, 128 bytes).
+CPU_HEAVY_STEP_FLOP = 1e12
+CPU_FLOP_PER_S = 1e11
+CPU_ACTIVATION_BYTES = 128
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +72,16 @@ class RankFailedError(RuntimeError):
 class TrainingOutOfMemoryError(RuntimeError):
     """A training step ran out of device memory: the run's shape is too large for the device, which a restart
     does not change (a user error, exit status 2, with what to change)."""
+
+
+def _available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux: MemAvailable), None where unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
 
 
 def _as_dictconfig(cfg) -> DictConfig:
@@ -393,6 +409,7 @@ class Trainer:
                  acc.num_processes, self.device, mixed, self.layout.samples_per_step, self.run_dir)
         log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
                  self.mask_sampler.stage_starts, t.max_steps)
+        self._log_step_cost(acc.unwrap_model(self.model), h, w, n_hi, n_lo)
 
         # ---- state
         self.step = 0
@@ -418,6 +435,28 @@ class Trainer:
             acc.init_trackers(t.wandb_project, config=_flatten(run_config), init_kwargs=init_kwargs)
 
     # ------------------------------------------------------------------------------------------------- state
+    def _log_step_cost(self, model: MarDini, h: int, w: int, n_hi: int, n_lo: int) -> None:
+        """Log what a training step costs; on the CPU, warn when it is far beyond the machine. Why: data=video's 17
+        frames at 256 px with the tiny model (up to 151 TFLOP a step, ~21 GiB of activations) ran on 2 cores for
+        minutes without a word until the kernel's out-of-memory killer ended it."""
+        t, frames = self.cfg.train, self.latent_frames
+        clips = t.batch_size * t.grad_accum  # per process and step
+        flop = 3 * model.estimate_flops(frames, (h, w), frames - 1, clips)["total"]  # the most generated frames
+        log.info("a training step: %d tokens per clip (planner %d, generator %d per frame), up to %.3g TFLOP per "
+                 "process", self.tokens_per_sample, n_lo, n_hi, flop / 1e12)
+        if self.device.type != "cpu" or flop < CPU_HEAVY_STEP_FLOP:
+            return
+        c = self.model_cfg
+        widths = frames * (n_lo * c.planner.depth * c.planner.dim + n_hi * c.generator.depth * c.generator.dim)
+        activations = clips * widths * CPU_ACTIVATION_BYTES
+        available = _available_memory()
+        log.warning("this step is heavy for a CPU: %.3g TFLOP (the default job's: 0.02) is about %.0f s at the %g "
+                    "TFLOP/s of 2 cores, %.1f h for train.max_steps=%d; its activations need about %.0f GiB "
+                    "(%s available). Lower the clips' height / width / num_frames or train.batch_size, raise "
+                    "model.lowres_factor, or train on a GPU", flop / 1e12, flop / CPU_FLOP_PER_S, CPU_FLOP_PER_S / 1e12,
+                    flop / CPU_FLOP_PER_S * t.max_steps / 3600, t.max_steps, activations / 2**30,
+                    "unknown" if available is None else f"{available / 2**30:.0f} GiB")
+
     def _preflight(self) -> None:
         """Fail now, naming the key, on what would otherwise fail after the model is built or after training: a
         folder holding another run's checkpoints, a train.resume path that does not exist, no package to write
