@@ -657,7 +657,8 @@ def test_a_model_trained_with_a_gpu_only_backend_samples_on_the_cpu_with_sdpa(pi
                                                                              backend):
     """An export records the attention backend it trained with; where that backend has no kernels (xformers and
     FlashAttention-4 have none on a CPU) loading computes the same attention with SDPA and says so, instead of
-    failing at the first attention call. Asked for explicitly, the backend is kept, and fails clearly."""
+    failing at the first attention call. Asked for explicitly, it is refused before the weights load, naming
+    attn_backend and sdpa."""
     other = Path(shutil.copytree(export_dir, tmp_path / "other"))
     config = json.loads((other / "config.json").read_text())
     config["model"]["attn_backend"] = backend
@@ -668,10 +669,8 @@ def test_a_model_trained_with_a_gpu_only_backend_samples_on_the_cpu_with_sdpa(pi
     (image,) = images(1, seed=13)
     assert torch.equal(loaded.image_to_video(image, seed=5, num_steps=STEPS),
                        pipe.image_to_video(image, seed=5, num_steps=STEPS))
-    explicit = MarDiniPipeline.from_pretrained(other, attn_backend=backend)
-    assert explicit.model.cfg.attn_backend == backend
-    with pytest.raises(RuntimeError, match="model.attn_backend=sdpa"):
-        explicit.image_to_video(image, seed=5, num_steps=STEPS)
+    with pytest.raises(ValueError, match=f"^attn_backend={backend}: .*; use attn_backend=sdpa$"):
+        MarDiniPipeline.from_pretrained(other, attn_backend=backend)
 
 
 def test_a_run_folder_or_an_interrupted_checkpoint_is_named_as_such(trained_run, tmp_path):
