@@ -616,7 +616,7 @@ def test_cli_interpolation_reuses_clips(tmp_path, capsys):
     assert "repeat_nearest" in capsys.readouterr().out
 
 
-def test_fvd_folders_and_model_vs_reference(tmp_path):
+def test_fvd_folders_and_model_vs_reference(tmp_path, capsys):
     from PIL import Image
 
     def toy_extractor(videos):
@@ -633,8 +633,11 @@ def test_fvd_folders_and_model_vs_reference(tmp_path):
     res = fvd_mod.fvd_folders(a, b, toy_extractor, num_frames=8, batch_size=2)
     # mp4 vs lossless, the same frames: measured 0.0029; the mp4 frames read in reverse give 0.027
     assert res["num_videos_a"] == res["num_videos_b"] == 5 and res["fvd"] < 0.01, res["fvd"]
-    same = fvd_mod.fvd_folders(b, b, toy_extractor, num_frames=8)
+    capsys.readouterr()
+    same = fvd_mod.fvd_folders(b, b, toy_extractor, num_frames=8, progress=True)
     assert abs(same["fvd"]) < 1e-6
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    assert bars.count(f"I3D features of {b}: 5 videos") == 2, bars  # one bar per folder, counting its videos
     with pytest.raises(ValueError, match=r"0 \(5 too short\)"):
         fvd_mod.fvd_folders(a, b, toy_extractor, num_frames=12)
 
@@ -692,7 +695,7 @@ def _tiny_export(path: Path) -> Path:
     return pipe.save_pretrained(path)
 
 
-def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
+def test_cli_with_model_scores_model_and_baselines_alike(tmp_path, capsys):
     root = _davis_root(tmp_path)
     export = _tiny_export(tmp_path / "export")
     out = tmp_path / "model_run"
@@ -716,6 +719,14 @@ def test_cli_with_model_scores_model_and_baselines_alike(tmp_path):
     assert res["num_clips"] == 2 and all(set(v) == set(res["methods"]) for v in res["per_clip"].values())
     grid = read_frames(list_videos(out / "samples")[0])
     assert grid.shape[0] == 9  # ground truth | 3 methods, side by side, 9 frames (VIDIM-Bench clips)
+    # a bar over the clips with each method's running PSNR (its last state: the results); --no-progress: none
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if "interpolation clips: 100%" in line][-1]
+    assert "2/2" in last and f"mardini {model['psnr']:.2f} dB" in last and f"linear_blend {blend['psnr']:.2f} dB" \
+        in last, last
+    assert eval_main(["interpolation", "--data", str(root), "--out", str(tmp_path / "quiet"), "--height", "16",
+                      "--width", "16", "--max-clips", "2", "--fvd", "off", "--num-grids", "0", "--no-progress"]) == 0
+    assert "clips:" not in capsys.readouterr().err
 
 
 def test_a_model_at_another_resolution_is_scored_without_distortion_and_keeps_the_given_frames():

@@ -41,6 +41,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 
 from ..data.video_io import make_grid_video, write_video
@@ -308,8 +309,10 @@ def markdown_table(results: dict) -> str:
 
 def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str | Path,
                   protocol: ProtocolConfig | None = None, clips_file: str | Path | None = None,
-                  extractor=None, lpips=None, num_grids: int = 4, fps: int = 8, fvd_batch: int = 8) -> dict:
+                  extractor=None, lpips=None, num_grids: int = 4, fps: int = 8, fvd_batch: int = 8,
+                  progress: bool = False) -> dict:
     """Score every method on the protocol's clips; write results.json, results.md, clips.json, samples/*.mp4.
+    progress: a bar over the clips with each method's running PSNR (a benchmark of a large model takes hours).
 
     clips_file: an existing file is read and its clips and protocol reused (a protocol passed too must agree);
     a missing one is written with the freshly selected clips. Either way a copy is written to out_dir/clips.json.
@@ -350,7 +353,8 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
                 buf.clear()
 
     (out_dir / "samples").mkdir(exist_ok=True)
-    for i, clip in enumerate(clips):
+    bar = tqdm(clips, desc=f"{protocol.task} clips", unit="clip", disable=not progress, dynamic_ncols=True)
+    for i, clip in enumerate(bar):
         gt = load_clip(root, clip, protocol, sources)
         given = gt.masked_fill(mask[:, None, None, None], 0.0)
         outputs, scores = {}, {}
@@ -369,6 +373,7 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
             buffers["__gt__"].append(gt)
             flush()
         per_clip[clip.name] = scores
+        bar.set_postfix_str(", ".join(f"{n} {_mean(frame_scores[n]['psnr']):.2f} dB" for n in methods), refresh=False)
         if i < num_grids:
             grid = make_grid_video([gt] + [outputs[n] for n in methods], given=[given_flags] * (1 + len(methods)))
             safe = clip.video.replace("/", "_").rsplit(".", 1)[0]

@@ -43,6 +43,7 @@ def _add_i3d_args(p: argparse.ArgumentParser):
     p.add_argument("--i3d-batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ def run_fvd(args) -> dict:
         raise FileNotFoundError(f"{where}; pass --i3d or --weights-dir (scripts/download_weights.py)")
     result = fvd_folders(args.folder_a, args.folder_b, extractor, num_frames=args.num_frames,
                          batch_size=args.i3d_batch_size, height=args.height, width=args.width,
-                         max_videos=args.max_videos)
+                         max_videos=args.max_videos, progress=not args.no_progress)
     result["i3d_weights"] = where
     result["fvd_settings"] = extractor.settings
     print(json.dumps(result, indent=1))
@@ -174,7 +175,7 @@ def run_protocol(args) -> dict:
     lpips = load_lpips(lpips_path, device=args.device) if lpips_path else None
     results = run_benchmark(args.data, methods, args.out, protocol=None if clips_exist else protocol,
                             clips_file=args.clips, extractor=extractor, lpips=lpips, num_grids=args.num_grids,
-                            fps=args.fps, fvd_batch=args.i3d_batch_size)
+                            fps=args.fps, fvd_batch=args.i3d_batch_size, progress=not args.no_progress)
     print((Path(args.out) / "results.md").read_text())
     return results
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from scipy import linalg
+from tqdm.auto import tqdm
 
 from .data import list_videos, read_frames, to_model_frames
 
@@ -176,12 +177,15 @@ def fvd_from_features(features_a, features_b, ddof: int = 1) -> float:
 
 
 # ------------------------------------------------------------------------------------------ video sets
-def accumulate(batches: Iterable[torch.Tensor], extractor: Extractor, stats: FeatureStats | None = None
-               ) -> FeatureStats:
-    """Run extractor over video batches [B, T, 3, H, W] and add their features to stats."""
+def accumulate(batches: Iterable[torch.Tensor], extractor: Extractor, stats: FeatureStats | None = None,
+               progress: str | None = None) -> FeatureStats:
+    """Run extractor over video batches [B, T, 3, H, W] and add their features to stats; progress: the description
+    of a bar counting the videos (None: no bar)."""
     stats = stats if stats is not None else FeatureStats()
-    for batch in batches:
-        stats.update(extractor(batch))
+    with tqdm(desc=progress, unit=" videos", disable=progress is None, dynamic_ncols=True) as bar:
+        for batch in batches:
+            stats.update(extractor(batch))
+            bar.update(len(batch))
     return stats
 
 
@@ -226,15 +230,17 @@ def iter_folder_batches(folder: str | Path, num_frames: int | None = 16, batch_s
 
 def fvd_folders(folder_a: str | Path, folder_b: str | Path, extractor: Extractor, num_frames: int | None = 16,
                 batch_size: int = 8, height: int | None = None, width: int | None = None,
-                max_videos: int | None = None, ddof: int | None = None) -> dict:
-    """FVD between two folders of videos (mp4/avi/... files and/or frame folders, any mix).
+                max_videos: int | None = None, ddof: int | None = None, progress: bool = False) -> dict:
+    """FVD between two folders of videos (mp4/avi/... files and/or frame folders, any mix); progress: a bar per
+    folder counting its videos.
 
     Returns {"fvd", "num_videos_a", "num_videos_b", "skipped_a", "skipped_b", "num_frames"}."""
+    def stats_of(folder, count: dict) -> FeatureStats:
+        batches = iter_folder_batches(folder, num_frames, batch_size, height, width, max_videos, count)
+        return accumulate(batches, extractor, progress=f"I3D features of {folder}" if progress else None)
+
     count_a, count_b = {}, {}
-    stats_a = accumulate(iter_folder_batches(folder_a, num_frames, batch_size, height, width, max_videos, count_a),
-                         extractor)
-    stats_b = accumulate(iter_folder_batches(folder_b, num_frames, batch_size, height, width, max_videos, count_b),
-                         extractor)
+    stats_a, stats_b = stats_of(folder_a, count_a), stats_of(folder_b, count_b)
     for folder, count in ((folder_a, count_a), (folder_b, count_b)):
         if count["used"] < 2:
             raise ValueError(f"FVD needs at least 2 videos with >= {num_frames} frames in {folder}; found "
