@@ -174,6 +174,13 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
     overrides = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "++hydra.", "~hydra."))]
     if not overrides:
         return
+    launcher = next((o for o in overrides if _override_key(o) == "accelerate"), None)
+    if launcher is not None:  # configs/accelerate/ sits beside the groups, so Hydra lists it as one
+        name = launcher.split("=", 1)[-1] or "<name>"
+        print(f"{prog}: error: {launcher}: configs/accelerate/ holds launcher configs, not a config group; launch "
+              f"with them: accelerate launch --config_file configs/accelerate/{name}.yaml -m mardini.train ...\n"
+              f"(the README's GPUs section shows such launches)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
     try:
         compose_config(overrides, validate=False)
     except HydraException as e:

@@ -262,6 +262,10 @@ def test_train_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     # a known key with a value of the wrong type (once reported as an unknown key that "means" itself)
     ("train.max_steps=abc", "mardini-train: error: train.max_steps=abc: not a valid integer"),
     ("train.freeze_planner=maybe", "mardini-train: error: train.freeze_planner=maybe: not a valid bool"),
+    # configs/accelerate/ sits beside the groups (so Hydra's --help lists it) but holds launcher configs
+    ("accelerate=fsdp_2gpu", "mardini-train: error: accelerate=fsdp_2gpu: configs/accelerate/ holds launcher configs, "
+                             "not a config group; launch with them: accelerate launch --config_file "
+                             "configs/accelerate/fsdp_2gpu.yaml -m mardini.train"),
 ])
 def test_unknown_key_or_option_is_one_line_with_the_nearest_valid_one(tmp_path, override, expected):
     result = run_train(tmp_path, tmp_path / "run", override)
@@ -269,6 +273,15 @@ def test_unknown_key_or_option_is_one_line_with_the_nearest_valid_one(tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(expected), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_help_names_the_command_and_what_configs_accelerate_holds(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mardini.train", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, env=subprocess_env(tmp_path), timeout=120)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and lines[0].startswith("mardini-train [group=option ...] [key=value ...]"), lines[:2]
+    assert "model: base, paper, small, tiny" in lines and "  lr: 0.004" in lines, result.stdout  # groups, config
+    assert lines[-1].startswith("configs/accelerate/ holds launcher configs"), lines[-1]
 
 
 @pytest.fixture(scope="module")
