@@ -32,6 +32,7 @@ from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.export import load_model
 from mardini.masking import MaskSampler, interpolation_only
 from mardini.training import checkpoint as ckpt
+from mardini.training import trainer as trainer_module
 from mardini.training.config import validate_config
 from mardini.training.data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from mardini.training.ema import EMA
@@ -186,6 +187,33 @@ def test_exact_resume_with_muon(tmp_path):
     assert_same_run(straight, stopped)
     with pytest.raises(ValueError, match="train.optimizer=adamw but checkpoint .* train.optimizer=muon"):
         Trainer(resume_config(tmp_path / "other", resume=str(checkpoint(straight, N))))
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(1, 2), (4, 2)], ids=["smaller", "larger"])
+def test_resume_with_another_global_batch_goes_on_from_the_samples_seen(straight_run, tmp_path, monkeypatch,
+                                                                       batch_size, grad_accum):
+    """The stream position of a step was step x global batch, so a run resumed with half the global batch replayed
+    samples it had trained on (and with twice, skipped as many). It now goes on from the samples seen: positions
+    contiguous from there, none repeated or skipped, and the count saved for the next resume."""
+    seen_before = trainer_state(checkpoint(straight_run, N))["samples_seen"]
+    assert seen_before == N * 4  # batch 2 x grad_accum 2
+    positions = []
+    original = trainer_module.draw_randomness
+
+    def record(batch_positions, step, *args, **kwargs):
+        positions.append((step, list(batch_positions)))
+        return original(batch_positions, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "draw_randomness", record)
+    out = tmp_path / "run"
+    trainer = Trainer(resume_config(out, resume=str(checkpoint(straight_run, N)), batch_size=batch_size,
+                                    grad_accum=grad_accum))
+    trainer.fit()
+    global_batch = batch_size * grad_accum
+    assert [step for step, _ in positions] == [s for s in range(N, 2 * N) for _ in range(grad_accum)]
+    flat = [p for _, batch in positions for p in batch]
+    assert flat == list(range(seen_before, seen_before + N * global_batch)), flat
+    assert trainer_state(checkpoint(out, 2 * N))["samples_seen"] == seen_before + N * global_batch
 
 
 def test_inputs_prepared_ahead_are_those_of_their_own_step(tmp_path, monkeypatch):

@@ -5,7 +5,9 @@ The training stream is a sequence of global sample positions 0, 1, 2, ...; posit
 contiguous slice of positions ``[(s * A + a) * W * b + r * b, ... + b)`` (A micro-steps, W ranks, b samples each).
 Everything random about a sample (its mask, noise level, plan dropout and noise) is drawn from a generator
 seeded by (seed, step, position). So the run is a function of the seed alone: resuming at step s, or splitting
-the same global batch over a different number of ranks, reproduces exactly the same samples.
+the same global batch over a different number of ranks, reproduces exactly the same samples. A run resumed with
+another global batch (G' = A' W' b' instead of G) goes on from the samples it has seen, not from s * G': its
+positions are shifted by ``offset = seen - s * G'`` (no sample repeated, none skipped).
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ class StreamLayout:
     grad_accum: int    # A
     world_size: int    # W
     rank: int
+    offset: int = 0    # shifts every position: set when a run resumes with another global batch
 
     @property
     def samples_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
 
+    def samples_before(self, step: int) -> int:
+        """Stream positions used by steps 0 .. step - 1 (the first position of `step`)."""
+        return self.offset + step * self.samples_per_step
+
     def positions(self, step: int, micro_step: int) -> list[int]:
-        start = (step * self.grad_accum + micro_step) * self.world_size * self.micro_batch
+        start = self.samples_before(step) + micro_step * self.world_size * self.micro_batch
         start += self.rank * self.micro_batch
         return list(range(start, start + self.micro_batch))
 

@@ -9,6 +9,7 @@ the EMA weights. Data order and every sample's randomness depend only on (seed, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -563,6 +564,12 @@ class Trainer:
         self.nonfinite_in_row = state["nonfinite_in_row"]
         self._keep_this_runs_optimizer_settings(settings)
         log.info("resumed from %s at step %d", path, self.step)
+        seen = state.get("samples_seen", self.layout.samples_before(self.step))
+        if seen != self.layout.samples_before(self.step):  # another global batch: go on from the samples seen
+            self.layout = dataclasses.replace(self.layout, offset=seen - self.step * self.layout.samples_per_step)
+            log.info("the global batch is now %d and the run saw %d samples in %d steps: the data stream goes on "
+                     "from sample %d, so none is repeated or skipped", self.layout.samples_per_step, seen, self.step,
+                     seen)
 
     def _keep_this_runs_optimizer_settings(self, settings: list[dict]) -> None:
         """Loading an optimizer and a schedule restores the saved run's hyperparameters with the moments (learning
@@ -595,7 +602,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "ema_updates": self.ema.num_updates, "nonfinite_total": self.nonfinite_total,
-                 "nonfinite_in_row": self.nonfinite_in_row, "samples_seen": self.step * self.layout.samples_per_step,
+                 "nonfinite_in_row": self.nonfinite_in_row, "samples_seen": self.layout.samples_before(self.step),
                  "world_size": self.accelerator.num_processes}
         if self.fsdp:
             write = ckpt.write_sharded_state(self.accelerator, self.model, self.optimizer, self.scheduler,
