@@ -547,6 +547,38 @@ def kl_pipeline() -> MarDiniPipeline:
                            {"num_frames": 6, "height": 16, "width": 16})
 
 
+def test_an_export_whose_vae_moved_names_it_and_takes_its_new_folder(tmp_path):
+    """An export records its VAE's folder; copied to another machine, that path is gone. Loading it used to ask the
+    Hugging Face hub for the path (diffusers' message about the internet connection); it now names the folder and
+    --vae, and vae=DIR (the VAE's own folder, or the pipeline folder holding it as recorded) gives the same video."""
+    from diffusers import AutoencoderKL
+
+    from mardini.autoencoders.kl import kl_kwargs_from_config
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "sd" / "vae")
+    vae_cfg = {"name": "kl", "pretrained": str(tmp_path / "sd"), "subfolder": "vae", "dtype": "float32"}
+    config = {"num_frames": 6, "height": 16, "width": 16, "diffusion": {"num_inference_steps": 2},
+              "autoencoder": vae_cfg}
+    pipe = MarDiniPipeline(MarDini(model_config("tiny", latent_channels=4, max_frames=6)), Diffusion(dict(
+        num_inference_steps=2)), build_autoencoder("kl", **kl_kwargs_from_config(vae_cfg)), config)
+    export = pipe.save_pretrained(tmp_path / "export")
+    first, last = images(2, seed=3, size=(16, 16))
+    video = MarDiniPipeline.from_pretrained(export).interpolate(first, last, seed=1)
+    (tmp_path / "sd").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"the export's VAE \(config.json: autoencoder.pretrained\): VAE "
+                                                r"folder .*sd/vae does not exist.*--vae DIR"):
+        MarDiniPipeline.from_pretrained(export)
+    for folder in (tmp_path / "moved", tmp_path / "moved" / "vae"):
+        moved = MarDiniPipeline.from_pretrained(export, vae=str(folder))
+        assert torch.equal(moved.interpolate(first, last, seed=1), video), folder
+        assert moved.config["autoencoder"]["pretrained"] == str(folder)
+    with pytest.raises(FileNotFoundError, match="the VAE given: VAE folder .*elsewhere/vae does not exist"):
+        MarDiniPipeline.from_pretrained(export, vae=str(tmp_path / "elsewhere"))
+
+
 @pytest.mark.parametrize("dynamic", [None, False])
 def test_compiled_pipeline_compiles_the_vae_encoder_and_decoder(dynamic):
     pipe = kl_pipeline()

@@ -43,6 +43,27 @@ def video(b=2, t=3, h=16, w=16, seed=0):
     return torch.rand(b, t, 3, h, w, generator=g) * 2 - 1
 
 
+def test_a_vae_folder_that_is_not_here_fails_in_one_line_without_a_hub_lookup(saved_kl, tmp_path, monkeypatch):
+    """A path that is not a local VAE folder (moved, mistyped, or a hub id) used to reach diffusers, which asked the
+    Hugging Face hub for it and failed with a message about the internet connection."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    root, _ = saved_kl
+    (tmp_path / "empty").mkdir()
+    for pretrained, subfolder, message in ((tmp_path / "gone", "", "does not exist"),
+                                           (tmp_path / "empty", "", "holds no config.json"),
+                                           (root, "unet", "does not exist"),
+                                           ("stabilityai/sd-vae-ft-mse", "", "does not exist")):
+        with pytest.raises(FileNotFoundError, match=f"VAE folder .* {message}: give the local folder of a diffusers "
+                                                    f"VAE"):
+            build_autoencoder("kl", pretrained=str(pretrained), subfolder=subfolder)
+    assert build_autoencoder("kl", pretrained=str(root / "vae")).latent_channels == 4  # its own folder, no subfolder
+
+
 def test_registered():
     assert AUTOENCODERS["kl"] is KLAutoencoder and AUTOENCODERS["kl_video"] is VideoKLAutoencoder
 

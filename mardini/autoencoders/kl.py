@@ -15,6 +15,7 @@ per-channel ``latents_mean`` / ``latents_std`` (e.g. Wan, some SDXL variants) th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -35,9 +36,21 @@ def _vae_class(name: str):
     return cls
 
 
+def vae_folder(pretrained: str, subfolder: str = "") -> Path:
+    """The local folder holding a VAE's config.json. Nothing is looked up on a model hub: a name that is not a
+    folder here (a hub id, or the path an export recorded on another machine) fails in one line."""
+    folder = Path(pretrained).expanduser() / (subfolder or "")
+    if not (folder / "config.json").is_file():
+        found = "holds no config.json" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(f"VAE folder {folder} {found}: give the local folder of a diffusers VAE "
+                                f"(config.json + weights; nothing is downloaded)")
+    return folder
+
+
 def read_vae_config(pretrained: str, subfolder: str = "", vae_class: str = "AutoencoderKL") -> dict:
     """The config.json of a saved VAE, without loading weights (e.g. to check latent channels at start-up)."""
-    return dict(_vae_class(vae_class).load_config(pretrained, subfolder=subfolder or None))
+    vae_folder(pretrained, subfolder)
+    return dict(_vae_class(vae_class).load_config(pretrained, subfolder=subfolder or None, local_files_only=True))
 
 
 def _spatial_compression(config: dict) -> int:
@@ -67,7 +80,9 @@ def _load_vae(pretrained: str, subfolder: str, config: Optional[dict], vae_class
         raise ValueError("give exactly one of `pretrained` (a local folder) and `config` (a dict: random weights)")
     cls = _vae_class(vae_class)
     if pretrained:
-        vae = cls.from_pretrained(pretrained, subfolder=subfolder or None, torch_dtype=DTYPES[dtype])
+        vae_folder(pretrained, subfolder)
+        vae = cls.from_pretrained(pretrained, subfolder=subfolder or None, torch_dtype=DTYPES[dtype],
+                                  local_files_only=True)
     else:
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)

@@ -226,10 +226,10 @@ class PipelineMethod:
         self.pipe, self.num_steps, self.seed, self.guidance_scale = pipe, num_steps, seed, guidance_scale
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", **kw) -> "PipelineMethod":
+    def from_pretrained(cls, path: str | Path, device="cpu", vae: str | None = None, **kw) -> "PipelineMethod":
         from ..inference.pipeline import MarDiniPipeline
 
-        return cls(MarDiniPipeline.from_pretrained(path, device=device), **kw)
+        return cls(MarDiniPipeline.from_pretrained(path, device=device, vae=vae), **kw)
 
     def __call__(self, given: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T, _, H, W = given.shape

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"clip-selection seed (default: the preset's, {preset.seed})")
         b.add_argument("--model", default=None, help="MarDini export (or checkpoint) folder to evaluate")
         b.add_argument("--model-name", default="mardini", help="the model's name in the results (default: mardini)")
+        b.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
+                       "recorded (an export copied from another machine)")
         b.add_argument("--steps", type=int, default=None, help="sampler steps for the model (default: the export's)")
         b.add_argument("--model-seed", type=int, default=0, help="seed of the model's noise (default: 0)")
         b.add_argument("--baselines", nargs="*", default=["repeat_nearest", "linear_blend"],
@@ -169,7 +171,7 @@ def run_protocol(args) -> dict:
             log.warning("FVD skipped: %s", where)
     methods = {b: BASELINES[b] for b in args.baselines}
     if args.model:
-        methods[args.model_name] = PipelineMethod.from_pretrained(args.model, device=args.device,
+        methods[args.model_name] = PipelineMethod.from_pretrained(args.model, device=args.device, vae=args.vae,
                                                                   num_steps=args.steps, seed=args.model_seed)
     lpips_path = args.lpips or find_lpips_weights(args.weights_dir)
     lpips = load_lpips(lpips_path, device=args.device) if lpips_path else None

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="several seeds: one output per seed")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
+    p.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
+                   "recorded (an export copied from another machine)")
     p.add_argument("--attn-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="attention backend (default: the trained one where it runs on --device, else sdpa)")
     p.add_argument("--fps", type=positive_int, default=None, help="output frame rate (default: the model's)")
@@ -314,7 +316,8 @@ def sample(args) -> None:
         num_frames, positions = long_positions(args, len(inputs), config["num_frames"])
         check_long_plan(args, config, positions, num_frames)
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
-                                           weights=args.weights, sampler=args.sampler, attn_backend=args.attn_backend)
+                                           weights=args.weights, sampler=args.sampler, attn_backend=args.attn_backend,
+                                           vae=args.vae)
     if args.vae_chunk is not None:
         pipe.autoencoder.frames_per_chunk = args.vae_chunk or None  # None: every frame in one call
     if args.fp8:

@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 ImageLike = "torch.Tensor | np.ndarray | PIL.Image.Image | str | Path"
 
 
+def _with_vae(cfg: dict, vae: str | None) -> dict:
+    """An export's autoencoder config with its VAE folder replaced by `vae` (None: as recorded). `vae` is the VAE's
+    own folder (holding config.json) or, as recorded, a pipeline folder with the recorded subfolder inside."""
+    if vae is None:
+        return cfg
+    if cfg["name"] == "identity":
+        raise ValueError(f"vae={vae}: this export uses the identity autoencoder (pixels patched into latents), so "
+                         f"there is no VAE to give")
+    own = (Path(vae).expanduser() / "config.json").is_file()
+    return {**cfg, "pretrained": str(vae), "subfolder": "" if own else cfg.get("subfolder", "")}
+
+
 def _autoencoder_from_config(cfg: dict):
     """The autoencoder an export names: identity (no weights) or a diffusers VAE from its local folder."""
     name = cfg["name"]
@@ -72,14 +84,26 @@ class MarDiniPipeline:
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema",
-                        sampler: str | None = None, attn_backend: str | None = None):
+                        sampler: str | None = None, attn_backend: str | None = None, vae: str | None = None):
         """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights.
         `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
         `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
-        `device`, else sdpa)."""
+        `device`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path (an export
+        copied from another machine)."""
         if attn_backend is not None:  # before the weights load: one line if it has no kernels here
             check_backend(attn_backend, device, dtype, "attn_backend")
+        autoencoder_cfg = _with_vae(export_format.read_config(path)["autoencoder"], vae)
+        if autoencoder_cfg["name"] != "identity":  # a missing VAE folder fails before the weights load
+            from ..autoencoders.kl import vae_folder
+
+            try:
+                vae_folder(autoencoder_cfg["pretrained"], autoencoder_cfg.get("subfolder", ""))
+            except FileNotFoundError as e:
+                where = "the VAE given" if vae else "the export's VAE (config.json: autoencoder.pretrained)"
+                raise FileNotFoundError(f"{path}: {where}: {e}; an export copied from another machine takes its "
+                                        f"VAE's folder here with --vae DIR (from_pretrained(vae=...))") from None
         model, config = export_format.load_model(path, weights, device, attn_backend)
+        config["autoencoder"] = autoencoder_cfg
         for key in ("height", "width"):
             if key not in config:
                 raise ValueError(f"{path}: config.json lacks {key!r}")
