@@ -1,4 +1,4 @@
-"""Generation latency and peak memory at the paper's setting: 12 frames at 512x512 (and 17), image-to-video.
+r"""Generation latency and peak memory at the paper's setting: 12 frames at 512x512 (and 17), image-to-video.
 
 Paper (MarDini, arXiv 2410.20280): 12 frames at 512 px in 6.05 s using 42.57 GB. --given 2 times interpolation
 (first and last frames given) instead, k > 2 given frames spread evenly over the window. We time the whole call

@@ -1,4 +1,4 @@
-"""Train many variants of one job at once and score each with the learning benchmark.
+r"""Train many variants of one job at once and score each with the learning benchmark.
 
     python benchmarks/learning_sweep.py --variant base= --variant interp=curriculum=interpolation \
         --seeds 0 1 --parallel 8 --out sweep.jsonl [-- common overrides ...]

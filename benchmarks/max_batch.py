@@ -1,4 +1,4 @@
-"""The largest micro-batch per GPU that trains, with and without activation checkpointing.
+r"""The largest micro-batch per GPU that trains, with and without activation checkpointing.
 
 The real Trainer (same overrides as the run: FSDP, compile, EMA, optimizer) is built once per setting; its
 train_step then runs on batches of a few sizes. Peak memory grows about linearly with the batch (activations), so

@@ -1,4 +1,4 @@
-"""Load a training checkpoint in the world size this is launched with and save it again at once (no step): with
+r"""Load a training checkpoint in the world size this is launched with and save it again at once (no step): with
 scripts/compare_checkpoints.py, the check that a sharded checkpoint moves between world sizes unchanged.
 
     torchrun --nproc_per_node 1 benchmarks/resave_checkpoint.py run_2gpu/checkpoints/step_000060 \\

@@ -1,4 +1,4 @@
-"""Throughput of the real training loop (`mardini.train`: data loading, masks, EMA, logging included) for a preset
+r"""Throughput of the real training loop (`mardini.train`: data loading, masks, EMA, logging included) for a preset
 under several variants, e.g. with and without torch.compile.
 
     python benchmarks/train_throughput.py experiment=small_synthetic --variants "compile=train.compile=false" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Encode a video folder or manifest into a latent cache (sharded safetensors), on one or many GPUs.
+r"""Encode a video folder or manifest into a latent cache (sharded safetensors), on one or many GPUs.
 
 Each process encodes its share of the shards (shard k goes to process k mod W); a rerun with the same arguments
 skips complete shards, so an interrupted or pre-empted job just starts again. Train from the result with

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare training checkpoints tensor by tensor: model weights, optimizer state and EMA, exactly.
+r"""Compare training checkpoints tensor by tensor: model weights, optimizer state and EMA, exactly.
 
 The check behind "a sharded checkpoint saved on N processes resumes on M with identical weights": resume a
 checkpoint with train.max_steps equal to its step (the run re-saves it at once, from the new world size) and

@@ -1,4 +1,4 @@
-"""The learned-feature matcher alone (model.motion.estimate=learned without the rest of the model), as first tried.
+r"""The learned-feature matcher alone (model.motion.estimate=learned without the rest of the model), as first tried.
 
 Why: on the 17-frame 64x64 synthetic clips the fixed matcher (mardini/models/motion.py) is the ceiling the `small`
 models reach, and it fails on the shapes: a uniformly coloured shape crossing a smooth background pairs like with like

@@ -1,4 +1,4 @@
-"""Prototype: where the host spends a training step, and whether compiling more of the model or CUDA graphs help.
+r"""Prototype: where the host spends a training step, and whether compiling more of the model or CUDA graphs help.
 
     python benchmarks/prototypes/loop_overhead.py model=small data=synthetic_large train=gpu \
         --scope block --mode default --steps 200 --json out.json
