@@ -8,7 +8,7 @@ doubles); then bisection between the largest fit and the smallest failure narrow
 (small sizes can mislead the slope: with activation checkpointing fixed buffers dominate them). Masks are those of
 the curriculum's last stage (image-to-video: the most generated frames).
 
-    torchrun --nproc_per_node 2 benchmarks/max_batch.py --json max_batch.json --ac 0,1 --sizes 2,4 -- \\
+    torchrun --nproc_per_node 2 benchmarks/max_batch.py --json max_batch.json --ac 0,1 --sizes 2,4 -- \
         model=paper train=gpu train.parallel=fsdp ...
 
 Out of memory in one process ends the try. With several processes it also ends the launch: the ranks do not run

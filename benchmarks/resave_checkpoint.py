@@ -1,7 +1,7 @@
 r"""Load a training checkpoint in the world size this is launched with and save it again at once (no step): with
 scripts/compare_checkpoints.py, the check that a sharded checkpoint moves between world sizes unchanged.
 
-    torchrun --nproc_per_node 1 benchmarks/resave_checkpoint.py run_2gpu/checkpoints/step_000060 \\
+    torchrun --nproc_per_node 1 benchmarks/resave_checkpoint.py run_2gpu/checkpoints/step_000060 \
         <the run's overrides> train.output_dir=run_1gpu
     python scripts/compare_checkpoints.py run_2gpu/checkpoints/step_000060 run_1gpu/checkpoints/step_000060
 
