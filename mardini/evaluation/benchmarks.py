@@ -41,8 +41,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data.video_io import make_grid_video, write_video
 from .data import VideoSource, count_frames, list_videos, read_frames, to_model_frames

@@ -55,8 +55,9 @@ log = logging.getLogger("mardini.train")
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A CPU step beyond CPU_HEAVY_STEP_FLOP (~10 s) is warned about at start, with its time at CPU_FLOP_PER_S and its
-# activations at CPU_ACTIVATION_BYTES per token, block and unit of width (fp32; both measured on 2 cores with the
-# tiny model on 17-frame clips of 64 and 128 px: 0.15-0.16 TFLOP/s, 4.1 and 61 s per step, 128 bytes).
+# activations at CPU_ACTIVATION_BYTES per token, block and unit of width (fp32). Measured on 2 cores with the tiny
+# model on 17-frame clips of 64 and 128 px: 4.1 and 61 s per step, 0.15-0.16 TFLOP/s of the curriculum's mean
+# FLOPs (0.1 of the upper bound the warning states), and 128 bytes (peak memory 2.4 and 6.6 GB).
 CPU_HEAVY_STEP_FLOP = 1e12
 CPU_FLOP_PER_S = 1e11
 CPU_ACTIVATION_BYTES = 128
