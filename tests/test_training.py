@@ -885,6 +885,24 @@ def test_scheduler_applies_lr_factor():
         sched.step()
 
 
+def test_ema_below_its_decay_is_the_warmups_power_average():
+    """Until (1 + t) / (w + t) reaches train.ema_decay (step 8 991 for 0.999 at w = 10) the warm-up alone sets the
+    EMA: after 320 updates (the default job) decays 0.999 and 0.9995 give the same weights, bit for bit (measured:
+    the same export figures), while the warm-up constant w moves them; the average weighs update s as (s / t)^(w-2)."""
+    def averaged(decay, warmup, steps=320):
+        ema = EMA(torch.nn.Linear(1, 1, bias=False), decay, warmup)
+        model = torch.nn.Linear(1, 1, bias=False)
+        for s in range(1, steps + 1):  # the parameter's value at update s is s: the EMA is the mean update index
+            model.weight.data.fill_(float(s))
+            ema.update(model)
+        return float(ema.shadow["weight"])
+
+    assert averaged(0.999, 10) == averaged(0.9995, 10) == averaged(0.99999, 10)
+    assert averaged(0.999, 5) < averaged(0.999, 10) < averaged(0.999, 20)
+    for w in (5, 10, 20):  # the mean of s under weights s^(w-2) on 1..t: about t (w-1) / w
+        assert averaged(0.999, w) == pytest.approx(320 * (w - 1) / w, rel=0.02), w
+
+
 def test_ema_warmup_lerp_matches_hand_computation():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))

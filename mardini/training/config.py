@@ -84,7 +84,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     compile: bool = False  # torch.compile each transformer block (one generator graph for every mask)
     compile_motion: bool = True  # with compile: also torch.compile the motion estimate (matcher, learned features)
-    ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(10+s))
+    ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(ema_warmup+s))
+    ema_warmup: float = 10.0  # EMA warm-up: below ema_decay (until step 8991 at 0.999) it averages the last ~1/(w-1)
     log_every: int = 10  # steps between metric logs
     sample_every: int = 0  # steps between validation videos (0 = only at the end)
     num_sample_videos: int = 2  # validation clips per task (interpolation, image-to-video)
@@ -253,6 +254,7 @@ def validate_config(cfg) -> None:
          "GPUs) or no")
     need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    need(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (decay (1+s)/(w+s) below 1), got {t.ema_warmup}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     for key in ("sample_every", "sample_steps", "eval_every"):

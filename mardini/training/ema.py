@@ -1,7 +1,10 @@
 """Exponential moving average of the weights: the model that gets exported and sampled from.
 
 The shadow copy is kept in float32 whatever the training precision, and updated with a warm-up
-(decay_t = min(decay, (1 + t) / (10 + t))) so early EMA weights are not dominated by the random init.
+(decay_t = min(decay, (1 + t) / (warmup + t)), warmup 10 by default) so early EMA weights are not dominated by the
+random init. Until decay_t reaches `decay` (step (warmup * decay - 1) / (1 - decay): 8 991 for 0.999 and warmup 10)
+the warm-up alone sets the average: it then weighs step s of t about as (s / t)^(warmup - 2), an average over the
+last ~1 / (warmup - 1) of the run, whatever `decay` says.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 10.0):
+        self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
     def current_decay(self) -> float:
         t = self.num_updates
-        return min(self.decay, (1 + t) / (10 + t))
+        return min(self.decay, (1 + t) / (self.warmup + t))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
