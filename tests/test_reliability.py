@@ -441,7 +441,7 @@ def test_a_run_refused_after_taking_the_lock_leaves_no_trace(tmp_path, no_model,
 def test_attention_backend_without_kernels_here_fails_at_start(tmp_path, no_model, backend):
     """model.attn_backend=xformers or fa4 on the CPU (no kernels there, installed or not) used to pass the start-up,
     write the run folder and its trackers, and fail in the first training step with a traceback."""
-    cfg = tiny_config(tmp_path / "run")
+    cfg = tiny_config(tmp_path / "run", cpu=True)  # the CPU on any machine: neither backend has kernels there
     cfg.model.attn_backend = backend
     if backend == "fa4":
         cfg.model.generator.identity_impl = "gather"  # fa4 takes no mask: the config check wants this first
