@@ -458,7 +458,7 @@ def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, 
     monkeypatch.setattr(trainer_module, "_available_memory", lambda: 24 * 2**30)
 
     def start(name, size, frames):
-        cfg = tiny_config(tmp_path / name, max_steps=320)
+        cfg = tiny_config(tmp_path / name, max_steps=320, cpu=True)  # a CPU run on any machine
         cfg.model.max_frames = frames
         cfg.data.synthetic.update(height=size, width=size, num_frames=frames)
         caplog.clear()
