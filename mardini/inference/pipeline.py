@@ -93,22 +93,18 @@ class MarDiniPipeline:
         if attn_backend is not None:  # before the weights load: one line if it has no kernels here
             check_backend(attn_backend, device, dtype, "attn_backend")
         autoencoder_cfg = _with_vae(export_format.read_config(path)["autoencoder"], vae)
-        if autoencoder_cfg["name"] != "identity":  # a missing VAE folder fails before the weights load
-            from ..autoencoders.kl import vae_folder
-
-            try:
-                vae_folder(autoencoder_cfg["pretrained"], autoencoder_cfg.get("subfolder", ""))
-            except FileNotFoundError as e:
-                where = "the VAE given" if vae else "the export's VAE (config.json: autoencoder.pretrained)"
-                raise FileNotFoundError(f"{path}: {where}: {e}; an export copied from another machine takes its "
-                                        f"VAE's folder here with --vae DIR (from_pretrained(vae=...))") from None
+        try:  # the VAE first: a missing folder fails before the weights load
+            autoencoder = _autoencoder_from_config(autoencoder_cfg)
+        except FileNotFoundError as e:
+            where = "the VAE given" if vae else "the export's VAE (config.json: autoencoder.pretrained)"
+            raise FileNotFoundError(f"{path}: {where}: {e}; an export copied from another machine takes its VAE's "
+                                    f"folder here with --vae DIR (from_pretrained(vae=...))") from None
         model, config = export_format.load_model(path, weights, device, attn_backend)
         config["autoencoder"] = autoencoder_cfg
         for key in ("height", "width"):
             if key not in config:
                 raise ValueError(f"{path}: config.json lacks {key!r}")
         diffusion = Diffusion(dict(config["diffusion"], **({"sampler": sampler} if sampler else {})))
-        autoencoder = _autoencoder_from_config(config["autoencoder"])
         return cls(model, diffusion, autoencoder, config).to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:

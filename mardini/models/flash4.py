@@ -50,13 +50,13 @@ def _interface():
     return interface
 
 
-def fa4_cannot_run(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why FlashAttention-4 cannot run attention of `dtype` on `device` here, or None when it can."""
+def fa4_cannot_run(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why FlashAttention-4 cannot run attention (of `dtype`, if given) on `device` here, or None when it can."""
     if not FA4_INSTALLED:
         return f"flash-attn-4 is not installed (pip install 'mardini[fa4]', flash-attn-4=={FA4_VERSION})"
     if not fa4_runs_on(device):
         return f"it runs on NVIDIA GPUs of compute capability 9.x or 10.x (Hopper, Blackwell), not on {device}"
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         return f"it runs bf16 or fp16, not {dtype} (train with bf16 autocast, generate in bf16)"
     return None
 

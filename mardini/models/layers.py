@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from . import flash4
-from .flash4 import fa4_attention, fa4_cannot_run, fa4_runs_on
+from .flash4 import fa4_attention, fa4_cannot_run
 
 
 def preload_cuda12_runtime() -> Path | None:
@@ -60,29 +60,31 @@ def xformers_available() -> bool:
     return xops is not None
 
 
-def backend_runs_on(backend: str, device: torch.device) -> bool:
-    """Whether an attention backend has kernels on a device here (an installed package, a GPU it supports)."""
+def backend_cannot_run(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why an attention backend has no kernels for `device` (and, given, `dtype`) here, or None where it has."""
     device = torch.device(device)
     if backend == "xformers":
-        return xops is not None and device.type == "cuda"
-    if backend == "fa4":
-        return fa4_runs_on(device)
-    return backend == "sdpa"
+        if xops is None:
+            return "xformers is not installed or does not load here (pip install 'mardini[gpu]')"
+        if device.type != "cuda":
+            return f"its attention kernels run on CUDA GPUs, not on {device}"
+    elif backend == "fa4":
+        return fa4_cannot_run(device, dtype)
+    elif backend != "sdpa":
+        return f"unknown attention backend; choose one of {ATTENTION_BACKENDS}"
+    return None
+
+
+def backend_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether an attention backend has kernels on a device here (an installed package, a GPU it supports)."""
+    return backend_cannot_run(backend, device) is None
 
 
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype, setting: str = "model.attn_backend") -> None:
     """Refuse, before a model is built or a run folder written, an attention backend with no kernels for `device`
     at `dtype` (the dtype attention runs in: the autocast dtype in training), in one line naming `setting`; the
     first forward pass would otherwise fail deep inside, after the start-up."""
-    device = torch.device(device)
-    reason = None
-    if backend == "xformers":
-        if xops is None:
-            reason = "xformers is not installed or does not load here (pip install 'mardini[gpu]')"
-        elif device.type != "cuda":
-            reason = f"its attention kernels run on CUDA GPUs, not on {device}"
-    elif backend == "fa4":
-        reason = fa4_cannot_run(device, dtype)
+    reason = backend_cannot_run(backend, device, dtype)
     if reason is not None:
         raise ValueError(f"{setting}={backend}: {reason}; use {setting}=sdpa")
 
