@@ -150,6 +150,12 @@ def read_sharded_weights(path: str | Path, key: str, like: dict[str, torch.Tenso
     return state[key]
 
 
+def _first_few(names: list[str], shown: int = 4) -> str:
+    """A few names and how many more: a size mismatch names every tensor of the model, one screen is enough."""
+    more = f"; ... and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} tensor(s): " + "; ".join(names[:shown]) + more
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                  optional: tuple[str, ...] = ()) -> None:
     """Strict load that names every missing, unexpected or mis-shaped tensor. Tensors whose names start with one of
@@ -165,12 +171,10 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                   for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
         lines = [f"weights from {source} do not fit the model:"]
-        if mismatched:
-            lines.append("  shape mismatch: " + "; ".join(mismatched))
-        if missing:
-            lines.append(f"  missing in checkpoint: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected in checkpoint: {unexpected}")
+        for what, names in (("shape mismatch", mismatched), ("missing in checkpoint", missing),
+                            ("unexpected in checkpoint", unexpected)):
+            if names:
+                lines.append(f"  {what}: {_first_few(names)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state)
 

@@ -597,14 +597,21 @@ def test_init_from_checkpoint_uses_its_ema_weights(straight_run, tmp_path):
 
 
 def test_init_from_mismatched_model_names_parameter_and_shapes(straight_run, tmp_path):
+    """Weights of another size: the first line names every setting that differs (here the width and the head count
+    together, so that one fix suffices), then a few of the tensors, not all of them."""
     cfg = tiny_config(tmp_path / "ft", init_from=str(straight_run / "export"))
-    cfg.model.planner.dim = 32
+    heads = cfg.model.planner.num_heads
+    cfg.model.planner.dim, cfg.model.planner.num_heads = 32, heads // 2
     with pytest.raises(ValueError) as err:
         Trainer(cfg)
-    message = str(err.value)
-    assert re.search(r"planner\.[\w.]+: checkpoint \(64[,)].* vs model \(32[,)]", message), message
-    # and which settings made them differ, read from the source's config
-    assert "trained with model.planner.dim=64; this run has model.planner.dim=32" in message, message
+    first, *rest = str(err.value).splitlines()
+    assert first.startswith(f"train.init_from={straight_run / 'export'} was trained with "), first
+    assert f"model.planner.dim=64 model.planner.num_heads={heads};" in first, first
+    assert f"pass model.planner.dim=64 model.planner.num_heads={heads} to fine-tune it" in first, first
+    shapes = next(line for line in rest if "shape mismatch" in line)
+    assert re.search(r"planner\.[\w.]+: checkpoint \(64[,)].* vs model \(32[,)]", shapes), shapes
+    count = int(re.search(r"shape mismatch: (\d+) tensor", shapes).group(1))
+    assert count > 4 and shapes.count(" vs model ") == 4 and f"and {count - 4} more" in shapes, shapes
 
 
 @pytest.mark.parametrize("source", ["export", "checkpoint"])

@@ -368,16 +368,17 @@ class Trainer:
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
             _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
-            _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             try:
                 export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"),
                                            source=t.init_from, optional=TRAINING_ONLY_WEIGHTS)
-            except ValueError as err:  # which settings made the shapes differ, where the configs tell
-                differ = _differing_model_keys(t.init_from, cfg.model)
+            except ValueError as err:  # the settings that made the shapes differ first (all of them, where the
+                differ = _differing_model_keys(t.init_from, cfg.model)  # configs tell), then a few of the tensors
                 if differ is None:
                     raise
-                raise ValueError(f"{err}\n  the weights were trained with {differ[0]}; this run has {differ[1]}") \
-                    from None
+                raise ValueError(f"train.init_from={t.init_from} was trained with {differ[0]}; this run has "
+                                 f"{differ[1]}: pass {differ[0]} to fine-tune it\n{err}") from None
+            # Shapes fit; these keys would still load the weights into a network that computes something else.
+            _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
