@@ -732,6 +732,21 @@ def test_a_warm_up_longer_than_the_run_is_named(tmp_path, caplog):
     assert "train.warmup_steps=1000 >= train.max_steps=4" in caplog.text
 
 
+def test_data_workers_are_capped_at_the_usable_cpus(tmp_path, caplog, monkeypatch):
+    """More DataLoader workers than CPUs only contend (PyTorch warns that they may freeze): the loader gets as many as
+    the process may use, and says so; fewer are kept as asked."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cfg = tiny_config(tmp_path / "workers")
+    cfg.data.num_workers = 8
+    trainer = Trainer(cfg)
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        assert trainer._dataloader().num_workers == 2
+    assert "data.num_workers=8, but this process may use 2 CPU(s)" in caplog.text
+    trainer.cfg.data.num_workers = 1
+    assert trainer._dataloader().num_workers == 1
+    trainer._release_lock()
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

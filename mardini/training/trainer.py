@@ -285,6 +285,17 @@ def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] |
 LOSS_PARTS = ("diffusion_loss", "motion_loss", "plan_loss")
 
 
+def _usable_workers(requested: int) -> int:
+    """DataLoader workers capped at the CPUs this process may run on: more only contend (PyTorch warns that they
+    may freeze), and each sample is seeded by its index, so the batches are the same with any number of workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested <= cpus:
+        return requested
+    log.info("data.num_workers=%d, but this process may use %d CPU(s): loading with %d worker(s)", requested, cpus,
+             cpus)
+    return cpus
+
+
 def _finite_mean(values: list[float]) -> float:
     """Mean of the finite values (0 if none): a skipped non-finite step does not poison a logged window."""
     finite = [x for x in values if math.isfinite(x)]
@@ -648,7 +659,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- steps
     def _dataloader(self) -> DataLoader:
         d = self.cfg.data
-        workers = d.num_workers
+        workers = _usable_workers(d.num_workers)
         return DataLoader(EpochPermutation(self.dataset, self.cfg.seed),
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
