@@ -867,6 +867,22 @@ def test_cli_interpolate_png_folder_keeps_inputs(export_dir, cli_inputs, tmp_pat
     assert preview.exists() and len(read_frames(preview)) == NUM_FRAMES
 
 
+def test_cli_says_when_inputs_are_resized_and_the_output_size(export_dir, cli_inputs, tmp_path, capsys):
+    """Inputs at the model's size pass silently; others are named with their sizes and the crop, and every written
+    video states its frames, size and frame rate, so that a user is not surprised by a small output."""
+    pngs, _ = cli_inputs
+    sample(export_dir, "interpolate", pngs[:2], tmp_path / "same.mp4", "--no-preview")
+    out = capsys.readouterr().out
+    assert "resized" not in out and f"({NUM_FRAMES} frames, {WIDTH}x{HEIGHT}, 8 fps)" in out, out
+    wide = tmp_path / "wide.png"
+    iio.imwrite(wide, np.zeros((2 * HEIGHT, 3 * WIDTH, 3), np.uint8))
+    sample(export_dir, "interpolate", [pngs[0], wide], tmp_path / "resized.mp4", "--no-preview")
+    out = capsys.readouterr().out
+    assert (f"2 inputs ({WIDTH}x{HEIGHT}, {3 * WIDTH}x{2 * HEIGHT}) resized to the model's {WIDTH}x{HEIGHT}, "
+            f"centre-cropped where the aspect ratio differs") in out, out
+    assert read_frames(tmp_path / "resized.mp4").shape[1:3] == (HEIGHT, WIDTH)
+
+
 def test_cli_i2v_gif_without_preview(export_dir, cli_inputs, tmp_path, monkeypatch):
     pngs, _ = cli_inputs
     out = tmp_path / "i2v.gif"

@@ -112,6 +112,19 @@ def read_inputs(paths: list[str]) -> list[np.ndarray]:
     return frames
 
 
+def resize_note(paths: list[str], frames: list[np.ndarray], height: int, width: int) -> str | None:
+    """One line for inputs not at the model's size (the pipeline resizes them to cover it, then centre-crops), so that
+    a user sees that the output is the model's size and where a crop cut the picture; None when every input fits."""
+    sizes = sorted({frame.shape[:2] for frame in frames})
+    if sizes == [(height, width)]:
+        return None
+    names = paths[0] if len(paths) == 1 else f"{len(frames)} inputs"
+    shown = ", ".join(f"{w}x{h}" for h, w in sizes)
+    cropped = any(abs(h * width - w * height) > max(h, w) for h, w in sizes)  # another aspect ratio
+    return (f"{names} ({shown}) resized to the model's {width}x{height}" +
+            (", centre-cropped where the aspect ratio differs" if cropped else ""))
+
+
 def output_paths(args) -> list[Path]:
     """Every file this run writes: one video per seed, then the preview (unless --no-preview)."""
     out, seeds = Path(args.output), args.seeds or [args.seed]
@@ -324,11 +337,15 @@ def sample(args) -> None:
         pipe.use_fp8_gemms()
     if args.compile:
         pipe.compile()
+    note = resize_note(args.inputs, inputs, pipe.height, pipe.width)
+    if note:
+        print(note)
     videos, given = run(args, pipe, inputs)
     fps = args.fps or pipe.fps
     paths = output_paths(args)
     for path, video in zip(paths, videos):
-        print(f"wrote {write_video(path, video, fps=fps)} ({len(video)} frames)")
+        size = f"{video.shape[-2]}x{video.shape[-1]}"
+        print(f"wrote {write_video(path, video, fps=fps)} ({len(video)} frames, {size}, {fps:g} fps)")
     if not args.no_preview:
         preview = make_grid_video(list(videos), given=[given] * len(videos))
         print(f"wrote {write_video(paths[-1], preview, fps=fps)} (side by side, given frames outlined)")
