@@ -33,6 +33,7 @@ from mardini.autoencoders import build_autoencoder  # noqa: E402
 from mardini.data.latent_cache import LOWRES_MODES, STORAGE_DTYPES, LatentCacheWriter  # noqa: E402
 from mardini.data.video import BACKENDS, CLIP_STARTS, VideoDataConfig, VideoDataset  # noqa: E402
 from mardini.data.transforms import CROPS  # noqa: E402
+from mardini.data.workers import usable_workers  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,9 +114,12 @@ def main(argv=None) -> dict | None:
     if state.is_main_process:
         writer.write_meta()
     state.wait_for_everyone()
+    workers = usable_workers(args.num_workers)
+    if workers < args.num_workers and state.is_main_process:
+        print(f"--num-workers {args.num_workers}, but a process may use {workers} CPU(s): decoding with {workers}")
     start = time.perf_counter()
     written = writer.run(rank=state.process_index, world_size=state.num_processes, batch_size=args.batch_size,
-                         num_workers=args.num_workers, device=state.device, max_shards=args.max_shards,
+                         num_workers=workers, device=state.device, max_shards=args.max_shards,
                          progress=not args.quiet)
     elapsed = time.perf_counter() - start
     print(f"[process {state.process_index}] wrote {len(written)} shards in {elapsed:.1f} s", flush=True)

@@ -195,3 +195,30 @@ def test_encode_given_encodes_only_the_given_frames(saved_kl, lowres_mode):
     keep = ~mask[:, :, None, None, None]
     torch.testing.assert_close(z, whole * keep, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(z_lo, whole_lo * keep, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_records_the_vae_folder_absolute_so_its_export_samples_from_anywhere(saved_kl, tmp_path, monkeypatch):
+    """Trained with a VAE folder relative to the working directory, the export still finds its VAE when it is
+    loaded from another directory: the run records the folder as an absolute path."""
+    import json
+    import os
+    import shutil
+
+    from helpers_training import tiny_config
+    from mardini.inference import MarDiniPipeline
+    from mardini.training.trainer import Trainer
+
+    root, _ = saved_kl
+    shutil.copytree(root, tmp_path / "sd")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path / "run", max_steps=1)
+    cfg.autoencoder.update(name="kl", pretrained="sd", subfolder="vae", dtype="float32")
+    cfg.model.latent_channels = 4
+    Trainer(cfg).fit()
+    recorded = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["autoencoder"]["pretrained"]
+    assert recorded == str(tmp_path / "sd"), recorded
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert not os.path.exists("sd")
+    pipe = MarDiniPipeline.from_pretrained(tmp_path / "run" / "export")
+    assert pipe.autoencoder.latent_channels == 4

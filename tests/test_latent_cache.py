@@ -1,6 +1,8 @@
 """The latent cache: equals on-the-fly encoding, resumes after an interruption, loads deterministically."""
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -161,6 +163,32 @@ def test_cache_latents_script(folder, vae_dir, tmp_path):
     batch = next(iter(DataLoader(cached, batch_size=6)))
     torch.testing.assert_close(batch["z_hi"], z_hi, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batch["z_lo"], z_lo, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_records_its_vae_folder_absolute(folder, vae_dir, tmp_path, monkeypatch):
+    """Made with a VAE folder relative to the working directory, the cache records it absolute, so that a run started
+    elsewhere (which records its own folder absolute) matches it; a cache of an older version, recorded relative,
+    is read relative to the working directory."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    monkeypatch.chdir(vae_dir.parent)
+    out = tmp_path / "cache"
+    cache_latents.main([str(folder), str(out), "--autoencoder", "kl", "--pretrained", vae_dir.name, "--num-frames",
+                        "3", "--height", "16", "--width", "16", "--num-videos", "2", "--num-workers", "0", "--dtype",
+                        "float32", "--max-failure-fraction", "1", "--cpu", "--quiet"])
+    assert read_cache_meta(out)["autoencoder"]["pretrained"] == str(vae_dir)
+    monkeypatch.chdir(tmp_path)
+    CachedLatentDataset(out).check_compatible(KLAutoencoder(str(vae_dir)), lowres_factor=2)
+    meta = json.loads((out / "cache.json").read_text())
+    meta["autoencoder"]["pretrained"] = os.path.relpath(vae_dir)  # as older versions wrote it
+    (out / "cache.json").write_text(json.dumps(meta))
+    CachedLatentDataset(out).check_compatible(KLAutoencoder(str(vae_dir)), lowres_factor=2)
+    shutil.copytree(vae_dir, tmp_path / "other")  # the same VAE in another folder: named, as before
+    with pytest.raises(ValueError, match="pretrained: cached"):
+        CachedLatentDataset(out).check_compatible(KLAutoencoder(str(tmp_path / "other")), lowres_factor=2)
 
 
 def test_cache_latents_script_builds_the_identity_autoencoder_a_run_configures(folder, tmp_path):

@@ -15,6 +15,8 @@ per-channel ``latents_mean`` / ``latents_std`` (e.g. Wan, some SDXL variants) th
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +36,11 @@ def _vae_class(name: str):
     if cls is None:
         raise ValueError(f"diffusers has no class {name!r} (installed diffusers {diffusers.__version__})")
     return cls
+
+
+def absolute_folder(pretrained: str | Path) -> str:
+    """A VAE folder as the absolute path that runs, caches and exports record (`~` expanded, links kept)."""
+    return os.path.abspath(os.path.expanduser(pretrained))
 
 
 def vae_folder(pretrained: str, subfolder: str = "") -> Path:
@@ -128,8 +135,9 @@ class _DiffusersVAE(VideoAutoencoder):
         self.spatial_compression = props["spatial_compression"]
         self.sample_posterior = bool(sample_posterior)
         self.generator: Optional[torch.Generator] = None  # used by sample_posterior=True when set
-        self.source = {"pretrained": pretrained, "subfolder": subfolder, "vae_class": vae_class, "dtype": dtype,
-                       "seed": seed if config is not None else None}
+        # An absolute folder: a cache or an export that records it is read from other working directories too.
+        self.source = {"pretrained": absolute_folder(pretrained) if pretrained else pretrained, "subfolder": subfolder,
+                       "vae_class": vae_class, "dtype": dtype, "seed": seed if config is not None else None}
         mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
         if mean is not None and std is not None:
             shape = self._channel_shape()

@@ -471,9 +471,13 @@ class CachedLatentDataset(Dataset):
                          lowres_mode: Optional[str] = None) -> None:
         """Raise if the cache was made with another autoencoder (class, normalisation, latent size), lowres factor
         or lowres mode than the run will use (the export records the mode, so it must be the cache's)."""
+        from ..autoencoders.kl import absolute_folder
+
         cached, now = self.meta["autoencoder"], describe_autoencoder(autoencoder)
         keys = ("class", "scaling_factor", "shift_factor", "latent_channels", "spatial_compression",
                 "temporal_compression", "pretrained", "subfolder")
+        if cached.get("pretrained") and now.get("pretrained"):  # a cache written with a relative folder (before
+            cached = {**cached, "pretrained": absolute_folder(cached["pretrained"])}  # they were recorded absolute)
         diff = [f"{k}: cached {cached.get(k)!r} != {now.get(k)!r}" for k in keys if cached.get(k) != now.get(k)]
         if lowres_factor is not None and lowres_factor != self.lowres_factor:
             diff.append(f"lowres_factor: cached {self.lowres_factor} != {lowres_factor}")

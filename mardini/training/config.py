@@ -38,7 +38,7 @@ class AutoencoderConfig:
     patch_size: int = 2  # identity: pixels per latent cell side (latent channels = 3 * patch_size**2)
     scale: float = 1.0  # identity: latents = (patched pixels - shift) * scale
     shift: float = 0.0  # identity: subtracted before scaling
-    pretrained: str = ""  # kl / kl_video: local folder of a diffusers VAE (or of a pipeline, with subfolder)
+    pretrained: str = ""  # kl / kl_video: local folder of a diffusers VAE or pipeline (runs record it absolute)
     subfolder: str = ""  # kl / kl_video: folder inside `pretrained` holding the VAE, e.g. "vae"
     vae_class: str = ""  # kl / kl_video: diffusers class ("" = AutoencoderKL / AutoencoderKLCogVideoX)
     scaling_factor: Optional[float] = None  # kl / kl_video: override the VAE config's scaling_factor (null = use it)

@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..autoencoders import build_autoencoder
-from ..autoencoders.kl import kl_kwargs_from_config
+from ..autoencoders.kl import absolute_folder, kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
 from ..data.video import SkipStats, TooManyFailuresError, VideoDataset
+from ..data.workers import usable_workers
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask
@@ -285,17 +286,6 @@ def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] |
 LOSS_PARTS = ("diffusion_loss", "motion_loss", "plan_loss")
 
 
-def _usable_workers(requested: int) -> int:
-    """DataLoader workers capped at the CPUs this process may run on: more only contend (PyTorch warns that they
-    may freeze), and each sample is seeded by its index, so the batches are the same with any number of workers."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if requested <= cpus:
-        return requested
-    log.info("data.num_workers=%d, but this process may use %d CPU(s): loading with %d worker(s)", requested, cpus,
-             cpus)
-    return cpus
-
-
 def _finite_mean(values: list[float]) -> float:
     """Mean of the finite values (0 if none): a skipped non-finite step does not poison a logged window."""
     finite = [x for x in values if math.isfinite(x)]
@@ -310,6 +300,8 @@ class Trainer:
 
         cfg = _as_dictconfig(cfg)
         validate_config(cfg)
+        if cfg.autoencoder.name != "identity":  # the export records the VAE's folder: relative to where this run
+            cfg.autoencoder.pretrained = absolute_folder(cfg.autoencoder.pretrained)  # started, it is lost elsewhere
         self.cfg = cfg
         t = cfg.train
 
@@ -659,7 +651,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- steps
     def _dataloader(self) -> DataLoader:
         d = self.cfg.data
-        workers = _usable_workers(d.num_workers)
+        workers = usable_workers(d.num_workers)
+        if workers < d.num_workers:
+            log.info("data.num_workers=%d, but this process may use %d CPU(s): loading with %d worker(s)",
+                     d.num_workers, workers, workers)
         return DataLoader(EpochPermutation(self.dataset, self.cfg.seed),
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
