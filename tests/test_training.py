@@ -747,6 +747,20 @@ def test_data_workers_are_capped_at_the_usable_cpus(tmp_path, caplog, monkeypatc
     trainer._release_lock()
 
 
+def test_resume_auto_under_a_fresh_timestamp_names_the_run_to_continue(tmp_path, caplog):
+    """train.resume=auto with the default run_name (a new timestamp each launch) finds nothing to continue: the run
+    starts fresh and says which run_name holds the newest checkpoint; under a chosen name it says nothing more."""
+    Trainer(tiny_config(tmp_path / "2026-01-01_00-00-00", max_steps=1)).fit()
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        trainer = Trainer(tiny_config(tmp_path / "2026-01-01_00-09-00", max_steps=1, resume="auto"))
+    assert trainer.step == 0 and "pass run_name=2026-01-01_00-00-00 to continue it" in caplog.text, caplog.text
+    trainer._release_lock()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        Trainer(tiny_config(tmp_path / "my_run", max_steps=1, resume="auto"))._release_lock()
+    assert "starting fresh" in caplog.text and "pass run_name" not in caplog.text, caplog.text
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

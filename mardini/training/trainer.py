@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 import traceback
@@ -545,6 +546,21 @@ class Trainer:
     def config_yaml(self) -> str:
         return OmegaConf.to_yaml(self.cfg, resolve=True)
 
+    def _name_the_run_to_resume(self) -> None:
+        """train.resume=auto under the default run_name (a fresh timestamp) can never continue anything: warn, naming
+        the newest run of the experiment that has a checkpoint, whose run_name would continue it."""
+        if not re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", self.run_dir.name):
+            return
+        runs = [(ckpt.latest_checkpoint(d / "checkpoints"), d) for d in self.run_dir.parent.iterdir()
+                if d != self.run_dir and (d / "checkpoints").is_dir()]
+        runs = [(path, d) for path, d in runs if path is not None]
+        if not runs:
+            return
+        path, run = max(runs, key=lambda r: r[0].stat().st_mtime)
+        log.warning("train.resume=auto continues the run in this run_name's folder, and run_name is a new timestamp "
+                    "(the default): nothing to continue. The newest run with a checkpoint here is %s (%s): pass "
+                    "run_name=%s to continue it", run, path.name, run.name)
+
     def _resume(self) -> None:
         resume = self.cfg.train.resume
         if not resume:  # _preflight refused a folder that holds checkpoints
@@ -552,6 +568,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
         if path is None:
             log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoint_dir)
+            self._name_the_run_to_resume()
             return
         self._check_same_optimizer(Path(path))
         _check_same_network(path, self.cfg.model, None, "train.resume")
