@@ -616,6 +616,21 @@ def test_cli_interpolation_reuses_clips(tmp_path, capsys):
     assert "repeat_nearest" in capsys.readouterr().out
 
 
+def test_cli_baselines_default_per_task(tmp_path):
+    """Interpolation scores the copy and the blend; image-to-video only the copy, since a blend of one given frame
+    is that frame repeated (the same row twice); --baselines still chooses."""
+    root = _davis_root(tmp_path)
+    common = ["--data", str(root), "--height", "16", "--width", "16", "--fvd", "off", "--num-grids", "0",
+              "--num-frames", "5", "--no-progress"]
+    methods = {}
+    for name, extra in (("interpolation", []), ("i2v", []), ("i2v_both", ["--baselines", "repeat_nearest",
+                                                                           "linear_blend"])):
+        assert eval_main([name.split("_")[0], *common, "--out", str(tmp_path / name), *extra]) == 0
+        methods[name] = list(json.loads((tmp_path / name / "results.json").read_text())["methods"])
+    assert methods == {"interpolation": ["repeat_nearest", "linear_blend"], "i2v": ["repeat_nearest"],
+                       "i2v_both": ["repeat_nearest", "linear_blend"]}, methods
+
+
 def test_fvd_folders_and_model_vs_reference(tmp_path, capsys):
     from PIL import Image
 

@@ -4,8 +4,8 @@
     mardini-eval interpolation --data ROOT --out DIR [--model EXPORT] [--clips clips.json] [--seed 0] ...
     mardini-eval i2v --data ROOT --out DIR [--model EXPORT] ...
 
-The benchmarks always score the baselines (repeat_nearest, linear_blend) and, with --model, the model. FVD
-needs I3D weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir
+The benchmarks score baselines (--baselines; by default repeat_nearest and linear_blend for interpolation,
+repeat_nearest for i2v, where a blend of one frame is that frame) and, with --model, the model. FVD needs I3D weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir
 (default $MARDINI_WEIGHTS or ../shared/weights/). Nothing is downloaded (see scripts/download_weights.py).
 """
 
@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 from .benchmarks import DEFAULT_PRESETS, PROTOCOLS
+
+# Baselines scored by default: with one given frame a linear blend is that frame repeated, the same numbers twice.
+DEFAULT_BASELINES = {"interpolation": ["repeat_nearest", "linear_blend"], "i2v": ["repeat_nearest"]}
 from .i3d import FVD_SETTINGS
 
 log = logging.getLogger("mardini.eval")
@@ -95,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "recorded (an export copied from another machine)")
         b.add_argument("--steps", type=int, default=None, help="sampler steps for the model (default: the export's)")
         b.add_argument("--model-seed", type=int, default=0, help="seed of the model's noise (default: 0)")
-        b.add_argument("--baselines", nargs="*", default=["repeat_nearest", "linear_blend"],
-                       help="baselines scored beside the model (default: repeat_nearest linear_blend)")
+        defaults = DEFAULT_BASELINES[name]
+        b.add_argument("--baselines", nargs="*", default=defaults,
+                       help=f"baselines scored beside the model (default: {' '.join(defaults)})")
         b.add_argument("--fvd", default="auto", choices=("auto", "off", "require"),
                        help="auto: FVD when I3D weights are found; require: fail without them")
         b.add_argument("--lpips", default=None, help="local LPIPS weights (TorchScript or lpips' alex.pth)")
