@@ -930,6 +930,27 @@ def test_cli_expand_from_video_file(export_dir, cli_inputs, tmp_path, direction)
     assert len(read_frames(tmp_path / "expand_preview.mp4")) == 4 + 6
 
 
+def test_cli_writes_each_seed_before_the_next_starts(export_dir, cli_inputs, tmp_path, monkeypatch):
+    """Several seeds: each video is on disk as soon as it is made, so a failure (or an interrupt) in a later seed keeps
+    the earlier ones."""
+    from mardini.inference.pipeline import MarDiniPipeline
+
+    calls, interpolate = [], MarDiniPipeline.interpolate
+
+    def second_seed_fails(self, *args, seed=0, **kwargs):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the second seed")
+        return interpolate(self, *args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(MarDiniPipeline, "interpolate", second_seed_fails)
+    pngs, _ = cli_inputs
+    with pytest.raises(RuntimeError, match="second seed"):
+        sample(export_dir, "interpolate", pngs[:2], tmp_path / "interp.mp4", "--seeds", "3", "4", "5")
+    assert calls == [3, 4] and len(read_frames(tmp_path / "interp_seed3.mp4")) == NUM_FRAMES
+    assert not (tmp_path / "interp_seed4.mp4").exists() and not (tmp_path / "interp_preview.mp4").exists()
+
+
 def test_cli_long_with_two_seeds(export_dir, cli_inputs, tmp_path):
     pngs, _ = cli_inputs
     out = tmp_path / "long.mp4"

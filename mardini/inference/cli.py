@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -248,12 +249,12 @@ def check_device(device: str) -> None:
                          f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu")
 
 
-def run(args, pipe, inputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (videos [S, N, 3, H, W], given [N] bool)."""
+def generate(args, pipe, inputs: list | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One (video [N, 3, H, W], given [N] bool) per seed, as each is made: the caller writes it before the next
+    seed starts, so that a failure or an interrupt keeps the seeds already done."""
     inputs = read_inputs(args.inputs) if inputs is None else inputs
     seeds = args.seeds or [args.seed]
     kw = dict(num_steps=args.steps, guidance_scale=args.guidance)
-    videos, given = [], None
     for seed in seeds:
         if args.task == "interpolate":
             if len(inputs) != 2:
@@ -280,10 +281,9 @@ def run(args, pipe, inputs: list | None = None) -> tuple[torch.Tensor, torch.Ten
             v = pipe.long_video(dict(zip(positions, inputs)), n, args.stride, seed=seed, keyframes=args.keyframes,
                                 **kw)
             given_pos = positions
-        videos.append(v)
         given = torch.zeros(len(v), dtype=torch.bool)
         given[given_pos] = True
-    return torch.stack(videos), given
+        yield v, given
 
 
 def _output_path(base: Path, seed: int, many: bool) -> Path:
@@ -340,12 +340,12 @@ def sample(args) -> None:
     note = resize_note(args.inputs, inputs, pipe.height, pipe.width)
     if note:
         print(note)
-    videos, given = run(args, pipe, inputs)
     fps = args.fps or pipe.fps
-    paths = output_paths(args)
-    for path, video in zip(paths, videos):
+    paths, videos, given = output_paths(args), [], None  # paths: one per seed, then the preview
+    for path, (video, given) in zip(paths, generate(args, pipe, inputs)):
         size = f"{video.shape[-2]}x{video.shape[-1]}"
-        print(f"wrote {write_video(path, video, fps=fps)} ({len(video)} frames, {size}, {fps:g} fps)")
+        print(f"wrote {write_video(path, video, fps=fps)} ({len(video)} frames, {size}, {fps:g} fps)", flush=True)
+        videos.append(video)
     if not args.no_preview:
         preview = make_grid_video(list(videos), given=[given] * len(videos))
         print(f"wrote {write_video(paths[-1], preview, fps=fps)} (side by side, given frames outlined)")
