@@ -118,3 +118,21 @@ def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video
                                          r"exceeds model.max_frames \(8\)"):
         Trainer(short)
     assert not (tmp_path / "run3" / "config.yaml").exists()
+
+
+def test_a_run_records_its_data_paths_absolute(tmp_path, video_folder, monkeypatch):
+    """Given relative to the working directory, the data folders are recorded absolute, so that the export's held-out
+    clips (what the learning benchmark scores) load from any other directory."""
+    import json
+
+    from mardini.evaluation.learning import held_out_clips
+
+    monkeypatch.chdir(video_folder.parent)
+    cfg = video_config(tmp_path / "run", video_folder.name, max_steps=1)
+    cfg.data.video.max_failure_fraction = 1.0
+    Trainer(cfg).fit()
+    data = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["data"]
+    assert data["video"]["root"] == str(video_folder), data["video"]
+    monkeypatch.chdir(tmp_path)
+    assert held_out_clips(data, 1).shape[:2] == (1, 9)
+

@@ -215,6 +215,21 @@ def _releases_lock_on_failure(init):
     return wrapper
 
 
+# The run's local paths. config.yaml and the export record them, and what reads them later (a resume, mardini-sample,
+# the learning benchmark's held-out clips) may run in another working directory: they are recorded absolute.
+PATH_KEYS = ("autoencoder.pretrained", "data.video.root", "data.video.val_root", "data.cache_dir",
+             "data.val_cache_dir", "train.init_from", "train.eval_weights_dir")
+
+
+def _record_paths_absolute(cfg) -> None:
+    """Every non-empty PATH_KEYS value of cfg made absolute in place (`~` expanded), and train.resume unless auto."""
+    keys = PATH_KEYS + (("train.resume",) if cfg.train.resume != "auto" else ())
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value and not (key == "autoencoder.pretrained" and cfg.autoencoder.name == "identity"):
+            OmegaConf.update(cfg, key, absolute_folder(value))
+
+
 def _trained_config(source: str | Path) -> dict:
     """The run config an export (config.json) or a checkpoint (config.yaml) recorded; {} if it has neither."""
     path = Path(source)
@@ -301,8 +316,7 @@ class Trainer:
 
         cfg = _as_dictconfig(cfg)
         validate_config(cfg)
-        if cfg.autoencoder.name != "identity":  # the export records the VAE's folder: relative to where this run
-            cfg.autoencoder.pretrained = absolute_folder(cfg.autoencoder.pretrained)  # started, it is lost elsewhere
+        _record_paths_absolute(cfg)
         self.cfg = cfg
         t = cfg.train
 
