@@ -96,7 +96,9 @@ def print_report(report: dict) -> None:
     if "plan_probe" in report:
         q = report["plan_probe"]
         motion = f", motion input {q['motion_r2']:.2f}" if "motion_r2" in q else ""
-        print(f"plan probe       R^2 {q['r2']:.2f} (low-res blend {q['blend_r2']:.2f}{motion}); plan tokens' spread "
+        # Below 0 the read-out predicts held-out clips worse than their mean: its size says nothing more.
+        r2 = f"{q['r2']:.2f}" if q["r2"] >= 0 else "< 0 (nothing that generalises)"
+        print(f"plan probe       R^2 {r2} (low-res blend {q['blend_r2']:.2f}{motion}); plan tokens' spread "
               f"over a frame {q['spatial_share']:.3f} of their mean square")
     if "i2v" in report:
         v = report["i2v"]

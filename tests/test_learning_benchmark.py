@@ -295,6 +295,27 @@ def test_plan_probe_tells_a_plan_with_layout_from_one_without(monkeypatch):
     assert "motion_r2" not in knows  # a model without a motion input
 
 
+def test_the_probe_read_out_is_ridge_so_weak_directions_do_not_blow_up():
+    """Plan channels are nearly collinear: least squares gives the residue of their noise huge weights, and held-out
+    tokens that vary a little more along it get absurd predictions (R^2 -5445 seen on a barely trained model). The
+    ridge read-out keeps them near the signal's answer, and still reads an exact linear relation exactly."""
+    from mardini.evaluation.learning import ridge_read_out
+
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n, weak):  # one signal channel and 8 copies of it off by noise of size `weak`
+        a = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        x = torch.cat([a, a + weak * torch.randn(n, 8, generator=g, dtype=torch.float64)], 1)
+        return x, 2 * a + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+
+    (x, y), (x_test, y_test) = tokens(64, 1e-5), tokens(64, 1e-2)
+    r2 = lambda fit: float(1 - (fit(x_test) - y_test).pow(2).sum() / (y_test - y.mean()).pow(2).sum())  # noqa: E731
+    assert r2(ridge_read_out(x, y, ridge=1e-12)) < -10      # least squares in effect: the weak directions blow up
+    assert r2(ridge_read_out(x, y)) > 0.95                  # the default penalty
+    exact = ridge_read_out(x, x @ torch.arange(1.0, 10.0, dtype=torch.float64)[:, None] + 3)
+    assert torch.allclose(exact(x), x @ torch.arange(1.0, 10.0, dtype=torch.float64)[:, None] + 3, atol=0.05)
+
+
 def test_plan_probe_scores_the_motion_input_beside_the_blend(monkeypatch):
     """With model.motion the probe also scores the generator's motion input at low resolution: an input that is the
     true clip scores R^2 1, the blend as input scores what the blend does, and the plan's own score is unchanged."""
