@@ -761,6 +761,22 @@ def test_resume_auto_under_a_fresh_timestamp_names_the_run_to_continue(tmp_path,
     assert "starting fresh" in caplog.text and "pass run_name" not in caplog.text, caplog.text
 
 
+def test_a_resume_under_another_schedule_says_what_changed(tmp_path, caplog):
+    """Extending a run (train.max_steps=...) or changing its warm-up is allowed; the resume names the changed settings
+    and the learning rate they give now. The same settings resume silently."""
+    Trainer(tiny_config(tmp_path / "run", max_steps=2, curriculum=interpolation_only())).fit()
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        Trainer(tiny_config(tmp_path / "run", max_steps=2, resume="auto"))._release_lock()
+    assert "resumed from" in caplog.text and "the checkpoint's run" not in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        trainer = Trainer(tiny_config(tmp_path / "run", max_steps=8, warmup_steps=4, resume="auto"))
+    lr = trainer.cfg.train.lr * lr_factor(2, 4, 8, trainer.cfg.train.lr_schedule, trainer.cfg.train.min_lr_ratio)
+    assert (f"resumed at step 2 with train.max_steps=8 (the checkpoint's run: 2), train.warmup_steps=4 (the "
+            f"checkpoint's run: 1)") in caplog.text and f"(learning rate now {lr:.3g})" in caplog.text, caplog.text
+    trainer._release_lock()
+
+
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))

@@ -45,7 +45,7 @@ from . import runlock
 from .config import Config, check_clip_shape, latent_space, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from .ema import EMA
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, lr_factor
 from .parallel import clip_grad_norm, full_tensor, is_sharded, parallelize, set_gradient_sync
 from .sampling import VALIDATION_TASKS, validation_videos
 
@@ -297,6 +297,9 @@ def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] |
         return None
     return " ".join(f"model.{k}={trained[k]}" for k in differ), ", ".join(f"model.{k}={ours[k]}" for k in differ)
 
+
+# Settings that shape the learning-rate schedule: a resume may change them (e.g. to extend a run), and is told so.
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr_schedule", "min_lr_ratio")
 
 # The terms of a loss with auxiliary parts (a learned motion estimate, the planner's read-out), logged beside the total.
 LOSS_PARTS = ("diffusion_loss", "motion_loss", "plan_loss")
@@ -600,12 +603,30 @@ class Trainer:
         self.nonfinite_in_row = state["nonfinite_in_row"]
         self._keep_this_runs_optimizer_settings(settings)
         log.info("resumed from %s at step %d", path, self.step)
+        self._name_schedule_changes(path)
         seen = state.get("samples_seen", self.layout.samples_before(self.step))
         if seen != self.layout.samples_before(self.step):  # another global batch: go on from the samples seen
             self.layout = dataclasses.replace(self.layout, offset=seen - self.step * self.layout.samples_per_step)
             log.info("the global batch is now %d and the run saw %d samples in %d steps: the data stream goes on "
                      "from sample %d, so none is repeated or skipped", self.layout.samples_per_step, seen, self.step,
                      seen)
+
+    def _name_schedule_changes(self, path: Path) -> None:
+        """A resume under another schedule (a run extended with train.max_steps=..., another warm-up or curriculum)
+        is allowed, and changes the learning rate and the curriculum's stage boundaries (fractions of max_steps)
+        from here on: say which settings changed and what the rate becomes, so that a jump in the loss is explained."""
+        trained = _trained_config(path)
+        theirs, ours = trained.get("train", {}), self.cfg.train
+        changed = [f"train.{k}={ours[k]} (the checkpoint's run: {theirs[k]})" for k in SCHEDULE_KEYS
+                   if k in theirs and theirs[k] != ours[k]]
+        if "curriculum" in trained and trained["curriculum"] != OmegaConf.to_container(self.cfg.curriculum):
+            changed.append("another curriculum")
+        if changed:
+            t = ours
+            factor = lr_factor(self.step, t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
+            log.warning("resumed at step %d with %s: the learning-rate schedule and the curriculum's stages follow "
+                        "this run's settings from here on (learning rate now %.3g)", self.step, ", ".join(changed),
+                        t.lr * factor)
 
     def _keep_this_runs_optimizer_settings(self, settings: list[dict]) -> None:
         """Loading an optimizer and a schedule restores the saved run's hyperparameters with the moments (learning
