@@ -280,7 +280,8 @@ def test_a_missing_or_empty_video_folder_is_named_by_its_key(tmp_path, split, mo
     the key and says where it looked (it once said "no folder or manifest file at data/...", no key)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"data.video.root=data/clips: no folder or manifest file there "
-                                                 rf"\(relative to the working folder {re.escape(str(tmp_path))}\)"):
+                                                 rf"\(relative to the working folder {re.escape(str(tmp_path))}\); "
+                                                 rf"without videos at hand, `python scripts/make_photo_corpus.py DIR`"):
         VideoDataset(VideoDataConfig(root="data/clips"), split=split)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"data.video.root=empty holds no video files \(data.video.extensions: "):

@@ -235,7 +235,9 @@ def _load_named(source: str, key: str, extensions) -> "Manifest":
         return load_manifest(source, extensions)
     except FileNotFoundError:
         where = "" if os.path.isabs(source) else f" (relative to the working folder {os.getcwd()})"
-        raise FileNotFoundError(f"{key}={source}: no folder or manifest file there{where}") from None
+        hint = (f"; without videos at hand, `python scripts/make_photo_corpus.py DIR` writes clips of real photographs "
+                f"in motion with DIR/train.csv and DIR/val.csv") if key == "data.video.root" else ""
+        raise FileNotFoundError(f"{key}={source}: no folder or manifest file there{where}{hint}") from None
 
 
 def split_manifests(cfg: Any) -> tuple[Manifest, Manifest, str]:
