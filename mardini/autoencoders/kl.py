@@ -16,7 +16,6 @@ per-channel ``latents_mean`` / ``latents_std`` (e.g. Wan, some SDXL variants) th
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 from typing import Any, Optional
 

@@ -5,8 +5,9 @@
     mardini-eval i2v --data ROOT --out DIR [--model EXPORT] ...
 
 The benchmarks score baselines (--baselines; by default repeat_nearest and linear_blend for interpolation,
-repeat_nearest for i2v, where a blend of one frame is that frame) and, with --model, the model. FVD needs I3D weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir
-(default $MARDINI_WEIGHTS or ../shared/weights/). Nothing is downloaded (see scripts/download_weights.py).
+repeat_nearest for i2v, where a blend of one frame is that frame) and, with --model, the model. FVD needs I3D
+weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir (default
+$MARDINI_WEIGHTS or ../shared/weights/). Nothing is downloaded (see scripts/download_weights.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 import torch
 
 from .benchmarks import DEFAULT_PRESETS, PROTOCOLS
-
-# Baselines scored by default: with one given frame a linear blend is that frame repeated, the same numbers twice.
-DEFAULT_BASELINES = {"interpolation": ["repeat_nearest", "linear_blend"], "i2v": ["repeat_nearest"]}
 from .i3d import FVD_SETTINGS
 
 log = logging.getLogger("mardini.eval")
+
+# Baselines scored by default: with one given frame a linear blend is that frame repeated, the same numbers twice.
+DEFAULT_BASELINES = {"interpolation": ["repeat_nearest", "linear_blend"], "i2v": ["repeat_nearest"]}
 
 
 def _add_i3d_args(p: argparse.ArgumentParser):
