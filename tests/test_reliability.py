@@ -707,6 +707,8 @@ def test_a_rank_failing_in_end_of_run_work_ends_the_job(tmp_path):
     assert "mardini-train: error (rank 1): sample failed on another process (rank 0: OSError" in output, \
         output[-4000:]
     assert checkpoint_names(tmp_path / "run") == ["step_000002"]  # the final checkpoint precedes the videos
+    # the trainer's lines come once, from rank 0 (both ranks' errors above came through)
+    assert output.count("model parameters:") == 1 and output.count("saved checkpoint") == 1, output[-4000:]
     print(f"job ended {elapsed:.0f} s after its start")
 
 

@@ -355,6 +355,8 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.device = acc.device
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not acc.is_main_process:  # each line once, not once per rank: what the trainer logs is the same on every
+            logging.getLogger("mardini").setLevel(logging.ERROR)  # rank (decided together or gathered first)
         self._preflight()
 
         # ---- data, latent space, objective, curriculum
