@@ -156,7 +156,8 @@ def runs(tmp_path_factory):
         (root / f"{name}.yaml").write_text(cfg_to_yaml(cfg))
         jobs.append({"config": str(root / f"{name}.yaml"), "result": str(root / f"result_{name}"), **extra})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run_script(root, "fsdp_worker.py", WORKER, [root / "jobs.json"], launcher=torchrun(2), timeout=300)
+    proc = run_script(root, "fsdp_worker.py", WORKER, [root / "jobs.json"], launcher=torchrun(2), timeout=300)
+    r.output = proc.stdout + proc.stderr
     r.results = {name: [(root / f"result_{name}.rank{k}").read_text() for k in range(2)]
                  for name in ("reference", "two_then_one", "one_then_two", "bf16", "bf16_ddp")}
     return r
@@ -322,6 +323,8 @@ def test_resume_one_process_on_two(runs):
     assert trainer_state(checkpoint(run, 2 * N))["world_size"] == 2
     assert_same_final_state(runs.reference, run)
     assert_same_losses(runs.reference, run)
+    # rank 1 had no RNG state to restore: said once, by rank 0, for both
+    assert runs.output.count("holds the RNG state of 1 of these 2 ranks") == 1, runs.output[-3000:]
 
 
 # ============================================================================ 4. FSDP == DDP / single process
