@@ -59,7 +59,7 @@ class DataConfig:
     prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (with num_workers > 0)
     fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
     val_seed: int = 1_000_003  # validation clips' seed (synthetic: its own stream; video: starts in held-out files)
-    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process; at most the usable CPUs)
     pin_memory: bool = True  # pin host memory when training on a GPU
 
 
