@@ -356,7 +356,8 @@ class Trainer:
         self.device = acc.device
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not acc.is_main_process:  # each line once, not once per rank: what the trainer logs is the same on every
-            logging.getLogger("mardini").setLevel(logging.ERROR)  # rank (decided together or gathered first)
+            logging.getLogger("mardini").setLevel(logging.ERROR)  # rank (decided together or gathered first); the
+            logging.getLogger("mardini.data").setLevel(logging.WARNING)  # files this rank's loaders skip stay its own
         self._preflight()
 
         # ---- data, latent space, objective, curriculum
