@@ -6,7 +6,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers_training import single_thread  # noqa: F401 (single_thread: autouse fixture)
-from helpers_training import checkpoint_names, export_weights, read_metrics, tiny_config
+from helpers_training import SCRIPT_PRELUDE, checkpoint_names, export_weights, read_metrics, run_script, tiny_config
+from helpers_training import cfg_to_yaml, torchrun
 from mardini.autoencoders import build_autoencoder
 from mardini.data.counter_videos import write_test_video
 from mardini.data.latent_cache import CachedLatentDataset, build_latent_cache, encode_hi_lo
@@ -136,3 +137,31 @@ def test_a_run_records_its_data_paths_absolute(tmp_path, video_folder, monkeypat
     monkeypatch.chdir(tmp_path)
     assert held_out_clips(data, 1).shape[:2] == (1, 9)
 
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_log_the_run_once_and_each_skipped_file(tmp_path, video_folder):
+    """Under 2 processes rank 0 logs the run (each line once); every rank still reports the video files its own
+    loaders skip (its data logger stays at WARNING) and its errors."""
+    import json
+    import re
+
+    cfg = video_config(tmp_path / "run", video_folder, max_steps=3, checkpoint_every=3)
+    cfg.data.video.max_failure_fraction = 1.0
+    (tmp_path / "run.yaml").write_text(cfg_to_yaml(cfg))
+    proc = run_script(tmp_path, "run.py", SCRIPT_PRELUDE + """
+import json, logging
+import torch.distributed as dist
+from mardini.training.trainer import Trainer
+trainer = Trainer(load_cfg(sys.argv[1]))
+levels = {name: logging.getLevelName(logging.getLogger(name).getEffectiveLevel())
+          for name in ("mardini.train", "mardini.training.checkpoint", "mardini.data")}
+open(f"{sys.argv[1]}.rank{dist.get_rank()}.json", "w").write(json.dumps(levels))
+trainer.fit()
+""", [tmp_path / "run.yaml"], launcher=torchrun(), timeout=300)
+    output = proc.stdout + proc.stderr
+    assert output.count("model parameters:") == 1 and output.count("saved checkpoint") == 1, output[-3000:]
+    assert re.search(r"data: \d+ of \d+ video loads failed", output) and "skipping video" in output, output[-3000:]
+    levels = [json.loads((tmp_path / f"run.yaml.rank{rank}.json").read_text()) for rank in range(2)]
+    assert levels[0] == {"mardini.train": "INFO", "mardini.training.checkpoint": "INFO", "mardini.data": "INFO"}
+    assert levels[1] == {"mardini.train": "ERROR", "mardini.training.checkpoint": "ERROR", "mardini.data": "WARNING"}
