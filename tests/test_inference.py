@@ -547,7 +547,7 @@ def kl_pipeline() -> MarDiniPipeline:
                            {"num_frames": 6, "height": 16, "width": 16})
 
 
-def test_an_export_whose_vae_moved_names_it_and_takes_its_new_folder(tmp_path):
+def test_an_export_whose_vae_moved_names_it_and_takes_its_new_folder(tmp_path, monkeypatch):
     """An export records its VAE's folder; copied to another machine, that path is gone. Loading it used to ask the
     Hugging Face hub for the path (diffusers' message about the internet connection); it now names the folder and
     --vae, and vae=DIR (the VAE's own folder, or the pipeline folder holding it as recorded) gives the same video."""
@@ -575,6 +575,9 @@ def test_an_export_whose_vae_moved_names_it_and_takes_its_new_folder(tmp_path):
         moved = MarDiniPipeline.from_pretrained(export, vae=str(folder))
         assert torch.equal(moved.interpolate(first, last, seed=1), video), folder
         assert moved.config["autoencoder"]["pretrained"] == str(folder)
+    monkeypatch.chdir(tmp_path)  # a relative vae= is recorded absolute, as a training run records its VAE
+    assert MarDiniPipeline.from_pretrained(export, vae="moved").config["autoencoder"]["pretrained"] == \
+        str(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match="the VAE given: VAE folder .*elsewhere/vae does not exist"):
         MarDiniPipeline.from_pretrained(export, vae=str(tmp_path / "elsewhere"))
 

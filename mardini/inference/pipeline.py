@@ -39,8 +39,10 @@ def _with_vae(cfg: dict, vae: str | None) -> dict:
     if cfg["name"] == "identity":
         raise ValueError(f"vae={vae}: this export uses the identity autoencoder (pixels patched into latents), so "
                          f"there is no VAE to give")
-    own = (Path(vae).expanduser() / "config.json").is_file()
-    return {**cfg, "pretrained": str(vae), "subfolder": "" if own else cfg.get("subfolder", "")}
+    from ..autoencoders.kl import absolute_folder
+
+    own = (Path(vae).expanduser() / "config.json").is_file()  # recorded absolute, as a training run records it
+    return {**cfg, "pretrained": absolute_folder(vae), "subfolder": "" if own else cfg.get("subfolder", "")}
 
 
 def _autoencoder_from_config(cfg: dict):

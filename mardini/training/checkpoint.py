@@ -163,11 +163,12 @@ def load_sharded_checkpoint(accelerator, path: str | Path, model, optimizer, sch
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    saved = sum((path / f"rng_state_{rank}.pt").exists() for rank in range(accelerator.num_processes))
-    if saved < accelerator.num_processes and accelerator.is_main_process:  # said once, for every rank
-        log.warning("%s holds the RNG state of %d of these %d ranks (saved with fewer): the others keep their own "
-                    "(the per-sample randomness is seeded by step and sample, so training draws the same)", path,
-                    saved, accelerator.num_processes)
+    if accelerator.is_main_process:  # said once, for every rank
+        saved = sum((path / f"rng_state_{rank}.pt").exists() for rank in range(accelerator.num_processes))
+        if saved < accelerator.num_processes:
+            log.warning("%s holds the RNG state of %d of these %d ranks (saved with fewer): the others keep their "
+                        "own (the per-sample randomness is seeded by step and sample, so training draws the same)",
+                        path, saved, accelerator.num_processes)
     return json.loads((path / TRAINER_STATE).read_text())
 
 

@@ -223,10 +223,9 @@ PATH_KEYS = ("autoencoder.pretrained", "data.video.root", "data.video.val_root",
 
 def _record_paths_absolute(cfg) -> None:
     """Every non-empty PATH_KEYS value of cfg made absolute in place (`~` expanded), and train.resume unless auto."""
-    keys = PATH_KEYS + (("train.resume",) if cfg.train.resume != "auto" else ())
-    for key in keys:
+    for key in PATH_KEYS + (("train.resume",) if cfg.train.resume != "auto" else ()):
         value = OmegaConf.select(cfg, key)
-        if value and not (key == "autoencoder.pretrained" and cfg.autoencoder.name == "identity"):
+        if value:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 
 
@@ -625,11 +624,10 @@ class Trainer:
         if "curriculum" in trained and trained["curriculum"] != OmegaConf.to_container(self.cfg.curriculum):
             changed.append("another curriculum")
         if changed:
-            t = ours
-            factor = lr_factor(self.step, t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
+            factor = lr_factor(self.step, ours.warmup_steps, ours.max_steps, ours.lr_schedule, ours.min_lr_ratio)
             log.warning("resumed at step %d with %s: the learning-rate schedule and the curriculum's stages follow "
                         "this run's settings from here on (learning rate now %.3g)", self.step, ", ".join(changed),
-                        t.lr * factor)
+                        ours.lr * factor)
 
     def _keep_this_runs_optimizer_settings(self, settings: list[dict]) -> None:
         """Loading an optimizer and a schedule restores the saved run's hyperparameters with the moments (learning
