@@ -302,7 +302,7 @@ def test_paper_curriculum_is_written_once_and_presets_use_it_at_their_length():
             assert "stages" not in OmegaConf.to_container(OmegaConf.load(path)).get("curriculum", {}), \
                 f"{path.relative_to(ROOT)} copies curriculum stages"
     for overrides, steps in ((["experiment=tiny_synthetic", "curriculum=paper"], [0, 80, 160, 240]),
-                             (["experiment=small_synthetic", "curriculum=paper"], [0, 750, 1500, 2250]),
+                             (["experiment=small_synthetic", "curriculum=paper"], [0, 1500, 3000, 4500]),
                              (["experiment=small_synthetic", "curriculum=paper", "train.max_steps=20000"],
                               [0, 5000, 10000, 15000])):
         cfg = compose_config(overrides)
