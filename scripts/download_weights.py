@@ -5,8 +5,8 @@
     python scripts/download_weights.py ~/weights --only i3d_pretrained_400.pt
     python scripts/download_weights.py ~/weights --list             # print URLs and sums, download nothing
 
-Then point the evaluation at the folder (``--weights-dir``, the ``eval.weights_dir`` config entry, or
-``$MARDINI_WEIGHTS``; the default is ``../shared/weights/``). The project never downloads anything by itself;
+Then point the evaluation at the folder (``mardini-eval --weights-dir``, the trainer's ``train.eval_weights_dir``,
+or ``$MARDINI_WEIGHTS``; the default is ``../shared/weights/``). The project never downloads anything by itself;
 this script is run by hand, on a machine with internet access. Each file is written to a temporary name and
 renamed only after its checksum matches; mirrors are tried in order until one gives the expected bytes.
 

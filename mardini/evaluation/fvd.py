@@ -327,17 +327,12 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     given)} for each task, PSNR/SSIM on generated frames only. With N videos the covariance has rank < N, so the
     FVD of a small set is biased upwards; compare it across steps of one run, not with published numbers.
 
-    How the trainer calls it (the trainer owner wires this in)::
+    How the trainer calls it (``Trainer.evaluate``, every ``train.eval_every`` steps, main process only)::
 
-        from mardini.evaluation.fvd import periodic_fvd, model_generate_fn, load_default_extractor
-        # once, at start-up (main process only):
-        fvd_extractor = load_default_extractor(weights_dir=cfg.eval.weights_dir, device=accelerator.device)
-        fvd_cache = {}
-        # every cfg.eval.fvd_every steps, with the EMA weights swapped in:
-        gen = model_generate_fn(ema_model, autoencoder, diffusion, cfg.data.lowres_mode, num_steps=cfg.eval.num_steps,
-                                seed=cfg.seed)
-        metrics = periodic_fvd(gen, val_videos, fvd_extractor, cache=fvd_cache)
-        accelerator.log(metrics, step=step)
+        extractor = load_default_extractor(weights_dir=cfg.train.eval_weights_dir or None, device=device)  # once
+        cache = {}                                                                                          # once
+        gen = model_generate_fn(ema_model, autoencoder, diffusion, cfg.data.lowres_mode, seed=cfg.seed)
+        metrics = periodic_fvd(gen, val_videos, extractor, cache=cache)
     """
     from ..masking import task_mask
     from .metrics import psnr_frames, ssim_frames
