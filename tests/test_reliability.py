@@ -457,8 +457,8 @@ def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, 
     default-sized run is not warned about."""
     monkeypatch.setattr(trainer_module, "_available_memory", lambda: 24 * 2**30)
 
-    def start(name, size, frames):
-        cfg = tiny_config(tmp_path / name, max_steps=320, cpu=True)  # a CPU run on any machine
+    def start(name, size, frames, precision="no"):
+        cfg = tiny_config(tmp_path / name, max_steps=320, cpu=True, mixed_precision=precision)  # CPU on any machine
         cfg.model.max_frames = frames
         cfg.data.synthetic.update(height=size, width=size, num_frames=frames)
         caplog.clear()
@@ -477,6 +477,11 @@ def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, 
     hours = float(warning.split(" h for train.max_steps=320")[0].rsplit(" ", 1)[1])
     assert hours == pytest.approx(tflop / 0.1 * 320 / 3600, rel=0.01), warning  # at 0.1 TFLOP/s
     assert "(24 GiB available)" in warning and "train on a GPU" in warning, warning
+    # Under bf16 autocast the activations are stored in half the bytes (experiment=small_synthetic on the CPU peaked
+    # at 15.1 GiB where the fp32 rate said 35): the same step at half the memory.
+    fp32_gib = float(warning.split("activations need about ")[1].split(" GiB")[0])
+    bf16 = next(m for m in start("bf16", 256, 17, "bf16") if m.startswith("this step is heavy for a CPU: "))
+    assert float(bf16.split("activations need about ")[1].split(" GiB")[0]) == pytest.approx(fp32_gib / 2, abs=0.6)
 
 
 def test_a_new_run_refused_by_the_cli_leaves_no_folder(tmp_path):

@@ -59,7 +59,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A CPU step beyond CPU_HEAVY_STEP_FLOP (~10 s) is warned about at start, with its time at CPU_FLOP_PER_S and its
 # activations at CPU_ACTIVATION_BYTES per token, block and unit of width (fp32). Measured on 2 cores with the tiny
 # model on 17-frame clips of 64 and 128 px: 4.1 and 61 s per step, 0.15-0.16 TFLOP/s of the curriculum's mean
-# FLOPs (0.1 of the upper bound the warning states), and 128 bytes (peak memory 2.4 and 6.6 GB).
+# FLOPs (0.1 of the upper bound the warning states), and 128 bytes (peak memory 2.4 and 6.6 GB). Under bf16
+# autocast half of it: `experiment=small_synthetic` on the CPU peaked at 15.1 GiB where 128 bytes said 35.
 CPU_HEAVY_STEP_FLOP = 1e12
 CPU_FLOP_PER_S = 1e11
 CPU_ACTIVATION_BYTES = 128
@@ -474,7 +475,8 @@ class Trainer:
             return
         c = self.model_cfg
         widths = frames * (n_lo * c.planner.depth * c.planner.dim + n_hi * c.generator.depth * c.generator.dim)
-        activations = clips * widths * CPU_ACTIVATION_BYTES
+        stored = 0.5 if self.autocast_dtype == torch.bfloat16 else 1.0  # autocast keeps bf16 activations
+        activations = clips * widths * CPU_ACTIVATION_BYTES * stored
         available = _available_memory()
         log.warning("this step is heavy for a CPU: %.3g TFLOP (the default job's: 0.02) is about %.0f s at the %g "
                     "TFLOP/s of 2 cores, %.1f h for train.max_steps=%d; its activations need about %.0f GiB "
