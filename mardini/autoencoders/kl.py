@@ -38,7 +38,8 @@ def _vae_class(name: str):
 
 
 def absolute_folder(pretrained: str | Path) -> str:
-    """A VAE folder as the absolute path that runs, caches and exports record (`~` expanded, links kept)."""
+    """A local path (a VAE folder, a data root, ...) as the absolute path runs, caches and exports record (`~`
+    expanded, links kept): what reads it later may run in another working directory."""
     return os.path.abspath(os.path.expanduser(pretrained))
 
 

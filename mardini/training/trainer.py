@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..autoencoders import build_autoencoder
-from ..autoencoders.kl import kl_kwargs_from_config
+from ..autoencoders.kl import absolute_folder, kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
@@ -227,7 +227,7 @@ def _record_paths_absolute(cfg) -> None:
     for key in PATH_KEYS + (("train.resume",) if cfg.train.resume != "auto" else ()):
         value = OmegaConf.select(cfg, key)
         if value:
-            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
+            OmegaConf.update(cfg, key, absolute_folder(value))
 
 
 def _trained_config(source: str | Path) -> dict:
