@@ -37,6 +37,7 @@ from mardini.training.config import validate_config
 from mardini.training.data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from mardini.training.ema import EMA
 from mardini.training.optim import build_optimizer, build_scheduler, lr_factor
+from mardini.training.progress import ProgressLog, format_duration
 from mardini.training.trainer import NonFiniteLossError, Trainer, TrainingOutOfMemoryError
 
 N = 3  # resume tests: stop after N steps, train to 2N; the curriculum switches stage at SWITCH in (N, 2N]
@@ -775,6 +776,55 @@ def test_a_resume_under_another_schedule_says_what_changed(tmp_path, caplog):
     assert (f"resumed at step 2 with train.max_steps=8 (the checkpoint's run: 2), train.warmup_steps=4 (the "
             f"checkpoint's run: 1)") in caplog.text and f"(learning rate now {lr:.3g})" in caplog.text, caplog.text
     trainer._release_lock()
+
+
+def test_progress_lines_give_speed_and_time_left_from_after_the_first_step(caplog):
+    """With the bar off, the log says how long the launch's first step took (compilation included), then at most every
+    progress_log_s seconds the step, the mean finite loss since the last line, the speed and the time left at that
+    speed; start-up time never enters the speed. With the bar on, only the first step's line."""
+    now = [0.0]
+    progress = ProgressLog(start_step=100, max_steps=110, samples_per_step=16, every_s=5.0, lines=True,
+                           clock=lambda: now[0])
+    losses = {101: 9.0, 102: 1.0, 103: float("nan"), 104: 2.0, 105: 3.0, 106: 4.0, 107: 5.0}
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        now[0] = 30.0
+        progress.update(101, losses[101])  # the launch's first step (a resumed run starts at 100): 30 s
+        for step in range(102, 111):
+            now[0] += 1.0 if step <= 106 else 2.0
+            progress.update(step, losses.get(step, 6.0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ("step 101: the launch's first step took 30.0 s (compilation, data workers and warm-up "
+                        "included)"), lines
+    # 5 steps in 5 s after the first (its 30 s and its loss 9 left out; the NaN skipped), then 3 steps in 6 s; the
+    # last step always has its line
+    assert lines[1] == "step 106/110 (96 %): loss 2.5000, 1.00 steps/s (16.0 clips/s), about 4 s left", lines
+    assert lines[2] == "step 109/110 (99 %): loss 5.6667, 0.50 steps/s (8.0 clips/s), about 2 s left", lines
+    assert lines[3] == "step 110/110 (100 %): loss 6.0000, 0.50 steps/s (8.0 clips/s), about 0 s left", lines
+    assert len(lines) == 4
+    caplog.clear()
+    quiet = ProgressLog(start_step=0, max_steps=1000, samples_per_step=1, every_s=5.0, lines=False,
+                        clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        for step in range(1, 50):
+            now[0] += 10.0
+            quiet.update(step, 1.0)
+    assert [r.getMessage()[:26] for r in caplog.records] == ["step 1: the launch's first"]
+    assert format_duration(3725.4) == "1 h 2 min" and format_duration(75) == "1 min 15 s"
+
+
+def test_a_run_without_its_bar_logs_its_progress(tmp_path, caplog):
+    """train.progress=false (batch jobs logging to files): progress lines in the run's log; progress_log_s=0: none."""
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        Trainer(tiny_config(tmp_path / "lines", max_steps=3, progress_log_s=1e-9)).fit()
+    assert "the launch's first step took" in caplog.text and "step 2/3 (66 %): loss" in caplog.text, caplog.text
+    assert re.search(r"step 3/3 \(100 %\): loss [0-9.]+, [0-9.]+ steps/s \([0-9.]+ clips/s\), about 0 s left",
+                     caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mardini.train"):
+        Trainer(tiny_config(tmp_path / "none", max_steps=3, progress_log_s=0)).fit()
+    assert "the launch's first step took" in caplog.text and "step 2/3" not in caplog.text, caplog.text
+    with pytest.raises(ValueError, match="train.progress_log_s"):
+        validate_config(tiny_config(tmp_path / "bad", progress_log_s=-1))
 
 
 def test_init_from_missing_folder_fails(tmp_path):

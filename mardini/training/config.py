@@ -106,6 +106,7 @@ class TrainConfig:
     output_dir: str = ""  # run folder ("" = Hydra's run dir outputs/<experiment>/<run_name>)
     cpu: bool = False  # train on CPU even if a GPU is present
     progress: bool = True  # tqdm progress bar
+    progress_log_s: float = 60.0  # with the bar off: a progress line in the log at most this often, s (0 = none)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def validate_config(cfg) -> None:
     need(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (decay (1+s)/(w+s) below 1), got {t.ema_warmup}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    need(t.progress_log_s >= 0, "train.progress_log_s", f"must be >= 0, got {t.progress_log_s}")
     for key in ("sample_every", "sample_steps", "eval_every"):
         need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     for tracker in t.trackers:

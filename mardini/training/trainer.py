@@ -47,6 +47,7 @@ from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_rando
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .parallel import clip_grad_norm, full_tensor, is_sharded, parallelize, set_gradient_sync
+from .progress import ProgressLog, finite_mean
 from .sampling import VALIDATION_TASKS, validation_videos
 
 log = logging.getLogger("mardini.train")
@@ -303,12 +304,6 @@ SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr_schedule", "min_lr_ratio")
 
 # The terms of a loss with auxiliary parts (a learned motion estimate, the planner's read-out), logged beside the total.
 LOSS_PARTS = ("diffusion_loss", "motion_loss", "plan_loss")
-
-
-def _finite_mean(values: list[float]) -> float:
-    """Mean of the finite values (0 if none): a skipped non-finite step does not poison a logged window."""
-    finite = [x for x in values if math.isfinite(x)]
-    return sum(finite) / max(len(finite), 1)
 
 
 class Trainer:
@@ -807,6 +802,8 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (t.progress and acc.is_main_process))
         window, window_start, window_steps = [], time.perf_counter(), 0
+        progress = ProgressLog(start_step=self.step, max_steps=t.max_steps, every_s=t.progress_log_s,
+                               samples_per_step=self.layout.samples_per_step, lines=not t.progress)
         parts_window: dict[str, list[float]] = {}  # the loss parts since the last log
         batches, self._ahead = None, None
         try:
@@ -830,6 +827,7 @@ class Trainer:
                 self._append_metrics(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}")
+                progress.update(self.step, result["loss"])
                 if result["skipped"]:
                     log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
                                 self.step, self.nonfinite_in_row, self.nonfinite_total)
@@ -842,13 +840,13 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
                     samples_per_s = window_steps * self.layout.samples_per_step / max(elapsed, 1e-9)
-                    acc.log({"train/loss": _finite_mean(window), "train/lr": lr,
+                    acc.log({"train/loss": finite_mean(window), "train/lr": lr,
                              "train/grad_norm": result["grad_norm"], "train/samples_per_s": samples_per_s,
                              "train/tokens_per_s": samples_per_s * self.tokens_per_sample,
                              "train/steps_per_s": window_steps / max(elapsed, 1e-9),
                              "train/nonfinite_total": self.nonfinite_total,
                              "train/curriculum_stage": self.mask_sampler.stage_index(self.step - 1),
-                             **{f"train/{k}": _finite_mean(v) for k, v in parts_window.items()},
+                             **{f"train/{k}": finite_mean(v) for k, v in parts_window.items()},
                              **({"train/peak_mem_gib": record["peak_mem_gib"]} if "peak_mem_gib" in record else {}),
                              **self.skip_stats.log_dict()}, step=self.step)
                     window, window_start, window_steps, parts_window = [], time.perf_counter(), 0, {}
