@@ -50,8 +50,10 @@ class ProgressLog:
                      step, now - self.launch_start)
             self.mark, self.mark_step = now, step
             return
+        if not self.lines:
+            return
         self.losses.append(loss)
-        if not self.lines or (now - self.mark < self.every_s and step < self.max_steps):
+        if now - self.mark < self.every_s and step < self.max_steps:
             return
         steps_per_s = (step - self.mark_step) / max(now - self.mark, 1e-9)
         left = (self.max_steps - step) / max(steps_per_s, 1e-9)
