@@ -71,8 +71,9 @@ def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[t
 
 def print_report(report: dict) -> None:
     i = report["interpolation"]
+    guided = f", guidance {report['guidance_scale']:g}" if report.get("guidance_scale", 1.0) != 1.0 else ""
     print(f"interpolation    PSNR {i['psnr']:6.2f} dB  SSIM {i['ssim']:.3f}   (one sample per clip, "
-          f"{report['num_steps']} steps)")
+          f"{report['num_steps']} steps{guided})")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
     print(f"  samples' error  x{i['sample_error_ratio']:.2f} the posterior mean's   (2: samples drawn from the "
@@ -141,6 +142,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pm-seeds", type=int, default=1,
                    help="also average the posterior mean over this many noise inputs (> 1; shows noise carried "
                         "through)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance on the plan for every sample (1: none; needs a model trained with "
+                        "model.plan_dropout > 0)")
     p.add_argument("--step-sweep", type=int, nargs="*", default=[], help="also sample with these step counts")
     p.add_argument("--noise-levels", type=float, nargs="*", default=[],
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
@@ -159,6 +163,8 @@ def main(argv=None) -> dict:
         p.error("--clips must be >= 1")
     if args.pm_seeds < 1:
         p.error("--pm-seeds must be >= 1")
+    if args.guidance < 0:
+        p.error("--guidance must be >= 0 (1: no guidance, 0: the null plan alone)")
     if any(not 0 < t < 1 for t in args.noise_levels):
         p.error("--noise-levels must lie in (0, 1)")
     # A missing export, an unreadable clip or a bad option value is one line on stderr and exit status 2
@@ -171,11 +177,15 @@ def run(args: argparse.Namespace) -> dict:
     pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
     if args.fp8:
         pipe.use_fp8_gemms()
+    if args.guidance != 1.0 and pipe.model.null_plan is None:
+        raise ValueError(f"--guidance {args.guidance}: {args.model} was trained without model.plan_dropout, so it "
+                         f"has no null plan to guide against; use --guidance 1")
     videos, where = load_clips(pipe, args.data, args.clips)
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)
     report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
-                             args.step_sweep, args.noise_levels, args.pm_seeds, progress=not args.no_progress)
+                             args.step_sweep, args.noise_levels, args.pm_seeds, progress=not args.no_progress,
+                             guidance_scale=args.guidance)
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}

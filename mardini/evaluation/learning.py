@@ -204,11 +204,11 @@ def motion_input(pipe, videos: Tensor, mask: Tensor, batch_size: int = 16, learn
 
 @torch.no_grad()
 def samples(pipe, videos: Tensor, mask: Tensor, num_steps: int | None = None, seed: int = 0,
-            batch_size: int = 16, progress: bool = False) -> Tensor:
+            batch_size: int = 16, progress: bool = False, guidance_scale: float = 1.0) -> Tensor:
     """One sample per clip (seed + clip index): [N, T, 3, H, W], given frames exactly as given. The clips run in
     batches (MarDiniPipeline.generate_clips): each is the sample ``pipe(frames=..., seed=seed + i)`` makes."""
     return pipe.generate_clips(videos, mask, [seed + i for i in range(len(videos))], num_steps,
-                               batch_size=batch_size, progress=progress)
+                               guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
 
 
 @torch.no_grad()
@@ -392,7 +392,8 @@ def _mean(x: Tensor) -> float:
 
 
 def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0,
-                         ablations: bool = True, pm_seeds: int = 1, progress: bool = False) -> dict:
+                         ablations: bool = True, pm_seeds: int = 1, progress: bool = False,
+                         guidance_scale: float = 1.0) -> dict:
     """Interpolation (first + last given) of every clip: sampled, posterior mean, blend, and the ablations.
 
     pm_seeds > 1 also draws the posterior mean from that many noise inputs: a network that has learned to ignore
@@ -401,7 +402,7 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
     T = videos.shape[1]
     mask = task_mask("interpolation", T)
     blend = baseline(videos, mask, "linear_blend")
-    sampled = samples(pipe, videos, mask, num_steps, seed, progress=progress)
+    sampled = samples(pipe, videos, mask, num_steps, seed, progress=progress, guidance_scale=guidance_scale)
     means = [posterior_mean(pipe, videos, mask, seed=seed + k) for k in range(max(pm_seeds, 1))]
     report = {
         "psnr": _mean(clip_psnr(sampled, videos, mask)), "ssim": _mean(clip_ssim(sampled, videos, mask)),
@@ -430,12 +431,13 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
 
 
 def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None = None, seed: int = 0,
-               progress: bool = False) -> dict:
+               progress: bool = False, guidance_scale: float = 1.0) -> dict:
     """Image-to-video from the middle frame: best-of-K and mean PSNR vs repeating the frame; the posterior mean
     (is the best guess above the repeated frame even where single samples are not?); motion energy."""
     T = videos.shape[1]
     mask = task_mask("i2v", T, position="middle")
-    runs = [samples(pipe, videos, mask, num_steps, seed + 1000 * k, progress=progress) for k in range(num_seeds)]
+    runs = [samples(pipe, videos, mask, num_steps, seed + 1000 * k, progress=progress, guidance_scale=guidance_scale)
+            for k in range(num_seeds)]
     psnr = torch.stack([clip_psnr(r, videos, mask) for r in runs])  # [K, N]
     real = motion_energy(videos)
     generated = sum(motion_energy(r) for r in runs) / len(runs)
@@ -453,20 +455,22 @@ def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None =
 
 def learning_report(pipe, videos: Tensor, num_steps: int | None = None, seed: int = 0, i2v_seeds: int = 4,
                     ablations: bool = True, step_sweep: Sequence[int] = (), noise_levels: Sequence[float] = (),
-                    pm_seeds: int = 1, progress: bool = False) -> dict:
-    """The whole benchmark on clips [N, T, 3, H, W]; a JSON-able dict. progress: a bar per sampling pass."""
+                    pm_seeds: int = 1, progress: bool = False, guidance_scale: float = 1.0) -> dict:
+    """The whole benchmark on clips [N, T, 3, H, W]; a JSON-able dict. progress: a bar per sampling pass.
+    guidance_scale: classifier-free guidance on the plan for every sample (the one-step estimates stay unguided:
+    the posterior mean is the network's own best guess)."""
     report = {"clips": int(videos.shape[0]), "num_frames": int(videos.shape[1]),
-              "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps,
+              "num_steps": num_steps or pipe.diffusion.cfg.num_inference_steps, "guidance_scale": guidance_scale,
               "interpolation": interpolation_report(pipe, videos, num_steps, seed, ablations, pm_seeds,
-                                                   progress)}
+                                                   progress, guidance_scale)}
     if len(videos) >= 2:
         report["plan_probe"] = plan_probe(pipe, videos)
     if i2v_seeds:
-        report["i2v"] = i2v_report(pipe, videos, i2v_seeds, num_steps, seed, progress)
+        report["i2v"] = i2v_report(pipe, videos, i2v_seeds, num_steps, seed, progress, guidance_scale)
     if step_sweep:
         mask = task_mask("interpolation", videos.shape[1])
-        report["step_sweep"] = {int(n): _mean(clip_psnr(samples(pipe, videos, mask, n, seed, progress=progress),
-                                                        videos, mask))
+        report["step_sweep"] = {int(n): _mean(clip_psnr(samples(pipe, videos, mask, n, seed, progress=progress,
+                                                                guidance_scale=guidance_scale), videos, mask))
                                 for n in step_sweep}
     if noise_levels:
         report["noise_levels"] = noise_level_report(pipe, videos, noise_levels, seed)
