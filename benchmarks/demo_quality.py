@@ -3,10 +3,12 @@
     python benchmarks/demo_quality.py outputs/tiny_synthetic/<run>/export
     python benchmarks/demo_quality.py EXPORT --data data/photo_motion/val.csv --device cuda --json out.json
     python benchmarks/demo_quality.py EXPORT --step-sweep 4 10 25 50
+    python benchmarks/demo_quality.py EXPORT --guidance 1.5     # a model trained with model.plan_dropout > 0
 
 Clips: by default the held-out part of the data the model was trained on (recorded in the export: synthetic clips
 of the validation seed, or the held-out video files); --data synthetic | a manifest or folder of videos overrides it.
-Reports (mardini/evaluation/learning.py):
+--guidance G samples every figure below with classifier-free guidance on the plan (the one-step estimates stay
+unguided). Reports (mardini/evaluation/learning.py):
   interpolation    first + last given: one sample per clip, PSNR / SSIM of the generated frames
   linear blend     the same frames as a blend of the two given ones (the baseline to beat)
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan

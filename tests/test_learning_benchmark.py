@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 T, H = 5, 16
 
 
-def random_pipeline(seed: int = 0) -> MarDiniPipeline:
+def random_pipeline(seed: int = 0, **model_overrides) -> MarDiniPipeline:
     """A tiny model with every parameter random (no zero-initialised layer hides a dependence)."""
     torch.manual_seed(seed)
-    model = MarDini(model_config("tiny", latent_channels=12))
+    model = MarDini(model_config("tiny", latent_channels=12, **model_overrides))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -390,7 +390,9 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
     export = random_pipeline().save_pretrained(tmp_path / "export")
     cases = [([str(tmp_path / "missing")], "is not a folder"),
              ([str(export), "--data", str(tmp_path / "nope.csv")], "no such manifest or folder"),
-             ([str(export), "--clips", "0"], "--clips must be >= 1")]
+             ([str(export), "--clips", "0"], "--clips must be >= 1"),
+             ([str(export), "--guidance", "-1"], "--guidance must be >= 0"),
+             ([str(export), "--guidance", "2"], "trained without model.plan_dropout")]
     for args, message in cases:
         result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
@@ -398,6 +400,34 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--debug"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_guidance_zero_samples_from_the_null_plan_and_reaches_every_figure(monkeypatch):
+    """--guidance (learning_report's guidance_scale) samples with classifier-free guidance on the plan: at 0 a sample
+    is the one the null plan alone gives (the plan replaced by it, unguided), at 1 the unguided sample; the
+    interpolation, image-to-video and step-sweep figures all sample with it, the one-step estimates do not."""
+    pipe, videos = random_pipeline(plan_dropout=0.1), clips(2)
+    mask = task_mask("interpolation", T)
+    plain = learning.samples(pipe, videos, mask, num_steps=2)
+    assert torch.equal(learning.samples(pipe, videos, mask, num_steps=2, guidance_scale=1.0), plain)
+    unconditional = learning.samples(pipe, videos, mask, num_steps=2, guidance_scale=0.0)
+    planned = pipe.model.plan
+    monkeypatch.setattr(pipe.model, "plan", lambda *a, **k: pipe.model.null_plan.expand_as(planned(*a, **k)))
+    null_planned = learning.samples(pipe, videos, mask, num_steps=2)
+    monkeypatch.undo()
+    assert torch.allclose(unconditional, null_planned, atol=1e-5)
+    assert (unconditional - plain).abs().max() > 1e-3  # the plan matters to this random model
+
+    seen = []
+    original = learning.samples
+    monkeypatch.setattr(learning, "samples", lambda *a, guidance_scale=1.0, **k: seen.append(guidance_scale) or
+                        original(*a, guidance_scale=guidance_scale, **k))
+    report = learning.learning_report(pipe, videos, num_steps=2, i2v_seeds=2, ablations=False, step_sweep=(1,),
+                                      guidance_scale=2.5)
+    assert report["guidance_scale"] == 2.5 and seen == [2.5] * 4  # interpolation, 2 image-to-video, 1 sweep
+    unguided = learning.learning_report(pipe, videos, num_steps=2, i2v_seeds=0, ablations=False)
+    i, u = report["interpolation"], unguided["interpolation"]
+    assert i["posterior_mean_psnr"] == u["posterior_mean_psnr"] and i["psnr"] != u["psnr"]
 
 
 def _set_query_key(pipe: MarDiniPipeline, weight_scale: float, bias: float) -> None:
