@@ -179,9 +179,6 @@ def run(args: argparse.Namespace) -> dict:
     pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
     if args.fp8:
         pipe.use_fp8_gemms()
-    if args.guidance != 1.0 and pipe.model.null_plan is None:
-        raise ValueError(f"--guidance {args.guidance}: {args.model} was trained without model.plan_dropout, so it "
-                         f"has no null plan to guide against; use --guidance 1")
     videos, where = load_clips(pipe, args.data, args.clips)
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)

@@ -392,7 +392,7 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
              ([str(export), "--data", str(tmp_path / "nope.csv")], "no such manifest or folder"),
              ([str(export), "--clips", "0"], "--clips must be >= 1"),
              ([str(export), "--guidance", "-1"], "--guidance must be >= 0"),
-             ([str(export), "--guidance", "2"], "trained without model.plan_dropout")]
+             ([str(export), "--guidance", "2"], "needs a model trained with model.plan_dropout > 0")]
     for args, message in cases:
         result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
