@@ -1109,3 +1109,37 @@ def test_draw_randomness_per_position_independent_of_batch():
     assert not torch.equal(later.noise[0], alone.noise[0]), "randomness must depend on the step"
     reseeded = draw_randomness([7], step=60, **{**args, "seed": 6})
     assert not torch.equal(reseeded.noise[0], alone.noise[0]), "randomness must depend on the seed"
+
+
+@pytest.fixture
+def restores_determinism():
+    """train.deterministic switches the process (like a seed); put every switch back for the other tests."""
+    import torch._inductor.config as inductor_config
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, inductor_config.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor_config.deterministic = saved[1:4]
+    if saved[4] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
+
+
+def test_deterministic_runs_switch_every_kernel_choice_and_repeat_bit_for_bit(tmp_path, restores_determinism):
+    """train.deterministic=true: PyTorch's deterministic algorithms, Inductor's deterministic mode, cuDNN without
+    autotuning and cuBLAS's reproducible workspace are all on once the trainer is built, and two runs of one seed,
+    with the curriculum's masks, the EMA and the end-of-run validation, raise no "no deterministic implementation"
+    error on this path and end with identical weights (on the GPU this is what the mode buys; BENCHMARKS.md)."""
+    from mardini.training.determinism import determinism_enabled
+
+    assert not determinism_enabled(), "another test left the process deterministic"
+    runs = []
+    for name in ("a", "b"):
+        trainer = Trainer(tiny_config(tmp_path / name, max_steps=3, deterministic=True))
+        assert determinism_enabled() and not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        trainer.fit()
+        runs.append(tmp_path / name)
+    assert_state_equal(model_weights(checkpoint(runs[0], 3)), model_weights(checkpoint(runs[1], 3)), "model weights")
+    assert_state_equal(export_weights(runs[0]), export_weights(runs[1]), "exported EMA weights")

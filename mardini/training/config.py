@@ -107,6 +107,7 @@ class TrainConfig:
     cpu: bool = False  # train on CPU even if a GPU is present
     progress: bool = True  # tqdm progress bar
     progress_log_s: float = 60.0  # with the bar off: a progress line in the log at most this often, s (0 = none)
+    deterministic: bool = False  # bit-identical reruns of a seed on the GPU (deterministic kernels only; slower)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from . import checkpoint as ckpt
 from . import runlock
 from .config import Config, check_clip_shape, latent_space, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
+from .determinism import enable_determinism
 from .ema import EMA
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .parallel import clip_grad_norm, full_tensor, is_sharded, parallelize, set_gradient_sync
@@ -317,6 +318,8 @@ class Trainer:
         _record_paths_absolute(cfg)
         self.cfg = cfg
         t = cfg.train
+        if t.deterministic:  # before any CUDA work and any compilation (process-wide; see determinism.py)
+            enable_determinism()
 
         mixed = t.mixed_precision
         if mixed == "auto":
