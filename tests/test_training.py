@@ -1143,3 +1143,15 @@ def test_deterministic_runs_switch_every_kernel_choice_and_repeat_bit_for_bit(tm
         runs.append(tmp_path / name)
     assert_state_equal(model_weights(checkpoint(runs[0], 3)), model_weights(checkpoint(runs[1], 3)), "model weights")
     assert_state_equal(export_weights(runs[0]), export_weights(runs[1]), "exported EMA weights")
+
+
+def test_deterministic_with_an_attention_library_outside_pytorch_warns(tmp_path, restores_determinism, caplog,
+                                                                       monkeypatch):
+    """fa4 and xformers kernels are not switched by PyTorch's deterministic mode: the run says so at the start."""
+    monkeypatch.setattr(trainer_module, "check_backend", lambda *a, **k: None)  # no xformers on this machine
+    cfg = tiny_config(tmp_path / "x", max_steps=1, deterministic=True)
+    cfg.model.attn_backend = "xformers"
+    with caplog.at_level(logging.WARNING, logger="mardini"):
+        Trainer(cfg)  # built, not run: xformers is imported at the first forward pass
+    assert any("model.attn_backend=xformers" in r.getMessage() and "reruns may still differ" in r.getMessage()
+               for r in caplog.records)

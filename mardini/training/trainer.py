@@ -320,6 +320,10 @@ class Trainer:
         t = cfg.train
         if t.deterministic:  # before any CUDA work and any compilation (process-wide; see determinism.py)
             enable_determinism()
+            if cfg.model.attn_backend != "sdpa":
+                log.warning("train.deterministic=true with model.attn_backend=%s: that library's attention kernels are "
+                            "outside PyTorch's deterministic switches, so reruns may still differ (sdpa is covered)",
+                            cfg.model.attn_backend)
 
         mixed = t.mixed_precision
         if mixed == "auto":
