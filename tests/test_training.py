@@ -1127,7 +1127,7 @@ def restores_determinism():
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
 
 
-def test_deterministic_runs_switch_every_kernel_choice_and_repeat_bit_for_bit(tmp_path, restores_determinism):
+def test_deterministic_runs_switch_every_kernel_choice_and_repeat_bit_for_bit(tmp_path, restores_determinism, caplog):
     """train.deterministic=true: PyTorch's deterministic algorithms, Inductor's deterministic mode, cuDNN without
     autotuning and cuBLAS's reproducible workspace are all on once the trainer is built, and two runs of one seed,
     with the curriculum's masks, the EMA and the end-of-run validation, raise no "no deterministic implementation"
@@ -1137,7 +1137,9 @@ def test_deterministic_runs_switch_every_kernel_choice_and_repeat_bit_for_bit(tm
     assert not determinism_enabled(), "another test left the process deterministic"
     runs = []
     for name in ("a", "b"):
-        trainer = Trainer(tiny_config(tmp_path / name, max_steps=3, deterministic=True))
+        with caplog.at_level(logging.INFO, logger="mardini"):
+            trainer = Trainer(tiny_config(tmp_path / name, max_steps=3, deterministic=True))
+        assert any(r.getMessage().startswith("train.deterministic: deterministic kernels only") for r in caplog.records)
         assert determinism_enabled() and not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         trainer.fit()
         runs.append(tmp_path / name)

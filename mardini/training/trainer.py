@@ -436,6 +436,9 @@ class Trainer:
         log.info("model parameters: planner %.2fM, generator %.2fM; %d processes on %s; mixed precision %s; "
                  "global batch %d; run dir %s", counts["planner"] / 1e6, counts["generator"] / 1e6,
                  acc.num_processes, self.device, mixed, self.layout.samples_per_step, self.run_dir)
+        if t.deterministic:
+            log.info("train.deterministic: deterministic kernels only (PyTorch, Inductor, cuDNN, cuBLAS): the same "
+                     "seed trains the same weights on this machine and software, more slowly")
         log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
                  self.mask_sampler.stage_starts, t.max_steps)
         self._log_step_cost(acc.unwrap_model(self.model), h, w, n_hi, n_lo)
