@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch._inductor.config as inductor_config
 
 # cuBLAS gives reproducible results only with a fixed workspace; either value that CUDA's documentation names works.
 CUBLAS_DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")
@@ -31,14 +32,10 @@ def enable_determinism() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    import torch._inductor.config as inductor_config
-
     inductor_config.deterministic = True
 
 
 def determinism_enabled() -> bool:
     """Whether enable_determinism's switches are on in this process."""
-    import torch._inductor.config as inductor_config
-
     return (torch.are_deterministic_algorithms_enabled() and bool(inductor_config.deterministic)
             and os.environ.get("CUBLAS_WORKSPACE_CONFIG") in CUBLAS_DETERMINISTIC_WORKSPACES)

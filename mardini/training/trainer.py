@@ -320,10 +320,6 @@ class Trainer:
         t = cfg.train
         if t.deterministic:  # before any CUDA work and any compilation (process-wide; see determinism.py)
             enable_determinism()
-            if cfg.model.attn_backend != "sdpa":
-                log.warning("train.deterministic=true with model.attn_backend=%s: that library's attention kernels are "
-                            "outside PyTorch's deterministic switches, so reruns may still differ (sdpa is covered)",
-                            cfg.model.attn_backend)
 
         mixed = t.mixed_precision
         if mixed == "auto":
@@ -439,6 +435,10 @@ class Trainer:
         if t.deterministic:
             log.info("train.deterministic: deterministic kernels only (PyTorch, Inductor, cuDNN, cuBLAS): the same "
                      "seed trains the same weights on this machine and software, more slowly")
+            if cfg.model.attn_backend != "sdpa":
+                log.warning("train.deterministic=true with model.attn_backend=%s: that library's attention kernels are "
+                            "outside PyTorch's deterministic switches, so reruns may still differ (sdpa is covered)",
+                            cfg.model.attn_backend)
         log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
                  self.mask_sampler.stage_starts, t.max_steps)
         self._log_step_cost(acc.unwrap_model(self.model), h, w, n_hi, n_lo)
