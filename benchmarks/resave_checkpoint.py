@@ -17,6 +17,9 @@ from mardini.training.trainer import Trainer
 
 
 def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     if not argv:
         sys.exit(__doc__)
     checkpoint, overrides = argv[0], argv[1:]

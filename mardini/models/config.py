@@ -167,8 +167,8 @@ def validate_model_config(cfg) -> None:
 
 
 # Named sizes, in the spirit of DiT's table (a size may also set top-level fields). Parameter counts (printed by
-# `MarDini.num_parameters`) at latent_channels=16: tiny ~0.6M, small ~25M, base ~150M, paper ~1.4B planner +
-# ~0.28B generator.
+# `MarDini.num_parameters`; the latent channels change only the patch embeddings): tiny ~0.6M, small ~19M, base
+# ~178M, paper ~1.21B planner + ~0.28B generator.
 MODEL_SIZES: dict[str, dict] = {
     # tiny: the CPU default job. Head dims 32 / 48, a RoPE base for grids of ~10 tokens and no qk-norm learned
     # interpolation fastest in 500-step CPU runs (BENCHMARKS.md, "Learning"); a generator width of 48 trained
