@@ -630,6 +630,22 @@ def test_long_video_shows_its_plan_and_refuses_past_the_bound(tmp_path, capsys, 
                             "--max-windows", "8", "--keyframes", "dense")
     assert code == 2 and "the plan has 9 model calls" in err[0] and "--max-windows 8" in err[0], err
     assert out.startswith("plan: ") and "windows" in out and "(dense keyframes)" in out and "model calls" in out
+    # expand and slow_motion are plans of many windows too, bounded the same way (they once ran unbounded)
+    start = time.monotonic()
+    code, err, _ = sample(capsys, export, "expand", [good], tmp_path / "x.mp4", "--num-new", "100000")
+    assert code == 2 and "--num-new 100000 needs at least" in err[0] and "--max-windows 500" in err[0], err
+    code, err, _ = sample(capsys, export, "slow_motion", [good, good], tmp_path / "x.mp4", "--factor", "100000")
+    assert code == 2 and "--factor 100000 (100001 frames) needs at least" in err[0], err
+    assert time.monotonic() - start < 30
+    # 20 new frames after 1 in 9-frame windows reading 4 known ones: 4 windows of 5 new frames (bound: 3)
+    code, err, out = sample(capsys, export, "expand", [good], tmp_path / "x.mp4", "--num-new", "20",
+                            "--max-windows", "3")
+    assert code == 2 and "the plan has 4 model calls" in err[0] and "smaller --num-new" in err[0], err
+    assert out.startswith("plan: 4 windows of up to 9 frames for 21 frames"), out
+    # 41 frames from 2 (factor 40): 6 keyframes, then 5 windows between them (bound: 5)
+    code, err, out = sample(capsys, export, "slow_motion", [good, good], tmp_path / "x.mp4", "--factor", "40",
+                            "--max-windows", "5")
+    assert code == 2 and "the plan has 6 model calls" in err[0] and "smaller --factor" in err[0], err
     assert list(tmp_path.iterdir()) == []
 
 

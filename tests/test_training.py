@@ -266,8 +266,28 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
 def test_resume_from_incomplete_checkpoint_fails(tmp_path):
     broken = tmp_path / "step_000001"
     broken.mkdir()
-    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+    # named as incomplete, not as a checkpoint of another config (it holds none to compare)
+    with pytest.raises(ValueError, match="cannot be resumed: it is not a complete checkpoint .no COMPLETE"):
         Trainer(tiny_config(tmp_path / "run", resume=str(broken)))
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_a_named_one_is_refused(tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, max_steps=2, checkpoint_every=1, keep_last=3)).fit()
+    newest = checkpoint(run, 2) / ckpt.MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short; COMPLETE is there
+
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny_config(run, max_steps=2, resume="auto"))
+    assert trainer.step == 1 and "skipped step_000002 (model.safetensors cannot be read" in caplog.text
+    assert_state_equal(model_weights(checkpoint(run, 1)), unwrapped_state(trainer), "weights of step 1")
+    with pytest.raises(ValueError, match=r"step_000002 cannot be resumed: model.safetensors cannot be read"):
+        Trainer(tiny_config(tmp_path / "other", resume=str(checkpoint(run, 2))))
+
+    (checkpoint(run, 1) / "optimizer.bin").unlink()
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be read: step_000002 .*; step_000001 "
+                                         r"\(optimizer.bin is missing\)"):
+        Trainer(tiny_config(run, max_steps=2, resume="auto"))
 
 
 # ========================================================================================== 2. crash safety
@@ -368,6 +388,13 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     ("unknown optimizer", {"train.optimizer": "sgd"}, ["train.optimizer", "adamw"]),
     ("muon on sharded weights", {"train.optimizer": "muon", "train.parallel": "fsdp"},
      ["train.optimizer=muon", "train.parallel=fsdp"]),
+    # `inf > 0` passes every range check: an infinite learning rate trained NaN weights and exported them
+    ("infinite lr", {"train.lr": float("inf")}, ["train.lr", "finite"]),
+    ("NaN autoencoder scale", {"autoencoder.scale": float("nan")}, ["autoencoder.scale", "finite"]),
+    ("RoPE base 0", {"model.rope_theta": 0.0}, ["model.rope_theta"]),
+    ("ddpm sampler steps beyond its timesteps", {"diffusion.formulation": "ddpm", "diffusion.prediction": "v",
+                                                 "diffusion.sampler": "ddim", "train.sample_steps": 5000},
+     ["train.sample_steps", "diffusion.num_train_timesteps"]),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, case, overrides, keys):
     out = tmp_path / "run"
@@ -488,6 +515,26 @@ def test_consecutive_nonfinite_losses_stop_with_checkpoint(tmp_path, monkeypatch
     assert (state["step"], state["nonfinite_total"], state["nonfinite_in_row"]) == (last, K, K)
     assert_state_equal(model_weights(saved), snapshots[first_bad - 1], "weights after the last good step")
     assert [m["skipped"] for m in read_metrics(out)] == [s >= first_bad for s in range(1, last + 1)]
+
+
+def test_nonfinite_ema_weights_are_not_exported(tmp_path, monkeypatch):
+    # Non-finite losses in the last steps (fewer than train.max_nonfinite) or weights broken by a finite but huge
+    # step: the run must fail loudly instead of exporting a model that samples NaN.
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out, max_steps=2))
+    original = trainer.full_ema_state
+
+    def broken_ema():
+        state = original()
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        state[name] = torch.full_like(state[name], float("nan"))
+        return state
+
+    monkeypatch.setattr(trainer, "full_ema_state", broken_ema)
+    with pytest.raises(NonFiniteLossError, match="non-finite values at step 2.*nothing exported"):
+        trainer.fit()
+    assert not (out / "export").exists()
+    assert ckpt.latest_checkpoint(out / "checkpoints") == checkpoint(out, 2), "the final checkpoint stays"
 
 
 DDP_NAN_SCRIPT = SCRIPT_PRELUDE + """

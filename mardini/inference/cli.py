@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that leave each part one window long (sparse, the default: fewer, fuller windows, as good "
                         "and 3.6-5.7x faster measured) or by a whole window of keyframes (dense)")
     p.add_argument("--max-windows", type=positive_int,
-                   help="long: refuse a plan of more model calls (windows x seeds) than this (default: 500)")
+                   help="long, expand, slow_motion: refuse a plan of more model calls (windows x seeds) than this "
+                        "(default: 500)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the diffusion config's)")
     p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
                                                     "(DDPM models); default: the one the model was trained with")
@@ -164,26 +165,49 @@ def long_positions(args, num_inputs: int, window: int) -> tuple[int, list[int]]:
     return n, positions
 
 
-def check_long_plan(args, config: dict, positions: list[int], num_frames: int) -> None:
-    """Show the plan's size; refuse more model calls than --max-windows before planning an absurd length. config:
-    the export's (mardini.export.read_config), so that this runs before the model is loaded."""
-    from .planning import long_video_plan, min_windows
+PLAN_TASKS = ("long", "expand", "slow_motion")  # the tasks of many windows: their plan is shown and bounded
+# What to change for a smaller plan, by task.
+SMALLER_PLAN = {"long": "ask for fewer frames, a larger --stride", "expand": "ask for a smaller --num-new",
+                "slow_motion": "ask for a smaller --factor or fewer inputs"}
+
+
+def check_plan_size(args, config: dict, num_inputs: int) -> None:
+    """Show the plan's size; refuse more model calls than --max-windows before planning an absurd length (a bound
+    first, from the length alone, then the plan itself). config: the export's (mardini.export.read_config), so that
+    this runs before the model is loaded."""
+    from .planning import expansion_plan, interpolation_plan, long_video_plan, min_windows
 
     seeds, window = len(args.seeds or [args.seed]), config["num_frames"]
+    if args.task == "long":
+        num_frames, positions = long_positions(args, num_inputs, window)
+        length = f"--num-frames {num_frames}"
+    elif args.task == "expand":
+        num_frames, positions = num_inputs + args.num_new, list(range(num_inputs))
+        length = f"--num-new {args.num_new}"
+    else:  # slow_motion
+        num_frames, positions = (num_inputs - 1) * args.factor + 1, [i * args.factor for i in range(num_inputs)]
+        length = f"--factor {args.factor} ({num_frames} frames)"
     least = min_windows(num_frames, len(set(positions)), window) * seeds
+    smaller = SMALLER_PLAN[args.task]
     if least > args.max_windows:
-        raise ValueError(f"--num-frames {num_frames} needs at least {least} model calls ({window}-frame windows"
+        raise ValueError(f"{length} needs at least {least} model calls ({window}-frame windows"
                          f"{f' x {seeds} seeds' if seeds > 1 else ''}), more than --max-windows {args.max_windows}: "
-                         f"ask for fewer frames, or raise --max-windows")
-    plan = long_video_plan(sorted(set(positions)), num_frames, window, args.stride, keyframes=args.keyframes)
+                         f"{smaller}, or raise --max-windows")
+    if args.task == "long":
+        plan = long_video_plan(sorted(set(positions)), num_frames, window, args.stride, keyframes=args.keyframes)
+    elif args.task == "expand":
+        plan = expansion_plan(num_inputs, num_frames, window, None, args.direction)
+    else:
+        plan = interpolation_plan(positions, window, args.keyframes)
     calls = len(plan) * seeds
     gib = num_frames * 3 * config["height"] * config["width"] * 4 / 2**30
-    print(f"plan: {len(plan)} windows of up to {window} frames ({args.keyframes} keyframes) for {num_frames} frames"
+    how = f" ({args.keyframes} keyframes)" if args.task != "expand" else ""
+    print(f"plan: {len(plan)} windows of up to {window} frames{how} for {num_frames} frames"
           f"{f', x {seeds} seeds' if seeds > 1 else ''} = {calls} model calls of "
           f"{args.steps or config['diffusion']['num_inference_steps']} sampler steps; the video takes {gib:.2f} GiB")
     if calls > args.max_windows:
-        raise ValueError(f"the plan has {calls} model calls, more than --max-windows {args.max_windows}: ask for "
-                         f"fewer frames, a larger --stride, or raise --max-windows")
+        raise ValueError(f"the plan has {calls} model calls, more than --max-windows {args.max_windows}: "
+                         f"{smaller}, or raise --max-windows")
 
 
 INPUT_COUNTS = {"interpolate": (2, 2, "two images (the first and the last frame)"), "i2v": (1, 1, "one image"),
@@ -194,7 +218,7 @@ INPUT_COUNTS = {"interpolate": (2, 2, "two images (the first and the last frame)
 # Options that only some tasks read: the tasks, and the value when not given (num_frames: None, the window).
 TASK_OPTIONS = {"num_frames": (("interpolate", "i2v", "loop", "long"), None), "position": (("i2v",), "middle"),
                 "positions": (("long",), None), "num_new": (("expand",), 16), "direction": (("expand",), "forward"),
-                "factor": (("slow_motion",), 4), "stride": (("long",), 1), "max_windows": (("long",), 500),
+                "factor": (("slow_motion",), 4), "stride": (("long",), 1), "max_windows": (PLAN_TASKS, 500),
                 "keyframes": (("slow_motion", "long"), "sparse")}
 # What sets the length instead, for the tasks that take no --num-frames.
 LENGTH_OPTIONS = {"expand": "--num-new (frames to add)", "slow_motion": "--factor (frames per input interval)"}
@@ -325,9 +349,8 @@ def sample(args) -> None:
     check_outputs(args)
     config = read_config(args.model)
     check_model_options(args, config)
-    if args.task == "long":  # its size is known from the export's config: refuse an absurd one before loading
-        num_frames, positions = long_positions(args, len(inputs), config["num_frames"])
-        check_long_plan(args, config, positions, num_frames)
+    if args.task in PLAN_TASKS:  # its size is known from the export's config: refuse an absurd one before loading
+        check_plan_size(args, config, len(inputs))
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler, attn_backend=args.attn_backend,
                                            vae=args.vae)

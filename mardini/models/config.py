@@ -124,6 +124,7 @@ def validate_model_config(cfg) -> None:
          "fa4 takes no attention mask: set model.generator.identity_impl=gather or split (the same attention)")
     need(cfg.sdpa_kernel in SDPA_KERNELS, "sdpa_kernel", f"must be one of {SDPA_KERNELS}, got {cfg.sdpa_kernel!r}")
     need(0.0 <= cfg.plan_dropout < 1.0, "plan_dropout", f"must be in [0, 1), got {cfg.plan_dropout}")
+    need(cfg.rope_theta > 0, "rope_theta", f"must be > 0 (RoPE's base period), got {cfg.rope_theta}")
     for name in ("planner", "generator"):
         sub = getattr(cfg, name)
         for key in ("dim", "depth", "num_heads", "patch_size"):

@@ -132,6 +132,50 @@ def prune_checkpoints(checkpoint_dir: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed (not complete, a file missing or cut short), or None.
+    Reads headers only, the same files on every rank, so all ranks reach the same answer before any loads."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        return f"it is not a complete checkpoint (no {COMPLETE} marker)"
+    sharded = is_sharded_checkpoint(path)
+    required = [TRAINER_STATE, "scheduler.pt"] if sharded else [TRAINER_STATE, MODEL_FILE, EMA_FILE, "optimizer.bin"]
+    for name in required:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+    except ValueError as err:
+        return f"{TRAINER_STATE} cannot be read ({err})"
+    for name in [] if sharded else [MODEL_FILE, EMA_FILE]:
+        try:
+            with safe_open(str(path / name), "pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error type for a file cut short
+            return f"{name} cannot be read ({err}; an interrupted copy?)"
+    return None
+
+
+def resumable_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that can be read (train.resume=auto): a damaged newest one (a copy cut short,
+    a file deleted) is skipped with a warning, so that a requeued job goes on from the one before instead of
+    failing at every restart. None if the folder holds no complete checkpoint; ValueError if none can be read."""
+    found = list_checkpoints(checkpoint_dir)
+    problems = []
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("train.resume=auto: skipped %s; resuming from %s", "; ".join(problems), path.name)
+            return path
+        problems.append(f"{path.name} ({problem})")
+    if problems:
+        raise ValueError(f"train.resume=auto: no checkpoint in {checkpoint_dir} can be read: {'; '.join(problems)}")
+    return None
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / SHARDED / ".metadata").exists()
 
@@ -141,6 +185,11 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict[str, torc
     path = _complete(path)
     if is_sharded_checkpoint(path):
         raise ValueError(f"{path} is a sharded (FSDP) checkpoint: resume it with train.parallel=fsdp")
+    saved = len(list(path.glob("random_states_*.pkl")))
+    if saved < accelerator.num_processes and accelerator.is_main_process:
+        log.warning("%s holds the RNG state of %d of these %d ranks: the others keep their own (the per-sample "
+                    "randomness is seeded by step and sample, so training draws the same)", path, saved,
+                    accelerator.num_processes)
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     return state, load_file(str(path / EMA_FILE))

@@ -8,6 +8,8 @@ consistency before anything is built.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import List, Optional
@@ -217,6 +219,23 @@ def preset_required_keys(experiment: str) -> list[str]:
     return [k for k in keys if k != "defaults"]
 
 
+def check_finite_numbers(cfg) -> None:
+    """Every float of the config is finite: `train.lr=inf` or a NaN scale passes every range check (`inf > 0`) and
+    would train non-finite weights. No key takes an infinite value on purpose."""
+
+    def walk(node, prefix: str):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ValueError(f"{prefix} must be a finite number, got {node}")
+
+    walk(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg), "")
+
+
 def validate_config(cfg) -> None:
     """Check values and cross-field consistency; raise ValueError naming the key. Accepts a DictConfig or Config."""
 
@@ -225,6 +244,7 @@ def validate_config(cfg) -> None:
             raise ValueError(f"{key} {msg}")
 
     check_known_keys(cfg)
+    check_finite_numbers(cfg)
     experiment = getattr(cfg, "experiment", "")
     for key in preset_required_keys(experiment):  # merged over the schema's default, `???` keeps the default
         need(OmegaConf.select(cfg, key) not in ("", None), key,
@@ -262,6 +282,10 @@ def validate_config(cfg) -> None:
     need(t.progress_log_s >= 0, "train.progress_log_s", f"must be >= 0, got {t.progress_log_s}")
     for key in ("sample_every", "sample_steps", "eval_every"):
         need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if cfg.diffusion.formulation == "ddpm":  # checked here, not when the end-of-run samples are drawn
+        need(t.sample_steps <= cfg.diffusion.num_train_timesteps, "train.sample_steps",
+             f"({t.sample_steps}) must be <= diffusion.num_train_timesteps ({cfg.diffusion.num_train_timesteps}) "
+             f"for ddpm")
     for tracker in t.trackers:
         need(tracker in TRACKERS, "train.trackers", f"entries must be in {TRACKERS}, got {tracker!r}")
     need(t.wandb_mode in WANDB_MODES, "train.wandb_mode", f"must be one of {WANDB_MODES}, got {t.wandb_mode!r}")

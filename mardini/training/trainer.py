@@ -591,11 +591,14 @@ class Trainer:
         resume = self.cfg.train.resume
         if not resume:  # _preflight refused a folder that holds checkpoints
             return
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
+        path = ckpt.resumable_checkpoint(self.checkpoint_dir) if resume == "auto" else Path(resume)
         if path is None:
             log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", self.checkpoint_dir)
             self._name_the_run_to_resume()
             return
+        problem = ckpt.checkpoint_problem(path)
+        if problem:  # before comparing its config with this run's: an empty folder has none to compare
+            raise ValueError(f"train.resume={path} cannot be resumed: {problem}")
         self._check_same_optimizer(Path(path))
         _check_same_network(path, self.cfg.model, None, "train.resume")
         _check_same_objective(str(path), self.cfg.diffusion, "train.resume")
@@ -685,6 +688,12 @@ class Trainer:
         """EMA (and raw) weights as a diffusers-style folder that MarDiniPipeline.from_pretrained loads."""
         path = self.run_dir / "export"
         ema, raw = self.full_ema_state(), self.full_model_state()  # collective under FSDP
+        broken = [k for k, v in ema.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:  # every rank holds the full tensors: all raise together
+            raise NonFiniteLossError(
+                f"the EMA weights hold non-finite values at step {self.step} ({len(broken)} tensors, e.g. "
+                f"{broken[0]}): nothing exported. Resume from an earlier checkpoint in {self.checkpoint_dir} with a "
+                f"lower train.lr or train.grad_clip enabled, or check the data.")
         if self.accelerator.is_main_process:
             config = {"model": self.model_cfg.to_dict(),
                       "diffusion": OmegaConf.to_container(self.cfg.diffusion, resolve=True),
