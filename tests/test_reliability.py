@@ -450,6 +450,18 @@ def test_attention_backend_without_kernels_here_fails_at_start(tmp_path, no_mode
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cpu_trainer_after_a_gpu_one_in_the_same_process(tmp_path):
+    """Accelerate fixes the device at the first Accelerator of a process: on a GPU machine the CPU-only tests above
+    failed with its "cannot be changed" error when a GPU test had run before them in the same session."""
+    from accelerate.state import PartialState
+
+    Trainer(tiny_config(tmp_path / "first", cpu=True))._release_lock()
+    PartialState._shared_state["device"] = torch.device("cuda", 0)  # as a Trainer on the GPU leaves it
+    trainer = Trainer(tiny_config(tmp_path / "second", cpu=True))
+    trainer._release_lock()
+    assert trainer.accelerator.device.type == "cpu"
+
+
 def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, caplog, monkeypatch):
     """`mardini-train data=video data.video.root=...` on the CPU (17 frames at 256 px with the tiny model: 146 TFLOP
     a step) once ran for minutes without a word until the kernel's out-of-memory killer ended it. The start-up now

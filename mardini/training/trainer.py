@@ -334,6 +334,7 @@ class Trainer:
         # parameter all-gathers and fp32 gradient reduction (parallel.apply_fsdp), never casting the forward
         # inputs. Accelerate is left at "no": its precision is process-global state, fixed by the first Trainer.
         self.autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
+        _accelerate_state_for(use_cpu)
         self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision="no",
                                              log_with=trackers or None, project_dir=str(run_dir))
         # Every rank must write to rank 0's folder (Hydra's timestamp may differ by a second between ranks), and
@@ -1112,6 +1113,19 @@ class Trainer:
             self.stop_requested = True
 
         return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _accelerate_state_for(use_cpu: bool) -> None:
+    """Accelerate keeps the device in process-global state, fixed by the first Accelerator: a later Trainer of the
+    same process (a notebook, a test session on a GPU machine) that asks for the CPU after one on the GPU, or the
+    reverse, was refused with Accelerate's "cannot be changed" error. A single process shares that state with no
+    one: start it afresh for the other device. (Under a launcher every rank keeps the state it was started with.)"""
+    from accelerate.state import AcceleratorState, PartialState
+
+    device = PartialState._shared_state.get("device")
+    if device is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (device.type == "cpu") == use_cpu:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _restore_handlers(previous: dict) -> None:
