@@ -46,6 +46,7 @@ from mardini.cli import ArgumentParser, interrupts, user_errors
 from mardini.evaluation.learning import generator_attention, held_out_clips, learning_report, video_clips
 from mardini.masking import task_mask
 from mardini.inference import MarDiniPipeline
+from mardini.inference.cli import check_device
 
 
 PROG = "demo_quality.py"
@@ -142,8 +143,8 @@ def main(argv=None) -> dict:
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--pm-seeds", type=int, default=1,
-                   help="also average the posterior mean over this many noise inputs (> 1; shows noise carried "
-                        "through)")
+                   help="also average the posterior mean over this many noise inputs (default 1; more show the "
+                        "noise a best guess carries through)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance on the plan for every sample (1: none; needs a model trained with "
                         "model.plan_dropout > 0)")
@@ -165,12 +166,19 @@ def main(argv=None) -> dict:
         p.error("--clips must be >= 1")
     if args.pm_seeds < 1:
         p.error("--pm-seeds must be >= 1")
+    if args.i2v_seeds < 0:
+        p.error("--i2v-seeds must be >= 0 (0: skip image-to-video)")
+    if args.steps is not None and args.steps < 1 or any(n < 1 for n in args.step_sweep):
+        p.error("--steps and --step-sweep take sampler step counts >= 1")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json} is a folder: give a file name for the report")
     if args.guidance < 0:
         p.error("--guidance must be >= 0 (1: no guidance, 0: the null plan alone)")
     if any(not 0 < t < 1 for t in args.noise_levels):
         p.error("--noise-levels must lie in (0, 1)")
     # A missing export, an unreadable clip or a bad option value is one line on stderr and exit status 2
     with interrupts(PROG, args.debug), user_errors(PROG, args.debug):
+        check_device(args.device)
         return run(args)
 
 

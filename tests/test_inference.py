@@ -997,6 +997,7 @@ def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path, capsys)
             ("long", pngs, ["--num-frames", "2"], "--num-frames 2 leaves nothing to generate between 3 --inputs"),
             ("i2v", pngs[:1], ["--position", "mid"], "--position mid: give first, middle, last or a frame index"),
             ("i2v", pngs[:1], ["--seeds", "1", "1"], "--seeds [1, 1]: give one or more different seeds"),
+            ("i2v", pngs[:1], ["--seed", "3", "--seeds", "1", "2"], "--seed 3 and --seeds 1 2: give one of them"),
             ("i2v", pngs[:1], ["--fps", "0"], "argument --fps: must be >= 1"),
             ("upscale", pngs, [], "invalid choice: 'upscale'")):  # argparse: unknown task
         with pytest.raises(SystemExit) as exit_:

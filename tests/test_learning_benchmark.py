@@ -392,7 +392,13 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
              ([str(export), "--data", str(tmp_path / "nope.csv")], "no such manifest or folder"),
              ([str(export), "--clips", "0"], "--clips must be >= 1"),
              ([str(export), "--guidance", "-1"], "--guidance must be >= 0"),
-             ([str(export), "--guidance", "2"], "needs a model trained with model.plan_dropout > 0")]
+             ([str(export), "--guidance", "2"], "needs a model trained with model.plan_dropout > 0"),
+             # these three once failed with a traceback, the last after the whole benchmark had run
+             ([str(export), "--i2v-seeds", "-1"], "--i2v-seeds must be >= 0"),
+             ([str(export), "--step-sweep", "4", "0"], "--steps and --step-sweep take sampler step counts >= 1"),
+             ([str(export), "--json", str(tmp_path)], "is a folder: give a file name")]
+    if not torch.cuda.is_available():
+        cases.append(([str(export), "--device", "cuda"], "--device cuda: no CUDA device here"))
     for args, message in cases:
         result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])

@@ -343,7 +343,13 @@ def test_eval_refusals_are_user_errors(tmp_path, capsys):
         (["fvd", str(tmp_path), str(tmp_path), "--weights-dir", str(no_weights)], "no I3D weights (looked for"),
         ([*protocol, "--baselines", "nearest"], "--baselines: unknown baseline(s) ['nearest']; choose from"),
         ([*protocol, "--fvd", "require"], "--fvd require, but no I3D weights"),
+        # once named a keyword argument the command line does not have, and an [Errno 17] after the data was read
+        (["fvd", str(tmp_path), str(tmp_path), "--num-frames", "4"], "--num-frames 4: I3D needs at least 9 frames"),
+        (["interpolation", "--data", str(tmp_path), "--out", str(no_weights / "a.txt")], "a.txt is a file: give a "
+                                                                                          "folder"),
+        ([*protocol, "--clips", str(no_weights / "a.txt")], "a.txt is not a clips file (not JSON"),
     ]
+    (no_weights / "a.txt").write_text("not a folder")
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             eval_main(argv)

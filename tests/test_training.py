@@ -778,6 +778,10 @@ def test_a_warm_up_longer_than_the_run_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mardini.train"):
         Trainer(tiny_config(tmp_path / "warm", max_steps=4, warmup_steps=1000))._release_lock()
     assert "train.warmup_steps=1000 >= train.max_steps=4" in caplog.text
+    assert "eval_every" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="mardini.train"):  # an evaluation the run never reaches
+        Trainer(tiny_config(tmp_path / "eval", max_steps=4, eval_every=100))._release_lock()
+    assert "train.eval_every=100 > train.max_steps=4: this run makes no periodic evaluation" in caplog.text
 
 
 def test_data_workers_are_capped_at_the_usable_cpus(tmp_path, caplog, monkeypatch):
@@ -878,6 +882,11 @@ def test_a_run_without_its_bar_logs_its_progress(tmp_path, caplog):
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))
+    broken = tmp_path / "export"
+    broken.mkdir()
+    (broken / "config.json").write_text("{model: 1")  # once a bare JSON error that named no file
+    with pytest.raises(ValueError, match=re.escape(f"{broken / 'config.json'} is not valid JSON")):
+        Trainer(tiny_config(tmp_path / "ft", init_from=str(broken)))
 
 
 # ============================================================================================== 7. outputs

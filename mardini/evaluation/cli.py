@@ -187,6 +187,17 @@ def run_protocol(args) -> dict:
     return results
 
 
+def check_paths_and_lengths(args) -> None:
+    """Before any video is read: an FVD length I3D can take, an output folder that is not a file."""
+    from .i3d import MIN_FRAMES
+
+    if args.command == "fvd" and args.num_frames < MIN_FRAMES:
+        raise ValueError(f"--num-frames {args.num_frames}: I3D needs at least {MIN_FRAMES} frames per video "
+                         f"(FVD-16 compares 16)")
+    if args.command != "fvd" and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder for the results, grids and clips")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..cli import interrupts, user_errors
 
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..inference.cli import check_device
 
         check_device(args.device)
+        check_paths_and_lengths(args)
         if args.command == "fvd":
             run_fvd(args)
         else:

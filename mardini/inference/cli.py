@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(DDPM models); default: the one the model was trained with")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the plan (needs a "
                                                                  "model trained with plan_dropout > 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="the noise's seed (default: 0)")
     p.add_argument("--seeds", type=int, nargs="*", default=None, help="several seeds: one output per seed")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
@@ -239,6 +239,9 @@ def check_arguments(args, inputs: list) -> None:
     got = f"a video of {len(inputs)} frames" if video else f"{len(inputs)} image(s)"
     if len(inputs) < low or (high is not None and len(inputs) > high) or (video and high == 1):
         raise ValueError(f"--task {args.task} takes {what} as --inputs, got {got}")
+    if args.seed is not None and args.seeds is not None:
+        raise ValueError(f"--seed {args.seed} and --seeds {' '.join(map(str, args.seeds))}: give one of them")
+    args.seed = 0 if args.seed is None else args.seed
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
         raise ValueError(f"--seeds {args.seeds}: give one or more different seeds")
     if args.task == "slow_motion" and args.factor < 2:

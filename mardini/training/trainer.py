@@ -236,7 +236,10 @@ def _trained_config(source: str | Path) -> dict:
     """The run config an export (config.json) or a checkpoint (config.yaml) recorded; {} if it has neither."""
     path = Path(source)
     if (path / export_format.CONFIG_FILE).exists():
-        return json.loads((path / export_format.CONFIG_FILE).read_text())
+        try:
+            return json.loads((path / export_format.CONFIG_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / export_format.CONFIG_FILE} is not valid JSON ({e})") from None
     if (path / "config.yaml").exists():
         return OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
     return {}
@@ -399,7 +402,7 @@ class Trainer:
                 if differ is None:
                     raise
                 raise ValueError(f"train.init_from={t.init_from} was trained with {differ[0]}; this run has "
-                                 f"{differ[1]}: pass {differ[0]} to fine-tune it\n{err}") from None
+                                 f"{differ[1]}: pass {differ[0]} to fine-tune it.\n{err}") from None
             # Shapes fit; these keys would still load the weights into a network that computes something else.
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             log.info("initialised weights from %s (EMA weights)", t.init_from)
@@ -416,6 +419,10 @@ class Trainer:
         if t.warmup_steps >= t.max_steps:
             log.warning("train.warmup_steps=%d >= train.max_steps=%d: the learning rate rises through the whole run "
                         "and never reaches train.lr=%g", t.warmup_steps, t.max_steps, t.lr)
+        if t.eval_every > t.max_steps:
+            log.warning("train.eval_every=%d > train.max_steps=%d: this run makes no periodic evaluation "
+                        "(eval.jsonl stays empty; train.eval_every=0 says so without this warning)", t.eval_every,
+                        t.max_steps)
         if self.fsdp:  # already sharded; Accelerate launches, logs and tracks but does not wrap
             self.model, self.optimizer = model, optimizer
         else:
