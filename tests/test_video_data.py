@@ -350,8 +350,24 @@ def test_too_many_failures_raise_a_clear_error(good_folder, tmp_path):
     # every attempt failing is an error as well
     only_bad = Manifest([ManifestEntry(p) for p in bad])
     ds = VideoDataset(small_cfg(root, max_attempts=3), manifest=only_bad)
-    with pytest.raises(TooManyFailuresError, match="3 attempts failed"):
+    with pytest.raises(TooManyFailuresError, match="3 attempts failed") as err:
         ds[0]
+    tried = str(err.value).split("; tried ")[1].split(", ")
+    assert len(tried) == 3 == len(set(tried)), tried  # replacements once repeated a file already tried
+
+
+def test_a_manifest_whose_files_are_missing_is_named_at_start(good_folder, tmp_path, caplog):
+    """Paths read from the wrong folder used to pass the start-up and fail at the first batch."""
+    good = sorted(str(p) for p in Path(good_folder).iterdir())
+    write_manifest(tmp_path / "gone.csv", [{"path": f"clips/missing_{i}.mp4"} for i in range(3)])
+    with pytest.raises(FileNotFoundError, match=r"data.video.root=.*gone.csv: none of the 3 video files looked for "
+                                                r"exists \(e.g. .*clips/missing_0.mp4"):
+        VideoDataset(small_cfg(str(tmp_path / "gone.csv")), split="train")
+    write_manifest(tmp_path / "some.csv", [{"path": p} for p in good] + [{"path": str(tmp_path / "lost.mp4")}])
+    with caplog.at_level("WARNING", logger="mardini.data"):
+        ds = VideoDataset(small_cfg(str(tmp_path / "some.csv")))
+    assert len(ds) == len(good) + 1
+    assert f"1 of {len(good) + 1} video files looked for are missing (e.g. {tmp_path / 'lost.mp4'})" in caplog.text
 
 
 def test_deterministic_per_index_with_workers(good_folder, tmp_path):

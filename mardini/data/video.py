@@ -229,15 +229,37 @@ def split_key(path: str, root: str) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
 
 
+FILES_CHECKED = 64  # manifest entries whose files are looked for at start-up (a stat each: cheap at any size)
+
+
+def check_manifest_files(manifest: "Manifest", key: str, source: str) -> None:
+    """A manifest whose paths point nowhere (moved videos, paths relative to another folder) would pass the start-up
+    and fail at the first batch after retries of the same missing files: look for the files of up to FILES_CHECKED
+    entries spread over the manifest; none there is an error, some missing a warning (they are skipped later)."""
+    if len(manifest) == 0:
+        return
+    picked = sorted({round(i * (len(manifest) - 1) / max(FILES_CHECKED - 1, 1)) for i in range(FILES_CHECKED)})
+    missing = [manifest[i].path for i in picked if not os.path.exists(manifest[i].path)]
+    if len(missing) == len(picked):
+        raise FileNotFoundError(f"{key}={source}: none of the {len(picked)} video files looked for exists (e.g. "
+                                f"{missing[0]}; a manifest's relative paths are read from its own folder)")
+    if missing:
+        log.warning("%s=%s: %d of %d video files looked for are missing (e.g. %s); they will be skipped", key, source,
+                    len(missing), len(picked), missing[0])
+
+
 def _load_named(source: str, key: str, extensions) -> "Manifest":
-    """load_manifest, its error naming the config key (and the working folder a relative path was read from)."""
+    """load_manifest, its error naming the config key (and the working folder a relative path was read from);
+    checks that the files are there (check_manifest_files)."""
     try:
-        return load_manifest(source, extensions)
+        manifest = load_manifest(source, extensions)
     except FileNotFoundError:
         where = "" if os.path.isabs(source) else f" (relative to the working folder {os.getcwd()})"
         hint = (f"; without videos at hand, `python scripts/make_photo_corpus.py DIR` writes clips of real photographs "
                 f"in motion with DIR/train.csv and DIR/val.csv") if key == "data.video.root" else ""
         raise FileNotFoundError(f"{key}={source}: no folder or manifest file there{where}{hint}") from None
+    check_manifest_files(manifest, key, source)
+    return manifest
 
 
 def split_manifests(cfg: Any) -> tuple[Manifest, Manifest, str]:
@@ -325,11 +347,15 @@ class VideoDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} videos")
         skipped: list[str] = []
-        source = index
+        source, tried = index, {index}
         for attempt in range(self.cfg.max_attempts):
             rng = self.clip_rng(index, epoch, attempt)
-            if attempt > 0:  # a replacement that depends only on (seed, epoch, index, attempt)
-                source = int(rng.integers(len(self)))
+            if attempt > 0:  # a replacement that depends only on (seed, epoch, index, attempt), not one tried before
+                for _ in range(16):  # where untried files remain, 16 draws all miss them with chance (tried/n)^16
+                    source = int(rng.integers(len(self)))
+                    if source not in tried or len(tried) >= len(self):
+                        break
+                tried.add(source)
             try:
                 item = self.load(source, rng)
             except VideoDecodeError as e:
