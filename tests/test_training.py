@@ -276,10 +276,12 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_a_named_one_is_refuse
     Trainer(tiny_config(run, max_steps=2, checkpoint_every=1, keep_last=3)).fit()
     newest = checkpoint(run, 2) / ckpt.MODEL_FILE
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short; COMPLETE is there
+    (checkpoint(run, 1) / "random_states_0.pkl").unlink()  # resumable, and said (Accelerate only logs it at INFO)
 
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(tiny_config(run, max_steps=2, resume="auto"))
     assert trainer.step == 1 and "skipped step_000002 (model.safetensors cannot be read" in caplog.text
+    assert "holds the RNG state of 0 of these 1 ranks" in caplog.text
     assert_state_equal(model_weights(checkpoint(run, 1)), unwrapped_state(trainer), "weights of step 1")
     with pytest.raises(ValueError, match=r"step_000002 cannot be resumed: model.safetensors cannot be read"):
         Trainer(tiny_config(tmp_path / "other", resume=str(checkpoint(run, 2))))
