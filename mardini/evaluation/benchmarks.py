@@ -173,8 +173,9 @@ def load_clips(path: str | Path) -> tuple[list[Clip], ProtocolConfig]:
         doc = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a clips file (not JSON: {e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != CLIPS_FORMAT:
-        raise ValueError(f"{path} is not a clips file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found != CLIPS_FORMAT:
+        raise ValueError(f"{path} is not a clips file (format {found!r})")
     protocol = ProtocolConfig.from_dict(doc["protocol"])
     clips = [Clip(c["video"], int(c["start"]), int(c["frame_stride"]), int(c["num_frames"])) for c in doc["clips"]]
     return clips, protocol

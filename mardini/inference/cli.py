@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE: faster "
                    "on a GPU once compiled (the first window compiles for tens of seconds)")
     p.add_argument("--fp8", action="store_true", help="the generator's MLP and self-attention GEMMs from FP8 "
-                   "inputs (a GPU of compute capability >= 8.9; emulated in float32 on the CPU, for checks): with --compile and --dtype bfloat16, 6 %% faster on "
-                   "an H100 at bf16's error (MarDiniPipeline.use_fp8_gemms)")
+                   "inputs (a GPU of compute capability >= 8.9; emulated in float32 on the CPU, for checks): with "
+                   "--compile and --dtype bfloat16, 6 %% faster on an H100 at bf16's error "
+                   "(MarDiniPipeline.use_fp8_gemms)")
     p.add_argument("--vae-chunk", type=int, default=None, help="frames per VAE decoder call; 0: a window's generated "
                    "frames in one call, fastest on a large GPU for more memory (12 frames at 512 px, compiled, on an "
                    "H200: 0.071 s and 4.0 GiB against 0.102 s and 1.5 GiB at 4); default: the export's "
