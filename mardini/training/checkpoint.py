@@ -185,11 +185,7 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict[str, torc
     path = _complete(path)
     if is_sharded_checkpoint(path):
         raise ValueError(f"{path} is a sharded (FSDP) checkpoint: resume it with train.parallel=fsdp")
-    saved = len(list(path.glob("random_states_*.pkl")))
-    if saved < accelerator.num_processes and accelerator.is_main_process:
-        log.warning("%s holds the RNG state of %d of these %d ranks: the others keep their own (the per-sample "
-                    "randomness is seeded by step and sample, so training draws the same)", path, saved,
-                    accelerator.num_processes)
+    _say_missing_rng_states(accelerator, path, "random_states_{rank}.pkl")  # Accelerate's names
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINER_STATE).read_text())
     return state, load_file(str(path / EMA_FILE))
@@ -212,13 +208,20 @@ def load_sharded_checkpoint(accelerator, path: str | Path, model, optimizer, sch
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    if accelerator.is_main_process:  # said once, for every rank
-        saved = sum((path / f"rng_state_{rank}.pt").exists() for rank in range(accelerator.num_processes))
-        if saved < accelerator.num_processes:
-            log.warning("%s holds the RNG state of %d of these %d ranks (saved with fewer): the others keep their "
-                        "own (the per-sample randomness is seeded by step and sample, so training draws the same)",
-                        path, saved, accelerator.num_processes)
+    _say_missing_rng_states(accelerator, path, "rng_state_{rank}.pt")
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _say_missing_rng_states(accelerator, path: Path, name: str) -> None:
+    """Warn once (main process) when the checkpoint lacks some ranks' RNG state (saved with fewer ranks, or a file
+    lost): those ranks keep their own, which training does not depend on."""
+    if not accelerator.is_main_process:
+        return
+    saved = sum((path / name.format(rank=rank)).exists() for rank in range(accelerator.num_processes))
+    if saved < accelerator.num_processes:
+        log.warning("%s holds the RNG state of %d of these %d ranks: the others keep their own (the per-sample "
+                    "randomness is seeded by step and sample, so training draws the same)", path, saved,
+                    accelerator.num_processes)
 
 
 def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
