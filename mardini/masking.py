@@ -354,6 +354,33 @@ def make_mask(strategy, num_frames: int, generator: torch.Generator, mask_ratio=
     return _make_mask(strategy, num_frames, generator, lo, hi)
 
 
+def unreachable_ratios(cfg, num_frames: int) -> List[str]:
+    """Describe each (stage, strategy) whose stage mask_ratio no mask of `num_frames` frames can meet.
+
+    make_mask then uses the closest ratio, which trains a different task than the curriculum says (e.g. an
+    interpolation stage at [0.75, 0.95] on 5 frames trains at 0.6). i2v and interpolation with keep_every > 0 have a fixed ratio
+    that ignores mask_ratio by design, and random only rounds its ratio, so they are not reported.
+    """
+    cfg = cfg if isinstance(cfg, CurriculumConfig) else curriculum_from_dict(cfg)
+    _check_num_frames(num_frames)
+    T, problems = num_frames, []
+    for i, st in enumerate(cfg.stages):
+        lo, hi = st.mask_ratio
+        for s in st.strategies:
+            if s.name == "interpolation" and s.keep_every == 0 and T > 2:
+                ratios = [_keep_pattern(T, k).sum().item() / T for k in range(2, T)]
+            elif s.name in ("expand_forward", "expand_backward"):
+                ratios = [c / T for c in range(1, T)]
+            else:  # random rounds r T to a count, near [lo, hi] by design (see make_mask)
+                continue
+            if any(lo - _EPS <= r <= hi + _EPS for r in ratios):
+                continue
+            closest = min(ratios, key=lambda r: max(lo - r, r - hi))
+            problems.append(f"curriculum.stages[{i}] {s.name}: no mask of {T} frames has a ratio in "
+                            f"mask_ratio=[{lo:g}, {hi:g}]; it uses the closest, {closest:.3f}")
+    return problems
+
+
 # -----------------------------------------------------------------------------
 # sampling from the curriculum
 

@@ -22,6 +22,7 @@ from mardini.masking import (
     mask_ratio,
     stage_steps,
     task_mask,
+    unreachable_ratios,
     validate_curriculum,
 )
 
@@ -457,3 +458,35 @@ def test_mask_ratio():
     assert mask_ratio(task_mask("i2v", 4)) == pytest.approx(0.75)
     batch = torch.stack([task_mask("i2v", 4), task_mask("interpolation", 4)])  # [2, 4]
     assert mask_ratio(batch) == pytest.approx(5 / 8)
+
+
+@pytest.mark.parametrize("name, T", [(name, T) for name in ("interpolation", "expand_forward", "expand_backward")
+                                     for T in TS if (name, T) != ("interpolation", 2)])  # 2 frames: a fixed mask
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_unreachable_ratios_names_exactly_the_masks_that_fall_back(name, T, ratio):
+    """A strategy is reported iff make_mask cannot meet the stage's ratio, and the closest ratio it names is the one
+    make_mask then trains on."""
+    lo, hi = ratio
+    curriculum = CurriculumConfig(stages=[CurriculumStage(start=0.0, end=None, strategies=[MaskStrategyConfig(name)],
+                                                          mask_ratio=list(ratio))])
+    drawn = {mask_ratio(make_mask(MaskStrategyConfig(name), T, mask_generator(s, 0, 0), ratio)) for s in SEEDS}
+    problems = unreachable_ratios(curriculum, T)
+    met = all(lo - 1e-9 <= r <= hi + 1e-9 for r in drawn)
+    assert (problems == []) == met
+    if not met:
+        assert len(drawn) == 1 and f"it uses the closest, {drawn.pop():.3f}" in problems[0]
+        assert problems[0].startswith(f"curriculum.stages[0] {name}: no mask of {T} frames")
+
+
+def test_unreachable_ratios_ignores_fixed_and_rounded_ratios():
+    """i2v and keep_every > 0 ignore mask_ratio by design and random only rounds it: none is a silent fallback."""
+    stage = CurriculumStage(start=0.0, end=None, mask_ratio=[0.01, 0.02], strategies=[
+        MaskStrategyConfig("i2v"), MaskStrategyConfig("interpolation", keep_every=2), MaskStrategyConfig("random")])
+    assert unreachable_ratios(CurriculumConfig(stages=[stage]), 9) == []
+
+
+def test_the_paper_curriculum_is_reachable_at_its_clip_lengths_but_not_at_five_frames():
+    assert unreachable_ratios(paper_curriculum(), 17) == unreachable_ratios(paper_curriculum(), 9) == []
+    assert unreachable_ratios(paper_curriculum(), 5) == [
+        "curriculum.stages[3] interpolation: no mask of 5 frames has a ratio in mask_ratio=[0.75, 0.95]; "
+        "it uses the closest, 0.600"]

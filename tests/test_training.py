@@ -30,7 +30,7 @@ from helpers_training import (NUM_FRAMES, SCRIPT_PRELUDE, assert_optimizer_equal
                               trainer_state, two_stage_curriculum, unwrapped_state)
 from mardini.diffusion import Diffusion, DiffusionConfig
 from mardini.export import load_model
-from mardini.masking import MaskSampler, interpolation_only
+from mardini.masking import CurriculumConfig, CurriculumStage, MaskSampler, MaskStrategyConfig, interpolation_only
 from mardini.training import checkpoint as ckpt
 from mardini.training import trainer as trainer_module
 from mardini.training.config import validate_config
@@ -784,6 +784,13 @@ def test_a_warm_up_longer_than_the_run_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mardini.train"):  # an evaluation the run never reaches
         Trainer(tiny_config(tmp_path / "eval", max_steps=4, eval_every=100))._release_lock()
     assert "train.eval_every=100 > train.max_steps=4: this run makes no periodic evaluation" in caplog.text
+    assert "mask_ratio" not in caplog.text
+    hard = CurriculumConfig(stages=[CurriculumStage(start=0.0, end=None, mask_ratio=[0.9, 0.99],
+                                                    strategies=[MaskStrategyConfig(name="interpolation")])])
+    with caplog.at_level(logging.WARNING, logger="mardini.train"):  # at most 7 of 9 frames lie between kept ones
+        Trainer(tiny_config(tmp_path / "ratio", max_steps=4, curriculum=hard))._release_lock()
+    assert ("curriculum.stages[0] interpolation: no mask of 9 frames has a ratio in mask_ratio=[0.9, 0.99]; it uses "
+            "the closest, 0.778 (set that stage's mask_ratio within reach, or change data.num_frames)") in caplog.text
 
 
 def test_data_workers_are_capped_at_the_usable_cpus(tmp_path, caplog, monkeypatch):

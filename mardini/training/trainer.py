@@ -36,7 +36,7 @@ from ..data.video import SkipStats, TooManyFailuresError, VideoDataset
 from ..data.workers import usable_workers
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
-from ..masking import MaskSampler, task_mask
+from ..masking import MaskSampler, task_mask, unreachable_ratios
 from ..models import MarDini, as_model_config
 from ..models.layers import check_backend
 from .. import export as export_format
@@ -449,6 +449,8 @@ class Trainer:
                             cfg.model.attn_backend)
         log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
                  self.mask_sampler.stage_starts, t.max_steps)
+        for problem in unreachable_ratios(self.mask_sampler.curriculum, self.latent_frames):
+            log.warning("%s (set that stage's mask_ratio within reach, or change data.num_frames)", problem)
         self._log_step_cost(acc.unwrap_model(self.model), h, w, n_hi, n_lo)
 
         # ---- state
