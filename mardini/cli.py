@@ -174,6 +174,11 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
     overrides = [o for o in overrides if not o.startswith(("hydra.", "+hydra.", "++hydra.", "~hydra."))]
     if not overrides:
         return
+    bare = next((o for o in overrides if "=" not in o and not o.startswith("~")), None)
+    if bare is not None:  # Hydra's own words: "Error parsing override"
+        print(f"{prog}: error: {bare}: an override is key=value or group=option (e.g. train.lr=1e-3, model=small)\n"
+              f"(--debug shows Hydra's message)", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT_CODE)
     launcher = next((o for o in overrides if _override_key(o) == "accelerate"), None)
     if launcher is not None:  # configs/accelerate/ sits beside the groups, so Hydra lists it as one
         name = launcher.split("=", 1)[-1] or "<name>"
@@ -200,6 +205,9 @@ def check_overrides(prog: str, overrides: list[str]) -> None:
             known = [f"{parent}.{k}" if parent else str(k) for k in (node.keys() if node is not None else [])]
             near = difflib.get_close_matches(key.group(1), known, n=1)
             first = f"unknown config key {key.group(1)}" + (f" (did you mean {near[0]}?)" if near else "")
+            if key.group(1) in known and f"~{key.group(1)}" in overrides:  # it exists: Hydra cannot delete it
+                first = (f"~{key.group(1)}: the run config's keys cannot be deleted; set a value instead "
+                         f"({key.group(1)}=...)")
         elif group:
             options = sorted(p.stem for p in (CONFIG_DIR / group.group(1)).glob("*.yaml"))
             first = f"{group.group(1)}={group.group(2)}: no such option (choose one of {', '.join(options)})"
@@ -298,9 +306,36 @@ def _record_run(cfg, run_dir: Path, startup: logging.handlers.MemoryHandler) -> 
     logging.getLogger().addHandler(handler)
 
 
+class FoldersAsFound:
+    """Hydra callback (configs/config.yaml, hydra.callbacks): before Hydra makes the run folder with its parents,
+    note the deepest of them that exists, so that a refused run (or one whose train.output_dir is elsewhere) removes
+    the empty folders Hydra made for it (outputs/<experiment>/ too) and no folder that was there before."""
+
+    deepest_existing: Path | None = None
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        FoldersAsFound.deepest_existing = next(p for p in run_dir.parents if p.exists())
+
+    def _nothing(self, *args, **kwargs) -> None:  # Hydra calls each of its callback's hooks
+        pass
+
+    on_run_end = on_multirun_start = on_multirun_end = on_job_start = on_job_end = _nothing
+
+
 def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    """Remove `folder` if empty, then its parents while empty, up to the deepest one that existed before the run."""
+    folder, stop = folder.absolute(), FoldersAsFound.deepest_existing
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if stop is None or folder.parent == stop or stop not in folder.parents:
+            return
+        folder = folder.parent
 
 
 def _world_size() -> int:

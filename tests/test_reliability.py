@@ -263,6 +263,9 @@ def test_train_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     ("train.max_steps=abc", "mardini-train: error: train.max_steps=abc: not a valid integer"),
     ("train.freeze_planner=maybe", "mardini-train: error: train.freeze_planner=maybe: not a valid bool"),
     # configs/accelerate/ sits beside the groups (so Hydra's --help lists it) but holds launcher configs
+    # deleting a key of the schema (once "unknown config key train.lr (did you mean train.lr?)"), no "="
+    ("~train.lr", "mardini-train: error: ~train.lr: the run config's keys cannot be deleted; set a value instead"),
+    ("train.lr", "mardini-train: error: train.lr: an override is key=value or group=option (e.g. train.lr=1e-3"),
     ("accelerate=fsdp_2gpu", "mardini-train: error: accelerate=fsdp_2gpu: configs/accelerate/ holds launcher configs, "
                              "not a config group; launch with them: accelerate launch --config_file "
                              "configs/accelerate/fsdp_2gpu.yaml -m mardini.train"),
@@ -503,10 +506,15 @@ def test_a_cpu_step_far_beyond_the_machine_is_announced_with_its_cost(tmp_path, 
 
 
 def test_a_new_run_refused_by_the_cli_leaves_no_folder(tmp_path):
-    """mardini-train train.resume=<missing> (or any check after the lock) with a new run name."""
-    result = run_train(tmp_path, tmp_path / "nf2", f"train.resume={tmp_path / 'nowhere'}")
+    """mardini-train train.resume=<missing> (or any check after the lock) with a new run name: the folders Hydra made
+    for it go, parents included, and a folder that was there before stays."""
+    (tmp_path / "kept").mkdir()
+    result = run_train(tmp_path, tmp_path / "kept" / "experiment" / "nf2", f"train.resume={tmp_path / 'nowhere'}")
     assert result.returncode == USER_ERROR_EXIT_CODE and "train.resume=" in result.stderr, result.stderr[-3000:]
-    assert not (tmp_path / "nf2").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    result = run_train(tmp_path, "outputs/tiny/nf3", "train.max_steps=-1")  # refused before the lock, default place
+    assert result.returncode == USER_ERROR_EXIT_CODE and "train.max_steps" in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
 
 
 def test_missing_mp4_encoder_fails_at_start_naming_the_packages(tmp_path, no_model, monkeypatch):

@@ -285,6 +285,12 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_a_named_one_is_refuse
     assert_state_equal(model_weights(checkpoint(run, 1)), unwrapped_state(trainer), "weights of step 1")
     with pytest.raises(ValueError, match=r"step_000002 cannot be resumed: model.safetensors cannot be read"):
         Trainer(tiny_config(tmp_path / "other", resume=str(checkpoint(run, 2))))
+    with pytest.raises(ValueError, match=r"checkpoints cannot be resumed: .*; it is a folder of checkpoints: pass one "
+                                         r"of them \(the newest readable: train.resume=.*step_000001\)"):
+        Trainer(tiny_config(tmp_path / "other", resume=str(run / "checkpoints")))
+    with pytest.raises(ValueError, match=r"; it is an export \(weights, no training state\): fine-tune from it with "
+                                         r"train.init_from=.*export"):
+        Trainer(tiny_config(tmp_path / "other", resume=str(run / "export")))
 
     (checkpoint(run, 1) / "optimizer.bin").unlink()
     with pytest.raises(ValueError, match=r"no checkpoint in .* can be read: step_000002 .*; step_000001 "
@@ -679,6 +685,13 @@ def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp
     cfg.diffusion.input_data_std = 1.0 if cfg.diffusion.input_data_std == 0 else 0.0
     with pytest.raises(ValueError, match="diffusion.input_data_std="):
         Trainer(cfg)
+    cfg = tiny_config(tmp_path / "ft_ddpm", init_from=str(path))  # diffusion=ddpm_v: the fix is the group's option
+    cfg.diffusion.formulation, cfg.diffusion.prediction, cfg.diffusion.sampler = "ddpm", "v", "ddim"
+    std = cfg.diffusion.input_data_std
+    fix = "diffusion=rectified_flow" + ("" if std == 1.0 else f" diffusion.input_data_std={std}")
+    with pytest.raises(ValueError, match=f"trained with diffusion.formulation=rectified_flow "
+                                         f"diffusion.prediction={trained}; .*: set {re.escape(fix)} to fine-tune it"):
+        Trainer(cfg)
 
 
 @pytest.mark.parametrize("source", ["export", "checkpoint"])
@@ -891,6 +904,11 @@ def test_a_run_without_its_bar_logs_its_progress(tmp_path, caplog):
 def test_init_from_missing_folder_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "nowhere")))
+    (tmp_path / "frame.png").write_bytes(b"not a folder")
+    with pytest.raises(NotADirectoryError, match=r"train.output_dir=.*frame.png is a file"):
+        Trainer(tiny_config(tmp_path / "frame.png"))
+    with pytest.raises(NotADirectoryError, match=r"train.init_from=.*frame.png is a file, not an export or checkpoint"):
+        Trainer(tiny_config(tmp_path / "ft", init_from=str(tmp_path / "frame.png")))
     broken = tmp_path / "export"
     broken.mkdir()
     (broken / "config.json").write_text("{model: 1")  # once a bare JSON error that named no file

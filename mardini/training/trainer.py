@@ -112,6 +112,9 @@ def _wandb_mode(requested: str) -> str:
 
 def _run_dir(cfg: DictConfig) -> Path:
     if cfg.train.output_dir:
+        if Path(cfg.train.output_dir).is_file():
+            raise NotADirectoryError(f"train.output_dir={cfg.train.output_dir} is a file; the run folder must be a "
+                                     f"folder (a new or an existing one)")
         return Path(cfg.train.output_dir)
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -254,12 +257,47 @@ def _check_same_objective(source: str, diffusion, how: str = "train.init_from") 
     trained = _trained_config(source).get("diffusion", {})
     if trained:
         trained = {"input_data_std": 0.0, **trained}
-    for key in ("formulation", "prediction", "input_data_std"):
-        theirs, ours = trained.get(key), getattr(diffusion, key)
-        if theirs is not None and theirs != ours:
-            raise ValueError(f"{how}={source} was trained with diffusion.{key}={theirs}; this run has "
-                             f"diffusion.{key}={ours}: set diffusion.{key}={theirs} to "
-                             f"{'fine-tune' if how == 'train.init_from' else 'continue'} it")
+    differ = [(key, trained.get(key), getattr(diffusion, key)) for key in ("formulation", "prediction", "input_data_std")
+              if trained.get(key) is not None and trained.get(key) != getattr(diffusion, key)]
+    if differ:  # all of them at once: a formulation fixed alone would then fail on its prediction or sampler
+        theirs = " ".join(f"diffusion.{key}={value}" for key, value, _ in differ)
+        ours = " ".join(f"diffusion.{key}={value}" for key, _, value in differ)
+        raise ValueError(f"{how}={source} was trained with {theirs}; this run has {ours}: set "
+                         f"{_objective_fix(trained, differ)} to "
+                         f"{'fine-tune' if how == 'train.init_from' else 'continue'} it")
+
+
+def _resume_hint(path: Path) -> str:
+    """What the user likely meant by train.resume=<a folder that is no checkpoint>: a run's checkpoints folder or
+    an export (weights without training state)."""
+    inside = [p for _, p in reversed(ckpt.list_checkpoints(path))]
+    if inside:
+        newest = next((p for p in inside if ckpt.checkpoint_problem(p) is None), inside[0])
+        return (f"; it is a folder of checkpoints: pass one of them (the newest readable: train.resume={newest}), "
+                f"or train.resume=auto with the run's run_name")
+    if (path / export_format.EMA_WEIGHTS).is_file() and not (path / ckpt.TRAINER_STATE).exists():
+        return f"; it is an export (weights, no training state): fine-tune from it with train.init_from={path}"
+    return ""
+
+
+def _objective_fix(trained: dict, differ: list) -> str:
+    """The overrides that give a run the objective `trained`: the keys that differ, or, where the formulation does,
+    the diffusion= option with its formulation and prediction (it brings a sampler that fits them) and any key
+    that option sets otherwise."""
+    from omegaconf import OmegaConf
+
+    from ..cli import CONFIG_DIR
+
+    keys = dict((key, value) for key, value, _ in differ)
+    if "formulation" not in keys:
+        return " ".join(f"diffusion.{key}={value}" for key, value in keys.items())
+    for path in sorted((CONFIG_DIR / "diffusion").glob("*.yaml")):
+        option = OmegaConf.load(path)
+        if all(option.get(key) == trained.get(key) for key in ("formulation", "prediction")):
+            rest = [f"diffusion.{key}={trained[key]}" for key in ("input_data_std",)
+                    if key in trained and option.get(key, trained[key]) != trained[key]]
+            return " ".join([f"diffusion={path.stem}", *rest])
+    return " ".join(f"diffusion.{key}={value}" for key, value in keys.items())
 
 
 # Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
@@ -390,6 +428,9 @@ class Trainer:
             log.info("train.resume=auto: continuing from %s (train.init_from=%s started this run)", own_checkpoint,
                      t.init_from)
         elif t.init_from:
+            if Path(t.init_from).is_file():
+                raise NotADirectoryError(f"train.init_from={t.init_from} is a file, not an export or checkpoint folder "
+                                         f"(pass the folder that holds model.safetensors and config.json)")
             if not Path(t.init_from).is_dir():
                 raise FileNotFoundError(f"train.init_from={t.init_from} does not exist (expected an export or "
                                         f"checkpoint folder)")
@@ -608,7 +649,7 @@ class Trainer:
             return
         problem = ckpt.checkpoint_problem(path)
         if problem:  # before comparing its config with this run's: an empty folder has none to compare
-            raise ValueError(f"train.resume={path} cannot be resumed: {problem}")
+            raise ValueError(f"train.resume={path} cannot be resumed: {problem}{_resume_hint(Path(path))}")
         self._check_same_optimizer(Path(path))
         _check_same_network(path, self.cfg.model, None, "train.resume")
         _check_same_objective(str(path), self.cfg.diffusion, "train.resume")
