@@ -4,9 +4,11 @@
     python benchmarks/demo_quality.py EXPORT --data data/photo_motion/val.csv --device cuda --json out.json
     python benchmarks/demo_quality.py EXPORT --step-sweep 4 10 25 50
     python benchmarks/demo_quality.py EXPORT --guidance 1.5     # a model trained with model.plan_dropout > 0
+    python benchmarks/demo_quality.py EXPORT --vae DIR         # an export copied from another machine: its VAE
 
 Clips: by default the held-out part of the data the model was trained on (recorded in the export: synthetic clips
-of the validation seed, or the held-out video files); --data synthetic | a manifest or folder of videos overrides it.
+of the validation seed, or the held-out video files); --data synthetic | a manifest or folder of videos overrides it
+(with a warning where it is the model's own training data: the figures are then not held-out).
 --guidance G samples every figure below with classifier-free guidance on the plan (the one-step estimates stay
 unguided). Reports (mardini/evaluation/learning.py):
   interpolation    first + last given: one sample per clip, PSNR / SSIM of the generated frames
@@ -69,7 +71,31 @@ def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[t
         return torch.stack([dataset[i]["video"] for i in range(count)]), "synthetic clips of seed 1000003"
     if not Path(source).exists():
         raise FileNotFoundError(f"--data {source}: no such manifest or folder")
-    return video_clips(source, count, T, H, W, fps=pipe.fps), f"video files of {source}"
+    where = f"video files of {source}"
+    trained = training_roots(config.get("data", {}))
+    if Path(source).resolve() in trained:
+        print(f"warning: --data {source} is the data this model was trained on ({trained[Path(source).resolve()]} in "
+              f"its config.json): the figures below are not held-out", file=sys.stderr)
+        where += " (the model's training data: not held out)"
+    return video_clips(source, count, T, H, W, fps=pipe.fps), where
+
+
+def training_roots(data: dict) -> dict[Path, str]:
+    """{resolved path: where the export records it} of the folders or manifests a model was trained on (an export's
+    `data`), so that --data naming one is not reported as held-out clips."""
+    roots = {}
+    if data.get("source") == "video" and data.get("video", {}).get("root"):
+        roots[Path(data["video"]["root"]).resolve()] = "data.video.root"
+    if data.get("source") == "cache" and data.get("cache_dir"):
+        from mardini.data.latent_cache import read_cache_meta
+
+        try:  # the videos the latents were cached from, where the cache is at hand
+            root = read_cache_meta(data["cache_dir"])["dataset"].get("config", {}).get("root")
+        except (OSError, ValueError, KeyError):
+            root = None
+        if root:
+            roots[Path(root).resolve()] = "the videos of data.cache_dir"
+    return roots
 
 
 def print_report(report: dict) -> None:
@@ -153,6 +179,8 @@ def main(argv=None) -> dict:
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
+    p.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
+                   "recorded (an export copied from another machine)")
     p.add_argument("--fp8", action="store_true", help="the generator's MLP and self-attention GEMMs from FP8 inputs "
                                                       "(MarDiniPipeline.use_fp8_gemms): its quality against the "
                                                       "float32 model's")
@@ -184,7 +212,7 @@ def main(argv=None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device)
+    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device, vae=args.vae)
     if args.fp8:
         pipe.use_fp8_gemms()
     videos, where = load_clips(pipe, args.data, args.clips)

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from mardini.cli import ArgumentParser  # noqa: E402
 from mardini.data.manifest import (  # noqa: E402
+    MANIFEST_SUFFIXES,
     VIDEO_EXTENSIONS,
     ManifestEntry,
     probe_files,
@@ -38,7 +40,10 @@ from mardini.data.manifest import (  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The options, and args.entries: the files to probe. A mistake is one line (exit status 2) before any file is
+    probed, which can take hours, rather than a traceback after."""
+    p = ArgumentParser(prog="make_manifest.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a folder of videos (scanned recursively) or a .csv / .jsonl manifest")
     p.add_argument("output", help="the manifest to write (.csv or .jsonl)")
     p.add_argument("--bad", default=None, help="where to list bad files (default: <output stem>.bad.jsonl)")
@@ -49,16 +54,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=("auto", "decord", "pyav"), help="decoder for the check")
     p.add_argument("--relative", action="store_true", help="write paths relative to the output's folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    source, formats = Path(args.source), " or ".join(MANIFEST_SUFFIXES)
+    for name, path in (("output", args.output), ("--bad", args.bad or ".bad.jsonl")):
+        suffix = Path(path).suffix
+        if suffix.lower() not in MANIFEST_SUFFIXES:
+            p.error(f"{name} {path}: a manifest's name ends in {formats} (its format)"
+                    + (f", not {suffix}" if suffix else ""))
+    if not source.exists():
+        p.error(f"source {source}: no such folder or manifest")
+    if source.is_file() and source.suffix.lower() not in MANIFEST_SUFFIXES:
+        p.error(f"source {source}: give a folder of videos or a {formats} manifest")
+    try:
+        args.entries = ([ManifestEntry(f) for f in scan_folder(source, args.extensions)] if source.is_dir()
+                        else read_manifest(source))
+    except (OSError, ValueError) as e:  # an unreadable manifest: its message names it
+        p.error(str(e))
+    return args
 
 
 def main(argv=None) -> tuple[list[dict], list[dict]]:
     args = parse_args(argv)
-    source, output = Path(args.source), Path(args.output)
-    if source.is_dir():
-        entries = [ManifestEntry(p) for p in scan_folder(source, args.extensions)]
-    else:
-        entries = read_manifest(source)
+    output, entries = Path(args.output), args.entries
     start = time.perf_counter()
     good, bad = probe_files(entries, workers=args.workers, decode_check=not args.no_decode_check,
                             backend=args.backend, min_frames=args.min_frames, progress=not args.quiet)

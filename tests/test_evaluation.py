@@ -7,7 +7,6 @@ real-weights test runs only when the public file is present at the configured pa
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from mardini.evaluation import fvd as fvd_mod
 from mardini.evaluation import i3d as i3d_mod
 from mardini.evaluation.cli import main as eval_main
 from mardini.evaluation.data import list_videos, read_frames, to_model_frames
-from mardini.evaluation.metrics import masked_frame_metrics, psnr_frames, ssim_frames
+from mardini.evaluation.metrics import PSNR_MAX_DB, masked_frame_metrics, psnr_frames, ssim_frames
 from mardini.evaluation.weights import default_weights_dir, find_i3d_weights
 
 
@@ -341,7 +340,7 @@ def test_i3d_real_weights_sane_prediction():
 def test_psnr_ssim_identical_and_known_values():
     torch.manual_seed(0)
     a = torch.rand(3, 3, 16, 16) * 2 - 1
-    assert torch.isinf(psnr_frames(a, a)).all()
+    assert torch.equal(psnr_frames(a, a), torch.full((3,), PSNR_MAX_DB, dtype=torch.float64))  # capped, not inf
     assert torch.allclose(ssim_frames(a, a), torch.ones(3, dtype=torch.float64))
     # a uniform offset of 0.2 on [-1, 1] is 0.1 on [0, 1]: MSE 0.01 -> 20 dB
     b = torch.zeros(2, 3, 12, 12)
@@ -540,14 +539,14 @@ def test_benchmark_static_video_repeat_is_perfect_and_runs_are_identical(tmp_pat
     proto = bm.ProtocolConfig(num_frames=7, height=16, width=16, clips_per_video=2, seed=3)
     r1 = bm.run_benchmark(root, bm.BASELINES, tmp_path / "run1", protocol=proto, clips_file=tmp_path / "clips.json",
                           num_grids=1)
-    assert math.isinf(r1["methods"]["repeat_nearest"]["psnr"]) and r1["methods"]["repeat_nearest"]["ssim"] == 1.0
-    assert math.isinf(r1["methods"]["linear_blend"]["psnr"])  # a blend of identical frames is the frame
+    assert r1["methods"]["repeat_nearest"]["psnr"] == PSNR_MAX_DB and r1["methods"]["repeat_nearest"]["ssim"] == 1.0
+    assert r1["methods"]["linear_blend"]["psnr"] > 150  # a blend of identical frames is the frame (float32 rounding)
     # the second run reuses the clips file and gives a byte-identical results.json
     bm.run_benchmark(root, bm.BASELINES, tmp_path / "run2", clips_file=tmp_path / "clips.json", num_grids=1)
     j1, j2 = (tmp_path / "run1" / "results.json").read_text(), (tmp_path / "run2" / "results.json").read_text()
     assert j1 == j2
-    assert json.loads(j1)["methods"]["repeat_nearest"]["psnr"] == "inf"
-    assert "| repeat_nearest | ∞ | 1.0000 |" in (tmp_path / "run1" / "results.md").read_text()
+    assert json.loads(j1)["methods"]["repeat_nearest"]["psnr"] == 200.0
+    assert "| repeat_nearest | 200.00 | 1.0000 |" in (tmp_path / "run1" / "results.md").read_text()
     assert len(list((tmp_path / "run1" / "samples").glob("*.mp4"))) == 1
 
 
@@ -584,7 +583,7 @@ def test_benchmark_davis_and_ucf_with_fvd_and_model_like_method(tmp_path):
                                extractor=toy_extractor, num_grids=2)
         m = res["methods"]
         # the ground truth scores perfectly (FVD of a set with itself ~0); noise lowers PSNR/SSIM and raises FVD
-        assert math.isinf(m["oracle"]["psnr"]) and m["oracle"]["ssim"] == 1.0 and abs(m["oracle"]["fvd"]) < 1e-6
+        assert m["oracle"]["psnr"] == PSNR_MAX_DB and m["oracle"]["ssim"] == 1.0 and abs(m["oracle"]["fvd"]) < 1e-6
         assert m["oracle"]["psnr"] > m["oracle_0.1"]["psnr"] > m["oracle_0.4"]["psnr"]
         assert m["oracle"]["ssim"] > m["oracle_0.1"]["ssim"] > m["oracle_0.4"]["ssim"]
         assert m["oracle"]["fvd"] < m["oracle_0.1"]["fvd"] < m["oracle_0.4"]["fvd"]
@@ -691,8 +690,8 @@ def test_periodic_fvd_returns_metrics_and_caches_reference():
     assert set(no_fvd) == {"val/interpolation_psnr", "val/interpolation_ssim"}
 
 
-def _tiny_export(path: Path) -> Path:
-    """A random-weight tiny MarDini export (16x16, training window 17 > the protocol's 9 frames)."""
+def _tiny_export(path: Path, max_frames: int = 17) -> Path:
+    """A random-weight tiny MarDini export (16x16, training window 17 > the protocol's 9 frames by default)."""
     import dataclasses
 
     from mardini.autoencoders import build_autoencoder
@@ -703,9 +702,10 @@ def _tiny_export(path: Path) -> Path:
 
     torch.manual_seed(0)
     diffusion_cfg = DiffusionConfig(num_inference_steps=2)
-    config = {"height": 16, "width": 16, "num_frames": 17, "diffusion": dataclasses.asdict(diffusion_cfg),
+    config = {"height": 16, "width": 16, "num_frames": max_frames, "diffusion": dataclasses.asdict(diffusion_cfg),
               "autoencoder": {"name": "identity", "patch_size": 2, "scale": 1.0, "shift": 0.0}}
-    pipe = MarDiniPipeline(MarDini(model_config("tiny", latent_channels=12)), Diffusion(diffusion_cfg),
+    model = MarDini(model_config("tiny", latent_channels=12, max_frames=max_frames))
+    pipe = MarDiniPipeline(model, Diffusion(diffusion_cfg),
                            build_autoencoder("identity", patch_size=2), config)
     return pipe.save_pretrained(path)
 
@@ -769,17 +769,23 @@ def test_a_model_at_another_resolution_is_scored_without_distortion_and_keeps_th
     assert method.note(8, 8) is None
 
 
+class ColourStats(torch.nn.Module):  # a cheap TorchScript stand-in for the I3D detector
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        x = x.float()
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
+
+
+def _colour_stats_detector(folder: Path) -> Path:
+    detector = folder / "i3d_torchscript.pt"
+    detector.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(ColourStats()).save(str(detector))
+    return detector
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_cli_fvd_between_folders(tmp_path, monkeypatch, capsys):
-    class ColourStats(torch.nn.Module):  # a cheap TorchScript stand-in for the I3D detector
-        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                    return_features: bool = False) -> torch.Tensor:
-            x = x.float()
-            return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
-
-    detector = tmp_path / "weights" / "i3d_torchscript.pt"
-    detector.parent.mkdir()
-    torch.jit.script(ColourStats()).save(str(detector))
+    detector = _colour_stats_detector(tmp_path / "weights")
     a, b = tmp_path / "a", tmp_path / "b"
     for i in range(3):
         write_video(a / f"{i}.mp4", _moving_frames(16, 32, 32, seed=i))
@@ -805,6 +811,135 @@ def test_cli_fvd_between_folders(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:  # a user error: one line, status 2
         eval_main(["fvd", str(a), str(b)])
     assert stopped.value.code == 2 and "no I3D weights" in capsys.readouterr().err
+
+
+def _eval_error(argv: list[str], capsys) -> str:
+    """Run mardini-eval expecting a user error: its status must be 2, its message one line (the hint after it)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        eval_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 2 and err[0].startswith("mardini-eval: error: "), err
+    return err[0]
+
+
+def test_cli_refuses_a_preset_or_clips_file_of_the_other_task(tmp_path, capsys):
+    """The subcommand picks the baselines, a preset or clips file the protocol: `i2v --preset vidim` ran
+    interpolation with the i2v baselines, `interpolation --clips <i2v clips>` ran i2v. Refused up front, naming
+    the subcommand, the other task and the fix; nothing is written."""
+    root, out = _davis_root(tmp_path), tmp_path / "out"
+    common = ["--data", str(root), "--out", str(out), "--fvd", "off", "--num-grids", "0", "--no-progress"]
+    err = _eval_error(["i2v", "--preset", "vidim", *common], capsys)
+    assert "i2v: --preset vidim is an interpolation protocol" in err and "mardini-eval interpolation --preset " \
+        "vidim" in err and "i2v_middle17" in err, err
+    err = _eval_error(["interpolation", "--preset", "i2v_middle17", *common], capsys)
+    assert "interpolation: --preset i2v_middle17 is an i2v protocol" in err and "mardini-eval i2v" in err, err
+    proto = bm.ProtocolConfig(task="i2v", num_frames=5, height=16, width=16)
+    clips = bm.save_clips(tmp_path / "i2v_clips.json", bm.select_clips(root, proto), proto, root)
+    err = _eval_error(["interpolation", "--clips", str(clips), *common], capsys)
+    assert f"interpolation: --clips {clips} holds i2v clips" in err and f"mardini-eval i2v --clips {clips}" in err
+    assert not out.exists()
+    assert eval_main(["i2v", "--clips", str(clips), *common]) == 0  # the same task: used
+    assert json.loads((out / "results.json").read_text())["protocol"]["task"] == "i2v"
+
+
+def test_psnr_of_exact_matches_is_capped_not_inf(tmp_path, capsys):
+    """One identical frame (a static clip, a duplicated frame: common in UCF101) made a method's whole PSNR inf, in
+    results and progress bar. Capped at PSNR_MAX_DB per frame, as the learning benchmark's per-clip PSNR is."""
+    from mardini.evaluation.learning import clip_psnr
+
+    x = torch.rand(2, 5, 3, 8, 8) * 1.4 - 0.8  # room for +0.2 inside [-1, 1]
+    mask = torch.tensor([False, True, True, True, False])
+    y = x.clone()
+    y[1] += 0.2  # one clip off by 0.1 on [0, 1]: 20 dB; the other exact
+    assert clip_psnr(x, x, mask).tolist() == [PSNR_MAX_DB] * 2
+    assert psnr_frames(x[0, mask], y[0, mask]).tolist() == [PSNR_MAX_DB] * 3
+    assert psnr_frames(x[1, mask], y[1, mask]).tolist() == pytest.approx([20.0] * 3)
+    root = _davis_root(tmp_path, static=True)
+    out = tmp_path / "out"
+    assert eval_main(["interpolation", "--data", str(root), "--out", str(out), "--height", "16", "--width", "16",
+                      "--num-frames", "5", "--fvd", "off", "--num-grids", "0", "--baselines", "repeat_nearest"]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"]["repeat_nearest"]["psnr"] == PSNR_MAX_DB
+    bar = capsys.readouterr().err
+    assert "repeat_nearest 200.00 dB" in bar and "inf" not in bar
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_lpips_asked_for_by_name_must_load(tmp_path, capsys):
+    """--lpips FILE that does not load (missing, not weights) stops the run before any work, naming the reason; a
+    file only found in --weights-dir is skipped and results.md gives the real reason; one that loads is used."""
+    root, out = _davis_root(tmp_path), tmp_path / "out"
+    common = ["interpolation", "--data", str(root), "--out", str(out), "--height", "16", "--width", "16",
+              "--num-frames", "5", "--fvd", "off", "--num-grids", "0", "--no-progress"]
+    err = _eval_error([*common, "--lpips", str(tmp_path / "nope.pt")], capsys)
+    assert f"--lpips {tmp_path / 'nope.pt'}: LPIPS weights {tmp_path / 'nope.pt'} do not exist" in err, err
+    junk = tmp_path / "weights" / "alex.pth"
+    junk.parent.mkdir()
+    junk.write_text("not weights")
+    err = _eval_error([*common, "--lpips", str(junk)], capsys)
+    assert f"--lpips {junk}: {junk} is " in err and "TorchScript" in err, err
+    assert not out.exists()
+    assert eval_main([*common, "--weights-dir", str(junk.parent)]) == 0  # found, not asked for: skipped
+    note = (out / "results.md").read_text()
+    assert f"LPIPS not computed ({junk} is " in note and "no local LPIPS weights" not in note, note
+
+    class MeanAbs(torch.nn.Module):  # a TorchScript stand-in for LPIPS
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a - b).abs().mean(dim=(1, 2, 3))
+
+    scripted = tmp_path / "lpips.pt"
+    torch.jit.script(MeanAbs()).save(str(scripted))
+    assert eval_main([*common, "--out", str(tmp_path / "with"), "--lpips", str(scripted)]) == 0
+    assert json.loads((tmp_path / "with" / "results.json").read_text())["methods"]["linear_blend"]["lpips"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_fvd_size_is_both_or_neither_and_recorded(tmp_path, capsys):
+    """--height without --width was silently ignored (native size, not in the JSON): refused; the size used is
+    recorded. --i3d-batch-size 0 and an undecodable video are refused naming the flag / the file."""
+    weights = _colour_stats_detector(tmp_path / "weights").parent
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(2):
+        write_video(a / f"{i}.mp4", _moving_frames(9, 32, 32, seed=i))
+        write_video(b / f"{i}.mp4", _moving_frames(9, 32, 32, seed=i + 5))
+    common = ["fvd", str(a), str(b), "--weights-dir", str(weights), "--num-frames", "9", "--device", "cpu",
+              "--no-progress"]
+    err = _eval_error([*common, "--height", "24"], capsys)
+    assert "--height and --width resize together" in err and "only --height" in err, err
+    with pytest.raises(ValueError, match="both height and width"):
+        to_model_frames(_moving_frames(2, 16, 16, seed=0), height=4)
+    for size, expected in (([], (None, None)), (["--height", "24", "--width", "16"], (24, 16))):
+        assert eval_main([*common, *size, "--output", str(tmp_path / "fvd.json")]) == 0
+        res = json.loads((tmp_path / "fvd.json").read_text())
+        assert (res["height"], res["width"]) == expected, res
+    assert "--i3d-batch-size 0: give at least 1" in _eval_error([*common, "--i3d-batch-size", "0"], capsys)
+    (b / "bad.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    err = _eval_error(common, capsys)
+    assert f"cannot decode the video {b / 'bad.mp4'}" in err and "remove it from the folder or re-encode it" in err
+
+
+def test_cli_validates_before_making_the_output_folder(tmp_path, capsys):
+    """A refused run leaves no empty --out folder: a missing --data, a root without videos, --steps 0 (named)."""
+    out = tmp_path / "ev2"
+    common = ["interpolation", "--out", str(out), "--fvd", "off", "--no-progress"]
+    assert "--data /nope is not a folder" in _eval_error([*common, "--data", "/nope"], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no frame folders" in _eval_error([*common, "--data", str(tmp_path / "empty")], capsys)
+    root = _davis_root(tmp_path)
+    assert "--steps 0: the model's sampler needs at least 1 step" in _eval_error(
+        [*common, "--data", str(root), "--steps", "0", "--model", str(tmp_path / "any")], capsys)
+    assert not out.exists()
+
+
+def test_cli_model_window_shorter_than_the_clips_says_to_shorten_them(tmp_path, capsys):
+    """A model whose max_frames is below the clip length: the fix here is --num-frames, not long_video()."""
+    root, export = _davis_root(tmp_path), _tiny_export(tmp_path / "export", max_frames=5)
+    common = ["interpolation", "--data", str(root), "--out", str(tmp_path / "out"), "--height", "16", "--width",
+              "16", "--fvd", "off", "--num-grids", "0", "--no-progress", "--model", str(export), "--steps", "1"]
+    err = _eval_error(common, capsys)
+    assert "at most 5 frames (its max_frames), but the interpolation clips have 9: pass --num-frames <= 5" in err
+    assert "long_video" not in err and not (tmp_path / "out").exists()
+    assert eval_main([*common, "--num-frames", "5", "--max-clips", "1"]) == 0
 
 
 def test_eval_config_rejects_unknown_keys():

@@ -1006,6 +1006,51 @@ def test_cli_rejects_wrong_input_count(export_dir, cli_inputs, tmp_path, capsys)
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("task", ["i2v", "loop"])
+def test_cli_takes_a_one_frame_gif_as_an_image(export_dir, cli_inputs, tmp_path, task):
+    """A still GIF (a video of one frame) was refused by i2v and loop as "a video of 1 frames" while interpolate
+    took it as an image; it is one image everywhere."""
+    pngs, _ = cli_inputs
+    still = tmp_path / "still.gif"
+    iio.imwrite(still, iio.imread(pngs[0])[None], extension=".gif")
+    sample(export_dir, task, [still], tmp_path / task, "--no-preview")
+    frames = read_frames(tmp_path / task)  # PNG frames: the given one comes back exactly
+    assert len(frames) == (NUM_FRAMES if task == "i2v" else NUM_FRAMES - 1)
+    assert np.array_equal(frames[NUM_FRAMES // 2 if task == "i2v" else 0], read_frames(still)[0])
+
+
+def test_cli_expand_writes_at_the_input_videos_frame_rate(export_dir, tmp_path, capsys):
+    """A 24 fps clip expanded was written at the model's 8 fps without a word, its own frames playing 3x slower: it
+    is written at the clip's rate, with a note naming the model's and --fps, which still decides."""
+    from mardini.data.decode import PyAVReader
+
+    clip = tmp_path / "c24.mp4"
+    write_video(clip, torch.stack(images(3, seed=25)), fps=24)
+    sample(export_dir, "expand", [clip], tmp_path / "out.mp4", "--num-new", "2", "--no-preview")
+    out = capsys.readouterr().out
+    assert f"writing at 24 fps, the frame rate of {clip} (the model was trained at 8 fps; --fps sets another)" in out
+    assert "(5 frames, 32x32, 24 fps)" in out and PyAVReader(str(tmp_path / "out.mp4")).fps == 24
+    sample(export_dir, "expand", [clip], tmp_path / "at8.mp4", "--num-new", "2", "--no-preview", "--fps", "8")
+    assert "writing at" not in capsys.readouterr().out and PyAVReader(str(tmp_path / "at8.mp4")).fps == 8
+
+
+def test_cli_help_says_loop_writes_one_frame_less(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "loop: a seamless loop of one image (writes --num-frames - 1 frames" in text
+    assert "loop writes one frame less, its repeated last frame dropped" in text
+
+
+def test_cli_model_given_a_file_says_it_is_not_an_export_folder(export_dir, cli_inputs, tmp_path, capsys):
+    pngs, _ = cli_inputs
+    with pytest.raises(SystemExit) as exit_:
+        sample(export_dir / "config.json", "i2v", pngs[:1], tmp_path / "a.mp4")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and (f"--model {export_dir / 'config.json'} is a file, not an export folder: give "
+                                      f"the export folder ({export_dir}?)") in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cli_names_a_missing_device_and_an_unreadable_export(export_dir, cli_inputs, tmp_path, capsys):
     pngs, _ = cli_inputs
@@ -1115,6 +1160,25 @@ def test_wrong_image_shapes_raise(pipe, bad):
         pipe({0: bad}, num_steps=1)
     with pytest.raises(ValueError):
         pipe.long_video({0: bad, 19: torch.zeros(3, 32, 32)}, 20, num_steps=1, progress=False)
+
+
+def test_zero_or_negative_counts_name_the_argument(pipe):
+    """long_video(stride=0) failed inside range() ("arg 3 must not be zero") and num_frames=0 silently meant the
+    default window: every count below 1 is refused naming its argument."""
+    first, last = images(2, seed=26)
+    kw = dict(num_steps=1, progress=False)
+    for call, name in ((lambda: pipe.long_video({0: first}, 20, stride=0, **kw), "stride"),
+                       (lambda: pipe.long_video({0: first, 19: last}, 20, context=-1, **kw), "context"),
+                       (lambda: pipe.long_video({0: first}, 0, **kw), "num_frames"),
+                       (lambda: pipe.expand([first], 0, **kw), "num_new"),
+                       (lambda: pipe.interpolate(first, last, 0, num_steps=1), "num_frames"),
+                       (lambda: pipe.image_to_video(first, num_frames=-2, num_steps=1), "num_frames"),
+                       (lambda: pipe.loop(first, 0, num_steps=1), "num_frames"),
+                       (lambda: pipe({0: first}, num_steps=0), "num_steps"),
+                       (lambda: pipe.generate_clips(torch.zeros(1, 3, 3, HEIGHT, WIDTH), torch.tensor(
+                           [False, True, False]), [0], batch_size=0), "batch_size")):
+        with pytest.raises(ValueError, match=f"^{name} must be an integer >= 1, got -?[0-9]"):
+            call()
 
 
 def test_bad_task_arguments_raise(pipe):

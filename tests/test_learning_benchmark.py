@@ -408,6 +408,53 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
+def demo_quality():
+    """benchmarks/demo_quality.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_quality", REPO / "benchmarks" / "demo_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_quality_takes_the_vae_folder_of_a_moved_export(monkeypatch):
+    """The missing-VAE error tells the user to pass --vae DIR; demo_quality.py once had no such option."""
+    loaded = []
+    monkeypatch.setattr(MarDiniPipeline, "from_pretrained",
+                        lambda path, **kwargs: loaded.append(kwargs) or random_pipeline())
+    report = demo_quality().main(["export", "--vae", "/elsewhere/sd", "--data", "synthetic", "--clips", "2",
+                                  "--steps", "1", "--i2v-seeds", "0", "--no-ablations", "--no-progress",
+                                  "--device", "cpu"])
+    assert loaded == [dict(weights="ema", device="cpu", vae="/elsewhere/sd")] and report["clips"] == 2
+
+
+def test_demo_quality_warns_when_the_data_given_is_the_models_training_data(tmp_path, monkeypatch, capsys):
+    """--data naming the manifest (or folder) the model trained on is scored, but said not to be held out; its
+    held-out counterpart, or the same file by another path, is compared resolved."""
+    from mardini.data.counter_videos import write_test_video
+    from mardini.data.manifest import write_manifest
+
+    video = write_test_video(tmp_path / "a.mp4", num_frames=12, fps=8, height=16, width=16)
+    for name in ("train.csv", "val.csv"):
+        write_manifest(tmp_path / name, [{"path": str(video)}])
+    bench, pipe = demo_quality(), random_pipeline()
+    pipe.config["data"] = {"source": "video", "video": {"root": str(tmp_path / "train.csv")}}
+    monkeypatch.chdir(tmp_path)
+    _, where = bench.load_clips(pipe, "./train.csv", 1)
+    err = capsys.readouterr().err
+    assert "warning: --data ./train.csv is the data this model was trained on (data.video.root" in err, err
+    assert "not held-out" in err and "not held out" in where
+    _, where = bench.load_clips(pipe, "val.csv", 1)
+    assert "warning" not in capsys.readouterr().err and where == "video files of val.csv"
+    # trained from a latent cache: the videos it was cached from, where the cache records them
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"dataset": {"config": {"root": "train.csv"}}}))
+    assert bench.training_roots({"source": "cache", "cache_dir": str(tmp_path / "cache")}) == {
+        (tmp_path / "train.csv").resolve(): "the videos of data.cache_dir"}
+    assert bench.training_roots({"source": "cache", "cache_dir": str(tmp_path / "gone")}) == {}
+
+
 def test_guidance_zero_samples_from_the_null_plan_and_reaches_every_figure(monkeypatch):
     """--guidance (learning_report's guidance_scale) samples with classifier-free guidance on the plan: at 0 a sample
     is the one the null plan alone gives (the plan replaced by it, unguided), at 1 the unguided sample; the

@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 
 from helpers_training import tiny_config
 from mardini.evaluation.i3d import InceptionI3d
+from mardini.evaluation.metrics import PSNR_MAX_DB
 from mardini.training.trainer import Trainer
 
 
@@ -24,7 +26,7 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     reference = next(iter(trainer._fvd_cache.values()))
     assert trainer.evaluate() == first
     # the same metrics on methods that return the validation clips themselves, plus noise: the clips score
-    # perfectly (PSNR inf, SSIM 1, FVD ~0), and every metric gets worse as the noise grows
+    # perfectly (PSNR at its 200 dB cap, SSIM 1, FVD ~0), and every metric gets worse as the noise grows
     from mardini.evaluation.fvd import periodic_fvd
 
     clips = trainer.validation_clips(2)
@@ -35,7 +37,7 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     # the second evaluation and these calls reused the reference features (the same object, not recomputed)
     assert len(trainer._fvd_cache) == 1 and next(iter(trainer._fvd_cache.values())) is reference
     psnr, ssim, fvd = ([scores[s][f"val/interpolation_{m}"] for s in (0.0, 0.1, 0.5)] for m in ("psnr", "ssim", "fvd"))
-    assert psnr[0] == math.inf and psnr[1] > psnr[2] and ssim[0] == 1.0 and ssim[1] > ssim[2], (psnr, ssim)
+    assert psnr[0] == PSNR_MAX_DB and psnr[1] > psnr[2] and ssim[0] == 1.0 and ssim[1] > ssim[2], (psnr, ssim)
     assert abs(fvd[0]) < 1e-6 * fvd[1] and fvd[1] < fvd[2], fvd
     # a model that has never trained (2 sampler steps) is imperfect: on both tasks its PSNR is below that of the
     # clips with mild noise, and its FVD is above theirs
@@ -84,3 +86,16 @@ def test_validation_samples_in_the_training_precision_and_fvd_features_in_fp32(t
         assert len(seen["generator"]) > 4 and all(x is autocast for x in seen["generator"]), (precision, seen)
         assert seen["i3d"] and not any(seen["i3d"]), seen["i3d"]
         trainer._release_lock()
+
+
+def test_validation_psnr_is_the_benchmarks_capped_psnr():
+    """A static clip (a generated frame equal to its target) must not turn the run's validation PSNR into inf, nor
+    make it disagree with mardini-eval's figure for the same frames."""
+    from mardini.evaluation.metrics import psnr_frames
+    from mardini.training.sampling import psnr
+
+    frames = torch.rand(3, 3, 8, 8) * 2 - 1  # [T, 3, H, W] in [-1, 1]
+    assert psnr(frames, frames) == PSNR_MAX_DB
+    noisy = (frames + 0.05 * torch.randn_like(frames)).clamp(-1, 1)
+    whole = float(psnr_frames(noisy.flatten(0, 1)[None], frames.flatten(0, 1)[None])[0])
+    assert psnr(noisy, frames) == pytest.approx(whole, abs=1e-6)

@@ -274,6 +274,29 @@ def test_make_manifest_script(good_folder, tmp_path):
     assert len(elsewhere) == 4 and all(elsewhere[i]["num_skipped"] == 0 for i in range(4))
 
 
+def test_make_manifest_refuses_a_bad_output_or_source_before_probing(good_folder, tmp_path, monkeypatch, capsys):
+    """A wrong output suffix was found after every video had been probed, and a missing source was reported as a
+    suffix ''; both, and an unreadable manifest, are now one line and exit status 2 before any file is probed."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_manifest
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(make_manifest, "probe_files", lambda *a, **k: pytest.fail("probed before checking"))
+    (tmp_path / "nopath.csv").write_text("file\nx.mp4\n")
+    for args, message in (([good_folder, tmp_path / "man.txt"], "output " + str(tmp_path / "man.txt") +
+                           ": a manifest's name ends in .csv or .jsonl (its format), not .txt"),
+                          ([good_folder, "m.csv", "--bad", "bad.txt"], "--bad bad.txt: a manifest's name ends in"),
+                          ([tmp_path / "nope", "m.csv"], f"source {tmp_path / 'nope'}: no such folder or manifest"),
+                          ([good_folder / "a.mp4", "m.csv"], "give a folder of videos or a .csv or .jsonl manifest"),
+                          ([tmp_path / "nopath.csv", "m.csv"], "the CSV header must have a 'path' column")):
+        with pytest.raises(SystemExit) as exit_:
+            make_manifest.main([*map(str, args), "--quiet"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("make_manifest.py: error: ") and message in err, (args, err)
+    assert not (tmp_path / "man.txt").exists()
+
+
 @pytest.mark.parametrize("split", ["train", "all"])
 def test_a_missing_or_empty_video_folder_is_named_by_its_key(tmp_path, split, monkeypatch):
     """A relative data.video.root read from another working folder, or a folder without videos: the message names

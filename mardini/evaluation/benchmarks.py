@@ -269,7 +269,7 @@ def load_clip(root: str | Path, clip: Clip, protocol: ProtocolConfig, sources: d
 
 
 def _mean(values: list[float]) -> float | None:
-    """Mean of per-frame (or per-clip) scores; inf when any is +inf (a perfect PSNR), None when empty."""
+    """Mean of per-frame (or per-clip) scores, None when empty."""
     return float(np.mean(values)) if values else None
 
 
@@ -314,16 +314,19 @@ def markdown_table(results: dict) -> str:
 def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str | Path,
                   protocol: ProtocolConfig | None = None, clips_file: str | Path | None = None,
                   extractor=None, lpips=None, num_grids: int = 4, fps: int = 8, fvd_batch: int = 8,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, lpips_skipped: str | None = None) -> dict:
     """Score every method on the protocol's clips; write results.json, results.md, clips.json, samples/*.mp4.
     progress: a bar over the clips with each method's running PSNR (a benchmark of a large model takes hours).
+    lpips_skipped: why lpips is None, for the notes (a file that failed to load is not "no weights").
 
     clips_file: an existing file is read and its clips and protocol reused (a protocol passed too must agree);
     a missing one is written with the freshly selected clips. Either way a copy is written to out_dir/clips.json.
-    Returns the results dict (floats; inf where a score is infinite).
+    Returns the results dict (floats; PSNR at most metrics.PSNR_MAX_DB, finite for exact matches).
     """
     root, out_dir = Path(root), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not methods:
+        raise ValueError("no methods to evaluate")
+    # out_dir is made only once the clips are chosen: a bad root or clips file leaves no empty folder behind
     if clips_file is not None and Path(clips_file).is_file():
         clips, file_protocol = load_clips(clips_file)
         if protocol is not None and asdict(protocol) != asdict(file_protocol):
@@ -334,9 +337,7 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
         clips = select_clips(root, protocol)
         if clips_file is not None:
             save_clips(clips_file, clips, protocol, root)
-    save_clips(out_dir / "clips.json", clips, protocol, root)
-    if not methods:
-        raise ValueError("no methods to evaluate")
+    save_clips(out_dir / "clips.json", clips, protocol, root)  # makes out_dir
 
     sources = {s.id: s for s in list_videos(root)}
     mask = protocol.mask()
@@ -399,7 +400,7 @@ def run_benchmark(root: str | Path, methods: Mapping[str, Method], out_dir: str 
             notes.append(f"FVD on {protocol.num_frames}-frame clips: frames repeated to reach I3D's 9-frame minimum "
                          f"(both sets alike), a deviation from FVD-16")
     if lpips is None:
-        notes.append("LPIPS not computed (no local LPIPS weights)")
+        notes.append(f"LPIPS not computed ({lpips_skipped or 'no local LPIPS weights'})")
     method_results = {}
     for name in methods:
         fs = frame_scores[name]

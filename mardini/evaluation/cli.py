@@ -5,7 +5,8 @@
     mardini-eval i2v --data ROOT --out DIR [--model EXPORT] ...
 
 The benchmarks score baselines (--baselines; by default repeat_nearest and linear_blend for interpolation,
-repeat_nearest for i2v, where a blend of one frame is that frame) and, with --model, the model. FVD needs I3D
+repeat_nearest for i2v, where a blend of one frame is that frame) and, with --model, the model; a --preset or
+--clips file must be of the subcommand's task. FVD needs I3D
 weights: --i3d FILE, else the first of i3d_pretrained_400.pt / i3d_torchscript.pt in --weights-dir (default
 $MARDINI_WEIGHTS or ../shared/weights/). Nothing is downloaded (see scripts/download_weights.py).
 """
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("folder_a")
     f.add_argument("folder_b")
     f.add_argument("--num-frames", type=int, default=16, help="first N frames of each video (FVD-16)")
-    f.add_argument("--height", type=int, default=None, help="resize/crop videos first (default: native size)")
+    f.add_argument("--height", type=int, default=None, help="resize/crop videos first, with --width (default: "
+                                                               "native size; the output records the size)")
     f.add_argument("--width", type=int, default=None)
     f.add_argument("--max-videos", type=int, default=None)
     f.add_argument("--output", default=None, help="write the result as JSON here")
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"baselines scored beside the model (default: {' '.join(defaults)})")
         b.add_argument("--fvd", default="auto", choices=("auto", "off", "require"),
                        help="auto: FVD when I3D weights are found; require: fail without them")
-        b.add_argument("--lpips", default=None, help="local LPIPS weights (TorchScript or lpips' alex.pth)")
+        b.add_argument("--lpips", default=None, help="local LPIPS weights (TorchScript or lpips' alex.pth); one that "
+                       "does not load stops the run (found in --weights-dir instead: skipped, with the reason)")
         b.add_argument("--num-grids", type=int, default=4, help="sample grid videos to write")
         b.add_argument("--fps", type=int, default=8, help="frame rate of the grid videos (default: 8)")
         _add_i3d_args(b)
@@ -143,10 +146,29 @@ def run_fvd(args) -> dict:
     return result
 
 
-def run_protocol(args) -> dict:
-    from .benchmarks import BASELINES, PipelineMethod, load_clips, run_benchmark
+def _lpips(args):
+    """(LPIPS function or None, why None). --lpips named a file: any failure to load it stops the run; a file only
+    found in the weights folder is skipped with its reason, which results.md then gives."""
     from .metrics import load_lpips
     from .weights import find_lpips_weights
+
+    if args.lpips:
+        try:
+            return load_lpips(args.lpips, device=args.device), None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--lpips {args.lpips}: {e}") from None
+    path = find_lpips_weights(args.weights_dir)
+    if path is None:
+        return None, "no LPIPS weights: --lpips FILE, or lpips_alex_torchscript.pt / alex.pth in --weights-dir"
+    try:
+        return load_lpips(path, device=args.device), None
+    except (OSError, ValueError) as e:
+        log.warning("LPIPS skipped: %s", e)
+        return None, str(e)
+
+
+def run_protocol(args) -> dict:
+    from .benchmarks import BASELINES, PipelineMethod, load_clips, run_benchmark
 
     clips_exist = args.clips is not None and Path(args.clips).is_file()
     protocol = None
@@ -174,40 +196,71 @@ def run_protocol(args) -> dict:
             if args.fvd == "require":
                 raise FileNotFoundError(f"--fvd require, but {where}; pass --i3d or --weights-dir, or --fvd auto")
             log.warning("FVD skipped: %s", where)
+    lpips, lpips_skipped = _lpips(args)  # before the model too: a bad --lpips fails first
     methods = {b: BASELINES[b] for b in args.baselines}
     if args.model:
-        methods[args.model_name] = PipelineMethod.from_pretrained(args.model, device=args.device, vae=args.vae,
-                                                                  num_steps=args.steps, seed=args.model_seed)
-    lpips_path = args.lpips or find_lpips_weights(args.weights_dir)
-    lpips = load_lpips(lpips_path, device=args.device) if lpips_path else None
+        model = PipelineMethod.from_pretrained(args.model, device=args.device, vae=args.vae, num_steps=args.steps,
+                                               seed=args.model_seed)
+        max_frames = model.pipe.model.cfg.max_frames
+        if protocol.num_frames > max_frames:  # checked here: the pipeline's own error points to long_video()
+            fix = f"pass --num-frames <= {max_frames}" + (" with another --clips path" if clips_exist else "")
+            raise ValueError(f"--model {args.model} generates at most {max_frames} frames (its max_frames), but the "
+                             f"{protocol.task} clips have {protocol.num_frames}: {fix}")
+        methods[args.model_name] = model
     results = run_benchmark(args.data, methods, args.out, protocol=None if clips_exist else protocol,
                             clips_file=args.clips, extractor=extractor, lpips=lpips, num_grids=args.num_grids,
-                            fps=args.fps, fvd_batch=args.i3d_batch_size, progress=not args.no_progress)
+                            fps=args.fps, fvd_batch=args.i3d_batch_size, progress=not args.no_progress,
+                            lpips_skipped=lpips_skipped)
     print((Path(args.out) / "results.md").read_text())
     return results
 
 
-def check_paths_and_lengths(args) -> None:
-    """Before any video is read: an FVD length I3D can take, an output folder that is not a file."""
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Before any weights, model or video is read, and before --out is made: arguments that cannot work or that
+    contradict each other, each refused with one argparse-style line (exit status 2)."""
+    from .benchmarks import load_clips
     from .i3d import MIN_FRAMES
 
-    if args.command == "fvd" and args.num_frames < MIN_FRAMES:
-        raise ValueError(f"--num-frames {args.num_frames}: I3D needs at least {MIN_FRAMES} frames per video "
+    if args.i3d_batch_size < 1:
+        parser.error(f"--i3d-batch-size {args.i3d_batch_size}: give at least 1 (videos per I3D forward)")
+    if args.command == "fvd":
+        if args.num_frames < MIN_FRAMES:
+            parser.error(f"--num-frames {args.num_frames}: I3D needs at least {MIN_FRAMES} frames per video "
                          f"(FVD-16 compares 16)")
-    if args.command != "fvd" and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file: give a folder for the results, grids and clips")
+        if (args.height is None) != (args.width is None):
+            parser.error(f"--height and --width resize together: give both, or neither for the native size (got "
+                         f"only {'--height' if args.width is None else '--width'})")
+        return
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: the model's sampler needs at least 1 step")
+    if not Path(args.data).is_dir():  # a file the user names: an error --debug shows with its traceback
+        raise FileNotFoundError(f"--data {args.data} is not a folder (the dataset root: frame folders or video files)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder for the results, grids and clips")
+    # the subcommand picks the baselines, a preset or clips file the protocol: they must be of the same task
+    if args.preset and PROTOCOLS[args.preset].task != args.command:
+        task = PROTOCOLS[args.preset].task
+        others = sorted(name for name, p in PROTOCOLS.items() if p.task == args.command)
+        parser.error(f"{args.command}: --preset {args.preset} is an {task} protocol; run `mardini-eval {task} "
+                     f"--preset {args.preset}`, or give an {args.command} preset ({', '.join(others)})")
+    if args.clips and Path(args.clips).is_file():
+        task = load_clips(args.clips)[1].task
+        if task != args.command:
+            parser.error(f"{args.command}: --clips {args.clips} holds {task} clips; run `mardini-eval {task} "
+                         f"--clips {args.clips}`, or give {args.command} a clips file of its own (a new path)")
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..cli import interrupts, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     with interrupts("mardini-eval", args.debug), user_errors("mardini-eval", args.debug):
         from ..inference.cli import check_device
 
         check_device(args.device)
-        check_paths_and_lengths(args)
+        check_arguments(parser, args)
         if args.command == "fvd":
             run_fvd(args)
         else:

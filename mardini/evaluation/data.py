@@ -87,12 +87,18 @@ def count_frames(source: VideoSource) -> int:
 
 
 def _read_all_pyav(path: Path) -> np.ndarray:
-    """Every frame, decoded with PyAV, as uint8 [T, H, W, 3]."""
+    """Every frame, decoded with PyAV, as uint8 [T, H, W, 3]. A file PyAV cannot decode raises a ValueError that
+    names it and the fix (FFmpeg's own message, e.g. "[Errno 1094995529] Invalid data ...", says neither)."""
     import av
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError) as e:  # IndexError: a file without a video stream
+        reason = getattr(e, "strerror", None) or "no video stream"
+        raise ValueError(f"cannot decode the video {path} ({reason}): remove it from the folder or re-encode it "
+                         f"(e.g. ffmpeg -i {path.name} -c:v libx264 fixed.mp4)") from None
     if not frames:
         raise ValueError(f"no video frames could be decoded from {path}")
     return np.stack(frames)
@@ -115,9 +121,12 @@ def read_frames(source: VideoSource, indices: Sequence[int] | None = None) -> np
 
 def to_model_frames(frames: np.ndarray, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [T, 3, height, width] in [-1, 1]: scale so the frame covers the target
-    (bilinear, antialiased), then centre crop. No resizing when height/width are None."""
+    (bilinear, antialiased), then centre crop. No resizing when both height and width are None; one alone is an
+    error (it would silently mean no resize)."""
+    if (height is None) != (width is None):
+        raise ValueError(f"give both height and width to resize, or neither (got height={height}, width={width})")
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if height is None or width is None:
+    if height is None:
         return x
     h, w = x.shape[-2:]
     if (h, w) != (height, width):

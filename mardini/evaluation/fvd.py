@@ -234,7 +234,8 @@ def fvd_folders(folder_a: str | Path, folder_b: str | Path, extractor: Extractor
     """FVD between two folders of videos (mp4/avi/... files and/or frame folders, any mix); progress: a bar per
     folder counting its videos.
 
-    Returns {"fvd", "num_videos_a", "num_videos_b", "skipped_a", "skipped_b", "num_frames"}."""
+    Returns {"fvd", "num_videos_a", "num_videos_b", "skipped_a", "skipped_b", "num_frames", "height", "width"}
+    (height, width: the size videos were resized to, None for their native size: FVD depends on it)."""
     def stats_of(folder, count: dict) -> FeatureStats:
         batches = iter_folder_batches(folder, num_frames, batch_size, height, width, max_videos, count)
         return accumulate(batches, extractor, progress=f"I3D features of {folder}" if progress else None)
@@ -247,7 +248,7 @@ def fvd_folders(folder_a: str | Path, folder_b: str | Path, extractor: Extractor
                              f"{count['used']} ({count['skipped']} too short)")
     return {"fvd": fvd_from_stats(stats_a, stats_b, extractor_ddof(extractor, ddof)), "num_videos_a": count_a["used"],
             "num_videos_b": count_b["used"], "skipped_a": count_a["skipped"], "skipped_b": count_b["skipped"],
-            "num_frames": num_frames}
+            "num_frames": num_frames, "height": height, "width": width}
 
 
 def fvd_model_vs_reference(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -30,7 +30,7 @@ comes with the baseline it must beat, computed on the same held-out clips:
   the scene moves and where it does not (beside the blend and beside just rescaling the noisy input). The sampler
   ends on the estimates at low t, so a model that cannot return its nearly clean input there caps every sample.
 
-PSNR is per clip over its generated frames, then averaged over clips.
+PSNR is per clip over its generated frames (at most metrics.PSNR_MAX_DB), then averaged over clips.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ..data.latent_cache import encode_given
 from ..masking import task_mask
 from ..models.layers import patchify
 from .benchmarks import linear_blend, repeat_nearest
-from .metrics import unit_range_pair, ssim_frames
+from .metrics import psnr_from_mse, ssim_frames, unit_range_pair
 
 POSTERIOR_T = 0.999  # "pure noise": t = 1 is outside the training range (0, 1)
 
@@ -98,8 +98,8 @@ def squared_errors(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def clip_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """PSNR per clip over its generated frames -> [N] (dB)."""
-    return -10.0 * torch.log10(squared_errors(pred, target, mask).mean(1).clamp_min(1e-20))
+    """PSNR per clip over its generated frames -> [N] (dB, at most metrics.PSNR_MAX_DB)."""
+    return psnr_from_mse(squared_errors(pred, target, mask).mean(1))
 
 
 def pooled_mse(pred: Tensor, target: Tensor, mask: Tensor) -> float:
@@ -346,7 +346,7 @@ def _region_psnr(pred: Tensor, target: Tensor, region: Tensor) -> float:
         return math.nan
     p, t = unit_range_pair(pred.flatten(0, 1), target.flatten(0, 1))                     # [N T', 3, H, W]
     err = (p - t).pow(2).mean(1)                                                          # [N T', H, W]
-    return float(-10.0 * torch.log10(err[region.flatten(0, 1)].mean().clamp_min(1e-20)))
+    return float(psnr_from_mse(err[region.flatten(0, 1)].mean()))
 
 
 @torch.no_grad()

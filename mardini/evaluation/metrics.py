@@ -4,6 +4,11 @@ All functions take pixel tensors in [-1, 1] (this project's convention) shaped [
 one value per frame; they are computed on the [0, 1] scale (data range 1). For video tasks, evaluate only the
 generated frames (``mask`` True): given frames are copies of the input and would inflate every score.
 
+PSNR is capped at PSNR_MAX_DB (the MSE floored at 1e-20): a frame identical to its target scores 200 dB, not inf,
+so that one exact match (a static clip, a duplicated frame) does not make a whole dataset's mean inf. No nonzero
+8-bit error reaches the cap (one grey level off in one pixel of a 4K frame is ~122 dB). The learning benchmark's
+per-clip PSNR uses the same cap (psnr_from_mse).
+
 SSIM follows Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, weighted local
 statistics with population (not sample) variances, computed per RGB channel over the "valid" region (no padding)
 and averaged over channels and pixels. Frames smaller than 11 pixels use the largest odd window that fits.
@@ -11,18 +16,16 @@ and averaged over channels and pixels. Frames smaller than 11 pixels use the lar
 
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+PSNR_MAX_DB = 200.0  # PSNR of an exact match (see the module docstring)
 
 
 def unit_range_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +41,15 @@ def unit_range_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     return (pred.double().clamp(-1, 1) + 1) / 2, (target.double().clamp(-1, 1) + 1) / 2
 
 
+def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB (data range 1) of mean squared errors, at most PSNR_MAX_DB: finite for an exact match."""
+    return -10.0 * torch.log10(mse.clamp_min(10.0 ** (-PSNR_MAX_DB / 10)))
+
+
 def psnr_frames(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per frame ([N] float64); inf where a frame is identical to its target."""
+    """PSNR in dB per frame ([N] float64); PSNR_MAX_DB (200) where a frame is identical to its target."""
     p, t = unit_range_pair(pred, target)
-    mse = (p - t).pow(2).flatten(1).mean(1)
-    return torch.where(mse == 0, torch.full_like(mse, math.inf), -10.0 * torch.log10(mse.clamp_min(1e-300)))
+    return psnr_from_mse((p - t).pow(2).flatten(1).mean(1))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
@@ -99,19 +106,20 @@ def masked_frame_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 # ------------------------------------------------------------------------------------------------ LPIPS
 def load_lpips(path: str | Path | None, device="cpu") -> Callable | None:
-    """LPIPS from local weights only, or None (with the reason logged). No download is ever attempted.
+    """LPIPS from local weights only (None for no path). No download is ever attempted.
 
     path may be (a) a TorchScript module taking two [N, 3, H, W] tensors in [-1, 1] and returning N distances
     (export one once with the ``lpips`` package: ``torch.jit.trace(lpips.LPIPS(net='alex'), (x, y))``), or
     (b) the linear-layer weights file of the ``lpips`` package (e.g. ``alex.pth``), used when that package is
     installed and its backbone weights are already in the torch hub cache.
+    Raises FileNotFoundError / ValueError naming the reason when the file cannot be used: the caller decides
+    whether that stops the run (weights asked for by name) or only skips LPIPS (weights found in a folder).
     """
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
-        log.warning("LPIPS skipped: %s does not exist", path)
-        return None
+        raise FileNotFoundError(f"LPIPS weights {path} do not exist")
     try:
         module = torch.jit.load(str(path), map_location=device).eval()
         return lambda a, b: module(a.to(device), b.to(device)).flatten().cpu()
@@ -119,12 +127,15 @@ def load_lpips(path: str | Path | None, device="cpu") -> Callable | None:
         pass
     try:
         import lpips as lpips_pkg  # optional; not a dependency of this project
-
+    except ImportError:
+        raise ValueError(f"{path} is not a TorchScript LPIPS module, and the lpips package that reads its own "
+                         f"weights files (alex.pth) is not installed: pip install lpips, or give a TorchScript "
+                         f"export") from None
+    try:
         net = lpips_pkg.LPIPS(net=path.stem if path.stem in ("alex", "vgg", "squeeze") else "alex",
                               model_path=str(path), verbose=False).to(device).eval()
     except Exception as exc:  # noqa: BLE001
-        log.warning("LPIPS skipped: could not load %s (%s)", path, exc)
-        return None
+        raise ValueError(f"{path} is neither a TorchScript LPIPS module nor lpips weights ({exc})") from None
 
     @torch.no_grad()
     def distance(a, b):

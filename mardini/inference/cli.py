@@ -34,14 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ArgumentParser(prog="mardini-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="export folder (config.json + model.safetensors) or checkpoint")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=TASKS,
+                   help="interpolate: frames between two images; i2v: a video around one image; expand: continue "
+                        "a clip; loop: a seamless loop of one image (writes --num-frames - 1 frames: the window's "
+                        "last frame, a repeat of the first, is dropped); slow_motion: frames between consecutive "
+                        "images; long: any length from one or more images")
     p.add_argument("--inputs", nargs="+", required=True,
-                   help="input images in order (interpolate: first last; i2v/loop: one; slow_motion/long: several); "
-                        "expand: one video file or several images")
+                   help="input images in order (interpolate: first last; i2v/loop: one, or a one-frame video or "
+                        "GIF; slow_motion/long: several); expand: one video file or several images")
     p.add_argument("--output", required=True, help="out.mp4, out.gif, or a folder for PNG frames")
     p.add_argument("--num-frames", type=positive_int, default=None,
-                   help="interpolate, i2v, loop: window length (default: the training window); long: total "
-                        "output frames; not for expand (--num-new) or slow_motion (--factor)")
+                   help="interpolate, i2v, loop: window length (default: the training window; loop writes one "
+                        "frame less, its repeated last frame dropped); long: total output frames; not for expand "
+                        "(--num-new) or slow_motion (--factor)")
     # Options of one task or two (TASK_OPTIONS): None here, so that one given to another task is refused.
     p.add_argument("--position", help="i2v: first | middle | last | an index (default: middle)")
     p.add_argument("--positions", type=int, nargs="*",
@@ -69,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded (an export copied from another machine)")
     p.add_argument("--attn-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="attention backend (default: the trained one where it runs on --device, else sdpa)")
-    p.add_argument("--fps", type=positive_int, default=None, help="output frame rate (default: the model's)")
+    p.add_argument("--fps", type=positive_int, default=None, help="output frame rate (default: the model's; "
+                   "expand from a video: the video's, so that its frames play at their speed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the networks and the VAE: faster "
@@ -91,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 VIDEO_INPUTS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif")
 
 
-def read_inputs(paths: list[str]) -> list[np.ndarray]:
-    """uint8 [H, W, 3] frames: every image, or the frames of a single video file. Errors name the file."""
+def read_inputs(paths: list[str]) -> tuple[list[np.ndarray], float | None]:
+    """(uint8 [H, W, 3] frames, the video's frame rate): every image (None), or the frames of a single video file.
+    A one-frame video (a still GIF) is an image, its rate None. Errors name the file."""
     from ..data.decode import read_clip
 
     for path in paths:
@@ -100,7 +107,8 @@ def read_inputs(paths: list[str]) -> list[np.ndarray]:
             raise FileNotFoundError(f"--inputs: {path} does not exist" + (" (it is a folder)" if Path(path).is_dir()
                                                                           else ""))
     if len(paths) == 1 and Path(paths[0]).suffix.lower() in VIDEO_INPUTS:
-        return list(read_clip(paths[0], lambda n, fps: list(range(n)))[0])
+        frames, _, fps = read_clip(paths[0], lambda n, fps: list(range(n)))
+        return list(frames), (fps if len(frames) > 1 else None)
     from PIL import Image
 
     from .pipeline import rgb_array
@@ -112,7 +120,7 @@ def read_inputs(paths: list[str]) -> list[np.ndarray]:
                 frames.append(rgb_array(image))  # 16-bit images kept at 16 bits (PIL's RGB clips them)
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for a bad file
             raise ValueError(f"--inputs: cannot read {path} as an image ({type(e).__name__}: {e})") from None
-    return frames
+    return frames, None
 
 
 def resize_note(paths: list[str], frames: list[np.ndarray], height: int, width: int) -> str | None:
@@ -238,7 +246,8 @@ def check_arguments(args, inputs: list) -> None:
     low, high, what = INPUT_COUNTS[args.task]
     video = len(args.inputs) == 1 and Path(args.inputs[0]).suffix.lower() in VIDEO_INPUTS
     got = f"a video of {len(inputs)} frames" if video else f"{len(inputs)} image(s)"
-    if len(inputs) < low or (high is not None and len(inputs) > high) or (video and high == 1):
+    # A one-frame video (a still GIF) is an image, for i2v and loop as among interpolate's two inputs.
+    if len(inputs) < low or (high is not None and len(inputs) > high) or (video and high == 1 and len(inputs) > 1):
         raise ValueError(f"--task {args.task} takes {what} as --inputs, got {got}")
     if args.seed is not None and args.seeds is not None:
         raise ValueError(f"--seed {args.seed} and --seeds {' '.join(map(str, args.seeds))}: give one of them")
@@ -280,7 +289,7 @@ def check_device(device: str) -> None:
 def generate(args, pipe, inputs: list | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One (video [N, 3, H, W], given [N] bool) per seed, as each is made: the caller writes it before the next
     seed starts, so that a failure or an interrupt keeps the seeds already done."""
-    inputs = read_inputs(args.inputs) if inputs is None else inputs
+    inputs = read_inputs(args.inputs)[0] if inputs is None else inputs
     seeds = args.seeds or [args.seed]
     kw = dict(num_steps=args.steps, guidance_scale=args.guidance)
     for seed in seeds:
@@ -314,6 +323,16 @@ def generate(args, pipe, inputs: list | None = None) -> Iterator[tuple[torch.Ten
         yield v, given
 
 
+def output_fps(args, input_fps: float | None, model_fps: int) -> float:
+    """--fps; else, expanding a video, the video's own rate, with a note (at the model's rate its frames would play
+    slower or faster than recorded); else the model's."""
+    if args.fps or args.task != "expand" or not input_fps or round(input_fps, 3) == model_fps:
+        return args.fps or model_fps
+    print(f"writing at {input_fps:g} fps, the frame rate of {args.inputs[0]} (the model was trained at "
+          f"{model_fps} fps; --fps sets another)")
+    return input_fps
+
+
 def _output_path(base: Path, seed: int, many: bool) -> Path:
     if not many:
         return base
@@ -338,6 +357,11 @@ def sample(args) -> None:
     from .pipeline import MarDiniPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if Path(args.model).is_file():
+        parent = Path(args.model).parent
+        hint = f" ({parent}?)" if (parent / "config.json").is_file() else ""
+        raise ValueError(f"--model {args.model} is a file, not an export folder: give the export folder{hint} "
+                         f"(config.json + model.safetensors) or a training checkpoint folder")
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such folder (give an export folder with config.json, "
                                 f"or a training checkpoint folder)")
@@ -348,7 +372,7 @@ def sample(args) -> None:
         check_fp8_device(args.device)  # before the model loads
     if args.attn_backend is not None:
         check_backend(args.attn_backend, args.device, DTYPES[args.dtype], "--attn-backend")
-    inputs = read_inputs(args.inputs)
+    inputs, input_fps = read_inputs(args.inputs)
     check_arguments(args, inputs)
     check_outputs(args)
     config = read_config(args.model)
@@ -367,7 +391,7 @@ def sample(args) -> None:
     note = resize_note(args.inputs, inputs, pipe.height, pipe.width)
     if note:
         print(note)
-    fps = args.fps or pipe.fps
+    fps = output_fps(args, input_fps, pipe.fps)
     paths, videos, given = output_paths(args), [], None  # paths: one per seed, then the preview
     for path, (video, given) in zip(paths, generate(args, pipe, inputs)):
         size = f"{video.shape[-2]}x{video.shape[-1]}"

@@ -58,6 +58,14 @@ def _autoencoder_from_config(cfg: dict):
                      f"a temporally compressing VAE does not map given frames to latent frames one to one)")
 
 
+def check_counts(**counts) -> None:
+    """Refuse a count below 1, naming its argument (None: the default): 0 would otherwise silently mean the default
+    (it is falsy) or fail deep inside (range()'s "arg 3 must not be zero")."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def rgb_array(image) -> np.ndarray:
     """A PIL image -> HxWx3 array: uint8, or uint16 for 16-bit images (PIL's own RGB conversion clips those to 255,
     turning most of a 16-bit PNG white). The alpha channel, if any, is dropped."""
@@ -210,6 +218,7 @@ class MarDiniPipeline:
                  seed: int | Sequence[int] = 0, guidance_scale: float = 1.0, progress: bool = False) -> torch.Tensor:
         """Generate one window. frames: {position: image}; returns [T, 3, H, W] in [-1, 1] (or [S, T, 3, H, W]
         for a list of S seeds). Given frames come back exactly as they were preprocessed."""
+        check_counts(num_frames=num_frames)
         T = num_frames or self.num_frames
         if T > self.model.cfg.max_frames:
             raise ValueError(f"num_frames={T} exceeds the model's max_frames={self.model.cfg.max_frames}; "
@@ -231,6 +240,7 @@ class MarDiniPipeline:
         frames exactly as given. Clip i is what ``self(frames={p: videos[i, p] for given p}, seed=seeds[i])``
         makes, up to the rounding of a batched matmul (spacing: as _generate_window's): evaluation of a small
         model is launch-bound, so batching the clips makes it as many times faster as the batch holds clips."""
+        check_counts(batch_size=batch_size)
         N, T = videos.shape[:2]
         if videos.ndim != 5 or tuple(videos.shape[2:]) != (3, self.height, self.width):
             raise ValueError(f"videos must be [N, T, 3, {self.height}, {self.width}], got {tuple(videos.shape)}")
@@ -266,6 +276,7 @@ class MarDiniPipeline:
                   progress=False, spacing: float = 1.0) -> torch.Tensor:
         """video [B, T, 3, H, W] on the device, its given frames in place (mask [T] False); B = 1 (one clip for
         every seed) or B = len(seeds) (a seed per clip) -> [S, T, 3, H, W] on the host, given frames exact."""
+        check_counts(num_steps=num_steps)
         S, (B, T), device = len(seeds), video.shape[:2], self.device
         if B not in (1, S):
             raise ValueError(f"{B} clips for {S} seeds: give one clip, or one seed per clip")
@@ -294,11 +305,13 @@ class MarDiniPipeline:
     # ------------------------------------------------------------------------------------------- tasks
     def interpolate(self, first, last, num_frames: int | None = None, **kw) -> torch.Tensor:
         """first ... last, with num_frames - 2 frames generated between them."""
+        check_counts(num_frames=num_frames)
         T = num_frames or self.num_frames
         return self(frames={0: first, T - 1: last}, num_frames=T, **kw)
 
     def image_to_video(self, image, position: int | str = "middle", num_frames: int | None = None, **kw):
         """One given frame at the start, the middle (the paper's main setting) or the end of the window."""
+        check_counts(num_frames=num_frames)
         T = num_frames or self.num_frames
         index = {"first": 0, "middle": T // 2, "last": T - 1}.get(position, position)
         if not isinstance(index, int):
@@ -308,6 +321,7 @@ class MarDiniPipeline:
     def loop(self, image, num_frames: int | None = None, **kw) -> torch.Tensor:
         """A seamless loop: the same image first and last; returns T - 1 frames (the repeat dropped) so that
         playing the clip on repeat has no seam."""
+        check_counts(num_frames=num_frames)
         T = num_frames or self.num_frames
         return self(frames={0: image, T - 1: image}, num_frames=T, **kw)[..., :-1, :, :, :]
 
@@ -315,6 +329,7 @@ class MarDiniPipeline:
     def expand(self, video, num_new: int, direction: str = "forward", context: int | None = None,
                seed: int = 0, progress: bool = True, **kw) -> torch.Tensor:
         """Continue a clip [k, 3, H, W] by num_new frames forwards (or backwards), window after window."""
+        check_counts(num_new=num_new, context=context)
         given = [self.preprocess(f) for f in video]
         total = len(given) + num_new
         plan = expansion_plan(len(given), total, self.num_frames, context, direction)
@@ -340,6 +355,7 @@ class MarDiniPipeline:
         """Any length: given frames at output positions; expand on a grid of every `stride`-th frame, then
         interpolate recursively (e.g. 4 images -> 128 frames with a 17-frame window; `keyframes`: how a gap longer
         than the window is split, planning.interpolation_plan)."""
+        check_counts(num_frames=num_frames, stride=stride, context=context)
         known = {int(p): self.preprocess(img) for p, img in frames.items()}
         plan = long_video_plan(sorted(known), num_frames, self.num_frames, stride, context, keyframes)
         return self.run_plan(plan, known, num_frames, seed, progress, **kw)
