@@ -296,6 +296,18 @@ def _edge_mask(num_frames: int, num_given: int, forward: bool) -> torch.Tensor:
     return mask
 
 
+def _interpolation_candidates(T: int) -> tuple[list[int], list[float]]:
+    """Keep-every k in 2..T-1 (T-1 is first + last; larger k give the same mask) and each one's mask ratio."""
+    ks = list(range(2, T))
+    return ks, [_keep_pattern(T, k).sum().item() / T for k in ks]
+
+
+def _expansion_candidates(T: int) -> tuple[list[int], list[float]]:
+    """Counts of masked frames 1..T-1 (T - count frames kept) and each one's mask ratio."""
+    counts = list(range(1, T))
+    return counts, [c / T for c in counts]
+
+
 def _check_num_frames(num_frames) -> None:
     if not _is_int(num_frames) or num_frames < 2:
         raise ValueError(f"num_frames must be an integer >= 2 (one reference + one generated frame), "
@@ -312,8 +324,7 @@ def _make_mask(s, num_frames: int, g: torch.Generator, lo: float, hi: float) -> 
             return _keep_pattern(T, T - 1)  # first + last
         if s.keep_every > 0:
             return _keep_pattern(T, s.keep_every)
-        ks = list(range(2, T))  # k = T-1 is first+last; larger k give the same mask
-        ratios = [_keep_pattern(T, k).sum().item() / T for k in ks]
+        ks, ratios = _interpolation_candidates(T)
         return _keep_pattern(T, _pick(ks, ratios, lo, hi, g))
     if s.name == "i2v":
         index = {"first": 0, "middle": T // 2, "last": T - 1}.get(s.position)
@@ -323,8 +334,7 @@ def _make_mask(s, num_frames: int, g: torch.Generator, lo: float, hi: float) -> 
         mask[index] = False
         return mask
     if s.name in ("expand_forward", "expand_backward"):
-        counts = list(range(1, T))  # number of masked frames; T - count frames are kept
-        n = _pick(counts, [c / T for c in counts], lo, hi, g)
+        n = _pick(*_expansion_candidates(T), lo, hi, g)
         return _edge_mask(T, T - n, forward=s.name == "expand_forward")
     if s.name == "random":
         ratio = lo + (hi - lo) * _rand(g)
@@ -358,8 +368,8 @@ def unreachable_ratios(cfg, num_frames: int) -> List[str]:
     """Describe each (stage, strategy) whose stage mask_ratio no mask of `num_frames` frames can meet.
 
     make_mask then uses the closest ratio, which trains a different task than the curriculum says (e.g. an
-    interpolation stage at [0.75, 0.95] on 5 frames trains at 0.6). i2v and interpolation with keep_every > 0 have a fixed ratio
-    that ignores mask_ratio by design, and random only rounds its ratio, so they are not reported.
+    interpolation stage at [0.75, 0.95] on 5 frames trains at 0.6). i2v and interpolation with keep_every > 0 have
+    a fixed ratio that ignores mask_ratio by design, and random only rounds its ratio: they are not reported.
     """
     cfg = cfg if isinstance(cfg, CurriculumConfig) else curriculum_from_dict(cfg)
     _check_num_frames(num_frames)
@@ -368,9 +378,9 @@ def unreachable_ratios(cfg, num_frames: int) -> List[str]:
         lo, hi = st.mask_ratio
         for s in st.strategies:
             if s.name == "interpolation" and s.keep_every == 0 and T > 2:
-                ratios = [_keep_pattern(T, k).sum().item() / T for k in range(2, T)]
+                ratios = _interpolation_candidates(T)[1]
             elif s.name in ("expand_forward", "expand_backward"):
-                ratios = [c / T for c in range(1, T)]
+                ratios = _expansion_candidates(T)[1]
             else:  # random rounds r T to a count, near [lo, hi] by design (see make_mask)
                 continue
             if any(lo - _EPS <= r <= hi + _EPS for r in ratios):

@@ -257,7 +257,8 @@ def _check_same_objective(source: str, diffusion, how: str = "train.init_from") 
     trained = _trained_config(source).get("diffusion", {})
     if trained:
         trained = {"input_data_std": 0.0, **trained}
-    differ = [(key, trained.get(key), getattr(diffusion, key)) for key in ("formulation", "prediction", "input_data_std")
+    keys = ("formulation", "prediction", "input_data_std")
+    differ = [(key, trained.get(key), getattr(diffusion, key)) for key in keys
               if trained.get(key) is not None and trained.get(key) != getattr(diffusion, key)]
     if differ:  # all of them at once: a formulation fixed alone would then fail on its prediction or sampler
         theirs = " ".join(f"diffusion.{key}={value}" for key, value, _ in differ)
@@ -288,16 +289,16 @@ def _objective_fix(trained: dict, differ: list) -> str:
 
     from ..cli import CONFIG_DIR
 
-    keys = dict((key, value) for key, value, _ in differ)
-    if "formulation" not in keys:
-        return " ".join(f"diffusion.{key}={value}" for key, value in keys.items())
+    plain = " ".join(f"diffusion.{key}={value}" for key, value, _ in differ)
+    if all(key != "formulation" for key, _, _ in differ):
+        return plain
     for path in sorted((CONFIG_DIR / "diffusion").glob("*.yaml")):
         option = OmegaConf.load(path)
         if all(option.get(key) == trained.get(key) for key in ("formulation", "prediction")):
-            rest = [f"diffusion.{key}={trained[key]}" for key in ("input_data_std",)
-                    if key in trained and option.get(key, trained[key]) != trained[key]]
-            return " ".join([f"diffusion={path.stem}", *rest])
-    return " ".join(f"diffusion.{key}={value}" for key, value in keys.items())
+            std = trained["input_data_std"]
+            return f"diffusion={path.stem}" + ("" if option.get("input_data_std") == std else
+                                               f" diffusion.input_data_std={std}")
+    return plain
 
 
 # Model keys that choose how the same network is computed or trained, not what it computes: a run may continue
