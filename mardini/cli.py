@@ -33,6 +33,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's d
 USER_ERRORS = {
     "mardini.data.backends": ("MissingBackendError",),
     "mardini.data.decode": ("VideoDecodeError",),
+    "mardini.data.latent_cache": ("LatentCacheError",),
     "mardini.data.video": ("TooManyFailuresError",),
     "mardini.training.runlock": ("RunLockedError",),
     "mardini.training.trainer": ("NonFiniteLossError", "RankFailedError", "TrainingOutOfMemoryError"),

@@ -83,7 +83,12 @@ def read_config(path: str | Path) -> dict:
         run = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
         data = run["data"]
         if data["source"] == "cache":
-            clip = json.loads((Path(data["cache_dir"]) / "cache.json").read_text())["dataset"]["config"]
+            meta = Path(data["cache_dir"]) / "cache.json"
+            if not meta.is_file():  # else only "[Errno 2] ... cache.json", and nothing on why it was read
+                raise FileNotFoundError(f"{path} was trained from the latent cache data.cache_dir={data['cache_dir']}, "
+                                        f"which is gone: the checkpoint's clip size is read from its cache.json; put "
+                                        f"the cache back there, or use the run's export (it records the clip size)")
+            clip = json.loads(meta.read_text())["dataset"]["config"]
         else:
             clip = data[data["source"]]  # data.synthetic or data.video
         return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": run["model"],
@@ -97,6 +102,9 @@ def read_config(path: str | Path) -> dict:
                 hint = f" (a run folder? its export is {path / 'export'})"
             elif (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
                 hint = f" (a run folder without an export: give one of {path / 'checkpoints'}/step_*)"
+            elif any(is_checkpoint(p) for p in path.glob("step_*")):  # a run's checkpoints/ folder
+                newest = max(p for p in path.glob("step_*") if is_checkpoint(p))
+                hint = f" (a folder of checkpoints: give one of them, e.g. the newest, {newest})"
             elif (path / "config.yaml").exists():
                 hint = (" (a training checkpoint without its COMPLETE marker: its save was interrupted; use an "
                         "earlier one)")
@@ -122,10 +130,13 @@ def read_weights(path: str | Path, which: str = "ema") -> dict[str, torch.Tensor
         raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {which!r}")
     path = Path(path)
     if is_checkpoint(path) and (path / SHARDED / ".metadata").exists():  # an FSDP checkpoint
+        from omegaconf import OmegaConf
+
         from .models import MarDini
 
-        with torch.device("meta"):
-            like = MarDini(read_config(path)["model"]).state_dict()
+        model_cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)["model"]
+        with torch.device("meta"):  # the model's config only: the run's data (a latent cache) may be gone
+            like = MarDini(model_cfg).state_dict()
         return read_sharded_weights(path, "ema" if which == "ema" else "model", like)
     if is_checkpoint(path):
         name = "ema.safetensors" if which == "ema" else "model.safetensors"

@@ -30,14 +30,23 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import torch  # noqa: E402
 
 from mardini.autoencoders import build_autoencoder  # noqa: E402
+from mardini.cli import CONFIG_DIR, user_errors  # noqa: E402
 from mardini.data.latent_cache import LOWRES_MODES, STORAGE_DTYPES, LatentCacheWriter  # noqa: E402
 from mardini.data.video import BACKENDS, CLIP_STARTS, VideoDataConfig, VideoDataset  # noqa: E402
 from mardini.data.transforms import CROPS  # noqa: E402
 from mardini.data.workers import usable_workers  # noqa: E402
 
 
+def identity_defaults() -> dict:
+    """The identity autoencoder of a run's config (configs/autoencoder/identity.yaml): patch size, scale and shift.
+    Why: the cache records them and a run refuses a cache made with others, so the defaults here are a run's."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "autoencoder" / "identity.yaml"))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    d = VideoDataConfig()
+    d, identity = VideoDataConfig(), identity_defaults()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a folder of videos or a .csv / .jsonl manifest")
     p.add_argument("output", help="the cache folder (created; an existing one is completed if settings match)")
@@ -60,12 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--vae-class", default="", help="diffusers class (default AutoencoderKL / AutoencoderKLCogVideoX)")
     a.add_argument("--vae-config", default="", help="kl / kl_video: JSON config for random weights (testing)")
     a.add_argument("--scaling-factor", type=float, default=None,
-                   help="override the VAE config's; identity: its scale (default 1), the run's autoencoder.scale")
+                   help=f"override the VAE config's; identity: its scale, the run's autoencoder.scale (default "
+                        f"{identity['scale']}, as autoencoder=identity)")
     a.add_argument("--shift-factor", type=float, default=None,
-                   help="override the VAE config's; identity: its shift (default 0), the run's autoencoder.shift")
+                   help=f"override the VAE config's; identity: its shift, the run's autoencoder.shift (default "
+                        f"{identity['shift']}, as autoencoder=identity)")
     a.add_argument("--vae-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     a.add_argument("--frames-per-chunk", type=int, default=16, help="frames (kl) or videos (kl_video) per VAE call")
-    a.add_argument("--patch-size", type=int, default=2, help="identity: pixels per latent cell side")
+    a.add_argument("--patch-size", type=int, default=identity["patch_size"],
+                   help="identity: pixels per latent cell side, the run's autoencoder.patch_size")
     c = p.add_argument_group("cache")
     c.add_argument("--lowres-factor", type=int, default=2, help="r: z_lo is h/r x w/r")
     c.add_argument("--lowres-mode", default="latents", choices=LOWRES_MODES)
@@ -76,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
     c.add_argument("--cpu", action="store_true", help="encode on CPU even with a GPU")
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--debug", action="store_true", help="an error shows its traceback (else one line, status 2)")
     return p.parse_args(argv)
 
 
@@ -85,9 +98,10 @@ def build(args):
                           clip_start=args.clip_start, crop=args.crop, backend=args.backend, seed=args.seed,
                           max_failure_fraction=args.max_failure_fraction)
     dataset = VideoDataset(cfg)
-    if args.autoencoder == "identity":
-        scale = 1.0 if args.scaling_factor is None else args.scaling_factor  # was ignored: a cache then matched
-        shift = 0.0 if args.shift_factor is None else args.shift_factor      # no identity config but scale 1
+    if args.autoencoder == "identity":  # defaults: a run's (its scale 1, shift 0 matched no run's autoencoder=identity)
+        identity = identity_defaults()
+        scale = identity["scale"] if args.scaling_factor is None else args.scaling_factor
+        shift = identity["shift"] if args.shift_factor is None else args.shift_factor
         ae = build_autoencoder("identity", patch_size=args.patch_size, scale=scale, shift=shift)
     else:
         kwargs = dict(subfolder=args.subfolder, scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
@@ -139,4 +153,6 @@ def main(argv=None) -> dict | None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    # like mardini-train: a user error (a bad argument, file or setting) is one line and status 2
+    with user_errors("cache_latents.py", "--debug" in sys.argv[1:]):
+        main()

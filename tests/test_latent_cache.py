@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,3 +211,94 @@ def test_cache_latents_script_builds_the_identity_autoencoder_a_run_configures(f
     with pytest.raises(ValueError, match=r"scaling_factor: cached 3.5 != 1.0.*autoencoder\.scale / "
                                          r"autoencoder\.shift for the identity autoencoder"):
         cached.check_compatible(build_autoencoder("identity", patch_size=2), lowres_factor=2)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A complete cache of 4 synthetic clips in 2 shards, to be copied and damaged."""
+    root = tmp_path_factory.mktemp("small") / "cache"
+    ds = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=4, num_frames=3, height=8, width=8))
+    build_latent_cache(root, ds, IdentityAutoencoder(patch_size=2), shard_size=2, dtype="float32", progress=False)
+    return root
+
+
+def _set_meta(root, **values):
+    meta = json.loads((root / "cache.json").read_text())
+    (root / "cache.json").write_text(json.dumps({**meta, **values}))
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("incomplete", r"cache is incomplete .*: run scripts/cache_latents.py again with the same arguments"),
+    ("version", r"cache has version 0; this version of mardini reads version 1"),
+    ("truncated shard", rf"cache: {shard_name(1)} cannot be read \(.*\): run scripts/cache_latents.py again"),
+    ("missing shard", rf"cache: {shard_name(1)} is missing \(run scripts/cache_latents.py again"),
+    ("bad cache.json", r"cache/cache.json is not valid JSON"),
+])
+def test_a_cache_that_cannot_be_trained_from_is_a_one_line_user_error(small_cache, tmp_path, capsys, damage, named):
+    """mardini-train prints such a cache as one line (status 2) naming the cache, the file and what to run: an
+    incomplete cache, one of another version and a truncated shard ended in a traceback (status 1), and a damaged
+    cache.json in a JSON parser's message naming no file."""
+    from mardini.cli import user_errors
+    from mardini.data.latent_cache import split_cache
+
+    root = tmp_path / "cache"
+    shutil.copytree(small_cache, root)
+    if damage == "incomplete":
+        _set_meta(root, complete=False)
+    elif damage == "version":
+        _set_meta(root, version=0)
+    elif damage == "truncated shard":
+        data = (root / shard_name(1)).read_bytes()
+        (root / shard_name(1)).write_bytes(data[: len(data) // 2])
+    elif damage == "missing shard":
+        (root / shard_name(1)).unlink()
+    else:
+        (root / "cache.json").write_text("{")
+    with pytest.raises(SystemExit) as stopped, user_errors("mardini-train"):
+        split_cache(root, 0.25)  # what the trainer calls at start: it reads every shard's records
+    assert stopped.value.code == 2
+    first, hint = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("mardini-train: error: ") and str(root) in first and re.search(named, first), first
+
+
+def test_cache_latents_script_defaults_to_the_runs_identity_and_names_what_differs(folder, tmp_path):
+    """`--autoencoder identity` without factors caches the latents of a run's autoencoder=identity (it used scale 1,
+    shift 0, which no run's identity config has, so its caches were refused); other settings into an existing cache
+    name the one value that differs (not two whole dicts), in one line with status 2."""
+    from mardini.cli import compose_config
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "identity"
+    args = [str(folder), str(out), "--autoencoder", "identity", "--num-frames", "3", "--height", "16", "--width",
+            "16", "--fps", "10", "--num-workers", "0", "--dtype", "float32", "--max-failure-fraction", "1", "--cpu",
+            "--quiet"]
+    cache_latents.main(args)
+    ae = compose_config(["data=cache", "data.cache_dir=x"]).autoencoder
+    run_ae = build_autoencoder("identity", patch_size=ae.patch_size, scale=ae.scale, shift=ae.shift)
+    CachedLatentDataset(out).check_compatible(run_ae, lowres_factor=2)
+    args[args.index("--num-frames") + 1] = "5"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), *args], capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr[-2000:]
+    assert lines[0].startswith(f"cache_latents.py: error: the latent cache in {out} was built with other settings "
+                               f"(dataset.config.num_frames: cached 3 != now 5); use another folder"), lines[0]
+
+
+def test_a_cache_of_another_autoencoder_names_the_settings_that_match_it(folder, vae_dir, tmp_path):
+    """A VAE's cache for an identity run (and the reverse): the hint was the scale / shift keys, which cannot fix it;
+    it now names the run settings of the cache's autoencoder."""
+    ds = dataset(folder)
+    build_latent_cache(tmp_path / "kl", ds, KLAutoencoder(str(vae_dir)), dtype="float32", progress=False)
+    with pytest.raises(ValueError, match=rf"class: cached 'KLAutoencoder' != 'IdentityAutoencoder'.* \(train with "
+                                         rf"the cache's autoencoder, autoencoder=kl autoencoder.pretrained={vae_dir} "
+                                         rf"model.latent_channels=4, or cache the videos with the run's\)"):
+        CachedLatentDataset(tmp_path / "kl").check_compatible(IdentityAutoencoder(patch_size=2), lowres_factor=2)
+    build_latent_cache(tmp_path / "p4", ds, IdentityAutoencoder(patch_size=4), dtype="float32", progress=False)
+    with pytest.raises(ValueError, match=r"autoencoder=identity autoencoder.patch_size=4 autoencoder.scale=1.0 "
+                                         r"autoencoder.shift=0.0 model.latent_channels=48"):
+        CachedLatentDataset(tmp_path / "p4").check_compatible(IdentityAutoencoder(patch_size=2), lowres_factor=2)

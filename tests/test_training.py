@@ -652,6 +652,33 @@ def test_init_from_checkpoint_uses_its_ema_weights(straight_run, tmp_path):
     assert trainer.step == 0
 
 
+def test_resume_under_another_freeze_is_refused_naming_the_key(straight_run, tmp_path):
+    """The optimizer state holds the parameters that trained: resuming with another train.freeze_* failed inside
+    torch ("loaded state dict contains a parameter group that doesn't match ..."), naming no setting."""
+    source = checkpoint(straight_run, N)
+    with pytest.raises(ValueError, match=r"trained with train\.freeze_planner=False; this run has "
+                                         r"train\.freeze_planner=True: .* resume with train\.freeze_planner=False, "
+                                         rf"or .* train\.init_from={re.escape(str(source))}$"):
+        Trainer(resume_config(tmp_path / "frozen", resume=str(source), freeze_planner=True))
+
+
+def test_init_from_a_folder_of_checkpoints_names_one_and_other_latents_are_named(straight_run, tmp_path, caplog):
+    """train.init_from=<run>/checkpoints said only "config.json is missing"; it now names the newest checkpoint in
+    it. Weights trained on other latents (here the identity autoencoder's scale, as when a run's scale is changed to
+    match a latent cache) loaded without a word; they load with a warning naming the settings."""
+    with pytest.raises(FileNotFoundError, match=r"checkpoints is not a mardini export: config.json is missing \(a "
+                                                r"folder of checkpoints: give one of them, e.g. the newest, "
+                                                rf"{re.escape(str(checkpoint(straight_run, 2 * N)))}\)"):
+        Trainer(tiny_config(tmp_path / "folder", init_from=str(straight_run / "checkpoints")))
+    cfg = tiny_config(tmp_path / "scale", init_from=str(straight_run / "export"))
+    trained = cfg.autoencoder.scale
+    cfg.autoencoder.scale = trained * 2
+    with caplog.at_level(logging.WARNING, logger="mardini.train"):
+        Trainer(cfg)._release_lock()
+    assert (f"export was trained on other latents (autoencoder.scale={trained}; this run has "
+            f"autoencoder.scale={trained * 2}): pass those settings") in caplog.text, caplog.text
+
+
 def test_init_from_mismatched_model_names_parameter_and_shapes(straight_run, tmp_path):
     """Weights of another size: the first line names every setting that differs (here the width and the head count
     together, so that one fix suffices), then a few of the tensors, not all of them."""
@@ -802,8 +829,10 @@ def test_a_warm_up_longer_than_the_run_is_named(tmp_path, caplog):
                                                     strategies=[MaskStrategyConfig(name="interpolation")])])
     with caplog.at_level(logging.WARNING, logger="mardini.train"):  # at most 7 of 9 frames lie between kept ones
         Trainer(tiny_config(tmp_path / "ratio", max_steps=4, curriculum=hard))._release_lock()
+    # the key that sets the frame count of this run's clips (it once named data.num_frames, which does not exist)
     assert ("curriculum.stages[0] interpolation: no mask of 9 frames has a ratio in mask_ratio=[0.9, 0.99]; it uses "
-            "the closest, 0.778 (set that stage's mask_ratio within reach, or change data.num_frames)") in caplog.text
+            "the closest, 0.778 (set that stage's mask_ratio within reach, or change data.synthetic.num_frames)"
+            ) in caplog.text
 
 
 def test_data_workers_are_capped_at_the_usable_cpus(tmp_path, caplog, monkeypatch):

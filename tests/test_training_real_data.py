@@ -121,6 +121,32 @@ def test_cache_training_gives_the_batches_of_on_the_fly_encoding(tmp_path, video
     assert not (tmp_path / "run3" / "config.yaml").exists()
 
 
+def test_a_checkpoint_of_a_cache_run_whose_cache_is_gone(tmp_path):
+    """A checkpoint takes its clip size from the cache it was trained on. With the cache moved away, mardini-sample
+    said only "[Errno 2] ... cache.json" and fine-tuning from a sharded (FSDP) checkpoint failed the same way, though
+    its weights need no cache: the first names the cache and the way out, the second loads."""
+    from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+    from mardini.export import read_config
+
+    cfg = tiny_config(tmp_path / "run", max_steps=1, parallel="fsdp")
+    synthetic = SyntheticVideoConfig(**OmegaConf.to_container(cfg.data.synthetic))
+    build_latent_cache(tmp_path / "cache", SyntheticVideoDataset(synthetic),
+                       build_autoencoder("identity", patch_size=2), dtype="float32", progress=False)
+    cfg.data.source, cfg.data.cache_dir = "cache", str(tmp_path / "cache")
+    Trainer(cfg).fit()
+    source = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert (source / "sharded").is_dir()
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"{source} was trained from the latent cache data.cache_dir="
+                                                rf"{tmp_path / 'cache'}, which is gone: .* put the cache back there, "
+                                                rf"or use the run's export"):
+        read_config(source)
+    trainer = Trainer(tiny_config(tmp_path / "ft", init_from=str(source)))
+    trainer._release_lock()
+    weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in export_weights(tmp_path / "run").items())  # the EMA weights
+
+
 def test_a_run_records_its_data_paths_absolute(tmp_path, video_folder, monkeypatch):
     """Given relative to the working directory, the data folders are recorded absolute, so that the export's held-out
     clips (what the learning benchmark scores) load from any other directory."""

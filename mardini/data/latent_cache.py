@@ -46,6 +46,11 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 _VOLATILE_KEYS = ("complete", "shapes")  # set by finalize(); not part of what must match on a rerun
 
 
+class LatentCacheError(RuntimeError):
+    """A cache that cannot be trained from as it is (incomplete, another version, an unreadable shard): the user's
+    to fix (mardini-train prints it as one line, mardini.cli.USER_ERRORS), usually by running the writer again."""
+
+
 def shard_name(k: int) -> str:
     return f"shard_{k:06d}.safetensors"
 
@@ -117,7 +122,10 @@ def read_cache_meta(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{root} is not a latent cache (no {META_NAME}); build one with scripts/cache_latents.py"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): not a latent cache, or a damaged one") from None
 
 
 class LatentCacheWriter:
@@ -170,8 +178,10 @@ class LatentCacheWriter:
 
     # ---------------------------------------------------------------------------------------------- metadata
     def _mismatch(self, old: dict) -> list[str]:
-        new = self.meta
-        keys = sorted((set(old) | set(new)) - set(_VOLATILE_KEYS))
+        """Each setting that differs, by its dotted key (dataset.config.num_frames): whole dicts side by side left
+        the user to find the one value that differs."""
+        old, new = _leaves(old), _leaves(self.meta)
+        keys = sorted(k for k in set(old) | set(new) if k.split(".")[0] not in _VOLATILE_KEYS)
         return [f"{k}: cached {old.get(k)!r} != now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
     def write_meta(self) -> None:
@@ -187,9 +197,10 @@ class LatentCacheWriter:
         old = read_cache_meta(self.root)
         diff = self._mismatch(old)
         if diff:
+            empty = " (it holds no shard yet: nothing is lost)" if not any(self.root.glob("shard_*")) else ""
             raise ValueError(
                 f"the latent cache in {self.root} was built with other settings ({'; '.join(diff)[:2000]}); "
-                f"use another folder or delete this one"
+                f"use another folder or delete this one{empty}"
             )
 
     # ------------------------------------------------------------------------------------------------ shards
@@ -305,6 +316,32 @@ class LatentCacheWriter:
         return meta
 
 
+def run_settings(described: dict) -> str:
+    """The overrides that give a run the autoencoder a cache describes (describe_autoencoder): the scale hint alone
+    misled when the cache was made with another autoencoder altogether."""
+    from ..autoencoders import AUTOENCODERS
+
+    name = next((n for n, c in AUTOENCODERS.items() if c.__name__ == described.get("class")), described.get("class"))
+    if name == "identity":
+        parts = [f"autoencoder.patch_size={described.get('spatial_compression')}",
+                 f"autoencoder.scale={described.get('scaling_factor')}",
+                 f"autoencoder.shift={described.get('shift_factor')}"]
+    else:
+        parts = [f"autoencoder.{k}={described[k]}" for k in ("pretrained", "subfolder") if described.get(k)]
+    return " ".join([f"autoencoder={name}", *parts, f"model.latent_channels={described.get('latent_channels')}"])
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """The values of a nested dict by dotted key: {"dataset.config.num_frames": 17, ...}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _sample_records(batch: dict) -> list[dict]:
     """Per-item metadata of a collated batch: every field except the pixels, as plain Python values."""
     n = int(batch["video"].shape[0])
@@ -379,12 +416,14 @@ class CachedLatentDataset(Dataset):
         self.root = Path(root)
         self.meta = read_cache_meta(self.root)
         if not self.meta.get("complete"):
-            raise RuntimeError(
+            raise LatentCacheError(
                 f"latent cache {self.root} is incomplete (an interrupted run?): run scripts/cache_latents.py again "
                 f"with the same arguments to finish it"
             )
         if self.meta.get("version") != CACHE_VERSION:
-            raise RuntimeError(f"latent cache {self.root}: version {self.meta.get('version')} != {CACHE_VERSION}")
+            raise LatentCacheError(f"latent cache {self.root} has version {self.meta.get('version')}; this version of "
+                                   f"mardini reads version {CACHE_VERSION}: build it again with "
+                                   f"scripts/cache_latents.py")
         self.dtype, self.max_open = dtype, max_open
         self.shard_size = int(self.meta["shard_size"])
         self._open: OrderedDict = OrderedDict()
@@ -414,8 +453,15 @@ class CachedLatentDataset(Dataset):
 
             path = self.root / shard_name(k)
             if not path.exists():
-                raise FileNotFoundError(f"latent cache {self.root}: {path.name} is missing")
-            handle = safe_open(str(path), framework="pt")
+                raise FileNotFoundError(f"latent cache {self.root}: {path.name} is missing (run "
+                                        f"scripts/cache_latents.py again with the same arguments: it writes the "
+                                        f"missing shards)")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+                raise LatentCacheError(f"latent cache {self.root}: {path.name} cannot be read ({e}): run "
+                                       f"scripts/cache_latents.py again with the same arguments (it writes unreadable "
+                                       f"shards again)") from None
             self._open[k] = handle
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)
@@ -480,13 +526,16 @@ class CachedLatentDataset(Dataset):
             cached = {**cached, "pretrained": absolute_folder(cached["pretrained"])}  # they were recorded absolute)
         diff = [f"{k}: cached {cached.get(k)!r} != {now.get(k)!r}" for k in keys if cached.get(k) != now.get(k)]
         if lowres_factor is not None and lowres_factor != self.lowres_factor:
-            diff.append(f"lowres_factor: cached {self.lowres_factor} != {lowres_factor}")
+            diff.append(f"lowres_factor: cached {self.lowres_factor} != model.lowres_factor={lowres_factor}")
         cached_mode = self.meta.get("lowres_mode", "latents")
         if lowres_mode is not None and lowres_mode != cached_mode:
             diff.append(f"lowres_mode: cached {cached_mode!r} != data.lowres_mode={lowres_mode!r}")
         if diff:
             hint = ""
-            if any(d.startswith(("scaling_factor", "shift_factor")) for d in diff):
+            if any(not d.startswith(("scaling_factor", "shift_factor", "lowres_")) for d in diff):
+                hint = (f" (train with the cache's autoencoder, {run_settings(self.meta['autoencoder'])}, or cache "
+                        f"the videos with the run's)")
+            elif any(d.startswith(("scaling_factor", "shift_factor")) for d in diff):
                 hint = (" (the run's autoencoder.scale / autoencoder.shift for the identity autoencoder, "
                         "autoencoder.scaling_factor / autoencoder.shift_factor for a VAE; or build the cache with "
                         "scripts/cache_latents.py --scaling-factor / --shift-factor)")

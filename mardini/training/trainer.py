@@ -42,7 +42,7 @@ from ..models.layers import check_backend
 from .. import export as export_format
 from . import checkpoint as ckpt
 from . import runlock
-from .config import Config, check_clip_shape, latent_space, validate_config
+from .config import Config, check_clip_shape, clip_config, latent_space, validate_config
 from .data import EpochPermutation, StreamBatchSampler, StreamLayout, draw_randomness
 from .determinism import enable_determinism
 from .ema import EMA
@@ -330,6 +330,27 @@ def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | N
                          f"(the same weights would compute another network)")
 
 
+def _warn_other_latent_space(source: str | Path, ae_cfg, how: str) -> None:
+    """Warn when the weights at source learned other latents than this run's autoencoder gives (another
+    autoencoder, or the identity's scale / shift): the shapes may fit, so the weights load and silently start from
+    inputs they never saw, as when a run's scale was changed to match a latent cache made with another. A warning,
+    not a refusal: moving to another VAE may be meant. VAE folders are not compared (they move between machines)."""
+    trained = _trained_config(source).get("autoencoder") or {}
+    ours = OmegaConf.to_container(ae_cfg, resolve=True)
+    if trained.get("name", ours["name"]) != ours["name"]:
+        keys = ["name"]
+    elif ours["name"] == "identity":
+        keys = ["patch_size", "scale", "shift"]
+    else:
+        keys = ["subfolder", "vae_class", "scaling_factor", "shift_factor"]
+    differ = [k for k in keys if k in trained and trained[k] != ours[k]]
+    if differ:
+        log.warning("%s=%s was trained on other latents (%s; this run has %s): pass those settings to go on in the "
+                    "latent space its weights learned (and a latent cache made with them)", how, source,
+                    " ".join(f"autoencoder.{k}={trained[k]}" for k in differ),
+                    " ".join(f"autoencoder.{k}={ours[k]}" for k in differ))
+
+
 def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] | None = None) -> tuple[str, str] | None:
     """The model keys (of `keys`; None: all but HOW_NOT_WHAT_KEYS) whose values differ between the run or export at
     source and model_cfg, as ("model.k=theirs ...", "model.k=ours, ...") (None if none)."""
@@ -447,6 +468,7 @@ class Trainer:
                                  f"{differ[1]}: pass {differ[0]} to fine-tune it.\n{err}") from None
             # Shapes fit; these keys would still load the weights into a network that computes something else.
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
+            _warn_other_latent_space(t.init_from, cfg.autoencoder, "train.init_from")
             log.info("initialised weights from %s (EMA weights)", t.init_from)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
@@ -491,8 +513,10 @@ class Trainer:
                             cfg.model.attn_backend)
         log.info("curriculum: %d stage(s) starting at steps %s of %d", len(self.mask_sampler.stages),
                  self.mask_sampler.stage_starts, t.max_steps)
+        clips = clip_config(cfg)  # the key that sets the frame count (there is no data.num_frames)
+        frames = f"{clips[0]}.num_frames" if clips else "the cache's frames (scripts/cache_latents.py --num-frames)"
         for problem in unreachable_ratios(self.mask_sampler.curriculum, self.latent_frames):
-            log.warning("%s (set that stage's mask_ratio within reach, or change data.num_frames)", problem)
+            log.warning("%s (set that stage's mask_ratio within reach, or change %s)", problem, frames)
         self._log_step_cost(acc.unwrap_model(self.model), h, w, n_hi, n_lo)
 
         # ---- state
@@ -653,6 +677,7 @@ class Trainer:
             raise ValueError(f"train.resume={path} cannot be resumed: {problem}{_resume_hint(Path(path))}")
         self._check_same_optimizer(Path(path))
         _check_same_network(path, self.cfg.model, None, "train.resume")
+        _warn_other_latent_space(path, self.cfg.autoencoder, "train.resume")
         _check_same_objective(str(path), self.cfg.diffusion, "train.resume")
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         if self.fsdp:
@@ -713,12 +738,21 @@ class Trainer:
                  ", ".join(sorted("lr" if key == "initial_lr" else key for key in changed)))
 
     def _check_same_optimizer(self, path: Path) -> None:
-        """An optimizer's state cannot be loaded into another kind: say so before loading, naming the key."""
-        trained = _trained_config(path).get("train", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+        """An optimizer's state cannot be loaded into another kind, nor into one over other parameters (another
+        train.freeze_planner / freeze_generator: torch's own error names neither): say so before loading."""
+        train = _trained_config(path).get("train", {})
+        trained = train.get("optimizer", "adamw")  # older checkpoints: AdamW
         if trained != self.cfg.train.optimizer:
             raise ValueError(f"train.optimizer={self.cfg.train.optimizer} but checkpoint {path} was trained with "
                              f"train.optimizer={trained}: resume with that optimizer, or start from its weights with "
                              f"train.init_from={path} (a fresh optimizer)")
+        keys = [k for k in ("freeze_planner", "freeze_generator") if train.get(k, False) != self.cfg.train[k]]
+        if keys:
+            theirs = " ".join(f"train.{k}={train.get(k, False)}" for k in keys)
+            ours = " ".join(f"train.{k}={self.cfg.train[k]}" for k in keys)
+            raise ValueError(f"checkpoint {path} was trained with {theirs}; this run has {ours}: its optimizer holds "
+                             f"the parameters that trained then, so resume with {theirs}, or freeze otherwise in a new "
+                             f"run (another run_name) started from its weights with train.init_from={path}")
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "ema_updates": self.ema.num_updates, "nonfinite_total": self.nonfinite_total,
