@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import follow_umask
+
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "mardini"
@@ -62,6 +64,7 @@ def save_export(directory: str | Path, ema_state: dict[str, torch.Tensor], confi
     if scheduler_config is not None:
         (tmp / "scheduler").mkdir()
         (tmp / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2, default=str))
+    follow_umask(*tmp.glob("*.safetensors"))
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

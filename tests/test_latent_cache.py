@@ -193,6 +193,36 @@ def test_a_cache_records_its_vae_folder_absolute(folder, vae_dir, tmp_path, monk
         CachedLatentDataset(out).check_compatible(KLAutoencoder(str(tmp_path / "other")), lowres_factor=2)
 
 
+def test_caches_made_from_relative_sources_in_other_folders_share_files_detected(folder, tmp_path, monkeypatch):
+    """A relative source (folder or manifest) is recorded absolute, root and clips: a validation cache made from
+    another working directory that holds clips of a training file is refused (the paths were recorded as given and
+    compared relative to the reader's working directory, so the leak went unseen)."""
+    from mardini.data.latent_cache import split_cache
+    from mardini.data.manifest import write_manifest
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    common = ["--autoencoder", "identity", "--num-frames", "3", "--height", "16", "--width", "16", "--num-videos",
+              "2", "--num-workers", "0", "--dtype", "float32", "--max-failure-fraction", "1", "--cpu", "--quiet"]
+    monkeypatch.chdir(folder.parent)
+    cache_latents.main([folder.name, str(tmp_path / "train"), *common])
+    write_manifest(folder / "val.csv", [{"path": "a.mp4"}])  # relative to the manifest's folder
+    monkeypatch.chdir(folder)
+    try:
+        cache_latents.main(["val.csv", str(tmp_path / "val"), *common])
+    finally:
+        (folder / "val.csv").unlink()
+    assert read_cache_meta(tmp_path / "train")["dataset"]["config"]["root"] == str(folder)
+    assert read_cache_meta(tmp_path / "val")["extra"]["source"] == str(folder / "val.csv")
+    monkeypatch.chdir(tmp_path)
+    assert CachedLatentDataset(tmp_path / "val").source_paths() == [str(folder / "a.mp4")]
+    with pytest.raises(ValueError, match=r"shares 1 source files with data\.cache_dir"):
+        split_cache(tmp_path / "train", 0.05, tmp_path / "val")
+
+
 def test_cache_latents_script_builds_the_identity_autoencoder_a_run_configures(folder, tmp_path):
     """--scaling-factor / --shift-factor set the identity autoencoder's scale and shift (they were ignored, so no
     cache matched an identity config other than scale 1, shift 0), and a mismatch names the run's keys to set."""

@@ -616,6 +616,25 @@ def test_init_from_export_loads_weights_with_fresh_optimizer_and_frozen_planner(
     again._release_lock()
 
 
+def test_freezing_a_network_without_init_from_warns_it_stays_random(tmp_path, caplog):
+    """train.freeze_planner / freeze_generator without train.init_from (and nothing to resume) froze the network's
+    random initial weights without a word; with train.init_from it freezes trained ones, silently."""
+    def frozen_warnings(run, **train):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mardini.train"):
+            trainer = Trainer(tiny_config(tmp_path / run, max_steps=1, **train))
+        trainer._release_lock()
+        return [r.getMessage() for r in caplog.records if "random initial weights" in r.getMessage()], trainer
+
+    for key in ("freeze_planner", "freeze_generator"):
+        warned, _ = frozen_warnings(key, **{key: True})
+        assert len(warned) == 1 and warned[0].startswith(f"train.{key}=true without train.init_from"), warned
+        assert "train.init_from=" in warned[0]
+    warned, trainer = frozen_warnings("plain")
+    assert warned == []
+    assert frozen_warnings("ft", freeze_planner=True, init_from=str(trainer.export()))[0] == []
+
+
 def test_planner_loss_is_logged_and_fine_tuning_may_add_or_drop_its_readout(straight_run, tmp_path):
     """model.planner.loss_weight: the total is diffusion + weight x plan loss, both parts in metrics.jsonl. Its read-out
     is read by that loss alone, so fine-tuning crosses recipes: from an export without one the run starts a fresh
@@ -991,6 +1010,29 @@ def test_rejected_rerun_leaves_run_config_untouched(tmp_path):
     with pytest.raises(FileExistsError):
         Trainer(tiny_config(out, max_steps=1, lr=5e-4))
     assert (out / "config.yaml").read_text() == before
+
+
+def test_weights_and_cache_shards_follow_the_umask(tmp_path):
+    """safetensors' save_file creates its files 0600 whatever the umask: an export, a checkpoint (Accelerate's weights
+    and the EMA's) and a latent cache's shards were unreadable to teammates, while the json beside them was not."""
+    from mardini.autoencoders import IdentityAutoencoder
+    from mardini.data.latent_cache import build_latent_cache
+    from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+    old = os.umask(0o022)
+    try:
+        trainer = Trainer(tiny_config(tmp_path / "run", max_steps=1))
+        files = [*trainer.save_checkpoint().glob("*.safetensors"), *trainer.export().glob("*.safetensors")]
+        trainer._release_lock()
+        ds = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=2, num_frames=3, height=8, width=8))
+        build_latent_cache(tmp_path / "cache", ds, IdentityAutoencoder(patch_size=2), progress=False)
+    finally:
+        os.umask(old)
+    files += sorted((tmp_path / "cache").glob("shard_*.safetensors"))
+    names = {f.name for f in files}
+    assert {"model.safetensors", "ema.safetensors", "shard_000000.safetensors"} <= names, names
+    modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in files}
+    assert modes == dict.fromkeys(modes, "0o644")
 
 
 def test_validation_clips_follow_data_config_and_val_seed(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import follow_umask
 from .transforms import downsample, lowres_pixels
 
 log = logging.getLogger("mardini.data")
@@ -297,6 +298,7 @@ class LatentCacheWriter:
         tmp = self.root / f".{shard_name(k)}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             save_file(tensors, str(tmp), metadata=metadata)
+            follow_umask(tmp)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -505,7 +507,8 @@ class CachedLatentDataset(Dataset):
 
     def source_paths(self) -> list[Optional[str]]:
         """Per cache item, the absolute path of the file it was cut from (None for synthetic clips): what two
-        caches are compared by, as data.video compares its root and val_root."""
+        caches are compared by, as data.video compares its root and val_root. scripts/cache_latents.py records them
+        absolute; a cache of an older version recorded them as given, read here relative to the working directory."""
         return [os.path.abspath(r["path"]) if r.get("path") else None for r in self._records()]
 
     def _records(self):

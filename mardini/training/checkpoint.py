@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..export import SHARDED
+from ..files import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, write_st
     write_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        follow_umask(*tmp.rglob("*.safetensors"))  # Accelerate's weights and the EMA's
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         with open(tmp / COMPLETE, "w") as f:

@@ -470,6 +470,10 @@ class Trainer:
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             _warn_other_latent_space(t.init_from, cfg.autoencoder, "train.init_from")
             log.info("initialised weights from %s (EMA weights)", t.init_from)
+        frozen = "train.freeze_planner" if t.freeze_planner else "train.freeze_generator" if t.freeze_generator else ""
+        if frozen and not t.init_from and own_checkpoint is None and t.resume in ("", "auto"):  # nothing trained loads
+            log.warning("%s=true without train.init_from: the frozen network keeps its random initial weights (pass "
+                        "train.init_from=<export or checkpoint> to fine-tune from trained ones)", frozen)
         if t.freeze_planner:
             model.planner.requires_grad_(False)
         if t.freeze_generator:
