@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..dicts import dotted
 from ..files import follow_umask
 from .transforms import downsample, lowres_pixels
 
@@ -181,7 +182,7 @@ class LatentCacheWriter:
     def _mismatch(self, old: dict) -> list[str]:
         """Each setting that differs, by its dotted key (dataset.config.num_frames): whole dicts side by side left
         the user to find the one value that differs."""
-        old, new = _leaves(old), _leaves(self.meta)
+        old, new = dotted(old), dotted(self.meta)
         keys = sorted(k for k in set(old) | set(new) if k.split(".")[0] not in _VOLATILE_KEYS)
         return [f"{k}: cached {old.get(k)!r} != now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -331,17 +332,6 @@ def run_settings(described: dict) -> str:
     else:
         parts = [f"autoencoder.{k}={described[k]}" for k in ("pretrained", "subfolder") if described.get(k)]
     return " ".join([f"autoencoder={name}", *parts, f"model.latent_channels={described.get('latent_channels')}"])
-
-
-def _leaves(d: dict, prefix: str = "") -> dict:
-    """The values of a nested dict by dotted key: {"dataset.config.num_frames": 17, ...}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _sample_records(batch: dict) -> list[dict]:

@@ -34,6 +34,7 @@ from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
 from ..data.video import SkipStats, TooManyFailuresError, VideoDataset
 from ..data.workers import usable_workers
+from ..dicts import dotted
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask, unreachable_ratios
@@ -1236,15 +1237,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
+def _flatten(d: dict) -> dict:
+    """A nested config by dotted key, values a tracker can store (anything else as its string)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in dotted(d).items()}
 
 
 def train(cfg) -> Path:
