@@ -383,7 +383,7 @@ def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
     assert plain["blend_psnr"] == fp8["blend_psnr"]  # the same clips
 
 
-def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
+def test_demo_quality_reports_user_errors_in_one_line(tmp_path, capsys):
     """A missing export or clips folder, or a bad option, is one line on stderr and exit status 2 (no traceback);
     --debug shows the traceback."""
     script = str(REPO / "benchmarks" / "demo_quality.py")
@@ -399,10 +399,17 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path):
              ([str(export), "--json", str(tmp_path)], "is a folder: give a file name")]
     if not torch.cuda.is_available():
         cases.append(([str(export), "--device", "cuda"], "--device cuda: no CUDA device here"))
+    bench = demo_quality()  # in-process: the script's main() is what its __main__ runs (one start-up, not ten)
     for args, message in cases:
-        result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
-        assert "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as exit_:
+            bench.main([*args, "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, (args, err[-1000:])
+        assert "Traceback" not in err
+    # the script as users run it: the one line and status 2; --debug shows the traceback
+    result = subprocess.run([sys.executable, script, str(tmp_path / "missing")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, script, str(tmp_path / "missing"), "--debug"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" in result.stderr
