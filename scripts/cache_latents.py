@@ -30,7 +30,6 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import torch  # noqa: E402
 
 from mardini.autoencoders import build_autoencoder  # noqa: E402
-from mardini.autoencoders.kl import absolute_folder  # noqa: E402
 from mardini.cli import CONFIG_DIR, user_errors  # noqa: E402
 from mardini.data.latent_cache import LOWRES_MODES, STORAGE_DTYPES, LatentCacheWriter  # noqa: E402
 from mardini.data.video import BACKENDS, CLIP_STARTS, VideoDataConfig, VideoDataset  # noqa: E402
@@ -94,9 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    # The source absolute, so the cache records its clips' files (and root) absolute, as a run records its data: a
-    # validation cache is compared with the training cache by those paths, from whatever working directory.
-    cfg = VideoDataConfig(root=absolute_folder(args.source), num_videos=args.num_videos, num_frames=args.num_frames,
+    # The source as given: the cache's writer records it, and each clip's file, absolute (a validation cache is
+    # compared with the training cache by those paths, from whatever working directory).
+    cfg = VideoDataConfig(root=args.source, num_videos=args.num_videos, num_frames=args.num_frames,
                           height=args.height, width=args.width, fps=args.fps, frame_stride=args.frame_stride,
                           clip_start=args.clip_start, crop=args.crop, backend=args.backend, seed=args.seed,
                           max_failure_fraction=args.max_failure_fraction)
@@ -127,7 +126,7 @@ def main(argv=None) -> dict | None:
     dataset, ae = build(args)
     writer = LatentCacheWriter(args.output, dataset, ae, lowres_factor=args.lowres_factor,
                                lowres_mode=args.lowres_mode, shard_size=args.shard_size, dtype=args.dtype,
-                               extra={"source": absolute_folder(args.source)})
+                               extra={"source": args.source})
     if state.is_main_process:
         writer.write_meta()
     state.wait_for_everyone()

@@ -223,6 +223,61 @@ def test_caches_made_from_relative_sources_in_other_folders_share_files_detected
         split_cache(tmp_path / "train", 0.05, tmp_path / "val")
 
 
+def test_an_old_unfinished_cache_of_a_relative_source_is_finished_from_there(folder, tmp_path, monkeypatch):
+    """A cache begun by an older version recorded its source (and root) as given, relative; the script now records
+    them absolute, and finishing such a cache with the same relative source was refused (absolute != relative). The
+    recorded relative paths are read relative to the working directory: the same folder is accepted, another one is
+    still refused by name."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import cache_latents
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cache"
+    common = ["--autoencoder", "identity", "--num-frames", "3", "--height", "16", "--width", "16", "--num-videos",
+              "2", "--shard-size", "1", "--num-workers", "0", "--dtype", "float32", "--max-failure-fraction", "1",
+              "--cpu", "--quiet"]
+    monkeypatch.chdir(folder.parent)
+    assert cache_latents.main([folder.name, str(out), *common, "--max-shards", "1"]) is None  # stopped part-way
+    meta = json.loads((out / "cache.json").read_text())
+    meta["extra"]["source"] = meta["dataset"]["config"]["root"] = folder.name  # as an older version wrote them
+    (out / "cache.json").write_text(json.dumps(meta))
+    other = tmp_path / "other_videos"
+    shutil.copytree(folder, other)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(.*extra\.source: cached "):
+        cache_latents.main([other.name, str(out), *common])
+    monkeypatch.chdir(folder.parent)
+    meta = cache_latents.main([folder.name, str(out), *common])
+    assert meta["complete"] and meta["num_items"] == 2
+
+
+def test_the_writer_records_paths_absolute(folder, tmp_path, monkeypatch):
+    """LatentCacheWriter itself (not only scripts/cache_latents.py) records a relative source, the dataset's root
+    and each clip's file absolute: a cache made through the Python API from a relative folder is read, compared and
+    completed alike from another working directory."""
+    monkeypatch.chdir(folder.parent)
+    ds = VideoDataset(VideoDataConfig(root=folder.name, num_videos=2, num_frames=3, height=16, width=16,
+                                      max_failure_fraction=1.0))
+    out = tmp_path / "cache"
+    writer = LatentCacheWriter(out, ds, IdentityAutoencoder(patch_size=2), shard_size=1, dtype="float32",
+                               extra={"source": folder.name})
+    writer.write_meta()
+    writer.run(max_shards=1, progress=False)
+    meta = read_cache_meta(out)
+    assert meta["extra"]["source"] == meta["dataset"]["config"]["root"] == str(folder)
+    monkeypatch.chdir(tmp_path)  # the same settings given absolute, from elsewhere: accepted, and completed
+    same = VideoDataset(VideoDataConfig(root=str(folder), num_videos=2, num_frames=3, height=16, width=16,
+                                        max_failure_fraction=1.0))
+    writer = LatentCacheWriter(out, same, IdentityAutoencoder(patch_size=2), shard_size=1, dtype="float32",
+                               extra={"source": str(folder)})
+    writer.write_meta()
+    assert writer.run(progress=False) == [1]
+    writer.finalize()
+    files = CachedLatentDataset(out).source_paths()
+    assert len(files) == 2 and all(os.path.isabs(f) and os.path.dirname(f) == str(folder) for f in files), files
+
+
 def test_cache_latents_script_builds_the_identity_autoencoder_a_run_configures(folder, tmp_path):
     """--scaling-factor / --shift-factor set the identity autoencoder's scale and shift (they were ignored, so no
     cache matched an identity config other than scale 1, shift 0), and a mismatch names the run's keys to set."""

@@ -46,6 +46,9 @@ META_NAME = "cache.json"
 LOWRES_MODES = ("latents", "pixels")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _VOLATILE_KEYS = ("complete", "shapes")  # set by finalize(); not part of what must match on a rerun
+# Settings that name local paths. The writer records them absolute (the cache is read, and completed, from other
+# working directories); a cache of an older version recorded them as given, read relative to the working directory.
+PATH_SETTINGS = ("dataset.config.root", "dataset.config.val_root", "autoencoder.pretrained", "extra.source")
 
 
 class LatentCacheError(RuntimeError):
@@ -112,6 +115,26 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
 
 
+def _absolute(path: str) -> str:
+    from ..autoencoders.kl import absolute_folder
+
+    return absolute_folder(path)
+
+
+def _paths_absolute(meta: dict) -> dict:
+    """A copy of cache metadata with each non-empty PATH_SETTINGS value absolute (relative to the working
+    directory)."""
+    meta = json.loads(json.dumps(meta))
+    for key in PATH_SETTINGS:
+        *parents, leaf = key.split(".")
+        node = meta
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            node[leaf] = _absolute(node[leaf])
+    return meta
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -140,6 +163,10 @@ class LatentCacheWriter:
 
     Several: the main process calls ``write_meta()``, every process (after a barrier) ``run(rank, world_size)``,
     and after another barrier the main process ``finalize()``.
+
+    ``extra``: JSON-able notes kept in cache.json and compared on a rerun; its ``source`` entry is the local path
+    the clips came from. Paths (PATH_SETTINGS, and each clip's file) are recorded absolute, whatever the working
+    directory, so that the cache is read and completed alike from anywhere.
     """
 
     def __init__(
@@ -165,7 +192,7 @@ class LatentCacheWriter:
         self.shard_size, self.dtype = shard_size, dtype
         self.num_items = len(dataset)
         self.num_shards = math.ceil(self.num_items / shard_size)
-        self.meta = {
+        self.meta = _paths_absolute({
             "version": CACHE_VERSION,
             "num_items": self.num_items,
             "shard_size": shard_size,
@@ -176,13 +203,14 @@ class LatentCacheWriter:
             "dataset": describe_dataset(dataset),
             "autoencoder": describe_autoencoder(autoencoder),
             "extra": _jsonable(extra or {}),
-        }
+        })
 
     # ---------------------------------------------------------------------------------------------- metadata
     def _mismatch(self, old: dict) -> list[str]:
         """Each setting that differs, by its dotted key (dataset.config.num_frames): whole dicts side by side left
-        the user to find the one value that differs."""
-        old, new = dotted(old), dotted(self.meta)
+        the user to find the one value that differs. A path an older version recorded relative is read relative to
+        the working directory, so finishing its cache from there with the same source is accepted."""
+        old, new = dotted(_paths_absolute(old)), dotted(self.meta)
         keys = sorted(k for k in set(old) | set(new) if k.split(".")[0] not in _VOLATILE_KEYS)
         return [f"{k}: cached {old.get(k)!r} != now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -335,7 +363,8 @@ def run_settings(described: dict) -> str:
 
 
 def _sample_records(batch: dict) -> list[dict]:
-    """Per-item metadata of a collated batch: every field except the pixels, as plain Python values."""
+    """Per-item metadata of a collated batch: every field except the pixels, as plain Python values; the clip's file
+    ("path") and the files skipped before it ("skipped", one a line) absolute, as the cache's settings."""
     n = int(batch["video"].shape[0])
     records = [{} for _ in range(n)]
     for key, value in batch.items():
@@ -343,6 +372,10 @@ def _sample_records(batch: dict) -> list[dict]:
             continue
         values = value.tolist() if isinstance(value, Tensor) else list(value)
         for record, v in zip(records, values):
+            if key == "path" and isinstance(v, str) and v:
+                v = _absolute(v)
+            elif key == "skipped" and isinstance(v, str) and v:
+                v = "\n".join(_absolute(p) for p in v.split("\n"))
             record[key] = v
     return records
 
