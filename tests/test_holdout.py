@@ -161,3 +161,37 @@ def test_separate_validation_cache_shares_no_file_with_training(grey_folder, tmp
     run.data.val_cache_dir = str(tmp_path / "val_cache")
     with pytest.raises(ValueError, match=leak):
         Trainer(run)
+
+
+def test_files_reached_through_symbolic_links_are_the_same_files(grey_folder, tmp_path):
+    """The train/validation overlap checks compare files with links resolved: a validation folder that links to the
+    training folder, a validation file that links to a training file, a validation cache made through such a link,
+    or data.val_cache_dir linking to data.cache_dir, are all refused (they were compared by path as written)."""
+    from mardini.training.config import validate_config
+
+    link = tmp_path / "linked_grey"
+    link.symlink_to(grey_folder, target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"data\.video\.val_root=.*shares {NUM_FILES} files with data\.video\.root"):
+        split_manifests(VideoDataConfig(**video_cfg(grey_folder, val_root=str(link))))
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "mine.mp4").symlink_to(grey_folder / "v03.mp4")
+    with pytest.raises(ValueError, match=r"shares 1 files with data\.video\.root"):
+        split_manifests(VideoDataConfig(**video_cfg(grey_folder, val_root=str(val))))
+
+    ae = build_autoencoder("identity", patch_size=2)
+    for name, root in (("train_cache", grey_folder), ("val_cache", link)):
+        build_latent_cache(tmp_path / name, VideoDataset(VideoDataConfig(**video_cfg(root, num_videos=2))), ae,
+                           lowres_factor=2, dtype="float32", progress=False)
+    with pytest.raises(ValueError, match=r"data\.val_cache_dir=\S*val_cache shares 2 source files"):
+        split_cache(tmp_path / "train_cache", 0.05, tmp_path / "val_cache")
+
+    (tmp_path / "same_cache").symlink_to(tmp_path / "train_cache", target_is_directory=True)
+    cfg = tiny_config(tmp_path / "run", max_steps=1)
+    cfg.data.source, cfg.data.cache_dir = "cache", str(tmp_path / "train_cache")
+    cfg.data.val_cache_dir = str(tmp_path / "same_cache")
+    with pytest.raises(ValueError, match=r"data\.val_cache_dir \(\S*same_cache\) must be another folder than "
+                                         r"data\.cache_dir"):
+        validate_config(cfg)
+    cfg.data.val_cache_dir = str(tmp_path / "val_cache")  # another folder passes this check
+    validate_config(cfg)

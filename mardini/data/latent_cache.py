@@ -390,12 +390,12 @@ def split_cache(root: str | os.PathLike, val_fraction: float, val_root: str | os
     below val_fraction, at least one file) are validation only, so a cache of the same files holds out what
     data=video would.
     """
-    from .video import held_out
+    from .video import held_out, resolved_paths
 
     if val_root:
         train, val = CachedLatentDataset(root, dtype), CachedLatentDataset(val_root, dtype)
-        val_files = {p for p in val.source_paths() if p}
-        shared = sorted(val_files & {p for p in train.source_paths() if p})
+        val_files = set(resolved_paths(p for p in val.source_paths() if p))  # a file reached through a link is the
+        shared = sorted(val_files & set(resolved_paths(p for p in train.source_paths() if p)))  # same file
         if shared:
             raise ValueError(f"data.val_cache_dir={val_root} shares {len(shared)} source files with data.cache_dir="
                              f"{root} (e.g. {shared[0]}): validation files must never be trained on; cache the "

@@ -229,6 +229,21 @@ def split_key(path: str, root: str) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
 
 
+def resolved_paths(paths) -> list[str]:
+    """Each path absolute with symbolic links resolved (as os.path.realpath), so that a file reached through a linked
+    folder, or through a link of its own, is known as the same file. Each folder is resolved once and a file only
+    where it is a link itself: one lstat per file, as a manifest may list millions."""
+    folders: dict[str, str] = {}
+    out = []
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        full = os.path.join(folders[folder], name)
+        out.append(os.path.realpath(full) if os.path.islink(full) else full)
+    return out
+
+
 FILES_CHECKED = 64  # manifest entries whose files are looked for at start-up (a stat each: cheap at any size)
 
 
@@ -270,7 +285,7 @@ def split_manifests(cfg: Any) -> tuple[Manifest, Manifest, str]:
     root = _load_named(cfg.root, "data.video.root", cfg.extensions)
     if cfg.val_root:
         val = _load_named(cfg.val_root, "data.video.val_root", cfg.extensions)
-        shared = sorted({os.path.abspath(p) for p in root.paths} & {os.path.abspath(p) for p in val.paths})
+        shared = sorted(set(resolved_paths(root.paths)) & set(resolved_paths(val.paths)))  # links too
         if shared:
             raise ValueError(f"data.video.val_root={cfg.val_root} shares {len(shared)} files with data.video.root "
                              f"(e.g. {shared[0]}): validation files must never be trained on")

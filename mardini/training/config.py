@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import List, Optional
@@ -311,8 +312,10 @@ def validate_config(cfg) -> None:
         read_video_config(d.video)
     if d.source == "cache":
         need(bool(d.cache_dir), "data.cache_dir", "must name a folder made by scripts/cache_latents.py")
-        need(d.val_cache_dir != d.cache_dir, "data.val_cache_dir", "must differ from data.cache_dir (validation "
-                                                                   "clips are never trained on)")
+        need(not d.val_cache_dir or os.path.realpath(os.path.expanduser(d.val_cache_dir)) !=
+             os.path.realpath(os.path.expanduser(d.cache_dir)), "data.val_cache_dir",
+             f"({d.val_cache_dir}) must be another folder than data.cache_dir ({d.cache_dir}; symbolic links "
+             f"resolved): validation clips are never trained on")
         read_video_config(d.video)  # data.video.val_fraction rules the hold-out when data.val_cache_dir is empty
 
     validate_model_config(cfg.model)
