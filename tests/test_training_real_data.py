@@ -147,6 +147,37 @@ def test_a_checkpoint_of_a_cache_run_whose_cache_is_gone(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in export_weights(tmp_path / "run").items())  # the EMA weights
 
 
+def test_clip_settings_a_cache_decides_are_named_when_given_otherwise(tmp_path, caplog):
+    """With data=cache the clips are the cache's: data.video.num_frames / height / ... given otherwise had no effect
+    and said nothing. They are named with the cache's values in a warning; the defaults (which a cache of other clips
+    always differs from) and a value equal to the cache's say nothing."""
+    import logging
+
+    from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+    cfg = tiny_config(tmp_path / "run", max_steps=1)
+    synthetic = SyntheticVideoConfig(**dict(OmegaConf.to_container(cfg.data.synthetic), num_videos=4))
+    build_latent_cache(tmp_path / "cache", SyntheticVideoDataset(synthetic),
+                       build_autoencoder("identity", patch_size=2), dtype="float32", progress=False)
+
+    def warnings(out, **video):
+        cfg = tiny_config(tmp_path / out, max_steps=1)
+        cfg.data.source, cfg.data.cache_dir = "cache", str(tmp_path / "cache")
+        cfg.data.video = OmegaConf.merge(cfg.data.video, video)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mardini.train"):
+            Trainer(cfg)._release_lock()
+        return [r.getMessage() for r in caplog.records if "the cache decides" in r.getMessage()]
+
+    assert warnings("default") == []
+    assert synthetic.num_frames != 5 and synthetic.height != 64
+    found = warnings("other", num_frames=5, height=64, width=synthetic.width)
+    assert len(found) == 1 and found[0].startswith("data.source=cache: data.video.num_frames=5 "
+                                                   "data.video.height=64 are not read"), found
+    assert f"holds clips of num_frames={synthetic.num_frames} height={synthetic.height} (" in found[0], found
+    assert "data.video.width" not in found[0]
+
+
 def test_a_run_records_its_data_paths_absolute(tmp_path, video_folder, monkeypatch):
     """Given relative to the working directory, the data folders are recorded absolute, so that the export's held-out
     clips (what the learning benchmark scores) load from any other directory."""

@@ -32,7 +32,7 @@ from ..autoencoders.kl import absolute_folder, kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
-from ..data.video import SkipStats, TooManyFailuresError, VideoDataset
+from ..data.video import SkipStats, TooManyFailuresError, VideoDataConfig, VideoDataset
 from ..data.workers import usable_workers
 from ..dicts import dotted
 from ..diffusion import Diffusion
@@ -352,6 +352,26 @@ def _warn_other_latent_space(source: str | Path, ae_cfg, how: str) -> None:
                     " ".join(f"autoencoder.{k}={ours[k]}" for k in differ))
 
 
+# data.video settings that cut the clips a latent cache holds: with data=cache the cache's values rule.
+CACHED_CLIP_KEYS = ("num_frames", "height", "width", "fps", "frame_stride", "clip_start", "crop", "seed", "num_videos")
+
+
+def _warn_clip_settings_not_read(data_cfg, cached: dict) -> None:
+    """Warn when data=cache is given data.video clip settings (CACHED_CLIP_KEYS) other than their defaults and the
+    cache's: the latents were cut and encoded when the cache was made, so those settings have no effect, and a run
+    told data.video.num_frames=9 trained on the cache's 17 frames without a word. A warning, as for other latents
+    (_warn_other_latent_space): the values the cache has are what the run trains on, and the log says which."""
+    defaults = VideoDataConfig()
+    differ = [k for k in CACHED_CLIP_KEYS if k in cached and data_cfg.video[k] != getattr(defaults, k)
+              and data_cfg.video[k] != cached[k]]
+    if differ:
+        given = " ".join(f"data.video.{k}={data_cfg.video[k]}" for k in differ)
+        log.warning("data.source=cache: %s %s not read: the cache decides its clips, and data.cache_dir=%s holds "
+                    "clips of %s (cache the videos with those settings, scripts/cache_latents.py, to train on them)",
+                    given, "is" if len(differ) == 1 else "are", data_cfg.cache_dir,
+                    " ".join(f"{k}={cached[k]}" for k in differ))
+
+
 def _differing_model_keys(source: str | Path, model_cfg, keys: tuple[str, ...] | None = None) -> tuple[str, str] | None:
     """The model keys (of `keys`; None: all but HOW_NOT_WHAT_KEYS) whose values differ between the run or export at
     source and model_cfg, as ("model.k=theirs ...", "model.k=ours, ...") (None if none)."""
@@ -627,6 +647,7 @@ class Trainer:
         dataset, self.val_dataset, note = split_cache(d.cache_dir, d.video.val_fraction, d.val_cache_dir)
         log.info(note)
         clip = dataset.data_config
+        _warn_clip_settings_not_read(d, clip)
         return dataset, dict(num_frames=clip["num_frames"], height=clip["height"], width=clip["width"])
 
     def _build_autoencoder(self):
