@@ -1,7 +1,8 @@
 """Nested dicts by dotted key ({"dataset": {"config": {"num_frames": 17}}} -> {"dataset.config.num_frames": 17}).
 
 Why: settings are compared and reported by the key a user would type (a latent cache's against a rerun's, a
-checkpoint's model against a run's) and trackers take flat configs; one definition serves them all.
+checkpoint's model against a run's) and trackers take flat configs; one definition serves them all. ``undotted``
+turns such a dict back into a nested one (a model built from a run's settings with one of them changed).
 """
 
 from __future__ import annotations
@@ -15,4 +16,16 @@ def dotted(d: dict, prefix: str = "") -> dict:
             out.update(dotted(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+def undotted(d: dict) -> dict:
+    """The inverse of dotted: {"a.b": 1} -> {"a": {"b": 1}} (to build an object from settings compared by key)."""
+    out: dict = {}
+    for key, value in d.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out

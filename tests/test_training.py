@@ -716,6 +716,26 @@ def test_init_from_mismatched_model_names_parameter_and_shapes(straight_run, tmp
     assert count > 4 and shapes.count(" vs model ") == 4 and f"and {count - 4} more" in shapes, shapes
 
 
+def test_init_from_mismatch_names_only_the_settings_loading_needs(straight_run, tmp_path):
+    """Weights that do not fit: the settings to pass are those that change the weights' shapes (found by building the
+    model both ways), not every model setting that differs; the others (the RoPE base, the motion prior) are named
+    apart as not needed, settings of how the network is computed (the attention kernel) not at all. A difference of
+    the second kind alone loads."""
+    cfg = tiny_config(tmp_path / "ft", init_from=str(straight_run / "export"))
+    theta, smoothness = cfg.model.rope_theta, cfg.model.motion.smoothness
+    cfg.model.planner.dim, cfg.model.sdpa_kernel = 32, "math"
+    cfg.model.rope_theta, cfg.model.motion.smoothness = theta * 2, smoothness * 10
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg)
+    first = str(err.value).splitlines()[0]
+    assert "was trained with model.planner.dim=64; this run has model.planner.dim=32: pass model.planner.dim=64 to " \
+           f"fine-tune it (model.rope_theta={theta} model.motion.smoothness={smoothness} differ too; loading does " \
+           "not need them)." in first, first
+    assert "sdpa_kernel" not in first, first
+    cfg.model.planner.dim = 64  # the settings it says are not needed: the weights load
+    Trainer(cfg)._release_lock()
+
+
 @pytest.mark.parametrize("source", ["export", "checkpoint"])
 def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp_path, source):
     """Weights trained to predict the clean sample must not be fine-tuned as a velocity model (or the reverse)."""

@@ -34,7 +34,7 @@ from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
 from ..data.video import SkipStats, TooManyFailuresError, VideoDataConfig, VideoDataset
 from ..data.workers import usable_workers
-from ..dicts import dotted
+from ..dicts import dotted, undotted
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
 from ..masking import MaskSampler, task_mask, unreachable_ratios
@@ -352,6 +352,43 @@ def _warn_other_latent_space(source: str | Path, ae_cfg, how: str) -> None:
                     " ".join(f"autoencoder.{k}={ours[k]}" for k in differ))
 
 
+def _weight_shapes(model: dict) -> dict | None:
+    """{name: shape} of the weights a model config (a dict by dotted key) builds, TRAINING_ONLY_WEIGHTS left out:
+    what loading compares. Built on the meta device (no memory, no initialisation; milliseconds at the paper's
+    size). None for a config that is not a valid one."""
+    try:
+        with torch.device("meta"):
+            net = MarDini(undotted(model))
+    except (ValueError, TypeError):
+        return None
+    return {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith(TRAINING_ONLY_WEIGHTS)}
+
+
+def _not_loadable(source: str | Path, model_cfg, err: ValueError) -> ValueError:
+    """The error for weights at source that do not fit this run's model: the model settings loading needs as trained
+    first, then err (a few of the tensors). Needed: each setting whose value alone changes a weight's name or shape
+    (found by building the model both ways), and SAME_SHAPE_KEYS (without them the weights load scrambled, and the
+    run refuses them next). Other differing settings are named apart, as fine-tuning may change them; HOW_NOT_WHAT_KEYS
+    (how the network is computed) only where they change a shape. err as it is where no setting explains it."""
+    trained = {**ADDED_KEYS, **dotted(_trained_config(source).get("model") or {})}
+    ours = dotted(OmegaConf.to_container(model_cfg, resolve=True))
+    differ = [k for k in ours if k in trained and trained[k] != ours[k]]
+    base = _weight_shapes(ours)
+    needed = [k for k in differ if k in SAME_SHAPE_KEYS or _weight_shapes({**ours, k: trained[k]}) != base]
+    as_trained = _weight_shapes({**ours, **{k: trained[k] for k in differ}})
+    if as_trained is None or _weight_shapes({**ours, **{k: trained[k] for k in needed}}) != as_trained:
+        needed = [k for k in differ if k not in HOW_NOT_WHAT_KEYS or k in needed]  # settings that act together
+    if not needed:
+        return err
+    others = [k for k in differ if k not in needed and k not in HOW_NOT_WHAT_KEYS]
+    theirs = " ".join(f"model.{k}={trained[k]}" for k in needed)
+    also = (f" ({' '.join(f'model.{k}={trained[k]}' for k in others)} differ{'s' if len(others) == 1 else ''} too; "
+            f"loading does not need {'it' if len(others) == 1 else 'them'})") if others else ""
+    return ValueError(f"train.init_from={source} was trained with {theirs}; this run has "
+                      f"{', '.join(f'model.{k}={ours[k]}' for k in needed)}: pass {theirs} to fine-tune it{also}."
+                      f"\n{err}")
+
+
 # data.video settings that cut the clips a latent cache holds: with data=cache the cache's values rule.
 CACHED_CLIP_KEYS = ("num_frames", "height", "width", "fps", "frame_stride", "clip_start", "crop", "seed", "num_videos")
 
@@ -482,11 +519,7 @@ class Trainer:
                 export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"),
                                            source=t.init_from, optional=TRAINING_ONLY_WEIGHTS)
             except ValueError as err:  # the settings that made the shapes differ first (all of them, where the
-                differ = _differing_model_keys(t.init_from, cfg.model)  # configs tell), then a few of the tensors
-                if differ is None:
-                    raise
-                raise ValueError(f"train.init_from={t.init_from} was trained with {differ[0]}; this run has "
-                                 f"{differ[1]}: pass {differ[0]} to fine-tune it.\n{err}") from None
+                raise _not_loadable(t.init_from, cfg.model, err) from None  # configs tell), then a few tensors
             # Shapes fit; these keys would still load the weights into a network that computes something else.
             _check_same_network(t.init_from, cfg.model, SAME_SHAPE_KEYS, "train.init_from")
             _warn_other_latent_space(t.init_from, cfg.autoencoder, "train.init_from")
