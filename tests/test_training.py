@@ -736,6 +736,29 @@ def test_init_from_mismatch_names_only_the_settings_loading_needs(straight_run, 
     Trainer(cfg)._release_lock()
 
 
+def test_fine_tuning_may_add_the_null_plan_and_a_resume_may_not(straight_run, tmp_path):
+    """model.plan_dropout > 0 adds a weight (the null plan of classifier-free guidance): fine-tuning from weights
+    trained without it starts it at zeros and loads the rest; a resume under it is refused in one clear error, not
+    a state-dict traceback (its parameters and optimizer state would not fit)."""
+    from mardini.export import read_weights
+
+    cfg = tiny_config(tmp_path / "ft", init_from=str(straight_run / "export"))
+    cfg.model.plan_dropout = 0.1
+    trainer = Trainer(cfg)
+    trainer._release_lock()
+    model, trained = trainer.accelerator.unwrap_model(trainer.model), read_weights(straight_run / "export", "ema")
+    assert torch.equal(model.null_plan.detach(), torch.zeros_like(model.null_plan))
+    assert "null_plan" not in trained and all(torch.equal(v, trained[k]) for k, v in model.state_dict().items()
+                                              if k in trained)
+    cfg = resume_config(tmp_path / "resumed", resume=str(checkpoint(straight_run, N)))
+    cfg.model.plan_dropout = 0.1
+    with pytest.raises(ValueError, match=r"trained with model.plan_dropout=0.0; this run has model.plan_dropout=0.1, "
+                                         r"which adds or drops weights: pass model.plan_dropout=0.0 to resume"):
+        Trainer(cfg)
+    cfg.model.plan_dropout = 0.0  # the same run resumes
+    Trainer(cfg)._release_lock()
+
+
 @pytest.mark.parametrize("source", ["export", "checkpoint"])
 def test_init_from_another_objective_is_refused_naming_the_key(straight_run, tmp_path, source):
     """Weights trained to predict the clean sample must not be fine-tuned as a velocity model (or the reverse)."""

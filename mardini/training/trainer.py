@@ -317,6 +317,9 @@ SAME_SHAPE_KEYS = ("planner.num_heads", "generator.num_heads", "motion.residual"
 # model.motion.plan_layout the generator reads it too, and a fresh one is trained by that loss): fine-tuning may start
 # from weights without them (they start fresh) or drop them.
 TRAINING_ONLY_WEIGHTS = ("planner.readout.",)
+# Weights fine-tuning may also add or drop: the null plan of classifier-free guidance (model.plan_dropout > 0) starts
+# as zeros, its initial value, so guidance can be learned from weights trained without it.
+FINE_TUNING_OPTIONAL_WEIGHTS = TRAINING_ONLY_WEIGHTS + ("null_plan",)
 
 
 def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | None, how: str) -> None:
@@ -329,6 +332,25 @@ def _check_same_network(source: str | Path, model_cfg, keys: tuple[str, ...] | N
         settings, found = differ
         raise ValueError(f"{how}={source} was trained with {settings}; this run has {found}: pass {settings} "
                          f"(the same weights would compute another network)")
+    if keys is None:  # a resume: HOW_NOT_WHAT_KEYS may change, unless the change adds or drops a weight
+        _check_same_weights(source, model_cfg)
+
+
+def _check_same_weights(source: str | Path, model_cfg) -> None:
+    """Refuse a resume under a setting of how the network is trained that adds or drops weights (model.plan_dropout
+    from 0 to > 0 adds the null plan): the checkpoint's parameters and optimizer state would not fit. Fine-tuning
+    from the checkpoint (train.init_from) starts such weights fresh."""
+    trained = {**ADDED_KEYS, **dotted(_trained_config(source).get("model") or {})}
+    ours = dotted(OmegaConf.to_container(model_cfg, resolve=True))
+    base = _weight_shapes(ours)
+    changed = [k for k in HOW_NOT_WHAT_KEYS if k in trained and k in ours and trained[k] != ours[k]
+               and _weight_shapes({**ours, k: trained[k]}) != base]
+    if changed:
+        theirs = " ".join(f"model.{k}={trained[k]}" for k in changed)
+        raise ValueError(f"train.resume={source} was trained with {theirs}; this run has "
+                         f"{', '.join(f'model.{k}={ours[k]}' for k in changed)}, which adds or drops weights: pass "
+                         f"{theirs} to resume, or start a new run from it with train.init_from={source} (where those "
+                         f"weights start fresh)")
 
 
 def _warn_other_latent_space(source: str | Path, ae_cfg, how: str) -> None:
@@ -517,7 +539,7 @@ class Trainer:
             _check_same_objective(t.init_from, cfg.diffusion)  # before reading weights: refuse early
             try:
                 export_format.load_weights(model, export_format.read_weights(t.init_from, "ema"),
-                                           source=t.init_from, optional=TRAINING_ONLY_WEIGHTS)
+                                           source=t.init_from, optional=FINE_TUNING_OPTIONAL_WEIGHTS)
             except ValueError as err:  # the settings that made the shapes differ first (all of them, where the
                 raise _not_loadable(t.init_from, cfg.model, err) from None  # configs tell), then a few tensors
             # Shapes fit; these keys would still load the weights into a network that computes something else.
