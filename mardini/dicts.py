@@ -19,6 +19,12 @@ def dotted(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def dotted_plain(d: dict) -> dict:
+    """dotted(d) with values a tracker can store, anything but a number, string, bool or None as its string (a
+    list compares as its text, the way a tracker's config would show it)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in dotted(d).items()}
+
+
 def undotted(d: dict) -> dict:
     """The inverse of dotted: {"a.b": 1} -> {"a": {"b": 1}} (to build an object from settings compared by key)."""
     out: dict = {}
