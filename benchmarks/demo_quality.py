@@ -101,6 +101,7 @@ def training_roots(data: dict) -> dict[Path, str]:
 def print_report(report: dict) -> None:
     i = report["interpolation"]
     guided = f", guidance {report['guidance_scale']:g}" if report.get("guidance_scale", 1.0) != 1.0 else ""
+    guided += f", time shift {report['flow_shift']:g}" if report.get("flow_shift") not in (None, 1.0) else ""
     print(f"interpolation    PSNR {i['psnr']:6.2f} dB  SSIM {i['ssim']:.3f}   (one sample per clip, "
           f"{report['num_steps']} steps{guided})")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
@@ -166,6 +167,8 @@ def main(argv=None) -> dict:
                                                 "(default: the held-out part of the model's training data)")
     p.add_argument("--clips", type=int, default=32, help="held-out clips to evaluate")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--flow-shift", type=float, default=None, help="rectified flow: the sampler's time shift "
+                   "(> 1: more steps at high noise, < 1 at low noise; default: the model's, 1)")
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--pm-seeds", type=int, default=1,
@@ -200,6 +203,8 @@ def main(argv=None) -> dict:
         p.error("--steps and --step-sweep take sampler step counts >= 1")
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json} is a folder: give a file name for the report")
+    if args.flow_shift is not None and not args.flow_shift > 0:
+        p.error("--flow-shift must be > 0 (1: no shift)")
     if args.guidance < 0:
         p.error("--guidance must be >= 0 (1: no guidance, 0: the null plan alone)")
     if any(not 0 < t < 1 for t in args.noise_levels):
@@ -212,7 +217,8 @@ def main(argv=None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device, vae=args.vae)
+    pipe = MarDiniPipeline.from_pretrained(args.model, weights=args.weights, device=args.device, vae=args.vae,
+                                           flow_shift=args.flow_shift)
     if args.fp8:
         pipe.use_fp8_gemms()
     videos, where = load_clips(pipe, args.data, args.clips)
@@ -224,7 +230,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}
+    flow = pipe.diffusion.cfg.formulation == "rectified_flow"
     report.update(model=str(args.model), weights=args.weights, fp8=args.fp8, clips_from=where,
+                  flow_shift=pipe.diffusion.cfg.flow_shift if flow else None,
                   device=str(args.device), seconds=round(time.perf_counter() - start, 1), step=pipe.config.get("step"))
     print_report(report)
     if args.json:

@@ -477,6 +477,30 @@ def test_fp8_pipeline_keeps_the_weights_and_generates_nearly_the_same_video(expo
     assert all(torch.equal(v, state[k]) for k, v in pipe.model.state_dict().items())
 
 
+def test_flow_shift_chosen_at_generation_moves_the_sampler_times_not_the_model(export_dir):
+    """from_pretrained(flow_shift=s) samples a rectified-flow export on shifted times, sigma' = s sigma / (1 + (s - 1)
+    sigma), with the same weights: another video from the same seed (at 2 steps the one inner time moves); 1 is the
+    trained default's video; a DDPM model or s <= 0 is refused."""
+    from mardini.diffusion.config import with_sampling_options
+
+    plain, shifted = MarDiniPipeline.from_pretrained(export_dir), MarDiniPipeline.from_pretrained(export_dir,
+                                                                                                  flow_shift=0.5)
+    sigmas = plain.diffusion.make_scheduler(STEPS).sigmas
+    torch.testing.assert_close(shifted.diffusion.make_scheduler(STEPS).sigmas, 0.5 * sigmas / (1 - 0.5 * sigmas))
+    assert all(torch.equal(v, shifted.model.state_dict()[k]) for k, v in plain.model.state_dict().items())
+    first, last = images(2, seed=12)
+    frames = {0: first, NUM_FRAMES - 1: last}
+    video = plain(frames, seed=5, num_steps=STEPS)
+    assert not torch.equal(shifted(frames, seed=5, num_steps=STEPS), video)
+    assert torch.equal(MarDiniPipeline.from_pretrained(export_dir, flow_shift=1.0)(frames, seed=5, num_steps=STEPS),
+                       video)
+    with pytest.raises(ValueError, match="diffusion.flow_shift must be > 0"):
+        MarDiniPipeline.from_pretrained(export_dir, flow_shift=0.0)
+    with pytest.raises(ValueError, match="the time shift applies to rectified_flow models; this one was trained as "
+                                         "ddpm"):
+        with_sampling_options(dict(formulation="ddpm", prediction="epsilon", sampler="ddim"), flow_shift=2.0)
+
+
 def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     """With the DDPM sampler every step draws fresh noise; a batch of seeds must still equal separate calls."""
     pipe = ddpm_pipeline()

@@ -392,6 +392,7 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path, capsys):
              ([str(export), "--data", str(tmp_path / "nope.csv")], "no such manifest or folder"),
              ([str(export), "--clips", "0"], "--clips must be >= 1"),
              ([str(export), "--guidance", "-1"], "--guidance must be >= 0"),
+             ([str(export), "--flow-shift", "0"], "--flow-shift must be > 0"),
              ([str(export), "--guidance", "2"], "needs a model trained with model.plan_dropout > 0"),
              # these three once failed with a traceback, the last after the whole benchmark had run
              ([str(export), "--i2v-seeds", "-1"], "--i2v-seeds must be >= 0"),
@@ -426,14 +427,16 @@ def demo_quality():
 
 
 def test_demo_quality_takes_the_vae_folder_of_a_moved_export(monkeypatch):
-    """The missing-VAE error tells the user to pass --vae DIR; demo_quality.py once had no such option."""
+    """The missing-VAE error tells the user to pass --vae DIR; demo_quality.py once had no such option. --flow-shift
+    reaches the loader, and the report records the shift its samples used."""
     loaded = []
     monkeypatch.setattr(MarDiniPipeline, "from_pretrained",
                         lambda path, **kwargs: loaded.append(kwargs) or random_pipeline())
     report = demo_quality().main(["export", "--vae", "/elsewhere/sd", "--data", "synthetic", "--clips", "2",
                                   "--steps", "1", "--i2v-seeds", "0", "--no-ablations", "--no-progress",
-                                  "--device", "cpu"])
-    assert loaded == [dict(weights="ema", device="cpu", vae="/elsewhere/sd")] and report["clips"] == 2
+                                  "--device", "cpu", "--flow-shift", "0.5"])
+    assert loaded == [dict(weights="ema", device="cpu", vae="/elsewhere/sd", flow_shift=0.5)]
+    assert report["clips"] == 2 and report["flow_shift"] == 1.0  # the stand-in pipeline keeps its own sampler
 
 
 def test_demo_quality_warns_when_the_data_given_is_the_models_training_data(tmp_path, monkeypatch, capsys):

@@ -611,6 +611,8 @@ def test_sample_rejects_bad_inputs_and_outputs_in_one_line_before_loading(tmp_pa
     # Options the export's config decides: a sampler of another formulation, guidance without a null plan.
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--sampler", "ddim")
     assert code == 2 and err[0].startswith("mardini-sample: error: --sampler ddim: ") and "rectified_flow" in err[0]
+    code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--flow-shift", "0")
+    assert code == 2 and err[0] == "mardini-sample: error: --flow-shift 0.0: diffusion.flow_shift must be > 0, got 0.0"
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--guidance", "2")
     assert code == 2 and "--guidance 2.0: this model was trained without model.plan_dropout" in err[0], err
     code, err, _ = sample(capsys, export, "interpolate", [good, good], tmp_path / "o.mp4", "--attn-backend", "fa4")

@@ -28,7 +28,7 @@ class DiffusionConfig:
     beta_end: float = 0.012  # ddpm only: last beta (linear / scaled_linear)
     sampler: str = "euler"  # rectified_flow: euler ; ddpm: ddim | ddpm
     num_inference_steps: int = 25  # default number of sampling steps
-    flow_shift: float = 1.0  # rectified_flow: sampling timestep shift (FlowMatchEulerDiscreteScheduler's shift)
+    flow_shift: float = 1.0  # rectified_flow: sampling time shift (diffusers'); mardini-sample --flow-shift overrides
     # > 0: the generator reads each noisy frame x_t = a x0 + s noise scaled to the linear least-squares estimate of x0
     # for data of this standard deviation, a d^2 / (a^2 d^2 + s^2) x_t: pure noise fades out as t -> 1 instead of being
     # passed through to the prediction; 0: x_t as it is (exports from before the option)
@@ -116,3 +116,20 @@ def validate_diffusion_config(cfg: Any) -> DiffusionConfig:
     if unknown:
         raise ValueError(f"unknown diffusion config key(s): {', '.join(f'diffusion.{k}' for k in unknown)}")
     return DiffusionConfig(**cfg)
+
+
+def with_sampling_options(trained: dict, sampler: str | None = None, flow_shift: float | None = None) -> dict:
+    """An export's diffusion settings with the sampling-time choices a user may change at generation: the sampler
+    and, for rectified flow, the time shift (> 1: more of the steps at high noise, < 1 at low noise). The network
+    learned neither, so neither needs retraining; checked here so that every entry point refuses the same values."""
+    out = dict(trained)
+    if sampler is not None:
+        out["sampler"] = sampler
+    if flow_shift is not None:
+        if out.get("formulation") != "rectified_flow":
+            raise ValueError(f"the time shift applies to rectified_flow models; this one was trained as "
+                             f"{out.get('formulation')}")
+        out["flow_shift"] = float(flow_shift)
+    DiffusionConfig(**out)  # the trained settings with these choices must still be a valid config
+    return out
+

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the diffusion config's)")
     p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
                                                     "(DDPM models); default: the one the model was trained with")
+    p.add_argument("--flow-shift", type=float, default=None, help="rectified flow: the sampler's time shift (> 1: "
+                   "more steps at high noise, < 1 at low noise; default: the diffusion config's, 1)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the plan (needs a "
                                                                  "model trained with plan_dropout > 0)")
     p.add_argument("--seed", type=int, default=None, help="the noise's seed (default: 0)")
@@ -262,14 +264,17 @@ def check_arguments(args, inputs: list) -> None:
 
 
 def check_model_options(args, config: dict) -> None:
-    """Before the weights are loaded: --sampler fits the trained formulation, --guidance a model trained for it."""
-    from ..diffusion.config import DiffusionConfig
+    """Before the weights are loaded: --sampler and --flow-shift fit the trained formulation, --guidance a model
+    trained for it."""
+    from ..diffusion.config import with_sampling_options
 
-    if args.sampler is not None:
-        try:
-            DiffusionConfig(**dict(config["diffusion"], sampler=args.sampler))
-        except ValueError as e:
-            raise ValueError(f"--sampler {args.sampler}: {e}") from None
+    for flag, kw in (("--sampler", dict(sampler=args.sampler)), ("--flow-shift", dict(flow_shift=args.flow_shift))):
+        value = next(iter(kw.values()))
+        if value is not None:
+            try:
+                with_sampling_options(config["diffusion"], **kw)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
     if args.guidance != 1.0 and not config["model"].get("plan_dropout", 0.0) > 0:
         raise ValueError(f"--guidance {args.guidance}: this model was trained without model.plan_dropout, so it has "
                          f"no null plan to guide against; use --guidance 1")
@@ -381,7 +386,7 @@ def sample(args) -> None:
         check_plan_size(args, config, len(inputs))
     pipe = MarDiniPipeline.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                            weights=args.weights, sampler=args.sampler, attn_backend=args.attn_backend,
-                                           vae=args.vae)
+                                           vae=args.vae, flow_shift=args.flow_shift)
     if args.vae_chunk is not None:
         pipe.autoencoder.frames_per_chunk = args.vae_chunk or None  # None: every frame in one call
     if args.fp8:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import export as export_format
 from ..autoencoders import build_autoencoder
 from ..diffusion import Diffusion
+from ..diffusion.config import with_sampling_options
 from ..data.latent_cache import LOWRES_MODES, encode_given
 from ..models import MarDini
 from ..models.fp8 import FP8_LAYERS, use_fp8_gemms
@@ -94,9 +95,11 @@ class MarDiniPipeline:
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "ema",
-                        sampler: str | None = None, attn_backend: str | None = None, vae: str | None = None):
+                        sampler: str | None = None, attn_backend: str | None = None, vae: str | None = None,
+                        flow_shift: float | None = None):
         """Load an export folder (or a training checkpoint folder) with its EMA (default) or raw weights.
         `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
+        `flow_shift` a rectified-flow model's sampling time shift (diffusion.flow_shift);
         `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
         `device`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path (an export
         copied from another machine)."""
@@ -114,7 +117,7 @@ class MarDiniPipeline:
         for key in ("height", "width"):
             if key not in config:
                 raise ValueError(f"{path}: config.json lacks {key!r}")
-        diffusion = Diffusion(dict(config["diffusion"], **({"sampler": sampler} if sampler else {})))
+        diffusion = Diffusion(with_sampling_options(config["diffusion"], sampler, flow_shift))
         return cls(model, diffusion, autoencoder, config).to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
