@@ -268,11 +268,10 @@ def check_model_options(args, config: dict) -> None:
     trained for it."""
     from ..diffusion.config import with_sampling_options
 
-    for flag, kw in (("--sampler", dict(sampler=args.sampler)), ("--flow-shift", dict(flow_shift=args.flow_shift))):
-        value = next(iter(kw.values()))
+    for flag, key, value in (("--sampler", "sampler", args.sampler), ("--flow-shift", "flow_shift", args.flow_shift)):
         if value is not None:
             try:
-                with_sampling_options(config["diffusion"], **kw)
+                with_sampling_options(config["diffusion"], **{key: value})
             except ValueError as e:
                 raise ValueError(f"{flag} {value}: {e}") from None
     if args.guidance != 1.0 and not config["model"].get("plan_dropout", 0.0) > 0:
