@@ -113,11 +113,10 @@ def _check_same_weights(source: str | Path, model_cfg) -> None:
     """Refuse a resume under a setting of how the network is trained that adds or drops weights (model.plan_dropout
     from 0 to > 0 adds the null plan): the checkpoint's parameters and optimizer state would not fit. Fine-tuning
     from the checkpoint (train.init_from) starts such weights fresh."""
-    trained = {**ADDED_KEYS, **dotted(trained_config(source).get("model") or {})}
-    ours = dotted(OmegaConf.to_container(model_cfg, resolve=True))
-    base = _weight_shapes(ours)
-    changed = [k for k in HOW_NOT_WHAT_KEYS if k in trained and k in ours and trained[k] != ours[k]
-               and _weight_shapes({**ours, k: trained[k]}) != base]
+    trained, ours = _model_settings(source, model_cfg)
+    differ = [k for k in HOW_NOT_WHAT_KEYS if k in trained and k in ours and trained[k] != ours[k]]
+    base = _weight_shapes(ours) if differ else None  # no model is built where nothing differs (every resume)
+    changed = [k for k in differ if _weight_shapes({**ours, k: trained[k]}) != base]
     if changed:
         theirs = " ".join(f"model.{k}={trained[k]}" for k in changed)
         raise ValueError(f"train.resume={source} was trained with {theirs}; this run has "
@@ -147,6 +146,13 @@ def warn_other_latent_space(source: str | Path, ae_cfg, how: str) -> None:
                     " ".join(f"autoencoder.{k}={ours[k]}" for k in differ))
 
 
+def _model_settings(source: str | Path, model_cfg) -> tuple[dict, dict]:
+    """(the model settings the weights at source were trained with, this run's), by dotted key; ADDED_KEYS read as
+    the value they had before they existed."""
+    trained = {**ADDED_KEYS, **dotted(trained_config(source).get("model") or {})}
+    return trained, dotted(OmegaConf.to_container(model_cfg, resolve=True))
+
+
 def _weight_shapes(model: dict) -> dict | None:
     """{name: shape} of the weights a model config (a dict by dotted key) builds, TRAINING_ONLY_WEIGHTS left out:
     what loading compares. Built on the meta device (no memory, no initialisation; milliseconds at the paper's
@@ -165,8 +171,7 @@ def not_loadable(source: str | Path, model_cfg, err: ValueError) -> ValueError:
     (found by building the model both ways), and SAME_SHAPE_KEYS (without them the weights load scrambled, and the
     run refuses them next). Other differing settings are named apart, as fine-tuning may change them; HOW_NOT_WHAT_KEYS
     (how the network is computed) only where they change a shape. err as it is where no setting explains it."""
-    trained = {**ADDED_KEYS, **dotted(trained_config(source).get("model") or {})}
-    ours = dotted(OmegaConf.to_container(model_cfg, resolve=True))
+    trained, ours = _model_settings(source, model_cfg)
     differ = [k for k in ours if k in trained and trained[k] != ours[k]]
     base = _weight_shapes(ours)
     needed = [k for k in differ if k in SAME_SHAPE_KEYS or _weight_shapes({**ours, k: trained[k]}) != base]
