@@ -287,6 +287,17 @@ def test_help_names_the_command_and_what_configs_accelerate_holds(tmp_path):
     assert lines[-1].startswith("configs/accelerate/ holds launcher configs"), lines[-1]
 
 
+def test_config_checks_do_not_import_diffusers():
+    """A refused override or --help answers in about 2 s: the run config and the models import without diffusers
+    (which alone costs about 2 s more), which is imported where a scheduler or a VAE is built."""
+    probe = ("import sys; import mardini.training.config, mardini.models, mardini.diffusion; "
+             "from mardini.diffusion import DiffusionConfig, build_scheduler; "
+             "assert 'diffusers' not in sys.modules, 'imported with the config'; "
+             "build_scheduler(DiffusionConfig(), 4); assert 'diffusers' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="module")
 def bad_videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_videos")

@@ -1,18 +1,21 @@
 """Builders for the diffusers scheduler objects that the config names.
 
 Kept in one place so that training (noise schedule) and sampling (inference steps) build them the same way.
+diffusers is imported where a scheduler is built, not with this module: it costs about 2 s (it brings torch._dynamo
+and scipy.stats), which every command would otherwise pay before it can even refuse a bad config.
 """
 
 import numpy as np
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from .config import DiffusionConfig
 
 _DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "velocity": None}
 
 
-def ddpm_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+def ddpm_noise_scheduler(cfg: DiffusionConfig):
     """The DDPM training schedule (betas, alphas_cumprod); used for add_noise / get_velocity."""
+    from diffusers import DDPMScheduler
+
     return _ddpm_family(DDPMScheduler, cfg)
 
 
@@ -20,6 +23,8 @@ def build_scheduler(cfg: DiffusionConfig, num_inference_steps: int):
     """A fresh scheduler with set_timesteps already called (diffusers schedulers keep a step index)."""
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     if cfg.formulation == "rectified_flow":
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.flow_shift)
         # Pass the sigmas explicitly: the default grid runs from 1 to 1/num_train_timesteps (and, with shift != 1,
@@ -51,6 +56,6 @@ def _ddpm_family(cls, cfg: DiffusionConfig):
         # the default "leading" starts below it (e.g. 960 of 1000 with 25 steps) from pure noise, a mismatch.
         timestep_spacing="trailing",
     )
-    if cls is DDIMScheduler:
+    if cls.__name__ == "DDIMScheduler":
         kwargs["set_alpha_to_one"] = True  # the last DDIM step lands on clean data (alpha_bar = 1)
     return cls(**kwargs)
