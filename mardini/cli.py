@@ -282,10 +282,22 @@ def _train(cfg) -> int:
     if trainer.accelerator.is_main_process:
         _record_run(cfg, trainer.run_dir, startup)
     startup.close()
-    trainer.fit()
+    export = trainer.fit()
     if not trainer.preempted:
+        if trainer.accelerator.is_main_process:  # after the trackers' own closing lines, so that it is seen
+            logging.getLogger("mardini.train").info(
+                "finished: the export is %s; score it on held-out clips with `python benchmarks/demo_quality.py %s`, "
+                "generate with `mardini-sample --model %s --task ...`", *[_shown_path(export)] * 3)
         return 0
     return INTERRUPTED_EXIT_CODE if trainer.stop_signal == signal.SIGINT else PREEMPTED_EXIT_CODE
+
+
+def _shown_path(path: Path) -> str:
+    """The path relative to the working directory where it lies below it (what the user would type), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _record_run(cfg, run_dir: Path, startup: logging.handlers.MemoryHandler) -> None:

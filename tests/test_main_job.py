@@ -28,6 +28,10 @@ def test_default_mardini_train_finishes_learns_and_writes_outputs(tmp_path):
                             capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
+    # its last line says where the export is and what to do with it, as the user would type it
+    assert result.stdout.strip().splitlines()[-1].endswith(
+        "finished: the export is run/export; score it on held-out clips with `python benchmarks/demo_quality.py "
+        "run/export`, generate with `mardini-sample --model run/export --task ...`"), result.stdout[-1000:]
     # the README: "under three minutes on 2 cores" (141-173 s); twice that is a regression, not a slow machine
     # (the subprocess's own timeout, 600 s, would end it before any bound of 600 s could fail)
     assert elapsed < 360, f"the default job took {elapsed:.0f} s on this machine"
