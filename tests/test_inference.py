@@ -501,6 +501,25 @@ def test_flow_shift_chosen_at_generation_moves_the_sampler_times_not_the_model(e
         with_sampling_options(dict(formulation="ddpm", prediction="epsilon", sampler="ddim"), flow_shift=2.0)
 
 
+def test_an_exports_own_time_shift_is_its_default_and_the_option_overrides_it(export_dir, tmp_path):
+    """The time shift a run was configured with (`small_synthetic` sets 0.5) travels in its export and is how it
+    samples by default; from_pretrained(flow_shift=1) samples it on the plain times."""
+    from mardini.cli import compose_config
+
+    assert compose_config(["experiment=small_synthetic"]).diffusion.flow_shift == 0.5
+    shifted_export = tmp_path / "export"
+    shutil.copytree(export_dir, shifted_export)
+    config = json.loads((shifted_export / "config.json").read_text())
+    assert config["diffusion"]["flow_shift"] == 1.0
+    config["diffusion"]["flow_shift"] = 0.5
+    (shifted_export / "config.json").write_text(json.dumps(config))
+    sigmas = MarDiniPipeline.from_pretrained(export_dir).diffusion.make_scheduler(STEPS).sigmas
+    own = MarDiniPipeline.from_pretrained(shifted_export).diffusion.make_scheduler(STEPS).sigmas
+    torch.testing.assert_close(own, 0.5 * sigmas / (1 - 0.5 * sigmas))
+    plain = MarDiniPipeline.from_pretrained(shifted_export, flow_shift=1.0).diffusion.make_scheduler(STEPS).sigmas
+    torch.testing.assert_close(plain, sigmas)
+
+
 def test_seed_batch_equals_separate_calls_with_a_stochastic_sampler():
     """With the DDPM sampler every step draws fresh noise; a batch of seeds must still equal separate calls."""
     pipe = ddpm_pipeline()
