@@ -88,14 +88,56 @@ def test_validation_samples_in_the_training_precision_and_fvd_features_in_fp32(t
         trainer._release_lock()
 
 
-def test_validation_psnr_is_the_benchmarks_capped_psnr():
-    """A static clip (a generated frame equal to its target) must not turn the run's validation PSNR into inf, nor
-    make it disagree with mardini-eval's figure for the same frames."""
-    from mardini.evaluation.metrics import psnr_frames
-    from mardini.training.sampling import psnr
+def uneven_clips() -> tuple[torch.Tensor, torch.Tensor]:
+    """(clips [2, 5, 3, 8, 8], copies whose frames 1, 2, 3 carry noise of growing size): about 60, 40 and 20 dB per
+    frame, whose mean (40 dB) is far above the PSNR of the clip's mean squared error (~25 dB)."""
+    clips = torch.rand(2, 5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.6
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+    scale = torch.tensor([0.0, 0.002, 0.02, 0.2, 0.0])
+    return clips, clips + scale[None, :, None, None, None] * noise
 
-    frames = torch.rand(3, 3, 8, 8) * 2 - 1  # [T, 3, H, W] in [-1, 1]
-    assert psnr(frames, frames) == PSNR_MAX_DB
-    noisy = (frames + 0.05 * torch.randn_like(frames)).clamp(-1, 1)
-    whole = float(psnr_frames(noisy.flatten(0, 1)[None], frames.flatten(0, 1)[None])[0])
-    assert psnr(noisy, frames) == pytest.approx(whole, abs=1e-6)
+
+def test_periodic_evaluation_psnr_is_the_learning_benchmarks_per_clip_psnr():
+    """eval.jsonl puts the samples' PSNR beside the posterior mean's and the blend's, which are per-clip PSNRs (the
+    learning benchmark's): the samples' must be one too, or a curve compares two averages (the mean of per-frame
+    PSNRs scores these ~15 dB higher)."""
+    from mardini.evaluation.fvd import periodic_fvd
+    from mardini.evaluation.metrics import clip_psnr, psnr_frames
+    from mardini.masking import task_mask
+
+    mask = task_mask("interpolation", 5)  # frames 1-3 generated
+    clips, generated = uneven_clips()
+    report = periodic_fvd(lambda given, m: generated, clips, tasks=("interpolation",))
+    assert report["val/interpolation_psnr"] == pytest.approx(clip_psnr(generated, clips, mask).mean().item())
+    per_frame = psnr_frames(generated[:, mask].flatten(0, 1), clips[:, mask].flatten(0, 1)).mean().item()
+    assert per_frame > report["val/interpolation_psnr"] + 10, (per_frame, report)
+    exact = periodic_fvd(lambda given, m: clips, clips, tasks=("interpolation",))
+    assert exact["val/interpolation_psnr"] == PSNR_MAX_DB  # capped, not inf
+
+
+def test_validation_videos_report_per_clip_psnr_under_their_own_names(tmp_path):
+    """The end-of-run (and train.sample_every) videos score their few clips with the same per-clip PSNR, logged as
+    samples/<task>_psnr beside the videos: under val/ they shared a name with the periodic evaluation's figure of
+    another clip set at the same step."""
+    from mardini.evaluation.metrics import clip_psnr
+    from mardini.masking import task_mask
+    from mardini.training.sampling import VALIDATION_TASKS, validation_videos
+
+    trainer = Trainer(tiny_config(tmp_path / "run", max_steps=1))
+    clips = trainer.validation_clips(2)
+    seen = {}
+    decode = trainer.autoencoder.decode
+
+    def recording_decode(z):
+        seen.setdefault("frames", []).append(decode(z))
+        return seen["frames"][-1]
+
+    trainer.autoencoder.decode = recording_decode
+    metrics, paths, _ = validation_videos(trainer.ema_model(), trainer.autoencoder, trainer.diffusion, clips,
+                                          trainer.cfg.data.lowres_mode, tmp_path / "samples", 0, 2, seed=0)
+    assert set(metrics) == {f"samples/{task}_psnr" for task in VALIDATION_TASKS} and set(paths) == set(VALIDATION_TASKS)
+    for (task, spec), frames in zip(VALIDATION_TASKS.items(), seen["frames"]):
+        mask = task_mask(**spec, num_frames=clips.shape[1])
+        assert metrics[f"samples/{task}_psnr"] == pytest.approx(clip_psnr(frames, clips, mask).mean().item())
+    assert not set(metrics) & set(trainer.evaluate())  # no name shared with the periodic evaluation
+    trainer._release_lock()

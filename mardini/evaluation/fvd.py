@@ -325,7 +325,8 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     reference features are computed once and stored there.
 
     Returns {f"{prefix}{task}_psnr", f"{prefix}{task}_ssim", f"{prefix}{task}_fvd" (when an extractor is
-    given)} for each task, PSNR/SSIM on generated frames only. With N videos the covariance has rank < N, so the
+    given)} for each task, PSNR/SSIM on generated frames only: PSNR per clip (metrics.clip_psnr, as the learning
+    benchmark's), SSIM per frame, each averaged. With N videos the covariance has rank < N, so the
     FVD of a small set is biased upwards; compare it across steps of one run, not with published numbers.
 
     How the trainer calls it (``Trainer.evaluate``, every ``train.eval_every`` steps, main process only)::
@@ -336,7 +337,7 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         metrics = periodic_fvd(gen, val_videos, extractor, cache=cache)
     """
     from ..masking import task_mask
-    from .metrics import psnr_frames, ssim_frames
+    from .metrics import clip_psnr, ssim_frames
 
     cache = cache if cache is not None else {}
     N, T = videos.shape[:2]
@@ -357,7 +358,7 @@ def periodic_fvd(generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             m = mask_t[None].expand(ref.shape[0], T)
             given = ref.masked_fill(m[:, :, None, None, None].to(ref.device), 0.0)
             out = generate(given, m).to(ref.device)
-            psnrs.append(psnr_frames(out[m], ref[m]))
+            psnrs.append(clip_psnr(out, ref, mask_t))
             ssims.append(ssim_frames(out[m], ref[m]))
             if extractor is not None:
                 generated.update(extractor(out))

@@ -45,7 +45,7 @@ from ..data.latent_cache import encode_given
 from ..masking import task_mask
 from ..models.layers import patchify
 from .benchmarks import linear_blend, repeat_nearest
-from .metrics import psnr_from_mse, ssim_frames, unit_range_pair
+from .metrics import clip_psnr, psnr_from_mse, squared_errors, ssim_frames, unit_range_pair
 
 POSTERIOR_T = 0.999  # "pure noise": t = 1 is outside the training range (0, 1)
 
@@ -90,18 +90,6 @@ def video_clips(root: str, count: int, num_frames: int, height: int, width: int,
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def squared_errors(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Per-clip squared errors of the generated frames, in [0, 1] pixel units (float64): pred/target
-    [N, T, 3, H, W] in [-1, 1], mask [T] -> [N, G*3*H*W]."""
-    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))
-    return (p - t).pow(2).reshape(pred.shape[0], -1)
-
-
-def clip_psnr(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """PSNR per clip over its generated frames -> [N] (dB, at most metrics.PSNR_MAX_DB)."""
-    return psnr_from_mse(squared_errors(pred, target, mask).mean(1))
-
-
 def pooled_mse(pred: Tensor, target: Tensor, mask: Tensor) -> float:
     """Mean squared error over the generated frames of all clips (every clip has the same size)."""
     return float(squared_errors(pred, target, mask).mean())

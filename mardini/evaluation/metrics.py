@@ -1,7 +1,8 @@
 """Frame metrics for conditional generation: PSNR, SSIM (and LPIPS where its weights are on disk).
 
 All functions take pixel tensors in [-1, 1] (this project's convention) shaped [N, 3, H, W] (N frames) and return
-one value per frame; they are computed on the [0, 1] scale (data range 1). For video tasks, evaluate only the
+one value per frame, except clip_psnr (clips [N, T, 3, H, W] -> one value per clip); they are computed on the
+[0, 1] scale (data range 1). For video tasks, evaluate only the
 generated frames (``mask`` True): given frames are copies of the input and would inflate every score.
 
 PSNR is capped at PSNR_MAX_DB (the MSE floored at 1e-20): a frame identical to its target scores 200 dB, not inf,
@@ -50,6 +51,22 @@ def psnr_frames(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per frame ([N] float64); PSNR_MAX_DB (200) where a frame is identical to its target."""
     p, t = unit_range_pair(pred, target)
     return psnr_from_mse((p - t).pow(2).flatten(1).mean(1))
+
+
+def squared_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-clip squared errors of the generated frames, in [0, 1] pixel units (float64): pred/target
+    [N, T, 3, H, W] in [-1, 1], mask [T] (True = generated) -> [N, G*3*H*W]."""
+    p, t = unit_range_pair(pred[:, mask].flatten(0, 1), target[:, mask].flatten(0, 1))
+    return (p - t).pow(2).reshape(pred.shape[0], -1)
+
+
+def clip_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR per clip over its generated frames -> [N] (dB, at most PSNR_MAX_DB). The learning benchmark, the
+    periodic evaluation and the validation videos all report this, so their samples, posterior means and baselines
+    compare. Why not the mean of per-frame PSNRs (mardini-eval's protocols, as published interpolation benchmarks):
+    frames next to a given frame are easy, and averaging their high dBs lifts the score (the default job's samples
+    +0.2 dB, the linear blend +0.4 dB on 32 held-out clips), and by different amounts for different answers."""
+    return psnr_from_mse(squared_errors(pred, target, mask).mean(1))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

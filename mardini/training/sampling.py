@@ -8,15 +8,10 @@ import torch
 
 from ..data.latent_cache import encode_given
 from ..data.video_io import make_grid_video, to_uint8_frames, write_video
-from ..evaluation.metrics import psnr_from_mse
+from ..evaluation.metrics import clip_psnr
 from ..masking import task_mask
 
 VALIDATION_TASKS = {"interpolation": dict(task="interpolation"), "i2v": dict(task="i2v", position="middle")}
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB between pixel tensors in [-1, 1]; capped as the benchmarks' (an exact match is not inf)."""
-    return float(psnr_from_mse(((a.double() - b.double()) / 2).pow(2).mean()))
 
 
 @torch.no_grad()
@@ -24,21 +19,23 @@ def validation_videos(model, autoencoder, diffusion, videos: torch.Tensor, lowre
                       step: int, num_steps: int, seed: int, fps: int = 8) -> tuple[dict, dict[str, Path], dict]:
     """videos: [N, T, 3, H, W] ground-truth clips in [-1, 1]. For each task: generate the masked frames from the
     given ones (planner input made with the run's data.lowres_mode, as in training), write a grid (ground truth |
-    generated, given frames outlined) to out_dir, and measure PSNR on the generated frames. Returns (metrics,
-    {task: mp4 path}, {task: the grid as uint8 [T, H', W', 3]}): trackers log the frames without reading the
-    file back (which would need a video decoder)."""
+    generated, given frames outlined) to out_dir, and measure PSNR on the generated frames (per clip, as the
+    periodic evaluation and the learning benchmark). Returns (metrics as {"samples/<task>_psnr": dB}, {task: mp4
+    path}, {task: the grid as uint8 [T, H', W', 3]}): trackers log the frames without reading the file back (which
+    would need a video decoder). The metrics are named after the videos they score (samples/<task>, as trackers
+    log the videos), not val/: these few clips are not the periodic evaluation's set."""
     device = next(model.parameters()).device
     videos = videos.to(device)
     N, T = videos.shape[:2]
     metrics, paths, grids = {}, {}, {}
     for name, spec in VALIDATION_TASKS.items():
-        mask = task_mask(spec["task"], T, **{k: v for k, v in spec.items() if k != "task"})
-        mask = mask.to(device)[None].expand(N, T)
+        frame_mask = task_mask(spec["task"], T, **{k: v for k, v in spec.items() if k != "task"}).to(device)
+        mask = frame_mask[None].expand(N, T)
         given, z_lo = encode_given(autoencoder, videos, mask, model.cfg.lowres_factor, lowres_mode)
         generator = torch.Generator(device=device).manual_seed(seed)
         z = model.generate(given, mask, diffusion, z_lo=z_lo, num_steps=num_steps, generator=generator)
         frames = autoencoder.decode(z)
-        metrics[f"val/{name}_psnr"] = psnr(frames[mask], videos[mask])
+        metrics[f"samples/{name}_psnr"] = clip_psnr(frames, videos, frame_mask).mean().item()
         grid = torch.cat([make_grid_video([videos[i], frames[i]], given=[~mask[i].cpu(), ~mask[i].cpu()])
                           for i in range(N)], dim=-2)  # clips stacked vertically
         grids[name] = to_uint8_frames(grid.cpu())

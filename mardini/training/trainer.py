@@ -36,7 +36,8 @@ from ..data.video import SkipStats, TooManyFailuresError, VideoDataConfig, Video
 from ..data.workers import usable_workers
 from ..dicts import dotted_plain
 from ..diffusion import Diffusion
-from ..evaluation.learning import baseline, clip_psnr, held_out_clips, posterior_mean
+from ..evaluation.learning import baseline, held_out_clips, posterior_mean
+from ..evaluation.metrics import clip_psnr
 from ..masking import MaskSampler, task_mask, unreachable_ratios
 from ..models import MarDini, as_model_config
 from ..models.layers import check_backend
