@@ -2,8 +2,8 @@
 
 All functions take pixel tensors in [-1, 1] (this project's convention) shaped [N, 3, H, W] (N frames) and return
 one value per frame, except clip_psnr (clips [N, T, 3, H, W] -> one value per clip); they are computed on the
-[0, 1] scale (data range 1). For video tasks, evaluate only the
-generated frames (``mask`` True): given frames are copies of the input and would inflate every score.
+[0, 1] scale (data range 1). For video tasks, evaluate only the generated frames (``mask`` True): given frames are
+copies of the input and would inflate every score.
 
 PSNR is capped at PSNR_MAX_DB (the MSE floored at 1e-20): a frame identical to its target scores 200 dB, not inf,
 so that one exact match (a static clip, a duplicated frame) does not make a whole dataset's mean inf. No nonzero
