@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--flow-shift", type=float, default=None, help="rectified flow: the sampler's time shift "
                    "(> 1: more steps at high noise, < 1 at low noise; default: the model's diffusion.flow_shift, "
-                   "1, or 0.5 for small_synthetic)")
+                   "1, or 0.5 for the small_* GPU presets)")
     p.add_argument("--i2v-seeds", type=int, default=4, help="samples per clip for image-to-video (0: skip it)")
     p.add_argument("--no-ablations", action="store_true", help="skip the conditioning ablations")
     p.add_argument("--pm-seeds", type=int, default=1,

@@ -502,11 +502,13 @@ def test_flow_shift_chosen_at_generation_moves_the_sampler_times_not_the_model(e
 
 
 def test_an_exports_own_time_shift_is_its_default_and_the_option_overrides_it(export_dir, tmp_path):
-    """The time shift a run was configured with (`small_synthetic` sets 0.5) travels in its export and is how it
-    samples by default; from_pretrained(flow_shift=1) samples it on the plain times."""
+    """The time shift a run was configured with (the GPU presets set 0.5, the default job keeps 1) travels in its
+    export and is how it samples by default; from_pretrained(flow_shift=1) samples it on the plain times."""
     from mardini.cli import compose_config
 
-    assert compose_config(["experiment=small_synthetic"]).diffusion.flow_shift == 0.5
+    for preset in ("small_synthetic", "small_photo_motion"):
+        assert compose_config([f"experiment={preset}"]).diffusion.flow_shift == 0.5, preset
+    assert compose_config([]).diffusion.flow_shift == 1.0
     shifted_export = tmp_path / "export"
     shutil.copytree(export_dir, shifted_export)
     config = json.loads((shifted_export / "config.json").read_text())
