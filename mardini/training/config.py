@@ -80,7 +80,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     warmup_steps: int = 50  # linear warm-up steps
     lr_schedule: str = "cosine"  # cosine | constant (after warm-up)
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (unused by lr_schedule=constant)
     grad_clip: float = 1.0  # max global grad norm (0 disables clipping)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 (fp16 is refused: no loss scaling)
     parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 per block; sharded checkpoints)
