@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="override the sampler: euler (rectified flow), ddim or ddpm "
                                                     "(DDPM models); default: the one the model was trained with")
     p.add_argument("--flow-shift", type=float, default=None, help="rectified flow: the sampler's time shift (> 1: "
-                   "more steps at high noise, < 1 at low noise; default: the model's diffusion.flow_shift, 1, or 0.5 for "
-                   "the small_* GPU presets)")
+                   "more steps at high noise, < 1 at low noise; default: the model's diffusion.flow_shift, 1, or "
+                   "0.5 for the small_* GPU presets)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance on the plan (needs a "
                                                                  "model trained with plan_dropout > 0)")
     p.add_argument("--seed", type=int, default=None, help="the noise's seed (default: 0)")
