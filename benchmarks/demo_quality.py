@@ -13,6 +13,9 @@ of the validation seed, or the held-out video files); --data synthetic | a manif
 unguided). Reports (mardini/evaluation/learning.py):
   interpolation    first + last given: one sample per clip, PSNR / SSIM of the generated frames
   linear blend     the same frames as a blend of the two given ones (the baseline to beat)
+  ceiling          (synthetic clips) what the first and last frames leave open, drawn from the renderer's own prior
+                   (accelerations, turn rates; --ceiling-draws per clip) and rendered: the draws' mean bounds any
+                   model's posterior mean from above, one draw is what a perfect sampler's sample scores
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
   motion input     (models with model.motion.estimate) the motion-compensated estimate the generator is given, alone:
@@ -45,7 +48,8 @@ from pathlib import Path
 import torch
 
 from mardini.cli import ArgumentParser, interrupts, user_errors
-from mardini.evaluation.learning import generator_attention, held_out_clips, learning_report, video_clips
+from mardini.evaluation.learning import (generator_attention, held_out_clips, held_out_synthetic_config,
+                                         interpolation_ceiling, learning_report, video_clips)
 from mardini.masking import task_mask
 from mardini.inference import MarDiniPipeline
 from mardini.inference.cli import check_device
@@ -54,21 +58,24 @@ from mardini.inference.cli import check_device
 PROG = "demo_quality.py"
 
 
-def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[torch.Tensor, str]:
-    """(clips [N, T, 3, H, W], a description of where they come from)."""
+def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[torch.Tensor, str, object]:
+    """(clips [N, T, 3, H, W], a description of where they come from, their SyntheticVideoConfig or None)."""
     config, T, H, W = pipe.config, pipe.num_frames, pipe.height, pipe.width
     if source is None and "data" in config:
         data = config["data"]
         where = {"synthetic": f"synthetic clips of the validation seed {data.get('val_seed')}",
                  "video": "held-out video files of the training data"}.get(data.get("source"), "")
-        if data.get("source") in ("synthetic", "video"):
-            return held_out_clips(data, count), where
+        if data.get("source") == "synthetic":
+            return held_out_clips(data, count), where, held_out_synthetic_config(data, count)
+        if data.get("source") == "video":
+            return held_out_clips(data, count), where, None
     if source in (None, "synthetic"):
         from mardini.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 
-        dataset = SyntheticVideoDataset(SyntheticVideoConfig(seed=1_000_003, num_videos=count, num_frames=T,
-                                                             height=H, width=W, max_shapes=3 if H <= 32 else 4))
-        return torch.stack([dataset[i]["video"] for i in range(count)]), "synthetic clips of seed 1000003"
+        cfg = SyntheticVideoConfig(seed=1_000_003, num_videos=count, num_frames=T, height=H, width=W,
+                                   max_shapes=3 if H <= 32 else 4)
+        dataset = SyntheticVideoDataset(cfg)
+        return torch.stack([dataset[i]["video"] for i in range(count)]), "synthetic clips of seed 1000003", cfg
     if not Path(source).exists():
         raise FileNotFoundError(f"--data {source}: no such manifest or folder")
     where = f"video files of {source}"
@@ -77,7 +84,7 @@ def load_clips(pipe: MarDiniPipeline, source: str | None, count: int) -> tuple[t
         print(f"warning: --data {source} is the data this model was trained on ({trained[Path(source).resolve()]} in "
               f"its config.json): the figures below are not held-out", file=sys.stderr)
         where += " (the model's training data: not held out)"
-    return video_clips(source, count, T, H, W, fps=pipe.fps), where
+    return video_clips(source, count, T, H, W, fps=pipe.fps), where, None
 
 
 def training_roots(data: dict) -> dict[Path, str]:
@@ -105,6 +112,10 @@ def print_report(report: dict) -> None:
     print(f"interpolation    PSNR {i['psnr']:6.2f} dB  SSIM {i['ssim']:.3f}   (one sample per clip, "
           f"{report['num_steps']} steps{guided})")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
+    if "ceiling" in i:
+        c = i["ceiling"]
+        print(f"ceiling          PSNR {c['posterior_mean_psnr']:6.2f} dB best guess, {c['sample_psnr']:.2f} dB a "
+              f"perfect sampler's sample   (what the first and last frames leave open, {c['draws']} draws)")
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
     print(f"  samples' error  x{i['sample_error_ratio']:.2f} the posterior mean's   (2: samples drawn from the "
           f"posterior, 1: the mean itself)")
@@ -182,6 +193,8 @@ def main(argv=None) -> dict:
     p.add_argument("--noise-levels", type=float, nargs="*", default=[],
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
+    p.add_argument("--ceiling-draws", type=int, default=64, help="synthetic clips: posterior draws per clip for "
+                   "the interpolation ceiling (0: skip it; 64 puts its best guess within ~0.1 dB of the exact mean)")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
                    "recorded (an export copied from another machine)")
@@ -198,6 +211,8 @@ def main(argv=None) -> dict:
         p.error("--clips must be >= 1")
     if args.pm_seeds < 1:
         p.error("--pm-seeds must be >= 1")
+    if args.ceiling_draws < 0:
+        p.error("--ceiling-draws must be >= 0 (0: skip the ceiling)")
     if args.i2v_seeds < 0:
         p.error("--i2v-seeds must be >= 0 (0: skip image-to-video)")
     if args.steps is not None and args.steps < 1 or any(n < 1 for n in args.step_sweep):
@@ -222,12 +237,14 @@ def run(args: argparse.Namespace) -> dict:
                                            flow_shift=args.flow_shift)
     if args.fp8:
         pipe.use_fp8_gemms()
-    videos, where = load_clips(pipe, args.data, args.clips)
+    videos, where, synthetic_cfg = load_clips(pipe, args.data, args.clips)
     print(f"{args.model}: {len(videos)} clips of {videos.shape[1]} frames {videos.shape[3]}x{videos.shape[4]} "
           f"({where})", file=sys.stderr)
     report = learning_report(pipe, videos, args.steps, args.seed, args.i2v_seeds, not args.no_ablations,
                              args.step_sweep, args.noise_levels, args.pm_seeds, progress=not args.no_progress,
                              guidance_scale=args.guidance)
+    if synthetic_cfg is not None and args.ceiling_draws:
+        report["interpolation"]["ceiling"] = interpolation_ceiling(synthetic_cfg, videos, args.ceiling_draws, args.seed)
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}

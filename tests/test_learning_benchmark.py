@@ -359,6 +359,10 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert "attention at t=0.5" in result.stdout
     assert list(report["noise_levels"]["levels"]) == ["0.5"] and "clean estimate by noise level" in result.stdout
     assert set(report["plan_probe"]) == {"r2", "blend_r2", "spatial_share"} and "plan probe" in result.stdout
+    # synthetic clips: the ceiling of these very clips (what their first and last frames leave open)
+    c = i["ceiling"]
+    assert c["draws"] == 64 and "ceiling          PSNR" in result.stdout
+    assert c["posterior_mean_psnr"] > c["sample_psnr"] > i["blend_psnr"]
 
 
 def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
@@ -373,7 +377,8 @@ def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
         out = tmp_path / f"report_{fp8}.json"
         result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_quality.py"), str(export),
                                  "--clips", "2", "--steps", "2", "--i2v-seeds", "0", "--no-ablations", "--device",
-                                 "cpu", "--no-progress", "--json", str(out), *(["--fp8"] if fp8 else [])],
+                                 "cpu", "--no-progress", "--ceiling-draws", "0", "--json", str(out),
+                                 *(["--fp8"] if fp8 else [])],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         reports[fp8] = json.loads(out.read_text())
@@ -381,6 +386,7 @@ def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
     plain, fp8 = reports[False]["interpolation"], reports[True]["interpolation"]
     assert plain["psnr"] != fp8["psnr"] and abs(plain["psnr"] - fp8["psnr"]) < 0.5
     assert plain["blend_psnr"] == fp8["blend_psnr"]  # the same clips
+    assert "ceiling" not in plain  # --ceiling-draws 0 skips it
 
 
 def test_demo_quality_reports_user_errors_in_one_line(tmp_path, capsys):
@@ -397,7 +403,8 @@ def test_demo_quality_reports_user_errors_in_one_line(tmp_path, capsys):
              # these three once failed with a traceback, the last after the whole benchmark had run
              ([str(export), "--i2v-seeds", "-1"], "--i2v-seeds must be >= 0"),
              ([str(export), "--step-sweep", "4", "0"], "--steps and --step-sweep take sampler step counts >= 1"),
-             ([str(export), "--json", str(tmp_path)], "is a folder: give a file name")]
+             ([str(export), "--json", str(tmp_path)], "is a folder: give a file name"),
+             ([str(export), "--ceiling-draws", "-1"], "--ceiling-draws must be >= 0")]
     if not torch.cuda.is_available():
         cases.append(([str(export), "--device", "cuda"], "--device cuda: no CUDA device here"))
     bench = demo_quality()  # in-process: the script's main() is what its __main__ runs (one start-up, not ten)
@@ -451,11 +458,11 @@ def test_demo_quality_warns_when_the_data_given_is_the_models_training_data(tmp_
     bench, pipe = demo_quality(), random_pipeline()
     pipe.config["data"] = {"source": "video", "video": {"root": str(tmp_path / "train.csv")}}
     monkeypatch.chdir(tmp_path)
-    _, where = bench.load_clips(pipe, "./train.csv", 1)
+    _, where, _ = bench.load_clips(pipe, "./train.csv", 1)
     err = capsys.readouterr().err
     assert "warning: --data ./train.csv is the data this model was trained on (data.video.root" in err, err
     assert "not held-out" in err and "not held out" in where
-    _, where = bench.load_clips(pipe, "val.csv", 1)
+    _, where, _ = bench.load_clips(pipe, "val.csv", 1)
     assert "warning" not in capsys.readouterr().err and where == "video files of val.csv"
     # trained from a latent cache: the videos it was cached from, where the cache records them
     (tmp_path / "cache").mkdir()

@@ -1,6 +1,8 @@
 """The synthetic dataset: deterministic, well-formed, and a task that is learnable but not trivial."""
 
+import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -181,3 +183,93 @@ def test_render_time():
         ds[i]
     per_clip = (time.perf_counter() - start) / 20
     assert per_clip < 0.05, f"{per_clip * 1000:.1f} ms per 17x64x64 clip"
+
+
+def test_scenes_are_the_ones_every_figure_was_measured_on():
+    """The clips' content is pinned: a change to the order of the renderer's random draws would silently swap
+    every training and validation clip, and every figure in BENCHMARKS.md with them (means of clips 0-7, 17
+    frames of 64x64, up to 4 shapes, as rendered before scenes were split into drawn parameters and a render)."""
+    cfg = SyntheticVideoConfig(num_frames=17, height=64, width=64, max_shapes=4, seed=0)
+    means = [float(synthetic.render_synthetic_video(cfg, i).mean()) for i in range(8)]
+    pinned = [-0.059217, -0.585016, -0.544185, -0.32374, -0.395369, -0.409368, -0.40055, -0.2195]
+    assert means == pytest.approx(pinned, abs=2e-6)
+
+
+def test_turn_rates_matching_ends_differ_by_whole_symmetry_periods():
+    """A rectangle turned by pi looks the same: over 16 frames its turn rate is seen up to pi / 16; a disc's turn
+    never shows; every candidate ends at an angle the shape cannot be told from its true end angle by."""
+    base = dict(radius=8.0, aspect=0.6, sides=5, x=30.0, vx=1.0, ax=0.0, y=30.0, vy=1.0, ay=0.0, theta=0.3,
+                growth=0.0, hue=0.2, hue_rate=0.0, saturation=0.8, value=0.9)
+    rect = synthetic.Shape(kind="rect", turn=-0.1, **base)
+    rates = synthetic.turn_rates_matching_ends(rect, 16.0)
+    assert rates == pytest.approx([-0.1, -0.1 + math.pi / 16])
+    pentagon = synthetic.Shape(kind="polygon", turn=0.0, **base)
+    rates = synthetic.turn_rates_matching_ends(pentagon, 16.0)
+    assert len(rates) == 3 and np.all(np.abs(rates) <= synthetic.TURN)
+    turns = rates * 16 / (2 * math.pi / 5)  # whole periods of the pentagon's symmetry
+    assert np.allclose(turns, np.round(turns))
+    disc = synthetic.Shape(kind="disc", turn=0.05, **base)
+    assert synthetic.turn_rates_matching_ends(disc, 16.0).tolist() == [0.05]
+
+
+def test_interpolation_posterior_keeps_the_ends_and_opens_the_middle():
+    """Draws from what the first and last frames leave open: both given frames are rendered as they are, the
+    frames between differ from draw to draw (accelerations, turn rates), and every draw lies in the prior."""
+    cfg = SyntheticVideoConfig(num_frames=17, height=64, width=64, max_shapes=4, hue_drift=0.0, seed=1_000_003)
+    rng = np.random.default_rng(0)
+    opened = 0
+    for index in range(6):
+        scene = synthetic.draw_scene(cfg, index)
+        clip = scene.render()
+        assert np.array_equal(clip, synthetic.render_synthetic_video(cfg, index))
+        draws = [synthetic.interpolation_posterior(scene, rng) for _ in range(4)]
+        frames = np.stack([scene.render(shapes) for shapes in draws])
+        assert np.array_equal(frames[:, 0], np.broadcast_to(clip[0], frames[:, 0].shape))
+        assert np.abs(frames[:, -1] - clip[-1]).max() < 1e-4
+        opened += int(np.abs(frames[:, 1:-1] - clip[1:-1]).max() > 0.1)
+        for shapes in draws:
+            for s, true in zip(shapes, scene.shapes):
+                for axis, extent in (("x", 64.0), ("y", 64.0)):
+                    v, a = getattr(s, "v" + axis), getattr(s, "a" + axis)
+                    assert synthetic.SPEED[0] * extent <= abs(v) <= synthetic.SPEED[1] * extent
+                    assert abs(a) <= synthetic.ACCELERATION * extent
+                    # the end position is the true one
+                    assert v * 16 + 0.5 * a * 256 == pytest.approx(
+                        getattr(true, "v" + axis) * 16 + 0.5 * getattr(true, "a" + axis) * 256)
+                assert abs(s.turn) <= synthetic.TURN
+    assert opened >= 4
+
+
+def test_interpolation_ceiling_orders_the_best_guess_a_sample_and_the_blend():
+    """The draws' mean is the mean-squared-optimal guess: above one draw (about 3 dB: error ratio near 2, as for any
+    sampler drawing from the posterior), above the straight-line guess of test_interpolation_is_well_posed's oracle
+    (constant velocity, least turn), and far above the blend. A config whose clips are not the ones given is refused."""
+    from mardini.evaluation.learning import held_out_clips, held_out_synthetic_config, interpolation_ceiling
+
+    data = {"source": "synthetic", "val_seed": 1_000_003, "synthetic": dict(
+        num_videos=8, num_frames=9, height=32, width=32, min_shapes=1, max_shapes=3, hue_drift=0.0, seed=0)}
+    videos = held_out_clips(data, 8)
+    ceiling = interpolation_ceiling(held_out_synthetic_config(data, 8), videos, draws=32)
+    w = torch.linspace(0, 1, 9)[:, None, None, None]
+    blend = (1 - w) * videos[:, :1] + w * videos[:, -1:]
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[1:-1] = True
+    straight = []
+    for index in range(8):
+        scene = synthetic.draw_scene(held_out_synthetic_config(data, 8), index)
+        shapes = []
+        for s in scene.shapes:  # constant velocity through both ends, the least matching turn
+            rates = synthetic.turn_rates_matching_ends(s, 8.0)
+            shapes.append(replace(s, vx=s.vx + 4 * s.ax, ax=0.0, vy=s.vy + 4 * s.ay, ay=0.0,
+                                  turn=rates[np.argmin(np.abs(rates))]))
+        straight.append(torch.from_numpy(scene.render(shapes)))
+    from mardini.evaluation.metrics import clip_psnr
+
+    straight_psnr = clip_psnr(torch.stack(straight), videos, mask).mean().item()
+    blend_psnr = clip_psnr(blend, videos, mask).mean().item()
+    assert ceiling["posterior_mean_psnr"] > straight_psnr > blend_psnr + 10
+    assert ceiling["posterior_mean_psnr"] > ceiling["sample_psnr"] + 2
+    assert 1.6 < ceiling["sample_error_ratio"] < 2.6
+    other = held_out_synthetic_config({**data, "val_seed": 7}, 8)
+    with pytest.raises(ValueError, match="is not clip 0 of the synthetic config given"):
+        interpolation_ceiling(other, videos, draws=2)

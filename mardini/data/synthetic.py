@@ -14,12 +14,15 @@ same bit-for-bit in any process and in any order. Parameters are drawn in the sa
 size: a clip with more frames continues the shorter one (frame t is the same), and positions, speeds and sizes
 are fractions of the frame, so other resolutions show the same scene. Rendering is vectorised numpy over
 ``[T, H, W]``, with anti-aliased edges from a signed distance (in pixels) passed through a one-pixel smoothstep.
+A clip's parameters are drawn first (draw_scene -> Scene, its Shapes) and rendered after, so that what the first
+and last frames leave open (accelerations, symmetric shapes' turns) can be redrawn from the same prior
+(interpolation_posterior): the learning benchmark's ceiling for interpolation on these clips.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -90,15 +93,20 @@ def _coverage(sdf: np.ndarray) -> np.ndarray:
     return x * x * (3.0 - 2.0 * x)
 
 
-def _path(rng: np.random.Generator, t: np.ndarray, start: float, extent: float) -> np.ndarray:
-    """A smooth 1-D path t [T] -> [T] in pixels: constant velocity plus a small constant acceleration.
+SPEED = (0.008, 0.032)  # |velocity| of a shape's centre along each axis, fraction of the frame per frame
+ACCELERATION = 0.001  # |acceleration| at most, fraction of the frame per frame^2
+TURN = 0.12  # |turn rate| at most, radians per frame
+
+
+def _draw_path(rng: np.random.Generator, extent: float) -> tuple[float, float, float]:
+    """A smooth 1-D path along an axis of `extent` pixels -> (start, velocity, acceleration) in pixels and frames.
 
     Speeds of 0.8-3.2 % of the frame per frame (signed), accelerations up to 0.1 %: a shape crosses a fair part
     of the frame in 17 frames, and its path bends by at most about 2 % of the frame over 8 frames.
     """
-    velocity = rng.uniform(0.008, 0.032) * rng.choice([-1.0, 1.0]) * extent
-    acceleration = rng.uniform(-0.001, 0.001) * extent
-    return start + velocity * t + 0.5 * acceleration * t * t
+    start = rng.uniform(0.15, 0.85) * extent
+    velocity = rng.uniform(*SPEED) * rng.choice([-1.0, 1.0]) * extent
+    return start, velocity, rng.uniform(-ACCELERATION, ACCELERATION) * extent
 
 
 def _per_frame(x: np.ndarray) -> np.ndarray:
@@ -163,48 +171,154 @@ def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.
     return c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * u[:, None]
 
 
-def _draw_shape(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, img: np.ndarray,
-                hue_drift: float):
-    """Draw one moving shape over img [T, 3, H, W] in place (later shapes occlude earlier ones)."""
-    height, width = ys.shape[1], xs.shape[2]
-    size = min(height, width)
-    # Draw every parameter for every kind, so the stream of random numbers does not depend on the kind.
+@dataclass
+class Shape:
+    """One shape's drawn parameters (pixels, frames, radians, hue turns); its state at time t follows from them."""
+
+    kind: str
+    radius: float  # circumradius / half-width at t = 0
+    aspect: float  # squashes rect and ellipse, sets a ring's thickness
+    sides: int  # a polygon's side count
+    x: float  # centre at t = 0, then velocity and acceleration per frame
+    vx: float
+    ax: float
+    y: float
+    vy: float
+    ay: float
+    theta: float  # angle at t = 0, then a constant turn rate per frame
+    turn: float
+    growth: float  # size factor 1 + growth * t (at least 0.3)
+    hue: float  # hue at t = 0, then a constant drift per frame
+    hue_rate: float
+    saturation: float
+    value: float
+
+
+def _draw_shape(rng: np.random.Generator, height: int, width: int, hue_drift: float) -> Shape:
+    """Draw one shape's parameters. Every parameter is drawn for every kind, so the stream of random numbers does
+    not depend on the kind."""
     kind = SHAPE_KINDS[rng.integers(len(SHAPE_KINDS))]
-    radius = rng.uniform(0.10, 0.22) * size
-    aspect = rng.uniform(0.4, 0.9)
-    sides = int(rng.integers(4, 7))
-    cx = _path(rng, t, rng.uniform(0.15, 0.85) * width, width)
-    cy = _path(rng, t, rng.uniform(0.15, 0.85) * height, height)
-    theta = rng.uniform(0.0, 2.0 * math.pi) + rng.uniform(-0.12, 0.12) * t  # a constant turn rate, rad/frame
-    pulse = np.maximum(1.0 + rng.uniform(-0.015, 0.015) * t, 0.3)  # steady growth or shrinking
-    hue = rng.uniform(0.0, 1.0) + rng.uniform(-hue_drift, hue_drift) * t
-    color = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.65, 1.0)).astype(np.float32)  # [T, 3]
+    radius, aspect, sides = rng.uniform(0.10, 0.22) * min(height, width), rng.uniform(0.4, 0.9), int(rng.integers(4, 7))
+    (x, vx, ax), (y, vy, ay) = _draw_path(rng, width), _draw_path(rng, height)
+    theta, turn = rng.uniform(0.0, 2.0 * math.pi), rng.uniform(-TURN, TURN)
+    growth = rng.uniform(-0.015, 0.015)  # steady growth or shrinking
+    hue, hue_rate = rng.uniform(0.0, 1.0), rng.uniform(-hue_drift, hue_drift)
+    return Shape(kind, radius, aspect, sides, x, vx, ax, y, vy, ay, theta, turn, growth, hue, hue_rate,
+                 rng.uniform(0.5, 1.0), rng.uniform(0.65, 1.0))
+
+
+def _render_shape(s: Shape, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, img: np.ndarray):
+    """Draw shape s over img [T, 3, H, W] in place (later shapes occlude earlier ones)."""
+    cx = s.x + s.vx * t + 0.5 * s.ax * t * t
+    cy = s.y + s.vy * t + 0.5 * s.ay * t * t
+    theta = s.theta + s.turn * t
+    pulse = np.maximum(1.0 + s.growth * t, 0.3)
+    color = _hsv_to_rgb(s.hue + s.hue_rate * t, s.saturation, s.value).astype(np.float32)  # [T, 3]
 
     # Local coordinates: translate to the centre, then rotate by -theta. dx [T, 1, W], dy [T, H, 1].
     dx, dy = xs - _per_frame(cx), ys - _per_frame(cy)
     cos, sin = np.cos(_per_frame(theta)), np.sin(_per_frame(theta))
     lx = cos * dx + sin * dy  # [T, H, W]
     ly = cos * dy - sin * dx
-    alpha = _coverage(_sdf(kind, lx, ly, _per_frame(radius * pulse), aspect, sides))  # [T, H, W]
+    alpha = _coverage(_sdf(s.kind, lx, ly, _per_frame(s.radius * pulse), s.aspect, s.sides))  # [T, H, W]
     img += (color[:, :, None, None] - img) * alpha[:, None]
 
 
-def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
-    """Render clip `index` of the dataset described by cfg -> float32 [T, 3, H, W] in [-1, 1]."""
+@dataclass
+class Scene:
+    """A clip's content: its times (in frames of the scene), its background and its shapes in depth order."""
+
+    t: np.ndarray  # [T] float64
+    background: np.ndarray  # [T, 3, H, W] in [0, 1]
+    shapes: list[Shape]
+
+    def render(self, shapes: list[Shape] | None = None) -> np.ndarray:
+        """-> float32 [T, 3, H, W] in [-1, 1]; shapes: others in place of the scene's (same background)."""
+        height, width = self.background.shape[2:]
+        xs, ys = _pixel_centres(height, width)
+        img = self.background.copy()
+        for shape in self.shapes if shapes is None else shapes:
+            _render_shape(shape, self.t, xs, ys, img)
+        return np.clip(img * 2.0 - 1.0, -1.0, 1.0, dtype=np.float32)
+
+
+def _pixel_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """xs [1, 1, W], ys [1, H, 1]."""
+    xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
+    return xs, (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
+
+
+def draw_scene(cfg: SyntheticVideoConfig, index: int) -> Scene:
+    """Clip `index`'s scene, drawn from a generator seeded by (cfg.seed, index) only."""
     rng = np.random.default_rng([cfg.seed, index])
     stride = 1
     if cfg.max_frame_stride > 1:  # its own stream: the scene is the one stride 1 renders
         stride = int(np.random.default_rng([cfg.seed, index, 1]).integers(1, cfg.max_frame_stride + 1))
     t = np.arange(cfg.num_frames, dtype=np.float64) * stride  # time in frames of the scene
-    # Pixel centres: xs [1, 1, W], ys [1, H, 1].
-    xs = (np.arange(cfg.width, dtype=np.float32) + 0.5)[None, None, :]
-    ys = (np.arange(cfg.height, dtype=np.float32) + 0.5)[None, :, None]
-
-    img = _background(rng, t, xs, ys)
+    background = _background(rng, t, *_pixel_centres(cfg.height, cfg.width))
     num_shapes = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
-    for _ in range(num_shapes):
-        _draw_shape(rng, t, xs, ys, img, cfg.hue_drift)
-    return np.clip(img * 2.0 - 1.0, -1.0, 1.0, dtype=np.float32)
+    return Scene(t, background, [_draw_shape(rng, cfg.height, cfg.width, cfg.hue_drift) for _ in range(num_shapes)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the first and last frames leave open: the ceiling of interpolation on these clips.
+# ----------------------------------------------------------------------------------------------------------
+
+# Angles a shape cannot be told apart at (radians; 0: any angle). A polygon's is 2 pi / sides.
+_SYMMETRY = {"disc": 0.0, "ring": 0.0, "ellipse": math.pi, "rect": math.pi, "triangle": 2.0 * math.pi / 3.0}
+
+
+def turn_rates_matching_ends(shape: Shape, span: float) -> np.ndarray:
+    """Turn rates within the prior whose end angle after `span` frames looks like the shape's true one: the true
+    rate plus whole symmetry periods over the span (a rectangle turned by pi looks the same); a disc's or ring's
+    turn does not show, so its own rate stands for all."""
+    period = 2.0 * math.pi / shape.sides if shape.kind == "polygon" else _SYMMETRY[shape.kind]
+    if period == 0.0:
+        return np.array([shape.turn])
+    step = period / span
+    k = np.arange(-math.ceil(2 * TURN / step), math.ceil(2 * TURN / step) + 1)
+    rates = shape.turn + k * step
+    return rates[np.abs(rates) <= TURN]
+
+
+def interpolation_posterior(scene: Scene, rng: np.random.Generator) -> list[Shape]:
+    """One draw of the scene's shapes given its first and last frames only (exact under the renderer's prior).
+
+    What the two frames fix: every shape's kind, size, colours and its state at both ends; the background (its hue
+    and angle change too little over a clip to wrap around). What they leave open: along each axis only the
+    combination velocity + acceleration * span / 2 is seen, so the acceleration is drawn uniformly from its range,
+    with the velocity that keeps both ends, kept where that velocity lies within the prior's speeds (rejection); and
+    the turn rate among those that end at an angle the shape cannot be told from (turn_rates_matching_ends).
+    Rendering many draws and averaging gives the posterior mean: the best guess in the mean-squared sense of a model
+    that also knew every shape's exact parameters at the ends, so its PSNR bounds any model's best guess from above.
+    """
+    span = float(scene.t[-1] - scene.t[0])
+    drawn = []
+    for shape in scene.shapes:
+        changes = {}
+        for axis in ("x", "y"):
+            extent = _axis_extent(scene, axis)
+            seen = getattr(shape, "v" + axis) + 0.5 * span * getattr(shape, "a" + axis)
+            while True:
+                a = rng.uniform(-ACCELERATION, ACCELERATION) * extent
+                v = seen - 0.5 * span * a
+                if SPEED[0] * extent <= abs(v) <= SPEED[1] * extent:
+                    changes["a" + axis], changes["v" + axis] = a, v
+                    break
+        changes["turn"] = rng.choice(turn_rates_matching_ends(shape, span))
+        drawn.append(replace(shape, **changes))
+    return drawn
+
+
+def _axis_extent(scene: Scene, axis: str) -> float:
+    """The frame's size along x (width) or y (height), pixels: the unit of the prior's speeds."""
+    height, width = scene.background.shape[2:]
+    return float(width if axis == "x" else height)
+
+
+def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
+    """Render clip `index` of the dataset described by cfg -> float32 [T, 3, H, W] in [-1, 1]."""
+    return draw_scene(cfg, index).render()
 
 
 class SyntheticVideoDataset(Dataset):

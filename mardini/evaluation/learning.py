@@ -60,14 +60,9 @@ def held_out_clips(data: Mapping, count: int, num_frames: int | None = None,
     random frame strides (data.synthetic.max_frame_stride), so that models trained either way meet the same clips."""
     source = data.get("source")
     if source == "synthetic":
-        from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+        from ..data.synthetic import SyntheticVideoDataset
 
-        values = dict(data["synthetic"], seed=data["val_seed"], num_videos=count)
-        if num_frames:
-            values["num_frames"] = num_frames
-        if consecutive:
-            values["max_frame_stride"] = 1
-        dataset = SyntheticVideoDataset(SyntheticVideoConfig(**values))
+        dataset = SyntheticVideoDataset(held_out_synthetic_config(data, count, num_frames, consecutive))
         return torch.stack([dataset[i]["video"] for i in range(count)])
     if source == "video":
         from ..data.video import VideoDataset
@@ -78,6 +73,18 @@ def held_out_clips(data: Mapping, count: int, num_frames: int | None = None,
         return VideoDataset(values, split="val").clips(count)
     raise ValueError(f"held-out clips of data.source={source!r} cannot be read without the training run (a latent "
                      f"cache needs its autoencoder): pass the clips' source explicitly (a manifest or 'synthetic')")
+
+
+def held_out_synthetic_config(data: Mapping, count: int, num_frames: int | None = None, consecutive: bool = False):
+    """The SyntheticVideoConfig of held_out_clips' synthetic clips (same arguments)."""
+    from ..data.synthetic import SyntheticVideoConfig
+
+    values = dict(data["synthetic"], seed=data["val_seed"], num_videos=count)
+    if num_frames:
+        values["num_frames"] = num_frames
+    if consecutive:
+        values["max_frame_stride"] = 1
+    return SyntheticVideoConfig(**values)
 
 
 def video_clips(root: str, count: int, num_frames: int, height: int, width: int, fps: float = 8.0) -> Tensor:
@@ -416,6 +423,36 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
             estimate = posterior_mean(pipe, videos, mask, seed=seed, **kw)
             report[f"posterior_mean_psnr_{name}"] = _mean(clip_psnr(estimate, videos, mask))
     return report
+
+
+def interpolation_ceiling(cfg, videos: Tensor, draws: int = 32, seed: int = 0) -> dict:
+    """What interpolation could score on synthetic clips [N, T, 3, H, W] (clips 0..N-1 of SyntheticVideoConfig cfg):
+    each clip's scene redrawn `draws` times from what its first and last frames leave open
+    (synthetic.interpolation_posterior), rendered, and scored as the benchmark scores a model. The draws' mean is
+    the best guess of a model that also knew every shape's exact parameters at the ends, so its PSNR bounds from
+    above what any model's posterior mean reaches; one draw is what a perfect sampler's sample scores (3 dB lower
+    where the posterior is wide: error ratio 2)."""
+    import numpy as np
+
+    from ..data.synthetic import draw_scene, interpolation_posterior
+
+    mask = task_mask("interpolation", videos.shape[1])
+    rng = np.random.default_rng(seed)
+    mean_psnr, sample_psnr, mean_mse, sample_mse = [], [], 0.0, 0.0
+    for i, clip in enumerate(videos):
+        scene = draw_scene(cfg, i)
+        if not torch.equal(torch.from_numpy(scene.render()), clip):
+            raise ValueError(f"interpolation_ceiling: clip {i} is not clip {i} of the synthetic config given")
+        rendered = torch.from_numpy(np.stack([scene.render(interpolation_posterior(scene, rng))
+                                              for _ in range(draws)]))  # [draws, T, 3, H, W]
+        mean, truth = rendered.mean(0, keepdim=True), clip[None].expand_as(rendered)
+        mean_psnr.append(clip_psnr(mean, clip[None], mask)[0])
+        sample_psnr.append(clip_psnr(rendered, truth, mask).mean())  # a draw's PSNR, averaged over the draws
+        mean_mse += pooled_mse(mean, clip[None], mask)
+        sample_mse += pooled_mse(rendered, truth, mask)
+    return {"draws": draws, "posterior_mean_psnr": _mean(torch.stack(mean_psnr)),
+            "sample_psnr": _mean(torch.stack(sample_psnr)),
+            "sample_error_ratio": sample_mse / mean_mse}  # pooled over clips, as sample_error_ratio's
 
 
 def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None = None, seed: int = 0,
