@@ -232,11 +232,12 @@ class Scene:
     background: np.ndarray  # [T, 3, H, W] in [0, 1]
     shapes: list[Shape]
 
-    def render(self, shapes: list[Shape] | None = None) -> np.ndarray:
-        """-> float32 [T, 3, H, W] in [-1, 1]; shapes: others in place of the scene's (same background)."""
+    def render(self, shapes: list[Shape] | None = None, keep_background: bool = True) -> np.ndarray:
+        """-> float32 [T, 3, H, W] in [-1, 1]; shapes: others in place of the scene's (same background).
+        keep_background=False draws onto the background itself (a scene rendered once: no copy)."""
         height, width = self.background.shape[2:]
         xs, ys = _pixel_centres(height, width)
-        img = self.background.copy()
+        img = self.background.copy() if keep_background else self.background
         for shape in self.shapes if shapes is None else shapes:
             _render_shape(shape, self.t, xs, ys, img)
         return np.clip(img * 2.0 - 1.0, -1.0, 1.0, dtype=np.float32)
@@ -318,7 +319,7 @@ def _axis_extent(scene: Scene, axis: str) -> float:
 
 def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
     """Render clip `index` of the dataset described by cfg -> float32 [T, 3, H, W] in [-1, 1]."""
-    return draw_scene(cfg, index).render()
+    return draw_scene(cfg, index).render(keep_background=False)
 
 
 class SyntheticVideoDataset(Dataset):
