@@ -273,3 +273,11 @@ def test_interpolation_ceiling_orders_the_best_guess_a_sample_and_the_blend():
     other = held_out_synthetic_config({**data, "val_seed": 7}, 8)
     with pytest.raises(ValueError, match="is not clip 0 of the synthetic config given"):
         interpolation_ceiling(other, videos, draws=2)
+    # exact only where the two ends fix the slow drifts: the presets' clips, not 33 frames or strided clips
+    for frames, stride, hue_drift, exact in ((9, 1, 0.0, True), (17, 1, 0.0, True), (17, 1, 0.03, True),
+                                             (33, 1, 0.0, False), (17, 3, 0.0, False), (17, 1, 0.05, False)):
+        cfg = SyntheticVideoConfig(num_frames=frames, max_frame_stride=stride, hue_drift=hue_drift)
+        assert (synthetic.why_ends_leave_more_open(cfg) == "") == exact, (frames, stride, hue_drift)
+    long = dict(data, synthetic=dict(data["synthetic"], num_frames=33))
+    with pytest.raises(ValueError, match="not exact for these clips: over 32 frames of the scene"):
+        interpolation_ceiling(held_out_synthetic_config(long, 1), held_out_clips(long, 1), draws=2)
