@@ -22,6 +22,8 @@ comes with the baseline it must beat, computed on the same held-out clips:
   lower PSNR) and differs from another by twice its variance, so ratio 2 and spread 1 mark a calibrated sampler,
   a ratio near 1 samples that collapse onto the mean, larger values samples noisier than the posterior;
 - optionally a sweep of the sampler's step count;
+- on synthetic clips, their ceiling (interpolation_ceiling): the best guess a model that knew every shape's
+  parameters at the two ends could make, and what a perfect sampler's draw scores, beside the model's;
 - for a model with a motion input, that input's PSNR and the share of clips on which the posterior mean beats it;
   with learned matching features, also the same matcher's PSNR without them (what the features learned);
 - optionally the posterior mean from several noise inputs, averaged and compared with each other: a network that
