@@ -13,9 +13,10 @@ of the validation seed, or the held-out video files); --data synthetic | a manif
 unguided). Reports (mardini/evaluation/learning.py):
   interpolation    first + last given: one sample per clip, PSNR / SSIM of the generated frames
   linear blend     the same frames as a blend of the two given ones (the baseline to beat)
-  ceiling          (synthetic clips) what the first and last frames leave open, drawn from the renderer's own prior
-                   (accelerations, turn rates; --ceiling-draws per clip) and rendered: the draws' mean bounds any
-                   model's posterior mean from above, one draw is what a perfect sampler's sample scores
+  ceiling          (synthetic clips, both tasks) what the given frames leave open, drawn from the renderer's own
+                   prior (interpolation: accelerations, turn rates; image-to-video: every rate; --ceiling-draws per
+                   clip) and rendered: the draws' mean bounds any model's posterior mean from above, one draw is
+                   what a perfect sampler's sample scores (image-to-video: also its best of as many as the model's)
   posterior mean   the one-step clean estimate from pure noise (the model's best guess), and its drop when the plan
                    is nulled or shuffled, or the given frames are replaced by noise (an unused input shows no drop)
   motion input     (models with model.motion.estimate) the motion-compensated estimate the generator is given, alone:
@@ -48,9 +49,9 @@ from pathlib import Path
 import torch
 
 from mardini.cli import ArgumentParser, interrupts, user_errors
-from mardini.data.synthetic import why_ends_leave_more_open
-from mardini.evaluation.learning import (generator_attention, held_out_clips, held_out_synthetic_config,
-                                         interpolation_ceiling, learning_report, video_clips)
+from mardini.data.synthetic import why_ceiling_inexact
+from mardini.evaluation.learning import (ceiling, generator_attention, held_out_clips, held_out_synthetic_config,
+                                         learning_report, video_clips)
 from mardini.masking import task_mask
 from mardini.inference import MarDiniPipeline
 from mardini.inference.cli import check_device
@@ -106,6 +107,16 @@ def training_roots(data: dict) -> dict[Path, str]:
     return roots
 
 
+def print_ceiling(c: dict, label: str, open_: str, best: bool = False) -> None:
+    """The synthetic clips' ceiling (learning.ceiling), or why it was not computed."""
+    if "skipped" in c:
+        print(f"{label} not computed: {c['skipped']}")
+        return
+    best_of = f", best of {c['best_of']} {c['best_psnr']:.2f}" if best else ""
+    print(f"{label} PSNR {c['posterior_mean_psnr']:6.2f} dB best guess; a perfect sampler's sample "
+          f"{c['sample_psnr']:.2f}{best_of}   ({open_}, {c['draws']} draws)")
+
+
 def print_report(report: dict) -> None:
     i = report["interpolation"]
     guided = f", guidance {report['guidance_scale']:g}" if report.get("guidance_scale", 1.0) != 1.0 else ""
@@ -113,12 +124,8 @@ def print_report(report: dict) -> None:
     print(f"interpolation    PSNR {i['psnr']:6.2f} dB  SSIM {i['ssim']:.3f}   (one sample per clip, "
           f"{report['num_steps']} steps{guided})")
     print(f"linear blend     PSNR {i['blend_psnr']:6.2f} dB  SSIM {i['blend_ssim']:.3f}")
-    if "ceiling" in i and "skipped" in i["ceiling"]:
-        print(f"ceiling          not computed: {i['ceiling']['skipped']}")
-    elif "ceiling" in i:
-        c = i["ceiling"]
-        print(f"ceiling          PSNR {c['posterior_mean_psnr']:6.2f} dB best guess, {c['sample_psnr']:.2f} dB a "
-              f"perfect sampler's sample   (what the first and last frames leave open, {c['draws']} draws)")
+    if "ceiling" in i:
+        print_ceiling(i["ceiling"], "ceiling         ", "what the first and last frames leave open")
     print(f"posterior mean   PSNR {i['posterior_mean_psnr']:6.2f} dB   (one-step estimate from pure noise)")
     print(f"  samples' error  x{i['sample_error_ratio']:.2f} the posterior mean's   (2: samples drawn from the "
           f"posterior, 1: the mean itself)")
@@ -152,6 +159,8 @@ def print_report(report: dict) -> None:
         spread = f"; samples differ x{v['sample_spread']:.2f} (1: as the posterior)" if "sample_spread" in v else ""
         print(f"  samples' error  x{v['sample_error_ratio']:.2f} the posterior mean's{spread}")
         print(f"repeat frame     PSNR {v['repeat_psnr']:6.2f} dB")
+        if "ceiling" in v:
+            print_ceiling(v["ceiling"], "  ceiling       ", "what the middle frame leaves open", best=True)
         print(f"motion energy    {v['motion_energy']:.4f} generated vs {v['real_motion_energy']:.4f} real "
               f"(ratio {v['motion_ratio']:.2f})")
     for steps, value in report.get("step_sweep", {}).items():
@@ -247,9 +256,12 @@ def run(args: argparse.Namespace) -> dict:
                              args.step_sweep, args.noise_levels, args.pm_seeds, progress=not args.no_progress,
                              guidance_scale=args.guidance)
     if synthetic_cfg is not None and args.ceiling_draws:
-        why_not = why_ends_leave_more_open(synthetic_cfg)
-        report["interpolation"]["ceiling"] = {"skipped": why_not} if why_not else \
-            interpolation_ceiling(synthetic_cfg, videos, args.ceiling_draws, args.seed)
+        why_not = why_ceiling_inexact(synthetic_cfg)
+        for task in ("interpolation", "i2v"):
+            if task in report:
+                best_of = min(report[task].get("best_of", 4), args.ceiling_draws)
+                report[task]["ceiling"] = {"skipped": why_not} if why_not else \
+                    ceiling(synthetic_cfg, videos, task, args.ceiling_draws, args.seed, best_of)
     if args.attention:
         mask = task_mask("interpolation", videos.shape[1])
         report["attention"] = {t: generator_attention(pipe, videos, mask, t, args.seed) for t in (0.5, 0.999)}

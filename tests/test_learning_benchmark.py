@@ -360,9 +360,11 @@ def test_demo_quality_cli_writes_the_report(tmp_path):
     assert list(report["noise_levels"]["levels"]) == ["0.5"] and "clean estimate by noise level" in result.stdout
     assert set(report["plan_probe"]) == {"r2", "blend_r2", "spatial_share"} and "plan probe" in result.stdout
     # synthetic clips: the ceiling of these very clips (what their first and last frames leave open)
-    c = i["ceiling"]
-    assert c["draws"] == 64 and "ceiling          PSNR" in result.stdout
+    c, ci = i["ceiling"], v["ceiling"]
+    assert c["draws"] == ci["draws"] == 64 and "ceiling          PSNR" in result.stdout
     assert c["posterior_mean_psnr"] > c["sample_psnr"] > i["blend_psnr"]
+    assert ci["best_of"] == v["best_of"] == 2 and "  ceiling        PSNR" in result.stdout
+    assert ci["best_psnr"] >= ci["sample_psnr"] and ci["posterior_mean_psnr"] > ci["sample_psnr"]
 
 
 def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
@@ -386,7 +388,7 @@ def test_demo_quality_fp8_scores_the_model_with_fp8_gemms(tmp_path):
     plain, fp8 = reports[False]["interpolation"], reports[True]["interpolation"]
     assert plain["psnr"] != fp8["psnr"] and abs(plain["psnr"] - fp8["psnr"]) < 0.5
     assert plain["blend_psnr"] == fp8["blend_psnr"]  # the same clips
-    assert "ceiling" not in plain  # --ceiling-draws 0 skips it
+    assert "ceiling" not in plain  # --ceiling-draws 0 skips it (--i2v-seeds 0: no image-to-video at all)
 
 
 def test_demo_quality_reports_user_errors_in_one_line(tmp_path, capsys):

@@ -240,16 +240,17 @@ def test_interpolation_posterior_keeps_the_ends_and_opens_the_middle():
     assert opened >= 4
 
 
-def test_interpolation_ceiling_orders_the_best_guess_a_sample_and_the_blend():
+def test_ceiling_orders_the_best_guess_a_sample_and_the_baselines():
     """The draws' mean is the mean-squared-optimal guess: above one draw (about 3 dB: error ratio near 2, as for any
     sampler drawing from the posterior), above the straight-line guess of test_interpolation_is_well_posed's oracle
     (constant velocity, least turn), and far above the blend. A config whose clips are not the ones given is refused."""
-    from mardini.evaluation.learning import held_out_clips, held_out_synthetic_config, interpolation_ceiling
+    from mardini.evaluation.learning import ceiling, held_out_clips, held_out_synthetic_config
+    from mardini.evaluation.metrics import clip_psnr
 
     data = {"source": "synthetic", "val_seed": 1_000_003, "synthetic": dict(
         num_videos=8, num_frames=9, height=32, width=32, min_shapes=1, max_shapes=3, hue_drift=0.0, seed=0)}
     videos = held_out_clips(data, 8)
-    ceiling = interpolation_ceiling(held_out_synthetic_config(data, 8), videos, draws=32)
+    best = ceiling(held_out_synthetic_config(data, 8), videos, "interpolation", draws=32)
     w = torch.linspace(0, 1, 9)[:, None, None, None]
     blend = (1 - w) * videos[:, :1] + w * videos[:, -1:]
     mask = torch.zeros(9, dtype=torch.bool)
@@ -263,21 +264,50 @@ def test_interpolation_ceiling_orders_the_best_guess_a_sample_and_the_blend():
             shapes.append(replace(s, vx=s.vx + 4 * s.ax, ax=0.0, vy=s.vy + 4 * s.ay, ay=0.0,
                                   turn=rates[np.argmin(np.abs(rates))]))
         straight.append(torch.from_numpy(scene.render(shapes)))
-    from mardini.evaluation.metrics import clip_psnr
-
     straight_psnr = clip_psnr(torch.stack(straight), videos, mask).mean().item()
     blend_psnr = clip_psnr(blend, videos, mask).mean().item()
-    assert ceiling["posterior_mean_psnr"] > straight_psnr > blend_psnr + 10
-    assert ceiling["posterior_mean_psnr"] > ceiling["sample_psnr"] + 2
-    assert 1.6 < ceiling["sample_error_ratio"] < 2.6
+    assert best["posterior_mean_psnr"] > straight_psnr > blend_psnr + 10
+    assert best["posterior_mean_psnr"] > best["sample_psnr"] + 2
+    assert 1.6 < best["sample_error_ratio"] < 2.6 and best["best_psnr"] > best["sample_psnr"]
+    # image-to-video from the middle frame: far more is open, yet the best guess beats repeating the frame
+    i2v = ceiling(held_out_synthetic_config(data, 8), videos, "i2v", draws=32)
+    repeat = clip_psnr(videos[:, 4:5].expand_as(videos), videos, ~torch.arange(9).eq(4)).mean().item()
+    assert i2v["posterior_mean_psnr"] > repeat + 1 and i2v["posterior_mean_psnr"] < best["sample_psnr"] - 10
+    assert 1.6 < i2v["sample_error_ratio"] < 2.6
     other = held_out_synthetic_config({**data, "val_seed": 7}, 8)
     with pytest.raises(ValueError, match="is not clip 0 of the synthetic config given"):
-        interpolation_ceiling(other, videos, draws=2)
+        ceiling(other, videos, "interpolation", draws=2, best_of=2)
     # exact only where the two ends fix the slow drifts: the presets' clips, not 33 frames or strided clips
     for frames, stride, hue_drift, exact in ((9, 1, 0.0, True), (17, 1, 0.0, True), (17, 1, 0.03, True),
                                              (33, 1, 0.0, False), (17, 3, 0.0, False), (17, 1, 0.05, False)):
         cfg = SyntheticVideoConfig(num_frames=frames, max_frame_stride=stride, hue_drift=hue_drift)
-        assert (synthetic.why_ends_leave_more_open(cfg) == "") == exact, (frames, stride, hue_drift)
+        assert (synthetic.why_ceiling_inexact(cfg) == "") == exact, (frames, stride, hue_drift)
     long = dict(data, synthetic=dict(data["synthetic"], num_frames=33))
     with pytest.raises(ValueError, match="not exact for these clips: over 32 frames of the scene"):
-        interpolation_ceiling(held_out_synthetic_config(long, 1), held_out_clips(long, 1), draws=2)
+        ceiling(held_out_synthetic_config(long, 1), held_out_clips(long, 1), draws=2, best_of=2)
+
+
+def test_image_to_video_posterior_keeps_the_given_frame_and_draws_the_rest_from_the_prior():
+    """Draws given the middle frame only: that frame is rendered as it is (background and shapes), the others differ
+    from draw to draw, and every drawn start and rate lies in the prior's range."""
+    cfg = SyntheticVideoConfig(num_frames=17, height=64, width=64, max_shapes=4, hue_drift=0.0, seed=1_000_003)
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        scene = synthetic.draw_scene(cfg, index)
+        clip = scene.render()
+        frames = []
+        for _ in range(3):
+            background, shapes = synthetic.image_to_video_posterior(scene, 8, rng)
+            frames.append(scene.render(shapes, background))
+            assert abs(background.hue_rate) <= synthetic.BACKGROUND_HUE_RATE
+            assert abs(background.turn) <= synthetic.BACKGROUND_TURN
+            for s in shapes:
+                for axis in ("x", "y"):
+                    assert 0.15 * 64 <= getattr(s, axis) <= 0.85 * 64
+                    assert synthetic.SPEED[0] * 64 <= abs(getattr(s, "v" + axis)) <= synthetic.SPEED[1] * 64
+                    assert abs(getattr(s, "a" + axis)) <= synthetic.ACCELERATION * 64
+                assert 0.10 * 64 <= s.radius <= 0.22 * 64 and abs(s.growth) <= synthetic.GROWTH
+                assert abs(s.turn) <= synthetic.TURN and s.hue_rate == 0.0
+        frames = np.stack(frames)
+        assert np.abs(frames[:, 8] - clip[8]).max() < 1e-4
+        assert np.abs(frames[:, [0, 16]] - clip[[0, 16]]).max() > 0.1

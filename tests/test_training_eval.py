@@ -26,12 +26,12 @@ def test_periodic_evaluation_with_and_without_i3d_weights(tmp_path):
     reference = next(iter(trainer._fvd_cache.values()))
     assert trainer.evaluate() == first
     # synthetic clips: the ceiling of the same clips (what their first and last frames leave open), once per run
-    from mardini.evaluation.learning import held_out_synthetic_config, interpolation_ceiling
+    from mardini.evaluation.learning import ceiling, held_out_synthetic_config
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    ceiling = interpolation_ceiling(held_out_synthetic_config(data, 2), trainer.validation_clips(2), 32, cfg.seed)
-    assert first["val/interpolation_ceiling_psnr"] == ceiling["posterior_mean_psnr"]
+    best = ceiling(held_out_synthetic_config(data, 2), trainer.validation_clips(2), "interpolation", 32, cfg.seed)
+    assert first["val/interpolation_ceiling_psnr"] == best["posterior_mean_psnr"]
     assert first["val/interpolation_ceiling_psnr"] > first["val/interpolation_blend_psnr"] + 3
     # the same metrics on methods that return the validation clips themselves, plus noise: the clips score
     # perfectly (PSNR at its 200 dB cap, SSIM 1, FVD ~0), and every metric gets worse as the noise grows

@@ -157,18 +157,33 @@ def _sdf(kind: str, lx: np.ndarray, ly: np.ndarray, r: np.ndarray, aspect: float
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Two slowly drifting colours blended along a slowly turning direction -> [T, 3, H, W] in [0, 1]."""
-    height, width = ys.shape[1], xs.shape[2]
-    hue1 = rng.uniform(0.0, 1.0)
-    hue2 = hue1 + rng.uniform(0.15, 0.5)
-    sat1, sat2 = rng.uniform(0.2, 0.6, 2)
-    val1, val2 = rng.uniform(0.15, 0.55, 2)
-    hue_rate = rng.uniform(-BACKGROUND_HUE_RATE, BACKGROUND_HUE_RATE)
-    angle = _per_frame(rng.uniform(0.0, 2.0 * math.pi) + rng.uniform(-BACKGROUND_TURN, BACKGROUND_TURN) * t)
+@dataclass
+class Background:
+    """Two slowly drifting colours blended along a slowly turning direction: the drawn parameters."""
 
-    c1 = _hsv_to_rgb(hue1 + hue_rate * t, sat1, val1).astype(np.float32)  # [T, 3]
-    c2 = _hsv_to_rgb(hue2 + hue_rate * t, sat2, val2).astype(np.float32)
+    hue1: float  # hue of the first colour at t = 0 (turns); the second's is hue1 + offset
+    offset: float
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+    hue_rate: float  # both hues' drift, turns per frame
+    angle: float  # direction of the gradient at t = 0, then a constant turn rate per frame
+    turn: float
+
+
+def _draw_background(rng: np.random.Generator) -> Background:
+    hue1, offset = rng.uniform(0.0, 1.0), rng.uniform(0.15, 0.5)
+    saturation, value = tuple(rng.uniform(0.2, 0.6, 2)), tuple(rng.uniform(0.15, 0.55, 2))
+    hue_rate = rng.uniform(-BACKGROUND_HUE_RATE, BACKGROUND_HUE_RATE)
+    angle, turn = rng.uniform(0.0, 2.0 * math.pi), rng.uniform(-BACKGROUND_TURN, BACKGROUND_TURN)
+    return Background(hue1, offset, saturation, value, hue_rate, angle, turn)
+
+
+def _render_background(b: Background, t: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """-> [T, 3, H, W] in [0, 1]."""
+    height, width = ys.shape[1], xs.shape[2]
+    angle = _per_frame(b.angle + b.turn * t)
+    c1 = _hsv_to_rgb(b.hue1 + b.hue_rate * t, b.saturation[0], b.value[0]).astype(np.float32)  # [T, 3]
+    c2 = _hsv_to_rgb(b.hue1 + b.offset + b.hue_rate * t, b.saturation[1], b.value[1]).astype(np.float32)
     proj = (xs - width / 2) * np.cos(angle) + (ys - height / 2) * np.sin(angle)  # [T, H, W]
     u = np.clip(0.5 + proj / math.hypot(height, width), 0.0, 1.0)
     return c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * u[:, None]
@@ -229,18 +244,19 @@ def _render_shape(s: Shape, t: np.ndarray, xs: np.ndarray, ys: np.ndarray, img: 
 
 @dataclass
 class Scene:
-    """A clip's content: its times (in frames of the scene), its background and its shapes in depth order."""
+    """A clip's content: its times (in frames of the scene), its size, its background and its shapes in depth order."""
 
     t: np.ndarray  # [T] float64
-    background: np.ndarray  # [T, 3, H, W] in [0, 1]
+    height: int
+    width: int
+    background: Background
     shapes: list[Shape]
+    hue_drift: float  # the prior's bound on the shapes' hue drift (data.synthetic.hue_drift)
 
-    def render(self, shapes: list[Shape] | None = None, keep_background: bool = True) -> np.ndarray:
-        """-> float32 [T, 3, H, W] in [-1, 1]; shapes: others in place of the scene's (same background).
-        keep_background=False draws onto the background itself (a scene rendered once: no copy)."""
-        height, width = self.background.shape[2:]
-        xs, ys = _pixel_centres(height, width)
-        img = self.background.copy() if keep_background else self.background
+    def render(self, shapes: list[Shape] | None = None, background: Background | None = None) -> np.ndarray:
+        """-> float32 [T, 3, H, W] in [-1, 1]; shapes, background: others in place of the scene's."""
+        xs, ys = _pixel_centres(self.height, self.width)
+        img = _render_background(self.background if background is None else background, self.t, xs, ys)
         for shape in self.shapes if shapes is None else shapes:
             _render_shape(shape, self.t, xs, ys, img)
         return np.clip(img * 2.0 - 1.0, -1.0, 1.0, dtype=np.float32)
@@ -259,9 +275,10 @@ def draw_scene(cfg: SyntheticVideoConfig, index: int) -> Scene:
     if cfg.max_frame_stride > 1:  # its own stream: the scene is the one stride 1 renders
         stride = int(np.random.default_rng([cfg.seed, index, 1]).integers(1, cfg.max_frame_stride + 1))
     t = np.arange(cfg.num_frames, dtype=np.float64) * stride  # time in frames of the scene
-    background = _background(rng, t, *_pixel_centres(cfg.height, cfg.width))
+    background = _draw_background(rng)
     num_shapes = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
-    return Scene(t, background, [_draw_shape(rng, cfg.height, cfg.width, cfg.hue_drift) for _ in range(num_shapes)])
+    shapes = [_draw_shape(rng, cfg.height, cfg.width, cfg.hue_drift) for _ in range(num_shapes)]
+    return Scene(t, cfg.height, cfg.width, background, shapes, cfg.hue_drift)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,10 +302,10 @@ def turn_rates_matching_ends(shape: Shape, span: float) -> np.ndarray:
     return rates[np.abs(rates) <= TURN]
 
 
-def why_ends_leave_more_open(cfg: SyntheticVideoConfig) -> str:
-    """"" where interpolation_posterior is exact for cfg's clips, else the reason it is not: over a long enough span
-    a slow drift can wrap around (a hue by a whole turn, an angle by 2 pi), so that several rates end alike, or a
-    shape shrinks to its floor; interpolation_posterior draws none of those."""
+def why_ceiling_inexact(cfg: SyntheticVideoConfig) -> str:
+    """"" where the posteriors below are exact for cfg's clips, else the reason they may not be: over a long enough
+    span a slow drift can wrap around (a hue by a whole turn, an angle by 2 pi), so that several rates end alike, or a
+    shape shrinks to its floor; neither posterior draws those."""
     span = (cfg.num_frames - 1) * cfg.max_frame_stride
     limits = {"the background's hue drift": 2 * BACKGROUND_HUE_RATE * span < 1.0,
               "the background's turn": 2 * BACKGROUND_TURN * span < 2 * math.pi,
@@ -307,7 +324,7 @@ def interpolation_posterior(scene: Scene, rng: np.random.Generator) -> list[Shap
     combination velocity + acceleration * span / 2 is seen, so the acceleration is drawn uniformly from its range,
     with the velocity that keeps both ends, kept where that velocity lies within the prior's speeds (rejection); and
     the turn rate among those that end at an angle the shape cannot be told from (turn_rates_matching_ends).
-    Exact where why_ends_leave_more_open(cfg) is "" (17-frame clips of the presets: yes).
+    Exact where why_ceiling_inexact(cfg) is "" (17-frame clips of the presets: yes).
     Rendering many draws and averaging gives the posterior mean: the best guess in the mean-squared sense of a model
     that also knew every shape's exact parameters at the ends, so its PSNR bounds any model's best guess from above.
     """
@@ -329,15 +346,53 @@ def interpolation_posterior(scene: Scene, rng: np.random.Generator) -> list[Shap
     return drawn
 
 
+def image_to_video_posterior(scene: Scene, given: int, rng: np.random.Generator) -> tuple[Background, list[Shape]]:
+    """One draw of the scene given its frame `given` only (exact under the renderer's prior, where
+    why_ceiling_inexact is ""): every rate (velocity, acceleration, turn, growth, hue drift; the background's drift
+    and turn) is drawn from its prior, and each start value is set so that frame `given` stays as it is; where that
+    start leaves the prior's range (a shape's position or size at t = 0) the rates are drawn again (rejection)."""
+    tg = float(scene.t[given])
+    b = scene.background
+    hue_rate = rng.uniform(-BACKGROUND_HUE_RATE, BACKGROUND_HUE_RATE)
+    turn = rng.uniform(-BACKGROUND_TURN, BACKGROUND_TURN)
+    background = replace(b, hue1=b.hue1 + (b.hue_rate - hue_rate) * tg, hue_rate=hue_rate,
+                         angle=b.angle + (b.turn - turn) * tg, turn=turn)
+    drawn = []
+    for shape in scene.shapes:
+        changes = {}
+        for axis in ("x", "y"):
+            extent = _axis_extent(scene, axis)
+            at = getattr(shape, axis) + getattr(shape, "v" + axis) * tg + 0.5 * getattr(shape, "a" + axis) * tg * tg
+            for _ in range(10_000):  # the true rates are valid, so the accepted set is never empty
+                v = rng.uniform(*SPEED) * rng.choice([-1.0, 1.0]) * extent
+                a = rng.uniform(-ACCELERATION, ACCELERATION) * extent
+                start = at - v * tg - 0.5 * a * tg * tg
+                if 0.15 * extent <= start <= 0.85 * extent:
+                    changes.update({axis: start, "v" + axis: v, "a" + axis: a})
+                    break
+        size = shape.radius * (1.0 + shape.growth * tg)  # seen at the given frame
+        for _ in range(10_000):
+            growth = rng.uniform(-GROWTH, GROWTH)
+            radius = size / (1.0 + growth * tg)
+            if 0.10 * min(scene.height, scene.width) <= radius <= 0.22 * min(scene.height, scene.width):
+                changes.update(radius=radius, growth=growth)
+                break
+        turn = rng.uniform(-TURN, TURN)
+        hue_rate = rng.uniform(-scene.hue_drift, scene.hue_drift)
+        changes.update(theta=shape.theta + (shape.turn - turn) * tg, turn=turn,
+                       hue=shape.hue + (shape.hue_rate - hue_rate) * tg, hue_rate=hue_rate)
+        drawn.append(replace(shape, **changes))
+    return background, drawn
+
+
 def _axis_extent(scene: Scene, axis: str) -> float:
     """The frame's size along x (width) or y (height), pixels: the unit of the prior's speeds."""
-    height, width = scene.background.shape[2:]
-    return float(width if axis == "x" else height)
+    return float(scene.width if axis == "x" else scene.height)
 
 
 def render_synthetic_video(cfg: SyntheticVideoConfig, index: int) -> np.ndarray:
     """Render clip `index` of the dataset described by cfg -> float32 [T, 3, H, W] in [-1, 1]."""
-    return draw_scene(cfg, index).render(keep_background=False)
+    return draw_scene(cfg, index).render()
 
 
 class SyntheticVideoDataset(Dataset):

@@ -22,8 +22,8 @@ comes with the baseline it must beat, computed on the same held-out clips:
   lower PSNR) and differs from another by twice its variance, so ratio 2 and spread 1 mark a calibrated sampler,
   a ratio near 1 samples that collapse onto the mean, larger values samples noisier than the posterior;
 - optionally a sweep of the sampler's step count;
-- on synthetic clips, their ceiling (interpolation_ceiling): the best guess a model that knew every shape's
-  parameters at the two ends could make, and what a perfect sampler's draw scores, beside the model's;
+- on synthetic clips, their ceiling for both tasks (ceiling): the best guess a model that knew every shape's
+  parameters in the given frames could make, and what a perfect sampler's draw (and best of 4) scores;
 - for a model with a motion input, that input's PSNR and the share of clips on which the posterior mean beats it;
   with learned matching features, also the same matcher's PSNR without them (what the features learned);
 - optionally the posterior mean from several noise inputs, averaged and compared with each other: a network that
@@ -427,35 +427,51 @@ def interpolation_report(pipe, videos: Tensor, num_steps: int | None = None, see
     return report
 
 
-def interpolation_ceiling(cfg, videos: Tensor, draws: int = 32, seed: int = 0) -> dict:
-    """What interpolation could score on synthetic clips [N, T, 3, H, W] (clips 0..N-1 of SyntheticVideoConfig cfg):
-    each clip's scene redrawn `draws` times from what its first and last frames leave open
-    (synthetic.interpolation_posterior), rendered, and scored as the benchmark scores a model. The draws' mean is
-    the best guess of a model that also knew every shape's exact parameters at the ends, so its PSNR bounds from
-    above what any model's posterior mean reaches; one draw is what a perfect sampler's sample scores (3 dB lower
-    where the posterior is wide: error ratio 2)."""
+def ceiling(cfg, videos: Tensor, task: str = "interpolation", draws: int = 32, seed: int = 0,
+            best_of: int = 4) -> dict:
+    """What a task could score on synthetic clips [N, T, 3, H, W] (clips 0..N-1 of SyntheticVideoConfig cfg):
+    each clip's scene redrawn `draws` times from what its given frames leave open (interpolation, first and last
+    given: synthetic.interpolation_posterior; i2v, the middle frame given: synthetic.image_to_video_posterior),
+    rendered, and scored as the benchmark scores a model. The draws' mean is the best guess of a model that also knew
+    every shape's exact parameters where given, so its PSNR bounds from above what any model's posterior mean
+    reaches; one draw is what a perfect sampler's sample scores (3 dB lower where the posterior is wide: error ratio
+    2), the best of `best_of` draws what its best of that many does (the benchmark's image-to-video figure)."""
     import numpy as np
 
-    from ..data.synthetic import draw_scene, interpolation_posterior, why_ends_leave_more_open
+    from ..data.synthetic import draw_scene, image_to_video_posterior, interpolation_posterior, why_ceiling_inexact
 
-    if why_ends_leave_more_open(cfg):
-        raise ValueError(f"interpolation_ceiling: not exact for these clips: {why_ends_leave_more_open(cfg)}")
-    mask = task_mask("interpolation", videos.shape[1])
+    if why_ceiling_inexact(cfg):
+        raise ValueError(f"ceiling: not exact for these clips: {why_ceiling_inexact(cfg)}")
+    if not 1 <= best_of <= draws:
+        raise ValueError(f"ceiling: best_of must be in 1..draws ({draws}), got {best_of}")
+    if task not in ("interpolation", "i2v"):
+        raise ValueError(f"ceiling: task must be interpolation or i2v, got {task!r}")
+    T = videos.shape[1]
+    mask = task_mask(task, T, position="middle") if task == "i2v" else task_mask(task, T)
     rng = np.random.default_rng(seed)
-    mean_psnr, sample_psnr, mean_mse, sample_mse = [], [], 0.0, 0.0
+
+    def draw(scene):
+        if task == "i2v":
+            background, shapes = image_to_video_posterior(scene, T // 2, rng)
+            return scene.render(shapes, background)
+        return scene.render(interpolation_posterior(scene, rng))
+
+    mean_psnr, sample_psnr, best_psnr, mean_mse, sample_mse = [], [], [], 0.0, 0.0
     for i, clip in enumerate(videos):
         scene = draw_scene(cfg, i)
         if not torch.equal(torch.from_numpy(scene.render()), clip):
-            raise ValueError(f"interpolation_ceiling: clip {i} is not clip {i} of the synthetic config given")
-        rendered = torch.from_numpy(np.stack([scene.render(interpolation_posterior(scene, rng))
-                                              for _ in range(draws)]))  # [draws, T, 3, H, W]
+            raise ValueError(f"ceiling: clip {i} is not clip {i} of the synthetic config given")
+        rendered = torch.from_numpy(np.stack([draw(scene) for _ in range(draws)]))  # [draws, T, 3, H, W]
         mean, truth = rendered.mean(0, keepdim=True), clip[None].expand_as(rendered)
+        single = clip_psnr(rendered, truth, mask)  # [draws]
         mean_psnr.append(clip_psnr(mean, clip[None], mask)[0])
-        sample_psnr.append(clip_psnr(rendered, truth, mask).mean())  # a draw's PSNR, averaged over the draws
+        sample_psnr.append(single.mean())  # a draw's PSNR, averaged over the draws
+        best_psnr.append(single[: draws - draws % best_of].reshape(-1, best_of).amax(1).mean())  # disjoint groups
         mean_mse += pooled_mse(mean, clip[None], mask)
         sample_mse += pooled_mse(rendered, truth, mask)
     return {"draws": draws, "posterior_mean_psnr": _mean(torch.stack(mean_psnr)),
-            "sample_psnr": _mean(torch.stack(sample_psnr)),
+            "sample_psnr": _mean(torch.stack(sample_psnr)), "best_of": best_of,
+            "best_psnr": _mean(torch.stack(best_psnr)),
             "sample_error_ratio": sample_mse / mean_mse}  # pooled over clips, as sample_error_ratio's
 
 

@@ -31,13 +31,12 @@ from ..autoencoders import build_autoencoder
 from ..autoencoders.kl import absolute_folder, kl_kwargs_from_config
 from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
-from ..data.synthetic import SyntheticVideoDataset, why_ends_leave_more_open
+from ..data.synthetic import SyntheticVideoDataset, why_ceiling_inexact
 from ..data.video import SkipStats, TooManyFailuresError, VideoDataConfig, VideoDataset
 from ..data.workers import usable_workers
 from ..dicts import dotted_plain
 from ..diffusion import Diffusion
-from ..evaluation.learning import (baseline, held_out_clips, held_out_synthetic_config, interpolation_ceiling,
-                                   posterior_mean)
+from ..evaluation.learning import baseline, ceiling, held_out_clips, held_out_synthetic_config, posterior_mean
 from ..evaluation.metrics import clip_psnr
 from ..masking import MaskSampler, task_mask, unreachable_ratios
 from ..models import MarDini, as_model_config
@@ -1055,8 +1054,8 @@ class Trainer:
         if self.cfg.data.source == "synthetic":  # the curve's headroom: the best guess any model could make
             if not hasattr(self, "_ceiling"):  # data only: computed once per run
                 synthetic = held_out_synthetic_config(OmegaConf.to_container(self.cfg.data, resolve=True), len(clips))
-                self._ceiling = None if why_ends_leave_more_open(synthetic) else interpolation_ceiling(
-                    synthetic, clips, draws=32, seed=self.cfg.seed)["posterior_mean_psnr"]
+                self._ceiling = None if why_ceiling_inexact(synthetic) else ceiling(
+                    synthetic, clips, "interpolation", draws=32, seed=self.cfg.seed)["posterior_mean_psnr"]
             if self._ceiling is not None:
                 metrics["val/interpolation_ceiling_psnr"] = self._ceiling
         return metrics
