@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
                    help="also score one-step clean estimates of the real clips noised to these levels t in (0, 1)")
     p.add_argument("--attention", action="store_true", help="also report where the generator's queries look")
     p.add_argument("--ceiling-draws", type=int, default=64, help="synthetic clips: posterior draws per clip for "
-                   "the interpolation ceiling (0: skip it; 64 puts its best guess within ~0.1 dB of the exact mean)")
+                   "each task's ceiling (0: skip it; 64 put its best guess within ~0.1 dB of the exact mean)")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"))
     p.add_argument("--vae", default=None, help="folder of the model's VAE where it is not at the path its export "
                    "recorded (an export copied from another machine)")

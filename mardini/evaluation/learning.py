@@ -472,7 +472,8 @@ def ceiling(cfg, videos: Tensor, task: str = "interpolation", draws: int = 32, s
     return {"draws": draws, "posterior_mean_psnr": _mean(torch.stack(mean_psnr)),
             "sample_psnr": _mean(torch.stack(sample_psnr)), "best_of": best_of,
             "best_psnr": _mean(torch.stack(best_psnr)),
-            "sample_error_ratio": sample_mse / mean_mse}  # pooled over clips, as sample_error_ratio's
+            # pooled over clips, as sample_error_ratio's (undefined where the given frames fix every clip exactly)
+            "sample_error_ratio": sample_mse / mean_mse if mean_mse > 0 else math.nan}
 
 
 def i2v_report(pipe, videos: Tensor, num_seeds: int = 4, num_steps: int | None = None, seed: int = 0,
