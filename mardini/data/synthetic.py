@@ -14,9 +14,10 @@ same bit-for-bit in any process and in any order. Parameters are drawn in the sa
 size: a clip with more frames continues the shorter one (frame t is the same), and positions, speeds and sizes
 are fractions of the frame, so other resolutions show the same scene. Rendering is vectorised numpy over
 ``[T, H, W]``, with anti-aliased edges from a signed distance (in pixels) passed through a one-pixel smoothstep.
-A clip's parameters are drawn first (draw_scene -> Scene, its Shapes) and rendered after, so that what the first
-and last frames leave open (accelerations, symmetric shapes' turns) can be redrawn from the same prior
-(interpolation_posterior): the learning benchmark's ceiling for interpolation on these clips.
+A clip's parameters are drawn first (draw_scene -> Scene: its Background and Shapes) and rendered after, so that
+what given frames leave open can be redrawn from the same prior: the first and last frame leave accelerations and
+symmetric shapes' turns open (interpolation_posterior), one frame every rate (image_to_video_posterior). Rendered and
+averaged, such draws are the learning benchmark's ceiling on these clips (mardini.evaluation.learning.ceiling).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class Background:
 
 
 def _draw_background(rng: np.random.Generator) -> Background:
+    """Draw the background's parameters (in the order the renderer always drew them)."""
     hue1, offset = rng.uniform(0.0, 1.0), rng.uniform(0.15, 0.5)
     saturation, value = tuple(rng.uniform(0.2, 0.6, 2)), tuple(rng.uniform(0.15, 0.55, 2))
     hue_rate = rng.uniform(-BACKGROUND_HUE_RATE, BACKGROUND_HUE_RATE)
@@ -282,7 +284,7 @@ def draw_scene(cfg: SyntheticVideoConfig, index: int) -> Scene:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What the first and last frames leave open: the ceiling of interpolation on these clips.
+# What the given frames leave open: the ceiling of interpolation and image-to-video on these clips.
 # ----------------------------------------------------------------------------------------------------------
 
 # Angles a shape cannot be told apart at (radians; 0: any angle). A polygon's is 2 pi / sides.
