@@ -658,3 +658,14 @@ def test_sampling_temperature_prototype_scales_the_samplers_starting_noise():
     report = proto.score(random_pipeline(), videos, i2v_seeds=2, num_steps=3)
     assert set(report) == {"interpolation_psnr", "i2v_best_psnr", "i2v_mean_psnr", "motion_ratio"}
     assert report["i2v_best_psnr"] >= report["i2v_mean_psnr"] and report["motion_ratio"] > 0
+
+
+def test_demo_quality_says_why_a_ceiling_was_skipped(capsys):
+    """Clips whose given frames leave more open than the ceiling's draws cover get a line saying so, not a figure."""
+    from mardini.evaluation.learning import ceiling, held_out_clips, held_out_synthetic_config
+
+    data = {"source": "synthetic", "val_seed": 5, "synthetic": dict(num_frames=33, height=8, width=8, max_shapes=1)}
+    skipped = ceiling(held_out_synthetic_config(data, 1), held_out_clips(data, 1), "i2v", draws=2, best_of=2)
+    demo_quality().print_ceiling(skipped, "  ceiling       ", "what the middle frame leaves open", best=True)
+    out = capsys.readouterr().out
+    assert "ceiling        not computed: not exact for these clips: over 32 frames" in out and "PSNR" not in out
