@@ -441,19 +441,21 @@ def ceiling(cfg, videos: Tensor, task: str = "interpolation", draws: int = 32, s
 
     from ..data.synthetic import draw_scene, image_to_video_posterior, interpolation_posterior, why_ceiling_inexact
 
-    if why_ceiling_inexact(cfg):
-        return {"skipped": f"not exact for these clips: {why_ceiling_inexact(cfg)}"}
+    reason = why_ceiling_inexact(cfg)
+    if reason:
+        return {"skipped": f"not exact for these clips: {reason}"}
     if not 1 <= best_of <= draws:
         raise ValueError(f"ceiling: best_of must be in 1..draws ({draws}), got {best_of}")
     if task not in ("interpolation", "i2v"):
         raise ValueError(f"ceiling: task must be interpolation or i2v, got {task!r}")
     T = videos.shape[1]
     mask = task_mask(task, T, position="middle") if task == "i2v" else task_mask(task, T)
+    given = int((~mask).nonzero()[0]) if task == "i2v" else None  # the one given frame
     rng = np.random.default_rng(seed)
 
     def draw(scene):
         if task == "i2v":
-            background, shapes = image_to_video_posterior(scene, int((~mask).nonzero()[0]), rng)
+            background, shapes = image_to_video_posterior(scene, given, rng)
             return scene.render(shapes, background)
         return scene.render(interpolation_posterior(scene, rng))
 
