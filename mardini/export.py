@@ -193,19 +193,21 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, which: str = "ema", device="cpu", attn_backend: str | None = None):
+def load_model(path: str | Path, which: str = "ema", device="cpu", attn_backend: str | None = None,
+               dtype: torch.dtype | None = None):
     """(MarDini model in eval mode, config dict) from an export or checkpoint folder. attn_backend: the attention
     backend to compute with (sdpa, xformers, fa4; the weights are the same under each); None keeps the one the
-    model was trained with where it runs on `device`, else takes sdpa (a run trained with fa4 on a GPU is sampled on
-    a CPU), saying so."""
+    model was trained with where it runs on `device` at `dtype` (the dtype the model will compute in, if known),
+    else takes sdpa (a run trained with fa4 on a GPU is sampled on a CPU, or in fp32), saying so."""
     from .models import MarDini
-    from .models.layers import backend_runs_on
+    from .models.layers import backend_cannot_run
 
     config = read_config(path)
     trained = config["model"].get("attn_backend", "sdpa")
-    if attn_backend is None and not backend_runs_on(trained, device):
-        log.warning("%s: trained with attention backend %r, which has no kernels on %s here: computing with sdpa "
-                    "(the same attention)", path, trained, device)
+    reason = backend_cannot_run(trained, device, dtype) if attn_backend is None else None
+    if reason is not None:
+        log.warning("%s: trained with attention backend %r, which cannot compute here (%s): computing with sdpa "
+                    "(the same attention)", path, trained, reason)
         attn_backend = "sdpa"
     if attn_backend is not None:
         config["model"] = {**config["model"], "attn_backend": attn_backend}

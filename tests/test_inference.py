@@ -753,6 +753,29 @@ def test_a_model_trained_with_a_gpu_only_backend_samples_on_the_cpu_with_sdpa(pi
         MarDiniPipeline.from_pretrained(other, attn_backend=backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_trained_with_fa4_computes_fp32_with_sdpa_where_fa4_runs(export_dir, tmp_path, caplog, monkeypatch,
+                                                                       dtype):
+    """FlashAttention-4 runs bf16/fp16 only. An export trained with it, loaded on a GPU where fa4 runs but in fp32
+    (from_pretrained's default dtype; the learning benchmark's), used to keep fa4 and fail at the first attention
+    call; it computes with SDPA, saying why. In bf16 it keeps fa4. A device where fa4 runs is simulated here."""
+    from mardini.models import flash4
+
+    monkeypatch.setattr(flash4, "FA4_INSTALLED", True)
+    monkeypatch.setattr(flash4, "fa4_runs_on", lambda device: True)
+    other = Path(shutil.copytree(export_dir, tmp_path / "fa4"))
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["attn_backend"] = "fa4"
+    (other / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="mardini.export"):
+        loaded = MarDiniPipeline.from_pretrained(other, dtype=dtype)
+    if dtype == torch.float32:
+        assert loaded.model.cfg.attn_backend == "sdpa"
+        assert "backend 'fa4'" in caplog.text and "bf16 or fp16" in caplog.text
+    else:
+        assert loaded.model.cfg.attn_backend == "fa4" and "backend 'fa4'" not in caplog.text
+
+
 def test_a_run_folder_or_an_interrupted_checkpoint_is_named_as_such(trained_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"a run folder\? its export is .*export"):
         MarDiniPipeline.from_pretrained(trained_run)

@@ -101,7 +101,7 @@ class MarDiniPipeline:
         `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
         `flow_shift` a rectified-flow model's sampling time shift (diffusion.flow_shift);
         `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
-        `device`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path (an export
+        `device` at `dtype`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path (an export
         copied from another machine)."""
         if attn_backend is not None:  # before the weights load: one line if it has no kernels here
             check_backend(attn_backend, device, dtype, "attn_backend")
@@ -112,7 +112,7 @@ class MarDiniPipeline:
             where = "the VAE given" if vae else "the export's VAE (config.json: autoencoder.pretrained)"
             raise FileNotFoundError(f"{path}: {where}: {e}; an export copied from another machine takes its VAE's "
                                     f"folder here with --vae DIR (from_pretrained(vae=...))") from None
-        model, config = export_format.load_model(path, weights, device, attn_backend)
+        model, config = export_format.load_model(path, weights, device, attn_backend, dtype)
         config["autoencoder"] = autoencoder_cfg
         for key in ("height", "width"):
             if key not in config:

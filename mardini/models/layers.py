@@ -75,11 +75,6 @@ def backend_cannot_run(backend: str, device: torch.device, dtype: torch.dtype | 
     return None
 
 
-def backend_runs_on(backend: str, device: torch.device) -> bool:
-    """Whether an attention backend has kernels on a device here (an installed package, a GPU it supports)."""
-    return backend_cannot_run(backend, device) is None
-
-
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype, setting: str = "model.attn_backend") -> None:
     """Refuse, before a model is built or a run folder written, an attention backend with no kernels for `device`
     at `dtype` (the dtype attention runs in: the autocast dtype in training), in one line naming `setting`; the
