@@ -87,6 +87,8 @@ def gaussian_oracle(diffusion: Diffusion, mu: float, s: float):
         (dict(beta_start=0.02, beta_end=0.01), "beta_end"),
         (dict(flow_shift=0.0), "flow_shift"),
         (dict(input_data_std=-1.0), "input_data_std"),
+        (dict(loss_weight_offset=0.0), "loss_weight_offset"),
+        (dict(loss_weight_power=float("nan")), "loss_weight_power"),
         (dict(**DDIM_EPS, num_inference_steps=2000), "num_inference_steps"),
         (dict(num_inference_steps="25"), "num_inference_steps"),
     ],
@@ -273,6 +275,39 @@ def test_loss_errors():
         d.loss(x, x, torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         d.loss(x, x, torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("power", [-2.0, -1.0, -0.5, 1.0, 2.0])
+def test_loss_weight_has_mean_one_over_uniform_t_and_leans_as_its_power(power):
+    """(t + c)^p divided by its mean over U(0, 1): the loss keeps its scale whatever the power (the learning rate
+    means what it meant); p < 0 weighs low noise levels more, p > 0 high ones."""
+    d = make(**RF_X0, loss_weight_power=power, loss_weight_offset=0.05)
+    t = (torch.arange(400_000, dtype=torch.float64) + 0.5) / 400_000  # midpoint rule
+    w = d.loss_weight(t)
+    assert w.dtype == torch.float32 and abs(w.double().mean().item() - 1) < 1e-3
+    steps = w[1:] - w[:-1]
+    assert (steps < 0).all() if power < 0 else (steps > 0).all()
+    expected = (t[[0, -1]] + 0.05) ** power
+    assert torch.allclose(w[[0, -1]].double() / w[-1].double(), expected / expected[-1], rtol=1e-5)
+
+
+def test_weighted_loss_is_each_samples_loss_times_its_weight():
+    """Each sample's masked-frame MSE (as without a weight) times loss_weight(t) of its own t, averaged over the
+    samples; at power 0 the loss is the unweighted one exactly, whatever t."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 3, 3, generator=g), torch.randn(3, 4, 2, 3, 3, generator=g)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True], [True, True, True, True]])
+    t = torch.tensor([0.02, 0.5, 0.97])
+    plain, weighted = make(**RF_X0), make(**RF_X0, loss_weight_power=-1.0)
+    assert torch.equal(plain.loss(pred, target, mask, t), plain.loss(pred, target, mask))
+    per_sample = torch.stack([plain.loss(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]) for i in range(3)])
+    expected = (per_sample * weighted.loss_weight(t)).mean()
+    assert torch.allclose(weighted.loss(pred, target, mask, t), expected, rtol=1e-6)
+    assert weighted.loss_weight(t)[0] > 5 * weighted.loss_weight(t)[2]  # the low-noise sample weighs most
+    with pytest.raises(ValueError, match="pass t"):
+        weighted.loss(pred, target, mask)
+    with pytest.raises(ValueError, match="t must have shape"):
+        weighted.loss(pred, target, mask, t[:2])
 
 
 # ------------------------------------------------------------------------------------------------ schedulers

@@ -278,6 +278,27 @@ def test_plan_tokens_sit_at_their_centres_on_the_generator_grid(lowres, planner_
         model.generator.plan_rope(H, W, m + 1, "cpu")
 
 
+def test_training_loss_weighs_each_sample_by_its_noise_level():
+    """diffusion.loss_weight_power reaches MarDini's training loss: the diffusion loss is the weighted masked MSE of
+    the prediction and target it returns, at the t it was given, and differs from the unweighted one."""
+    torch.manual_seed(0)
+    model = MarDini(model_config("tiny", latent_channels=C)).train()
+    plain = Diffusion(DiffusionConfig(**RF, timestep_sampling="uniform"))
+    weighted = Diffusion(DiffusionConfig(**RF, timestep_sampling="uniform", loss_weight_power=-1.0))
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 5, C, 8, 8, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    mask = task_mask("interpolation", 5)[None].expand(3, 5).contiguous()
+    t = torch.tensor([0.05, 0.5, 0.95])
+    kwargs = dict(noise=noise, t=t)
+    out = model(z, None, mask, weighted, **kwargs)
+    loss = out.get("diffusion_loss", out["loss"])
+    assert torch.allclose(loss, weighted.loss(out["prediction"].float(), out["target"].float(), mask, t))
+    reference = model(z, None, mask, plain, **kwargs)
+    assert torch.equal(reference["prediction"], out["prediction"])
+    assert not torch.allclose(loss, reference.get("diffusion_loss", reference["loss"]))
+
+
 def test_generator_learns_a_task_only_the_plan_carries():
     """Spatial attention (no frame sees another) and image-to-video of a still scene: the generated frame's content
     reaches the generator only through the plan of the given frame. Zero-mean random patterns make a plan without

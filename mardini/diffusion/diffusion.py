@@ -8,6 +8,7 @@ Conventions (the model code relies on them):
 - ddpm: x_t from DDPMScheduler.add_noise at k = floor(t N), target epsilon (= noise) or v.
 """
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -30,11 +31,12 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def masked_frame_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def masked_frame_mse(prediction: Tensor, target: Tensor, mask: Tensor, sample_weight: Tensor | None = None) -> Tensor:
     """prediction/target [B, T, ...], mask [B, T] bool -> the MSE of the masked frames, each sample's frames averaged,
-    then the samples that have any (0 if none). Fixed shapes (no wait for the GPU); unmasked frames are zeroed by
-    torch.where before any arithmetic, so non-finite values there reach neither the result nor its gradients.
-    The diffusion loss, and a learned motion estimate's loss (MarDini.motion_loss)."""
+    then the samples that have any (0 if none), each times its sample_weight [B] if given. Fixed shapes (no wait for
+    the GPU); unmasked frames are zeroed by torch.where before any arithmetic, so non-finite values there reach
+    neither the result nor its gradients. The diffusion loss, and a learned motion estimate's loss
+    (MarDini.motion_loss)."""
     mask = mask.to(device=prediction.device, dtype=torch.bool)
     frame_mask = mask.view(*mask.shape, *[1] * (prediction.ndim - 2))
     error = torch.where(frame_mask, prediction.float(), 0.0) - torch.where(frame_mask, target.float(), 0.0)
@@ -42,6 +44,8 @@ def masked_frame_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor
     frames_per_sample = mask.sum(dim=1, keepdim=True)  # [B, 1]
     samples = (frames_per_sample > 0).sum().clamp_min(1)
     weight = mask / (frames_per_sample.clamp_min(1) * samples)  # [B, T]: 1 / (n_b * samples) on masked frames
+    if sample_weight is not None:
+        weight = weight * sample_weight.to(device=weight.device, dtype=torch.float32).view(-1, 1)
     return (per_frame * weight).sum()
 
 
@@ -129,8 +133,19 @@ class Diffusion:
         target = noise if self.cfg.prediction == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, k)
         return x_t, target
 
-    def loss(self, prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        """MSE over the frames to generate only: prediction/target [B, T, C, H, W], mask [B, T] bool.
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Each sample's loss weight at noise level t [B]: (t + c)^p / (its mean over t ~ U(0, 1)), p =
+        loss_weight_power, c = loss_weight_offset; all ones at p = 0. Dividing by the mean keeps the loss's scale,
+        so the learning rate means what it meant (under logit-normal t the mean differs from 1)."""
+        p, c = self.cfg.loss_weight_power, self.cfg.loss_weight_offset
+        if p == 0:
+            return torch.ones_like(t, dtype=torch.float32)
+        mean = math.log((1 + c) / c) if p == -1 else ((1 + c) ** (p + 1) - c ** (p + 1)) / (p + 1)
+        return (t.float() + c).pow(p) / mean
+
+    def loss(self, prediction: Tensor, target: Tensor, mask: Tensor, t: Tensor | None = None) -> Tensor:
+        """MSE over the frames to generate only: prediction/target [B, T, C, H, W], mask [B, T] bool; t [B] the
+        samples' noise levels, needed when diffusion.loss_weight_power weighs them (loss_weight).
 
         Each masked frame's MSE (mean over C, H, W) is averaged over the masked frames of its sample, then over
         the samples that have any: every sample weighs the same whatever its mask ratio, so the mean of per-rank
@@ -145,7 +160,12 @@ class Diffusion:
             raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, T]={tuple(prediction.shape[:2])}")
         if mask.device.type == "cpu" and not mask.any():
             raise ValueError("loss: no frame is masked (mask is all False), nothing to train on")
-        return masked_frame_mse(prediction, target, mask)
+        if self.cfg.loss_weight_power == 0:
+            return masked_frame_mse(prediction, target, mask)
+        if t is None:
+            raise ValueError("loss: diffusion.loss_weight_power weighs samples by their noise level; pass t")
+        _expand(t, prediction)  # shape check: t [B]
+        return masked_frame_mse(prediction, target, mask, self.loss_weight(t))
 
     def predict_x0(self, x_t: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
         """Clean estimate from a model output at noise level t [B]; x_t, model_output [B, ...]."""

@@ -193,7 +193,7 @@ class MarDini(nn.Module):
         signals = self.planner(z_lo, mask)
         x_t, target, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise,
                                                            self.with_null_plan(signals, drop_plan), frame_counts)
-        loss = diffusion.loss(prediction.float(), target.float(), mask)
+        loss = diffusion.loss(prediction.float(), target.float(), mask, t)
         out = {"loss": loss, "prediction": prediction, "target": target}
         # Auxiliary losses, each logged apart: a learned estimate trains on its own error (the diffusion loss is
         # blind to it); the planner, optionally, on reading its plan back into the frames' low-resolution latents.
