@@ -101,8 +101,8 @@ class MarDiniPipeline:
         `sampler` overrides the trained formulation's default sampler (e.g. "ddpm" or "ddim" for a DDPM model);
         `flow_shift` a rectified-flow model's sampling time shift (diffusion.flow_shift);
         `attn_backend` the attention backend (sdpa, xformers, fa4; default: the trained one where it runs on
-        `device` at `dtype`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path (an export
-        copied from another machine)."""
+        `device` at `dtype`, else sdpa); `vae` the folder of the export's VAE where it is not at the recorded path
+        (an export copied from another machine)."""
         if attn_backend is not None:  # before the weights load: one line if it has no kernels here
             check_backend(attn_backend, device, dtype, "attn_backend")
         autoencoder_cfg = _with_vae(export_format.read_config(path)["autoencoder"], vae)
