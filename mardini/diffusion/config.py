@@ -36,8 +36,8 @@ class DiffusionConfig:
     input_data_std: float = 0.0
     # Training loss weight of a sample at noise level t: (t + loss_weight_offset)^loss_weight_power, divided by its mean
     # over uniform t so that the loss keeps its scale. 0: every t alike. < 0 weighs the low noise levels (the last
-    # sampling steps) more: on the CPU job -1 sampled 0.25 dB better with the small presets' residual, 0.4 dB worse
-    # without it; not measured on a GPU (BENCHMARKS.md, "The loss's weight over noise levels")
+    # sampling steps) more: on the CPU job made like the small presets -1 sampled 1.0 dB better, as the job ships
+    # 0.4 dB worse; not yet measured on a GPU (BENCHMARKS.md, "The loss's weight over noise levels")
     loss_weight_power: float = 0.0
     loss_weight_offset: float = 0.05  # > 0: keeps a negative power finite at t -> 0
 
