@@ -62,6 +62,8 @@ class Diffusion:
         # A private CPU copy: diffusers' add_noise moves the scheduler's own tensor to the data's device.
         self._alphas_cumprod = None if self.is_flow else self.noise_scheduler.alphas_cumprod.clone()
         self._alpha_tables: dict[torch.device, Tensor] = {}  # _alphas_cumprod on each device that asked for it
+        p, c = self.cfg.loss_weight_power, self.cfg.loss_weight_offset  # (t + c)^p integrated over t in [0, 1]
+        self._loss_weight_mean = math.log((1 + c) / c) if p == -1 else ((1 + c) ** (p + 1) - c ** (p + 1)) / (p + 1)
 
     # ----------------------------------------------------------------------------------------------- time
     def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
@@ -140,8 +142,7 @@ class Diffusion:
         p, c = self.cfg.loss_weight_power, self.cfg.loss_weight_offset
         if p == 0:
             return torch.ones_like(t, dtype=torch.float32)
-        mean = math.log((1 + c) / c) if p == -1 else ((1 + c) ** (p + 1) - c ** (p + 1)) / (p + 1)
-        return (t.float() + c).pow(p) / mean
+        return (t.float() + c).pow(p) / self._loss_weight_mean
 
     def loss(self, prediction: Tensor, target: Tensor, mask: Tensor, t: Tensor | None = None) -> Tensor:
         """MSE over the frames to generate only: prediction/target [B, T, C, H, W], mask [B, T] bool; t [B] the
