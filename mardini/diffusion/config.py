@@ -37,7 +37,7 @@ class DiffusionConfig:
     # Training loss weight of a sample at noise level t: (t + loss_weight_offset)^loss_weight_power, divided by its mean
     # over uniform t so that the loss keeps its scale. 0: every t alike. < 0 weighs the low noise levels (the last
     # sampling steps) more: on the CPU job made like the small presets -1 sampled 1.0 dB better, as the job ships
-    # 0.4 dB worse, on small_synthetic (one H100, 2 500 steps) the same as 0 (BENCHMARKS.md, "The loss's weight over
+    # 0.4 dB worse; on small_synthetic (one H100, 2 500 steps) the same as 0 (BENCHMARKS.md, "The loss's weight over
     # noise levels on the GPU")
     loss_weight_power: float = 0.0
     loss_weight_offset: float = 0.05  # > 0: keeps a negative power finite at t -> 0
