@@ -1,11 +1,12 @@
 """Shared by the model tests: overfit one fixed batch and return the losses; count the frames each generator block
-runs."""
+runs; re-initialise a model at random."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 
 def fit_fixed_batch(model, z, mask, diffusion, noise, t, steps: int, lr: float = 2e-3) -> list[float]:
@@ -34,3 +35,16 @@ def frames_seen_by_blocks(model):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def randomize(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Re-initialise every parameter at random (norm gains around 1), so that no zero-initialised layer makes a
+    dependence vanish."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g) * std
+                is_gain = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and name == "weight"
+                p.copy_(noise + (1.0 if is_gain else 0.0))
+    return module

@@ -231,6 +231,7 @@ def test_wrong_type_in_a_group_yaml_fails_naming_it(config_copy):
 @pytest.mark.parametrize("override,key", [
     ("train.lr=-1", "train.lr"),
     ("train.batch_size=0", "train.batch_size"),
+    ("train.noise_draws=0", "train.noise_draws"),
     ("train.ema_warmup=1", "train.ema_warmup"),
     ("train.trackers=[tensorbord]", "train.trackers"),
     ("diffusion.prediction=epsilon", "diffusion.prediction"),

@@ -138,6 +138,28 @@ def test_sample_t_uniform_statistics():
     assert abs(t.var().item() - 1 / 12) < 0.005
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_sample_t_draws_are_stratified_and_keep_the_distribution(sampling):
+    """draws = k: each sample's k levels lie one in each 1/k of the distribution's quantiles (equally spaced on the
+    circle of quantiles), so together they keep its statistics; one draw is what sample_t always drew."""
+    d = make(timestep_sampling=sampling, logit_mean=0.3, logit_std=0.8)
+    t = d.sample_t(5000, generator=torch.Generator().manual_seed(0), draws=4)
+    assert t.shape == (20000,) and (t > 0).all() and (t < 1).all()
+    q = t.view(5000, 4).double()
+    if sampling == "logit_normal":  # back to the normal's quantiles
+        q = torch.special.ndtr((torch.log(q / (1 - q)) - 0.3) / 0.8)
+    gaps = torch.remainder(q.diff(dim=1), 1.0)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 0.25), rtol=0, atol=1e-5)
+    assert ((q * 4).floor().sort(dim=1).values == torch.arange(4.0)).all(), "one level in each quarter"
+    single = d.sample_t(20000, generator=torch.Generator().manual_seed(1))
+    for stat in (torch.mean, torch.median, torch.std):
+        assert abs(stat(t).item() - stat(single).item()) < 0.01, stat
+    assert torch.equal(d.sample_t(7, generator=torch.Generator().manual_seed(2), draws=1),
+                       d.sample_t(7, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="draws"):
+        d.sample_t(3, draws=0)
+
+
 def test_sample_t_extreme_std_stays_inside_open_interval():
     t = make(logit_std=50.0).sample_t(1000, generator=torch.Generator().manual_seed(0))
     assert (t > 0).all() and (t < 1).all()

@@ -24,7 +24,7 @@ from mardini.models.generator import frame_counts
 from mardini.models.layers import (MLP, CrossAttention, RotaryEmbedding3D, SelfAttention, apply_rope, cat_tokens,
                                    patchify, split_heads, unpatchify, xformers_available)
 
-from helpers_models import fit_fixed_batch, frames_seen_by_blocks
+from helpers_models import fit_fixed_batch, frames_seen_by_blocks, randomize
 
 C = 4  # latent channels everywhere below
 
@@ -39,19 +39,6 @@ DDPM_EPS = dict(formulation="ddpm", prediction="epsilon", sampler="ddpm")
 def tiny(**overrides) -> MarDini:
     """A tiny model in eval mode; keyword `generator=dict(...)` overrides generator fields."""
     return MarDini(model_config("tiny", latent_channels=C, **overrides)).eval()
-
-
-def randomize(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
-    """Re-initialise every parameter at random (norm gains around 1), so that no zero-initialised layer makes a
-    dependence vanish."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g) * std
-                is_gain = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and name == "weight"
-                p.copy_(noise + (1.0 if is_gain else 0.0))
-    return module
 
 
 def masks(*rows: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from mardini.models import MarDini, model_config
 from mardini.models import motion as motion_module
 from mardini.models.motion import MatchFeatures, bilateral_estimate, motion_estimate, nearest_given
 
-from helpers_models import fit_fixed_batch, frames_seen_by_blocks
+from helpers_models import fit_fixed_batch, frames_seen_by_blocks, randomize
 
 C = 4
 RF_X0 = dict(formulation="rectified_flow", prediction="sample", sampler="euler")
@@ -444,6 +444,43 @@ def test_motion_loss_trains_only_the_features_and_the_diffusion_sees_the_estimat
     assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
     estimate = model.motion(z, mask)  # the target is relative to the estimate (residual), without its gradient
     assert torch.allclose(out["target"][mask], ((z - estimate) * model.cfg.motion.residual_scale)[mask], atol=1e-5)
+
+
+def test_noise_draws_run_the_planner_and_estimate_once_and_average_the_single_draw_losses():
+    """train.noise_draws = k: each clip's k noise levels and noises share one plan and one motion estimate (the
+    planner and the matcher run once per clip) and the diffusion loss is the mean over draws, so the loss and every
+    gradient equal the mean of the k single-draw steps (whose auxiliary losses are the same)."""
+    torch.manual_seed(0)
+    model = randomize(MarDini(model_config("tiny", latent_channels=C, planner=dict(loss_weight=1.0),
+                                           motion=dict(LEARNED, residual_scale=3.0)))).train()
+    diffusion = Diffusion(DiffusionConfig(**RF_X0))
+    z = torch.cat([uniform_square(), uniform_square().flip(1)])
+    mask = masks("01110", "01111")
+    noise = torch.randn(2, 2, *z.shape[1:])                                  # [B, draws, T, C, H, W]
+    t = torch.tensor([[0.2, 0.7], [0.45, 0.95]])
+    calls = []
+    model.planner.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def step(noise, t):
+        model.zero_grad()
+        out = model(z, None, mask, diffusion, noise=noise, t=t)
+        out["loss"].backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    both, both_grads = step(noise.flatten(0, 1), t.flatten())
+    assert calls == [2], "the planner must run once per clip, not per draw"
+    first, first_grads = step(noise[:, 0], t[:, 0])
+    second, second_grads = step(noise[:, 1], t[:, 1])
+    torch.testing.assert_close(both["diffusion_loss"], (first["diffusion_loss"] + second["diffusion_loss"]) / 2)
+    assert abs(first["diffusion_loss"].item() - second["diffusion_loss"].item()) > 1e-3  # the draws do differ
+    for key in ("motion_loss", "plan_loss"):
+        torch.testing.assert_close(both[key], first[key])
+    assert both_grads.keys() == first_grads.keys() and len(both_grads) > 0
+    for name, grad in both_grads.items():
+        torch.testing.assert_close(grad, (first_grads[name] + second_grads[name]) / 2, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+    with pytest.raises(ValueError, match="draws"):
+        model(z, None, mask, diffusion, noise=noise.flatten(0, 1), t=t[:, 0])
 
 
 def test_the_cpu_computes_features_of_the_given_frames_only_and_matches_the_frames_between_them_only(monkeypatch):

@@ -241,6 +241,27 @@ def test_inputs_prepared_ahead_are_those_of_their_own_step(tmp_path, monkeypatch
         assert torch.equal(t, rnd.t) and torch.equal(noise, rnd.noise)
 
 
+def test_noise_draws_reach_the_model_through_the_trainer(tmp_path, monkeypatch):
+    """train.noise_draws = 2: every micro-step's inputs carry two noise levels and noises per clip (one mask per
+    clip), the first of each those a one-draw run uses at the same step, and the run trains with finite losses."""
+    seen = {}
+    original = Trainer._micro_step
+
+    def micro_step(self, inputs, step):
+        seen.setdefault(self.cfg.train.noise_draws, []).append(inputs[2])
+        return original(self, inputs, step)
+
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+    for draws in (1, 2):
+        Trainer(tiny_config(tmp_path / f"draws{draws}", max_steps=2, noise_draws=draws, log_every=1)).fit()
+    assert len(seen[1]) == len(seen[2]) == 2
+    for one, two in zip(seen[1], seen[2]):
+        assert two.t.shape == (4,) and two.noise.shape[0] == 4 and torch.equal(two.mask, one.mask)
+        assert torch.equal(two.t[::2], one.t) and torch.equal(two.noise[::2], one.noise)
+    records = read_metrics(tmp_path / "draws2")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+
+
 def test_learned_motion_estimate_logs_its_loss_beside_the_diffusion_loss(tmp_path):
     """With a learned estimate the total loss is diffusion + weight x motion; both parts reach metrics.jsonl (per
     step, grad_accum averaged), so a run shows whether the matcher or the generator is learning."""
@@ -1306,6 +1327,23 @@ def test_draw_randomness_per_position_independent_of_batch():
     assert not torch.equal(later.noise[0], alone.noise[0]), "randomness must depend on the step"
     reseeded = draw_randomness([7], step=60, **{**args, "seed": 6})
     assert not torch.equal(reseeded.noise[0], alone.noise[0]), "randomness must depend on the seed"
+
+
+def test_draw_randomness_several_noise_draws_per_position():
+    """train.noise_draws: each position's k levels and noises follow one another; its first noise, its mask and its
+    plan drop are those of one draw (the same stream), its levels stratified (Diffusion.sample_t)."""
+    args = dict(step=60, seed=5, mask_sampler=MaskSampler(paper_curriculum(), 100), diffusion=Diffusion(DiffusionConfig()),
+                num_frames=9, latent_shape=(12, 4, 4), plan_dropout=0.3, device=torch.device("cpu"))
+    one = draw_randomness([2, 7], **args)
+    three = draw_randomness([2, 7], **args, draws=3)
+    assert three.t.shape == (6,) and three.noise.shape == (6, 9, 12, 4, 4) and three.mask.shape == (2, 9)
+    assert torch.equal(three.mask, one.mask) and torch.equal(three.drop_plan, one.drop_plan)
+    assert three.frame_counts == one.frame_counts
+    assert torch.equal(three.noise[0], one.noise[0]) and torch.equal(three.noise[3], one.noise[1])
+    assert torch.equal(three.t[[0, 3]], one.t)
+    assert not torch.equal(three.noise[0], three.noise[1])
+    gaps = torch.remainder(three.t.view(2, 3).diff(dim=1), 1.0)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 3), rtol=0, atol=1e-4)
 
 
 @pytest.fixture

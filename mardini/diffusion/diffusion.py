@@ -66,17 +66,32 @@ class Diffusion:
         self._loss_weight_mean = math.log((1 + c) / c) if p == -1 else ((1 + c) ** (p + 1) - c ** (p + 1)) / (p + 1)
 
     # ----------------------------------------------------------------------------------------------- time
-    def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+    def sample_t(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None,
+                 draws: int = 1) -> Tensor:
         """Training noise levels t [B] in (0, 1): uniform (the default), or logit-normal (SD3) to focus on mid
         noise levels. Conditioned video tasks are decided at high noise, where the model must build the frames from
         the given ones: logit-normal(0, 1) puts 0.16 % of the samples above t = 0.95, and models trained with it lost
-        to a blend of the given frames (BENCHMARKS.md, "Learning")."""
+        to a blend of the given frames (BENCHMARKS.md, "Learning").
+
+        draws > 1: [B * draws], each sample's draws consecutive and stratified, one in each 1/draws of the
+        distribution's quantiles (u, u + 1/draws, ... mod 1 from the quantile u of the first): a sample's noise levels
+        then cover the range instead of clumping (train.noise_draws). The first draw, and what the generator draws
+        next, do not depend on draws."""
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
         gen_device = generator.device if generator is not None else device
-        if self.cfg.timestep_sampling == "uniform":
+        uniform = self.cfg.timestep_sampling == "uniform"
+        if uniform:
             t = torch.rand(batch_size, generator=generator, device=gen_device)
         else:
             z = torch.randn(batch_size, generator=generator, device=gen_device)
             t = torch.sigmoid(z * self.cfg.logit_std + self.cfg.logit_mean)
+        if draws > 1:  # the first draw is the one above (the same stream); the others stepped along its quantile
+            u = t.double() if uniform else torch.special.ndtr(z.double())
+            q = torch.remainder(u[:, None] + torch.arange(draws, device=gen_device, dtype=torch.float64) / draws, 1.0)
+            if not uniform:
+                q = torch.sigmoid(torch.special.ndtri(q) * self.cfg.logit_std + self.cfg.logit_mean)
+            t = q.flatten().float()
         return t.clamp(_T_EPS, 1 - _T_EPS).to(device)
 
     def timestep_index(self, t: Tensor) -> Tensor:

@@ -80,14 +80,16 @@ def generator_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, i
 
 
 def mardini_flops(cfg: MarDiniConfig, num_frames: int, latent_hw: tuple[int, int], num_masked: int | None = None,
-                  batch_size: int = 1, lowres_hw: tuple[int, int] | None = None, executed: bool = False) -> dict:
-    """Forward FLOPs of the planner and of one generator call; a training step costs about 3x the sum."""
+                  batch_size: int = 1, lowres_hw: tuple[int, int] | None = None, executed: bool = False,
+                  noise_draws: int = 1) -> dict:
+    """Forward FLOPs of the planner and of one generator call (noise_draws calls in training, train.noise_draws);
+    a training step costs about 3x the sum."""
     if lowres_hw is None:
         lowres_hw = (latent_hw[0] // cfg.lowres_factor, latent_hw[1] // cfg.lowres_factor)
     if num_masked is None:
         num_masked = num_frames - 1
     planner = planner_flops(cfg, num_frames, lowres_hw, batch_size)
-    generator = generator_flops(cfg, num_frames, latent_hw, lowres_hw, num_masked, batch_size, executed)
+    generator = noise_draws * generator_flops(cfg, num_frames, latent_hw, lowres_hw, num_masked, batch_size, executed)
     generator += match_features_flops(cfg, num_frames, latent_hw, batch_size)  # counted with the generator it feeds
     return {"planner": planner, "generator": generator, "total": planner + generator}
 

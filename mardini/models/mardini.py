@@ -33,6 +33,11 @@ def lowres_from_hires(z_hi: torch.Tensor, factor: int) -> torch.Tensor:
     return box_downsample(z_hi, factor)
 
 
+def _per_draw(x: torch.Tensor | None, draws: int) -> torch.Tensor | None:
+    """[B, ...] -> [B draws, ...], each sample repeated for its noise draws (consecutive, as t and noise hold them)."""
+    return x if x is None or draws == 1 else x.repeat_interleave(draws, dim=0)
+
+
 def check_mask(mask: torch.Tensor, num_frames: int, values: bool = True) -> None:
     """Shape and dtype always; with values, also that every sample generates and keeps a frame. Reading the values
     of a mask on an accelerator waits for its queue, so the training forward checks them only on the host (the
@@ -169,6 +174,9 @@ class MarDini(nn.Module):
 
         z_hi: [B, T, C, H, W] clean latents; z_lo: [B, T, C, h, w] (None: average-pool z_hi by lowres_factor);
         mask: [B, T] bool; noise: like z_hi; t: [B] noise levels in (0, 1); drop_plan: [B] bool;
+        or several noise draws per sample (train.noise_draws = k): t [B k] and noise [B k, T, C, H, W], each sample's
+        draws consecutive: the planner and the motion estimate run once per sample, the generator once per draw, and
+        the diffusion loss averages over the draws (a lower-variance estimate for the price of generator passes);
         frame_counts: generator.frame_counts(mask) read from a host copy of the mask (the trainer passes it), so that
         identity_impl=gather needs no wait for the GPU (None: a CPU mask is read here; a device mask in gather).
         Missing noise / t / drop_plan are drawn from the global RNG (the trainer passes them explicitly so that a
@@ -186,14 +194,21 @@ class MarDini(nn.Module):
             noise = torch.randn_like(z_hi)
         if t is None:
             t = diffusion.sample_t(B, device=z_hi.device)
+        draws = t.shape[0] // B
+        if t.ndim != 1 or draws < 1 or t.shape[0] != B * draws or noise.shape != (B * draws, *z_hi.shape[1:]):
+            raise ValueError(f"t {tuple(t.shape)} and noise {tuple(noise.shape)} must hold k >= 1 draws for each of "
+                             f"the {B} samples: t [B k], noise [B k, {', '.join(map(str, z_hi.shape[1:]))}]")
         if drop_plan is None and self.null_plan is not None:
             drop_plan = torch.rand(B, device=z_hi.device) < self.cfg.plan_dropout if self.training else \
                 torch.zeros(B, dtype=torch.bool, device=z_hi.device)
 
         signals = self.planner(z_lo, mask)
-        x_t, target, prediction, motion = self._denoise_at(z_hi, mask, diffusion, t, noise,
-                                                           self.with_null_plan(signals, drop_plan), frame_counts)
-        loss = diffusion.loss(prediction.float(), target.float(), mask, t)
+        plan = self.with_null_plan(signals, drop_plan)
+        motion = self.motion_input(self.motion(z_hi, mask), mask, plan)
+        z_d, mask_d, plan_d, motion_d = (_per_draw(x, draws) for x in (z_hi, mask, plan, motion))  # [B k, ...]
+        x_t, target, prediction = self._denoise_with(z_d, mask_d, diffusion, t, noise, plan_d, motion_d,
+                                                     frame_counts)
+        loss = diffusion.loss(prediction.float(), target.float(), mask_d, t)
         out = {"loss": loss, "prediction": prediction, "target": target}
         # Auxiliary losses, each logged apart: a learned estimate trains on its own error (the diffusion loss is
         # blind to it); the planner, optionally, on reading its plan back into the frames' low-resolution latents.
@@ -212,12 +227,16 @@ class MarDini(nn.Module):
         """Noise the masked frames of z_hi (as to_diffused maps them) to level t [B] and run the generator:
         (x_t, target, prediction, motion); motion keeps a learned estimate's gradient, all else sees it detached."""
         motion = self.motion_input(self.motion(z_hi, mask), mask, plan)
+        return (*self._denoise_with(z_hi, mask, diffusion, t, noise, plan, motion, frame_counts), motion)
+
+    def _denoise_with(self, z_hi, mask, diffusion, t, noise, plan, motion, frame_counts=None):
+        """_denoise_at given the motion input: (x_t, target, prediction)."""
         fixed = None if motion is None else motion.detach()
         x_t, target = diffusion.noisy_and_target(self.to_diffused(z_hi, fixed), noise.to(z_hi.dtype), t)
         x_in = torch.where(mask[:, :, None, None, None], diffusion.network_input(x_t, t), z_hi)  # references clean
         frame_time = torch.where(mask, diffusion.model_time(t).float()[:, None], 0.0)  # [B, T], fp32 in any dtype
         prediction = self.generator(x_in, mask, frame_time, plan, motion=fixed, frame_counts=frame_counts)
-        return x_t, target, prediction, motion
+        return x_t, target, prediction
 
     @torch.no_grad()
     def clean_estimate(self, z_hi: torch.Tensor, mask: torch.Tensor, diffusion, t: torch.Tensor, noise: torch.Tensor,
@@ -304,8 +323,11 @@ class MarDini(nn.Module):
         return {"planner": count(self.planner), "generator": count(self.generator), "total": count(self)}
 
     def estimate_flops(self, num_frames: int, latent_hw: tuple[int, int], num_masked: int | None = None,
-                       batch_size: int = 1, lowres_hw: tuple[int, int] | None = None, executed: bool = False) -> dict:
-        """Forward-pass FLOPs (multiply-add = 2) of the planner and one generator call; see flops.py."""
+                       batch_size: int = 1, lowres_hw: tuple[int, int] | None = None, executed: bool = False,
+                       noise_draws: int = 1) -> dict:
+        """Forward-pass FLOPs (multiply-add = 2) of the planner and one generator call (noise_draws in a training
+        step); see flops.py."""
         from .flops import mardini_flops
 
-        return mardini_flops(self.cfg, num_frames, latent_hw, num_masked, batch_size, lowres_hw, executed)
+        return mardini_flops(self.cfg, num_frames, latent_hw, num_masked, batch_size, lowres_hw, executed,
+                             noise_draws)

@@ -71,6 +71,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps to train
     batch_size: int = 8  # micro-batch per device
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)
+    noise_draws: int = 1  # noise levels and noises per clip and step: planner once per clip, generator per draw
     lr: float = 3e-4  # peak learning rate (AdamW; Muon steps are scaled to match AdamW's update size)
     optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' weight matrices, AdamW for the rest; not with fsdp)
     muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum of the Muon groups
@@ -254,6 +255,7 @@ def validate_config(cfg) -> None:
     need(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     need(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    need(t.noise_draws >= 1, "train.noise_draws", f"must be >= 1, got {t.noise_draws}")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")

@@ -88,32 +88,34 @@ class StreamBatchSampler(Sampler[list[int]]):
 @dataclass
 class SampleRandomness:
     mask: torch.Tensor       # [B, T] bool
-    t: torch.Tensor          # [B]
+    t: torch.Tensor          # [B * draws]: each sample's noise draws consecutive
     drop_plan: torch.Tensor  # [B] bool
-    noise: torch.Tensor      # [B, T, C, H, W]
+    noise: torch.Tensor      # [B * draws, T, C, H, W]
     frame_counts: tuple[int, int] | None = None  # the most generated and reference frames of a sample (host ints)
 
 
 def draw_randomness(positions: list[int], step: int, seed: int, mask_sampler: MaskSampler, diffusion,
                     num_frames: int, latent_shape: tuple[int, int, int], plan_dropout: float,
-                    device: torch.device, dtype=torch.float32) -> SampleRandomness:
-    """Per-sample draws from generator(seed, step, position), in a fixed order: mask, t, plan drop, noise seed."""
+                    device: torch.device, dtype=torch.float32, draws: int = 1) -> SampleRandomness:
+    """Per-sample draws from generator(seed, step, position), in a fixed order: mask, t, plan drop, noise seed.
+    draws: noise levels and noises per sample (train.noise_draws; stratified levels, Diffusion.sample_t); 1 draws
+    what it always did."""
     masks, ts, drops, noises = [], [], [], []
     for position in positions:
         g = mask_generator(seed, step, position)
         masks.append(mask_sampler.sample(step, num_frames, g))
-        ts.append(diffusion.sample_t(1, generator=g))
+        ts.append(diffusion.sample_t(1, generator=g, draws=draws))
         drops.append(torch.rand(1, generator=g) < plan_dropout)
         noise_seed = int(torch.randint(0, 2**62, (1,), generator=g))
         g_dev = torch.Generator(device=device).manual_seed(noise_seed)
-        noises.append(torch.randn((num_frames, *latent_shape), generator=g_dev, device=device, dtype=dtype))
+        noises.append(torch.randn((draws, num_frames, *latent_shape), generator=g_dev, device=device, dtype=dtype))
     mask = torch.stack(masks)
     check_mask(mask, num_frames)  # here, on the host: the model's forward does not read a device mask's values
     return SampleRandomness(
         mask=_to_device(mask, device),
         t=_to_device(torch.cat(ts), device),
         drop_plan=_to_device(torch.cat(drops), device),
-        noise=torch.stack(noises),
+        noise=torch.cat(noises),
         frame_counts=training_frame_counts(mask),  # on the host: the gather attention's shapes without a wait
     )
 

@@ -458,7 +458,8 @@ class Trainer:
         minutes without a word until the kernel's out-of-memory killer ended it."""
         t, frames = self.cfg.train, self.latent_frames
         clips = t.batch_size * t.grad_accum  # per process and step
-        flop = 3 * model.estimate_flops(frames, (h, w), frames - 1, clips)["total"]  # the most generated frames
+        flop = 3 * model.estimate_flops(frames, (h, w), frames - 1, clips,  # the most generated frames
+                                        noise_draws=t.noise_draws)["total"]
         log.info("a training step: %d tokens per clip (planner %d, generator %d per frame), up to %.3g TFLOP per "
                  "process", self.tokens_per_sample, n_lo, n_hi, flop / 1e12)
         if self.device.type != "cpu" or flop < CPU_HEAVY_STEP_FLOP:
@@ -730,7 +731,8 @@ class Trainer:
         """A micro-batch's model inputs on the device: (z_hi, z_lo, randomness)."""
         z_hi, z_lo = self._latents(batch)
         rnd = draw_randomness(batch["position"].tolist(), step, self.cfg.seed, self.mask_sampler, self.diffusion,
-                              self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device)
+                              self.latent_frames, self.latent_shape, self.model_cfg.plan_dropout, self.device,
+                              draws=self.cfg.train.noise_draws)
         return z_hi, z_lo, rnd
 
     def _micro_step(self, inputs: tuple, step: int) -> torch.Tensor:
