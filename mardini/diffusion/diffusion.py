@@ -75,8 +75,8 @@ class Diffusion:
 
         draws > 1: [B * draws], each sample's draws consecutive and stratified, one in each 1/draws of the
         distribution's quantiles (u, u + 1/draws, ... mod 1 from the quantile u of the first): a sample's noise levels
-        then cover the range instead of clumping (train.noise_draws). The first draw, and what the generator draws
-        next, do not depend on draws."""
+        then cover the range instead of clumping (train.noise_draws). The first draw, and whatever is drawn from
+        `generator` afterwards, do not depend on draws."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
         gen_device = generator.device if generator is not None else device

@@ -465,7 +465,8 @@ class Trainer:
         if self.device.type != "cpu" or flop < CPU_HEAVY_STEP_FLOP:
             return
         c = self.model_cfg
-        widths = frames * (n_lo * c.planner.depth * c.planner.dim + n_hi * c.generator.depth * c.generator.dim)
+        widths = frames * (n_lo * c.planner.depth * c.planner.dim
+                           + t.noise_draws * n_hi * c.generator.depth * c.generator.dim)  # a generator pass per draw
         stored = 0.5 if self.autocast_dtype == torch.bfloat16 else 1.0  # autocast keeps bf16 activations
         activations = clips * widths * CPU_ACTIVATION_BYTES * stored
         available = _available_memory()
