@@ -47,9 +47,9 @@ def median_rate(metrics: list[dict]) -> float:
 
 
 def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
-    """Training FLOPs of one optimizer step per process (3 x forward) at the mean number of generated frames of the
-    curriculum's second half (where the rates are measured); identity autoencoder only (0 otherwise: a VAE's latent
-    shape needs its weights)."""
+    """Training FLOPs of one optimizer step per process (3 x forward, a generator pass per train.noise_draws) at the
+    mean number of generated frames of the curriculum's second half (where the rates are measured); identity
+    autoencoder only (0 otherwise: a VAE's latent shape needs its weights)."""
     cfg = compose_config(overrides)
     t, data = cfg.train, getattr(cfg.data, cfg.data.source)
     frames, batch = data.num_frames, t.batch_size * t.grad_accum
@@ -63,7 +63,7 @@ def model_flops_per_step(overrides: list[str]) -> tuple[float, dict]:
     with torch.device("meta"):
         model = MarDini(as_model_config(cfg.model))
     latent_hw = (data.height // cfg.autoencoder.patch_size, data.width // cfg.autoencoder.patch_size)
-    flops = model.estimate_flops(frames, latent_hw, round(masked), batch)
+    flops = model.estimate_flops(frames, latent_hw, round(masked), batch, noise_draws=t.noise_draws)
     m = model.cfg
     n_hi = (latent_hw[0] // m.generator.patch_size) * (latent_hw[1] // m.generator.patch_size)
     lo = m.lowres_factor * m.planner.patch_size

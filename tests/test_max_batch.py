@@ -1,7 +1,7 @@
 """benchmarks/max_batch.py under torchrun (2 CPU processes, gloo, FSDP): when one rank runs out of memory, the launch
 ends at once instead of leaving the other rank in a collective until the process-group timeout (on 2 H200s that
 cost 180 s), and the next launch of the same command goes on from the JSON to the same answer. Also the rates
-benchmarks/multi_gpu.py reports from a run's metrics."""
+benchmarks/multi_gpu.py reports from a run's metrics, and the FLOPs a step counts."""
 
 import json
 import subprocess
@@ -116,3 +116,23 @@ def test_median_rate_is_the_steady_state_and_the_mean_keeps_the_stalls():
     assert sum(s > 3 / median_rate(metrics) for s in seconds) == 2
     sparse = [m for m in metrics if m["step"] % 5 == 0]  # logged every 5 steps: per-step seconds of each interval
     assert step_seconds(sparse) == [1.0, 4.0, 1.0]  # steps 26-30, 31-35 (the stall spread over 5), 36-40
+
+
+def test_benchmark_flop_count_adds_a_generator_pass_per_noise_draw():
+    """The throughput benchmarks' MFU divides by the step's FLOPs: with train.noise_draws=2 the generator runs twice
+    per clip and the planner (and the motion features) once, so the step's count grows by one generator pass."""
+    from train_throughput import model_flops_per_step
+
+    from mardini.cli import compose_config
+    from mardini.models.config import as_model_config
+    from mardini.models.flops import generator_flops
+
+    overrides = ["experiment=small_synthetic"]
+    one, shape = model_flops_per_step(overrides)
+    two, _ = model_flops_per_step(overrides + ["train.noise_draws=2"])
+    cfg = as_model_config(compose_config(overrides).model)
+    h, w = shape["latent_hw"]
+    lowres = (h // cfg.lowres_factor, w // cfg.lowres_factor)
+    one_pass = generator_flops(cfg, shape["frames"], (h, w), lowres, round(shape["mean_generated_frames"]),
+                               shape["batch_per_process"])
+    assert one_pass > 0 and two - one == 3 * one_pass
