@@ -481,6 +481,8 @@ def test_noise_draws_run_the_planner_and_estimate_once_and_average_the_single_dr
                                    msg=name)
     with pytest.raises(ValueError, match="draws"):
         model(z, None, mask, diffusion, noise=noise.flatten(0, 1), t=t[:, 0])
+    with pytest.raises(ValueError, match="draws"):
+        model(z, None, mask, diffusion, noise=noise[:, 0], t=t[0, 0])
 
 
 def test_the_cpu_computes_features_of_the_given_frames_only_and_matches_the_frames_between_them_only(monkeypatch):

@@ -194,8 +194,8 @@ class MarDini(nn.Module):
             noise = torch.randn_like(z_hi)
         if t is None:
             t = diffusion.sample_t(B, device=z_hi.device)
-        draws = t.shape[0] // B
-        if t.ndim != 1 or draws < 1 or t.shape[0] != B * draws or noise.shape != (B * draws, *z_hi.shape[1:]):
+        draws = t.shape[0] // B if t.ndim == 1 else 0
+        if draws < 1 or t.shape[0] != B * draws or noise.shape != (B * draws, *z_hi.shape[1:]):
             raise ValueError(f"t {tuple(t.shape)} and noise {tuple(noise.shape)} must hold k >= 1 draws for each of "
                              f"the {B} samples: t [B k], noise [B k, {', '.join(map(str, z_hi.shape[1:]))}]")
         if drop_plan is None and self.null_plan is not None:
