@@ -233,6 +233,7 @@ def test_wrong_type_in_a_group_yaml_fails_naming_it(config_copy):
     ("train.batch_size=0", "train.batch_size"),
     ("train.noise_draws=0", "train.noise_draws"),
     ("train.ema_warmup=1", "train.ema_warmup"),
+    ("train.compile_scope=model", "train.compile_scope"),
     ("train.trackers=[tensorbord]", "train.trackers"),
     ("diffusion.prediction=epsilon", "diffusion.prediction"),
     ("model.planner.num_heads=5", "model.planner.dim"),
@@ -249,6 +250,17 @@ def test_init_from_goes_with_resume_auto_but_not_with_a_checkpoint_path():
     compose_config(["train.init_from=/some/export", "train.resume=auto"])
     with pytest.raises(ValueError, match=r"train\.init_from cannot be combined with train\.resume=<checkpoint>"):
         compose_config(["train.init_from=/some/export", "train.resume=/some/checkpoint"])
+
+
+def test_whole_network_compilation_goes_with_unwrapped_blocks_only():
+    """train.compile_scope=networks compiles the planner and generator whole; FSDP2 and activation checkpointing wrap
+    each block, so either with it is refused by name (without compile the scope means nothing and passes)."""
+    base = ["train.compile=true", "train.compile_scope=networks"]
+    assert compose_config(base).train.compile_scope == "networks"
+    for other in ("train.parallel=fsdp", "train.activation_checkpointing=true"):
+        with pytest.raises(ValueError, match=r"train\.compile_scope=networks .* use train\.compile_scope=blocks"):
+            compose_config([*base, other])
+    compose_config(["train.compile=false", "train.compile_scope=networks", "train.parallel=fsdp"])
 
 
 def test_a_value_a_preset_marks_required_must_be_given():

@@ -715,20 +715,23 @@ def test_gather_attention_compiles_few_graphs_over_every_frame_count(monkeypatch
     assert len(pairs) == 10 and 2 <= counter.frame_count <= 4 < torch._dynamo.config.recompile_limit
 
 
-def test_training_compiles_one_generator_graph_for_every_mask(monkeypatch):
-    """What the trainer does (parallel.compile_frame_counts_dynamic, data.training_frame_counts): the counts are
-    symbolic from the first graph and never below 2, so one graph serves every (G, R) of 5 frames, counts of 1
-    included (4 graphs above; on 2 H200s each recompilation of the paper block stalled a step by 15-17 s), and the
-    raised counts give the outputs and gradients of the exact ones."""
+@pytest.mark.parametrize("scope", ["blocks", "networks"])
+def test_training_compiles_one_generator_graph_for_every_mask(monkeypatch, scope):
+    """What the trainer does (parallel.apply_compile, data.training_frame_counts): the counts are symbolic from the
+    first graph and never below 2, so one graph serves every (G, R) of 5 frames, counts of 1 included (4 graphs
+    above; on 2 H200s each recompilation of the paper block stalled a step by 15-17 s), and the raised counts give
+    the outputs and gradients of the exact ones; whether each block is compiled (train.compile_scope=blocks) or the
+    generator whole (networks: the counts are then its frame_counts argument)."""
     import torch._dynamo.testing
 
     from mardini.training.data import training_frame_counts
-    from mardini.training.parallel import compile_frame_counts_dynamic
+    from mardini.training.parallel import apply_compile, compile_frame_counts_dynamic
 
     monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "")  # restored after the test
     compile_frame_counts_dynamic()
     compile_frame_counts_dynamic()  # idempotent
-    assert torch.compiler.config.dynamic_sources == "L['counts'][0],L['counts'][1]"
+    assert torch.compiler.config.dynamic_sources == ("L['counts'][0],L['counts'][1],L['frame_counts'][0],"
+                                                     "L['frame_counts'][1]")
     model = randomize(tiny(generator=dict(identity_impl="gather")), seed=5, std=0.2)
     x, plan = generator_inputs(model)
 
@@ -745,8 +748,10 @@ def test_training_compiles_one_generator_graph_for_every_mask(monkeypatch):
     exact = [step(m, frame_counts(m)) for m in batches]
     counter = torch._dynamo.testing.CompileCounter()
     torch._dynamo.reset()
-    for block in model.generator.blocks:
-        block.compile(backend=counter)
+    apply_compile(model, motion=False, scope=scope, backend=counter)
+    compiled_modules = [m for m in model.modules() if m._compiled_call_impl is not None]
+    assert compiled_modules == ([*model.planner.blocks, *model.generator.blocks] if scope == "blocks"
+                                else [model.planner, model.generator])
     try:
         compiled = [step(m, training_frame_counts(m)) for m in batches]
     finally:

@@ -26,6 +26,7 @@ from ..models.config import GeneratorConfig, MarDiniConfig, MotionConfig, Planne
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # fp16 is named so that its refusal can explain itself
 PARALLEL_MODES = ("ddp", "fsdp")
+COMPILE_SCOPES = ("blocks", "networks")  # train.compile_scope (parallel.apply_compile)
 LR_SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "muon")
 TRACKERS = ("wandb", "tensorboard")
@@ -88,6 +89,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     compile: bool = False  # torch.compile each transformer block (one generator graph for every mask)
     compile_motion: bool = True  # with compile: also torch.compile the motion estimate (matcher, learned features)
+    compile_scope: str = "blocks"  # with compile: blocks (each transformer block) | networks (the planner and the
+    # generator whole: fewer host launches; not with fsdp or activation_checkpointing)
     ema_decay: float = 0.999  # EMA of the weights (the exported model); warm-up min(decay, (1+s)/(ema_warmup+s))
     ema_warmup: float = 10.0  # EMA warm-up: below ema_decay (until step 8991 at 0.999) it averages the last ~1/(w-1)
     log_every: int = 10  # steps between metric logs
@@ -278,6 +281,11 @@ def validate_config(cfg) -> None:
          "is not supported (the trainer does no loss scaling): use train.mixed_precision=bf16 (Ampere or newer "
          "GPUs) or no")
     need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
+    need(t.compile_scope in COMPILE_SCOPES, "train.compile_scope",
+         f"must be one of {COMPILE_SCOPES}, got {t.compile_scope!r}")
+    need(not (t.compile and t.compile_scope == "networks" and (t.parallel == "fsdp" or t.activation_checkpointing)),
+         "train.compile_scope=networks", "compiles whole networks and cannot be combined with train.parallel=fsdp or "
+         "train.activation_checkpointing=true (both wrap each block): use train.compile_scope=blocks")
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     need(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (decay (1+s)/(w+s) below 1), got {t.ema_warmup}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):

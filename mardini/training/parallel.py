@@ -2,7 +2,7 @@
 
 - activation checkpointing per block (composable API: parameter names stay the same, so checkpoints and EMA
   do not care whether it is on);
-- ``torch.compile`` per block (``Module.compile`` also keeps names);
+- ``torch.compile`` per block, or per network (``train.compile_scope``; ``Module.compile`` also keeps names);
 - FSDP2 (``fully_shard``) per block and then the root, with bf16 parameters and fp32 gradient reduction. The
   forward inputs are never cast: latents, noise and timesteps reach the model in fp32 and the trainer's autocast
   casts the networks' ops, exactly as under DDP, so both train the same objective.
@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .config import COMPILE_SCOPES, PARALLEL_MODES
 
-PARALLEL_MODES = ("ddp", "fsdp")
+log = logging.getLogger(__name__)
 
 
 def transformer_blocks(model) -> list[nn.Module]:
@@ -35,8 +35,9 @@ def apply_activation_checkpointing(model) -> None:
         checkpoint(block)
 
 
-# GeneratorBlock.forward's counts (G, R): the shapes of `gather` identity attention, which change with every mask
-FRAME_COUNT_SOURCES = ("L['counts'][0]", "L['counts'][1]")
+# The frame counts (G, R) that shape `gather` identity attention and change with the mask: GeneratorBlock.forward's
+# counts (compile_scope=blocks) and Generator.forward's frame_counts (compile_scope=networks)
+FRAME_COUNT_SOURCES = ("L['counts'][0]", "L['counts'][1]", "L['frame_counts'][0]", "L['frame_counts'][1]")
 
 
 def compile_frame_counts_dynamic() -> None:
@@ -51,10 +52,17 @@ def compile_frame_counts_dynamic() -> None:
     config.dynamic_sources = ",".join([*present, *(s for s in FRAME_COUNT_SOURCES if s not in present)])
 
 
-def apply_compile(model, motion: bool = True, **compile_kwargs) -> None:
+def apply_compile(model, motion: bool = True, scope: str = "blocks", **compile_kwargs) -> None:
+    """scope blocks: each transformer block (what FSDP2 and activation checkpointing wrap); networks: the planner's
+    and the generator's whole forward, so that the glue between blocks (embeddings, RoPE, adaLN, the identity
+    attention's gathers) is fused too and each network is one call on the host: when the GPU's work per step is small
+    (the `small` planner at planner.patch_size=2) the host's launches bound the step (BENCHMARKS.md)."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"train.compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     compile_frame_counts_dynamic()
-    for block in transformer_blocks(model):
-        block.compile(**compile_kwargs)
+    modules = transformer_blocks(model) if scope == "blocks" else [model.planner, model.generator]
+    for module in modules:
+        module.compile(**compile_kwargs)
     if motion:
         model.compile_motion(**compile_kwargs)
 
@@ -80,15 +88,21 @@ def apply_fsdp(model, param_dtype: torch.dtype | None = None, reduce_dtype: torc
 
 
 def parallelize(model, mode: str = "ddp", activation_checkpointing: bool = False, compile: bool = False,
-                param_dtype: torch.dtype | None = None, compile_motion: bool = True) -> None:
+                param_dtype: torch.dtype | None = None, compile_motion: bool = True,
+                compile_scope: str = "blocks") -> None:
     """In place. mode 'fsdp' shards when a process group exists (a single plain process keeps the model whole but
-    still uses the sharded checkpoint format); 'ddp' leaves wrapping to Accelerate."""
+    still uses the sharded checkpoint format); 'ddp' leaves wrapping to Accelerate. compile_scope=networks needs
+    the blocks unwrapped (no FSDP, no activation checkpointing)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if compile and compile_scope == "networks" and (mode == "fsdp" or activation_checkpointing):
+        raise ValueError("train.compile_scope=networks compiles whole networks and cannot be combined with "
+                         "train.parallel=fsdp or train.activation_checkpointing=true (both wrap each block): use "
+                         "train.compile_scope=blocks")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model, motion=compile_motion)
+        apply_compile(model, motion=compile_motion, scope=compile_scope)
     if mode == "fsdp" and dist.is_initialized():
         apply_fsdp(model, param_dtype=param_dtype)
         log.info("FSDP2: %d blocks sharded over %d processes", len(transformer_blocks(model)), dist.get_world_size())

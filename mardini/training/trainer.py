@@ -385,7 +385,8 @@ class Trainer:
             model.generator.requires_grad_(False)
         model.to(self.device)
         param_dtype = torch.bfloat16 if self.fsdp and mixed == "bf16" else None
-        parallelize(model, t.parallel, t.activation_checkpointing, t.compile, param_dtype, t.compile_motion)
+        parallelize(model, t.parallel, t.activation_checkpointing, t.compile, param_dtype, t.compile_motion,
+                    t.compile_scope)
         self.ema = EMA(model, t.ema_decay, t.ema_warmup)
         optimizer = build_optimizer(model, t, fused=False if is_sharded(model) else None)
         self.scheduler = build_scheduler(optimizer, t)
