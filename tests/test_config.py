@@ -261,6 +261,12 @@ def test_whole_network_compilation_goes_with_unwrapped_blocks_only():
         with pytest.raises(ValueError, match=r"train\.compile_scope=networks .* use train\.compile_scope=blocks"):
             compose_config([*base, other])
     compose_config(["train.compile=false", "train.compile_scope=networks", "train.parallel=fsdp"])
+    from mardini.models import MarDini, model_config
+    from mardini.training.parallel import parallelize
+
+    with pytest.raises(ValueError, match=r"train\.compile_scope=networks .* use train\.compile_scope=blocks"):
+        parallelize(MarDini(model_config("tiny", latent_channels=12)), "ddp", activation_checkpointing=True,
+                    compile=True, compile_scope="networks")  # a library caller meets the same refusal
 
 
 def test_a_value_a_preset_marks_required_must_be_given():

@@ -241,6 +241,15 @@ def check_finite_numbers(cfg) -> None:
     walk(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dataclasses.asdict(cfg), "")
 
 
+def compile_scope_conflict(scope: str, parallel: str, activation_checkpointing: bool) -> str:
+    """Why torch.compile cannot run at this scope with these wrappers ("" if it can): FSDP2 and activation
+    checkpointing wrap each block, which compile_scope=networks would compile inside one graph."""
+    if scope == "networks" and (parallel == "fsdp" or activation_checkpointing):
+        return ("compiles whole networks and cannot be combined with train.parallel=fsdp or "
+                "train.activation_checkpointing=true (both wrap each block): use train.compile_scope=blocks")
+    return ""
+
+
 def validate_config(cfg) -> None:
     """Check values and cross-field consistency; raise ValueError naming the key. Accepts a DictConfig or Config."""
 
@@ -283,9 +292,9 @@ def validate_config(cfg) -> None:
     need(t.parallel in PARALLEL_MODES, "train.parallel", f"must be one of {PARALLEL_MODES}, got {t.parallel!r}")
     need(t.compile_scope in COMPILE_SCOPES, "train.compile_scope",
          f"must be one of {COMPILE_SCOPES}, got {t.compile_scope!r}")
-    need(not (t.compile and t.compile_scope == "networks" and (t.parallel == "fsdp" or t.activation_checkpointing)),
-         "train.compile_scope=networks", "compiles whole networks and cannot be combined with train.parallel=fsdp or "
-         "train.activation_checkpointing=true (both wrap each block): use train.compile_scope=blocks")
+    if t.compile:
+        conflict = compile_scope_conflict(t.compile_scope, t.parallel, t.activation_checkpointing)
+        need(not conflict, "train.compile_scope=networks", conflict)
     need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     need(t.ema_warmup > 1, "train.ema_warmup", f"must be > 1 (decay (1+s)/(w+s) below 1), got {t.ema_warmup}")
     for key in ("log_every", "checkpoint_every", "keep_last", "max_nonfinite", "num_sample_videos", "eval_num_videos"):

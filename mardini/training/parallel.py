@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import COMPILE_SCOPES, PARALLEL_MODES
+from .config import COMPILE_SCOPES, PARALLEL_MODES, compile_scope_conflict
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,9 @@ def parallelize(model, mode: str = "ddp", activation_checkpointing: bool = False
     the blocks unwrapped (no FSDP, no activation checkpointing)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"train.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-    if compile and compile_scope == "networks" and (mode == "fsdp" or activation_checkpointing):
-        raise ValueError("train.compile_scope=networks compiles whole networks and cannot be combined with "
-                         "train.parallel=fsdp or train.activation_checkpointing=true (both wrap each block): use "
-                         "train.compile_scope=blocks")
+    conflict = compile_scope_conflict(compile_scope, mode, activation_checkpointing) if compile else ""
+    if conflict:
+        raise ValueError(f"train.compile_scope=networks {conflict}")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
