@@ -412,6 +412,43 @@ def test_deterministic_per_index_with_workers(good_folder, tmp_path):
         not torch.equal(ds.get(3, epoch=0)["video"], ds.get(3, epoch=1)["video"])
 
 
+def test_workers_forked_after_the_parent_decoded_with_pyav_still_decode(good_folder):
+    """PyAV (>= 17) caches a frame scaler per thread whose slice threads a forked DataLoader worker inherits without
+    the threads: a worker started after the main process had decoded a clip hung at its first frame, forever."""
+    ds = VideoDataset(small_cfg(good_folder, backend="pyav"))
+    in_process = ds[1]["video"]  # the main process converts frames first (as validation or a probe would)
+    loader = DataLoader(ds, batch_size=1, sampler=[1], num_workers=1, timeout=60)  # a hang raises after 60 s
+    assert torch.equal(next(iter(loader))["video"][0], in_process)
+
+
+def _read_all_frames_into(path, queue):
+    from mardini.evaluation.data import _read_all_pyav
+
+    queue.put(_read_all_pyav(Path(path)))
+
+
+def test_evaluation_reads_videos_in_a_process_forked_after_a_pyav_decode(videos):
+    import multiprocessing
+    import queue as queues
+
+    from mardini.evaluation.data import _read_all_pyav
+
+    expected = _read_all_pyav(Path(videos[".mp4"]))  # the parent converts frames first
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_read_all_frames_into, args=(videos[".mp4"], results))
+    child.start()
+    try:
+        frames = results.get(timeout=60)
+    except queues.Empty:
+        frames = None
+    finally:
+        child.kill()
+        child.join()
+    assert frames is not None, "the forked process did not decode the video within 60 s (hung)"
+    np.testing.assert_array_equal(frames, expected)
+
+
 def test_config_checks(good_folder):
     with pytest.raises(ValueError, match="data.video.clip_start"):
         read_video_config({"root": str(good_folder), "clip_start": "middle"})

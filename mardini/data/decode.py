@@ -72,6 +72,17 @@ def _av():
     return backends.require("reading this video", "av")
 
 
+def rgb24_converter(threads: int = 1) -> Callable:
+    """A function PyAV VideoFrame -> uint8 [H, W, 3] with a scaler of its own, made in the calling process.
+
+    ``frame.to_ndarray(format="rgb24")`` goes through a scaler PyAV (>= 17) caches per thread, running on a pool of
+    slice threads. A process forked after the parent converted a frame (a DataLoader worker) inherits that cache but
+    not the pool's threads, and its first conversion waits for them forever. A scaler made here cannot be inherited
+    half-alive, and its thread count is ours (1: data workers are the parallelism)."""
+    reformatter = _av().video.reformatter.VideoReformatter()
+    return lambda frame: reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray()
+
+
 class CapturedStderr:
     """Redirects file descriptor 2 (where FFmpeg and decord print, below Python) to a temporary file for the
     block; ``text`` then holds what was printed, so it can join the error message instead of cluttering the
@@ -172,6 +183,7 @@ class PyAVReader:
         want, last = set(wanted), wanted[-1]
         found: dict[int, np.ndarray] = {}
         first_seen = None
+        to_rgb = rgb24_converter(self.num_threads)
         with _av().open(self.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
@@ -190,7 +202,7 @@ class PyAVReader:
                 if first_seen is None:
                     first_seen = index
                 if index in want and index not in found:
-                    found[index] = frame.to_ndarray(format="rgb24")
+                    found[index] = to_rgb(frame)
                 if index >= last or len(found) == len(want):
                     break
         return found, first_seen

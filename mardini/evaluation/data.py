@@ -91,10 +91,13 @@ def _read_all_pyav(path: Path) -> np.ndarray:
     names it and the fix (FFmpeg's own message, e.g. "[Errno 1094995529] Invalid data ...", says neither)."""
     import av
 
+    from ..data.decode import rgb24_converter
+
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            to_rgb = rgb24_converter()
+            frames = [to_rgb(frame) for frame in container.decode(stream)]
     except (av.error.FFmpegError, IndexError) as e:  # IndexError: a file without a video stream
         reason = getattr(e, "strerror", None) or "no video stream"
         raise ValueError(f"cannot decode the video {path} ({reason}): remove it from the folder or re-encode it "
