@@ -60,6 +60,17 @@ def test_video_training_skips_bad_files_and_resumes_exactly(tmp_path, video_fold
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.timeout(180)
+def test_video_training_decoding_with_pyav_finishes(tmp_path, video_folder):
+    """The validation clips are decoded in the main process before the data workers fork; with PyAV (>= 17) that
+    once left each worker waiting forever for the scaler threads it had not inherited (a 2-step run never ended)."""
+    cfg = video_config(tmp_path, video_folder, max_steps=2)
+    cfg.data.video.backend = "pyav"
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert trainer.step == 2 and (tmp_path / "export").is_dir()
+
+
 def test_unreadable_validation_videos_stop_the_run_at_start_naming_them(tmp_path, video_folder):
     """Validation reads only held-out files; when none of them decodes, the run stops before training (it once
     trained to the end and then failed writing the end-of-run videos, with no export) with a message that says
