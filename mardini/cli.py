@@ -36,7 +36,8 @@ USER_ERRORS = {
     "mardini.data.latent_cache": ("LatentCacheError",),
     "mardini.data.video": ("TooManyFailuresError",),
     "mardini.training.runlock": ("RunLockedError",),
-    "mardini.training.trainer": ("NonFiniteLossError", "RankFailedError", "TrainingOutOfMemoryError"),
+    "mardini.training.trainer": ("DataLoaderError", "NonFiniteLossError", "RankFailedError",
+                                 "TrainingOutOfMemoryError"),
 }
 
 

@@ -173,6 +173,111 @@ def test_out_of_memory_keeps_the_steps_since_the_last_checkpoint_and_resumes_at_
     assert checkpoint_names(out) == [f"step_{N:06d}"]
 
 
+class StuckItems(torch.utils.data.Dataset):
+    """The wrapped dataset, except that reading one of `items` never returns ("hang": a decoder or a network file
+    system stuck on a file) or kills the worker reading it ("die": the host's out-of-memory killer)."""
+
+    def __init__(self, inner, items: set[int], how: str):
+        self.inner, self.items, self.how = inner, items, how
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict:
+        if index in self.items:
+            if self.how == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return self.inner[index]
+
+
+def stuck_at(trainer: Trainer, step: int, how: str) -> list[int]:
+    """Make the dataset items of training step `step`'s first micro-batch (1-based) hang or kill their reader.
+    Returns those items in the batch's order."""
+    permutation = EpochPermutation(trainer.dataset, trainer.cfg.seed)
+    items = [permutation.index_of(p) for p in trainer.layout.positions(step - 1, 0)]
+    trainer.dataset = StuckItems(trainer.dataset, set(items), how)
+    return items
+
+
+def worker_config(out, timeout: float = 4.0, **train):
+    """resume_config's run reading its data in one worker, waiting at most `timeout` s for a batch."""
+    cfg = resume_config(out, **train)
+    cfg.data.num_workers, cfg.data.timeout = 1, timeout
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_stuck_data_worker_stops_the_run_naming_its_samples_and_keeps_every_completed_step(straight_run, tmp_path):
+    """A worker stuck on one sample held the run forever (SIGTERM too). Now the wait for one batch ends after
+    data.timeout with a one-line error naming the batch's samples, after a checkpoint of the last completed step
+    (the wait happens before the step's update); resumed, the run ends where the uninterrupted one does, and no
+    worker is left behind."""
+    import multiprocessing
+
+    out = tmp_path / "stuck"
+    trainer = Trainer(worker_config(out))  # 2N steps, 2 micro-steps, checkpoints every N
+    items = stuck_at(trainer, N + 3, "hang")  # read ahead during step N + 2: steps 1..N+1 completed
+    start = time.monotonic()
+    with pytest.raises(trainer_module.DataLoaderError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert message.startswith(f"no batch from the DataLoader workers in data.timeout=4 s for training step {N + 3} "
+                              f"(the dataset's items {items[0]}, {items[1]}): check or remove"), message
+    assert f"the last checkpoint, step_{N + 1:06d} (the last completed step, saved now), continues with " \
+        "train.resume=auto" in message, message
+    assert "\n" not in message
+    assert time.monotonic() - start < 120
+    assert not multiprocessing.active_children(), "the stuck worker outlived the run"
+    assert checkpoint_names(out) == [f"step_{N:06d}", f"step_{N + 1:06d}"]
+    Trainer(worker_config(out, resume="auto")).fit()
+    assert_same_run(straight_run, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_stop_signal_while_a_data_worker_is_stuck_stops_at_once_with_a_checkpoint(straight_run, tmp_path):
+    """SIGTERM arriving while the run waits for a stuck worker (no data.timeout) is not held until the batch comes:
+    the run checkpoints its last completed step and stops as pre-empted, and resumes exactly."""
+    import threading
+
+    out = tmp_path / "stopped"
+    trainer = Trainer(worker_config(out, timeout=0))
+    stuck_at(trainer, N + 3, "hang")
+
+    def terminate_once_waiting():
+        while len(read_metrics(out)) < N + 1 if (out / "metrics.jsonl").exists() else True:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the main process is now waiting for step N + 3's batch, which never comes
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_waiting, daemon=True).start()
+    start = time.monotonic()
+    assert trainer.fit() == trainer.checkpoint_dir
+    assert trainer.preempted and time.monotonic() - start < 120
+    assert checkpoint_names(out) == [f"step_{N:06d}", f"step_{N + 1:06d}"]
+    Trainer(worker_config(out, timeout=0, resume="auto")).fit()
+    assert_same_run(straight_run, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_dead_data_worker_ends_the_run_in_one_line_and_it_resumes_exactly(straight_run, tmp_path):
+    """A worker killed (SIGKILL, as the out-of-memory killer does) is reported by torch wherever the main process
+    is: one line saying what to change and where the run resumes, which then ends where the uninterrupted run does."""
+    out = tmp_path / "died"
+    trainer = Trainer(worker_config(out))
+    stuck_at(trainer, N + 3, "die")
+    with pytest.raises(trainer_module.DataLoaderError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert re.match(r"DataLoader worker \(pid \d+\) is killed by signal: Killed: if the host ran out of memory", message)
+    assert "lower data.num_workers or data.prefetch_factor" in message and "train.resume=auto" in message, message
+    Trainer(worker_config(out, resume="auto")).fit()
+    assert_same_run(straight_run, out)
+
+
 @pytest.mark.slow
 def test_exact_resume_with_muon(tmp_path):
     """Muon's momentum buffers and AdamW's moments of the other groups travel through the checkpoint."""

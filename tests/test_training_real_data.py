@@ -71,6 +71,18 @@ def test_video_training_decoding_with_pyav_finishes(tmp_path, video_folder):
     assert trainer.step == 2 and (tmp_path / "export").is_dir()
 
 
+def test_a_stuck_batch_is_named_by_its_files(tmp_path, video_folder):
+    """The error of a worker stuck past data.timeout names the files of the batch the run waits for: those the
+    loader gives for that step (here the first two steps' micro-batches)."""
+    trainer = Trainer(video_config(tmp_path, video_folder, batch_size=2, max_steps=2))
+    trainer.cfg.data.num_workers = 0
+    batches = iter(trainer._dataloader())
+    for step in range(2):
+        files = [trainer.dataset.manifest[int(i)].path for i in next(batches)["index"]]
+        assert len(set(files)) == 2 and all(f.endswith(".mp4") for f in files)
+        assert trainer._samples_of(step, 0) == "the files " + ", ".join(files)
+
+
 def test_unreadable_validation_videos_stop_the_run_at_start_naming_them(tmp_path, video_folder):
     """Validation reads only held-out files; when none of them decodes, the run stops before training (it once
     trained to the end and then failed writing the end-of-run videos, with no export) with a message that says

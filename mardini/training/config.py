@@ -61,6 +61,8 @@ class DataConfig:
     val_cache_dir: str = ""  # source=cache: a cache of validation clips ("" = hold out data.video.val_fraction)
     lowres_mode: str = "latents"  # planner input: pooled hi-res latents (latents) or encoded smaller pixels; in exports
     prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (with num_workers > 0)
+    timeout: float = 600.0  # seconds to wait for one batch from the DataLoader workers before the run stops with a
+    # checkpoint and names the batch's files (a stuck decoder or file system); 0 = wait forever
     fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
     val_seed: int = 1_000_003  # validation clips' seed (synthetic: its own stream; video: starts in held-out files)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process; at most the usable CPUs)
@@ -325,6 +327,7 @@ def validate_config(cfg) -> None:
     need(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {d.source!r}")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
+    need(d.timeout >= 0, "data.timeout", f"must be >= 0 seconds (0 = wait forever), got {d.timeout}")
     need(d.lowres_mode in LOWRES_MODES, "data.lowres_mode", f"must be one of {LOWRES_MODES}, got {d.lowres_mode!r}")
     if d.source == "video":
         need(bool(d.video.root), "data.video.root", "must name a folder of videos or a manifest for data.source=video")

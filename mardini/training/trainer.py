@@ -85,6 +85,18 @@ class TrainingOutOfMemoryError(RuntimeError):
     does not change (a user error, exit status 2, with what to change)."""
 
 
+class DataLoaderError(RuntimeError):
+    """The DataLoader's workers gave no batch within data.timeout, or one of them died (a decoder or file system
+    stuck on a file, the host's out-of-memory killer): one line naming the batch's files and where the run
+    resumes, instead of a run that waits forever (a user error, exit status 2)."""
+
+
+class _StopWhileWaitingForData(BaseException):
+    """Raised by the stop-signal handler while the one process of a run waits for a batch from its workers, so
+    that a stuck worker cannot hold a SIGTERM until data.timeout. A BaseException: the DataLoader's own `except
+    Exception` must not take it for a worker's failure."""
+
+
 def _available_memory() -> int | None:
     """Bytes of host memory available to a new allocation (Linux: MemAvailable), None where unknown."""
     try:
@@ -197,6 +209,14 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _worker_died(err: BaseException) -> str:
+    """What to say of a DataLoader worker's death (torch's RuntimeError "DataLoader worker (pid ...) ..."), else ""."""
+    text = str(err)
+    if not text.startswith("DataLoader worker (pid"):
+        return ""
+    return f"{text.rstrip('. ')}: if the host ran out of memory, lower data.num_workers or data.prefetch_factor"
 
 
 def _stop_workers(batches) -> None:
@@ -345,6 +365,8 @@ class Trainer:
         self.skip_stats = SkipStats(cfg.data.video.max_failure_fraction, cfg.data.video.min_failures)
         self._ahead = None  # the next micro-batch's inputs, prepared during a backward (train_step)
         self._updating = False  # inside train_step's update (optimizer, EMA, schedule): the state is mid-step
+        self._waiting_for_data = False  # inside _next_batch: a stop signal may interrupt the wait (fit)
+        self._data_wait_interruptible = False  # one process reading from workers (set by _dataloader)
         self._loss_parts: list[torch.Tensor] = []  # this step's loss parts (those of LOSS_PARTS the model returns)
         self._loss_part_keys: list[str] = []
         self.diffusion = Diffusion(OmegaConf.to_object(cfg.diffusion))
@@ -723,11 +745,43 @@ class Trainer:
         if workers < d.num_workers:
             log.info("data.num_workers=%d, but this process may use %d CPU(s): loading with %d worker(s)",
                      d.num_workers, workers, workers)
+        # Only a main process that waits on workers can be woken by a signal without losing a sample half-read;
+        # several processes stop together after a step instead (fit), within data.timeout of a stuck worker.
+        self._data_wait_interruptible = workers > 0 and self.accelerator.num_processes == 1 and not self.fsdp
         return DataLoader(EpochPermutation(self.dataset, self.cfg.seed),
                           batch_sampler=StreamBatchSampler(self.layout, start_step=self.step),
                           num_workers=workers, pin_memory=d.pin_memory and self.device.type == "cuda",
                           persistent_workers=workers > 0, prefetch_factor=d.prefetch_factor if workers else None,
-                          worker_init_fn=_worker_ignores_stop_signals if workers else None)
+                          worker_init_fn=_worker_ignores_stop_signals if workers else None,
+                          timeout=d.timeout if workers else 0)
+
+    def _next_batch(self, batches, step: int, micro: int) -> dict:
+        """The next micro-batch from the loader, which holds micro-batch `micro` of step `step` (0-based): a worker
+        stuck past data.timeout, or one that died, becomes a DataLoaderError naming that micro-batch's samples."""
+        self._waiting_for_data = True
+        try:
+            return next(batches)
+        except RuntimeError as err:
+            if str(err).startswith("DataLoader timed out"):  # torch's words
+                raise DataLoaderError(
+                    f"no batch from the DataLoader workers in data.timeout={self.cfg.data.timeout:g} s for training "
+                    f"step {step + 1} ({self._samples_of(step, micro)}): check or remove these files (a decoder or "
+                    f"the file system is stuck on one), or raise data.timeout if loading is this slow (0 waits "
+                    f"forever)") from None
+            if _worker_died(err):
+                raise DataLoaderError(_worker_died(err)) from None
+            raise  # an error of the dataset itself, re-raised from its worker
+        finally:
+            self._waiting_for_data = False
+
+    def _samples_of(self, step: int, micro: int, most: int = 4) -> str:
+        """This rank's micro-batch `micro` of step `step` in words: its files (video data) or its item numbers."""
+        permutation = EpochPermutation(self.dataset, self.cfg.seed)  # what the loader's copy maps, recomputed
+        items = list(dict.fromkeys(permutation.index_of(p) for p in self.layout.positions(step, micro)))
+        manifest = getattr(self.dataset, "manifest", None)
+        names = [manifest[i].path for i in items] if manifest is not None else [str(i) for i in items]
+        more = f" and {len(names) - most} more" if len(names) > most else ""
+        return ("the files " if manifest is not None else "the dataset's items ") + ", ".join(names[:most]) + more
 
     def _prepare(self, batch: dict, step: int) -> tuple:
         """A micro-batch's model inputs on the device: (z_hi, z_lo, randomness)."""
@@ -752,7 +806,7 @@ class Trainer:
     def _next_inputs(self, batches, step: int) -> tuple:
         """The next micro-batch's inputs: the one prepared ahead during the last backward, else one read now."""
         ahead, self._ahead = self._ahead, None
-        return ahead if ahead is not None else self._prepare(next(batches), step)
+        return ahead if ahead is not None else self._prepare(self._next_batch(batches, step, 0), step)
 
     def train_step(self, batches) -> dict:
         """One optimizer step over grad_accum micro-batches. Skips the update if any loss or the gradient norm is
@@ -778,9 +832,9 @@ class Trainer:
                 acc.backward(loss / t.grad_accum)
             losses.append(loss.detach())
             if not last:
-                self._ahead = self._prepare(next(batches), self.step)
+                self._ahead = self._prepare(self._next_batch(batches, self.step, micro + 1), self.step)
             elif self.step + 1 < t.max_steps:
-                self._ahead = self._prepare(next(batches), self.step + 1)
+                self._ahead = self._prepare(self._next_batch(batches, self.step + 1, 0), self.step + 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else float("inf"))  # the one wait
         finite = math.isfinite(grad_norm)
@@ -834,6 +888,16 @@ class Trainer:
                     result = self.train_step(batches)
                 except torch.OutOfMemoryError as err:
                     raise self._out_of_memory(err) from err
+                except DataLoaderError as err:  # raised while waiting for a batch: the last completed step is whole
+                    saved = self._checkpoint_last_completed_step(err)
+                    raise DataLoaderError(f"{err}; {self._where_it_resumes(saved)}") from None
+                except RuntimeError as err:  # a worker's death, reported by torch's SIGCHLD handler wherever the
+                    if not _worker_died(err):  # step was: nothing saved (it may have been mid-update)
+                        raise
+                    raise DataLoaderError(f"{_worker_died(err)}; {self._where_it_resumes(False)}") from None
+                except _StopWhileWaitingForData as err:  # a signal while a worker is late: stop without it
+                    self._checkpoint_last_completed_step(err)
+                    return self._stop_on_signal(start_step)
                 self.step += 1
                 window.append(result["loss"])
                 for key in LOSS_PARTS:
@@ -879,12 +943,7 @@ class Trainer:
                 if self.step % t.checkpoint_every == 0 or self.stop_requested:
                     self.save_checkpoint()
                 if self.stop_requested:
-                    self._log_data_summary(start_step)
-                    self.preempted = True
-                    why = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
-                    log.warning("%s received: checkpoint saved at step %d, stopping (continue with "
-                                "train.resume=auto)", why, self.step)
-                    return self.checkpoint_dir
+                    return self._stop_on_signal(start_step)
             if self.step % t.checkpoint_every:
                 self.save_checkpoint()
             self._log_data_summary(start_step)
@@ -901,9 +960,29 @@ class Trainer:
             self._release_lock()
             _stop_workers(batches)
 
+    def _stop_on_signal(self, start_step: int) -> Path:
+        """The end of a run stopped by SIGTERM / SIGINT, its checkpoint saved."""
+        self._log_data_summary(start_step)
+        self.preempted = True
+        why = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if last is not None and last.name == ckpt.checkpoint_name(self.step):
+            log.warning("%s received: checkpoint saved at step %d, stopping (continue with train.resume=auto)", why,
+                        self.step)
+        else:  # stopped while waiting for the first batch of a fresh run: nothing to keep
+            log.warning("%s received at step %d, before a step to keep: stopping without a checkpoint", why,
+                        self.step)
+        return self.checkpoint_dir
+
+    def _where_it_resumes(self, saved: bool) -> str:
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        now = " (the last completed step, saved now)" if saved else ""
+        return f"the last checkpoint, {last.name}{now}, continues with train.resume=auto" if last else \
+            "no checkpoint was saved yet"
+
     def _out_of_memory(self, err: torch.OutOfMemoryError) -> TrainingOutOfMemoryError:
         """What to change, in one line: the batch, activation checkpointing, sharding; and where the run resumes."""
-        saved = self._checkpoint_after_out_of_memory(err)
+        saved = self._checkpoint_last_completed_step(err)
         t, device = self.cfg.train, self.device
         where = ""
         if device.type == "cuda":
@@ -915,19 +994,16 @@ class Trainer:
             changes.append("set train.activation_checkpointing=true")
         if t.parallel != "fsdp":
             changes.append("set train.parallel=fsdp (sharded weights and optimizer state)")
-        last = ckpt.latest_checkpoint(self.checkpoint_dir)
-        now = " (the last completed step, saved now)" if saved else ""
-        resume = f"the last checkpoint, {last.name}{now}, continues with train.resume=auto" if last else \
-            "no checkpoint was saved yet"
-        return TrainingOutOfMemoryError(
-            f"out of {device.type} memory in training step {self.step + 1}{where}: {', or '.join(changes)}; {resume}")
+        return TrainingOutOfMemoryError(f"out of {device.type} memory in training step {self.step + 1}{where}: "
+                                        f"{', or '.join(changes)}; {self._where_it_resumes(saved)}")
 
-    def _checkpoint_after_out_of_memory(self, err: torch.OutOfMemoryError) -> bool:
-        """Keep the steps since the last periodic checkpoint (up to train.checkpoint_every of them), which a run
-        resumed with a smaller micro-batch and more accumulation repeats exactly (same global batch: same samples,
-        masks and noise). Only where that state is whole: the error came before the update (the weights, optimizer,
-        EMA and schedule are those of the last completed step), in one process (other ranks may wait inside a
-        collective of the failed step) and without FSDP (a forward cut short can leave its parameters unsharded)."""
+    def _checkpoint_last_completed_step(self, err: BaseException) -> bool:
+        """After a step cut short (out of memory, a stuck or dead data worker, a stop signal while waiting for data):
+        keep the steps since the last periodic checkpoint (up to train.checkpoint_every of them), which a resumed
+        run repeats exactly (the same global batch in any micro-batch size: same samples, masks and noise). Only
+        where that state is whole: the error came before the update (the weights, optimizer, EMA and schedule are
+        those of the last completed step), in one process (other ranks may wait inside a collective of the failed
+        step) and without FSDP (a forward cut short can leave its parameters unsharded)."""
         if self._updating or self.step == 0 or self.fsdp or self.accelerator.num_processes > 1:
             return False
         last = ckpt.latest_checkpoint(self.checkpoint_dir)
@@ -941,7 +1017,7 @@ class Trainer:
         try:
             self.save_checkpoint()
         except Exception as save_err:  # out of memory again, a full disk: the last periodic checkpoint stands
-            log.warning("could not checkpoint step %d after running out of memory: %s", self.step, save_err)
+            log.warning("could not checkpoint step %d after %s: %s", self.step, type(err).__name__, save_err)
             return False
         return True
 
@@ -1107,8 +1183,10 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _install_stop_handlers(self) -> dict:
-        """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) finish the current step, save a checkpoint and stop.
-        A second SIGINT raises KeyboardInterrupt at once: the way out of a long step, without a checkpoint.
+        """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) finish the current step, save a checkpoint and stop;
+        one process waiting for its data workers stops at once instead, with the last completed step (a stuck
+        worker cannot hold the stop). A second SIGINT raises KeyboardInterrupt at once: the way out of a long
+        step, without a checkpoint.
         Returns the previous handlers (none outside the main thread, where Python cannot set handlers)."""
         if not _in_main_thread():
             return {}
@@ -1118,6 +1196,8 @@ class Trainer:
                 raise KeyboardInterrupt("Ctrl-C twice: stopped without saving a checkpoint")
             self.stop_signal = self.stop_signal or signum
             self.stop_requested = True
+            if self._waiting_for_data and self._data_wait_interruptible:
+                raise _StopWhileWaitingForData  # a late worker would hold the stop until data.timeout
 
         return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
