@@ -321,6 +321,37 @@ def test_train_with_only_bad_data_fails_in_one_line(tmp_path, bad_videos):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
+def test_a_file_that_never_opens_stops_the_run_in_one_line_naming_it(tmp_path):
+    """A file whose opening never returns (here a named pipe with no writer, as a hung network file system does)
+    held a data=video run forever, in its real decoder. Now the run stops once data.timeout has passed with status
+    2 and one line naming the file, and leaves no process behind."""
+    for i in range(3):
+        write_test_video(tmp_path / "videos" / f"good{i}.mp4", num_frames=48, fps=24, height=32, width=32)
+    os.mkfifo(tmp_path / "videos" / "stuck.mp4")
+    write_test_video(tmp_path / "val" / "good.mp4", num_frames=48, fps=24, height=32, width=32)
+    start = time.monotonic()
+    proc = subprocess.Popen(train_command(tmp_path / "run", "data=video", f"data.video.root={tmp_path / 'videos'}",
+                                          f"data.video.val_root={tmp_path / 'val'}", "data.video.num_frames=9",
+                                          "data.video.height=32", "data.video.width=32", "data.num_workers=1",
+                                          "data.timeout=5", "train.max_steps=8"),
+                            cwd=tmp_path, env=subprocess_env(tmp_path), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("mardini-train: error: no batch from the DataLoader workers in data.timeout=5 s "
+                               "for training step "), err[-3000:]
+    assert str(tmp_path / "videos" / "stuck.mp4") in lines[0], lines[0]
+    assert lines[0].endswith("; no checkpoint was saved yet"), lines[0]  # its step-2 batch is read ahead in step 1
+    assert "Traceback" not in out + err and time.monotonic() - start < 200
+    wait_for(lambda: not [pid for pid in descendants(os.getpid()) if running(pid)], 10, "no process left")
+
+
 def test_eval_user_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_main(["interpolation", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
