@@ -247,9 +247,10 @@ def test_a_stop_signal_while_a_data_worker_is_stuck_stops_at_once_with_a_checkpo
     stuck_at(trainer, N + 3, "hang")
 
     def terminate_once_waiting():
-        while len(read_metrics(out)) < N + 1 if (out / "metrics.jsonl").exists() else True:
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists() or metrics.read_text().count("\n") < N + 1:
             time.sleep(0.05)
-        time.sleep(1.0)  # the main process is now waiting for step N + 3's batch, which never comes
+        time.sleep(1.0)  # step N + 2 then waits for step N + 3's batch, which never comes
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_once_waiting, daemon=True).start()

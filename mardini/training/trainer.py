@@ -758,8 +758,10 @@ class Trainer:
     def _next_batch(self, batches, step: int, micro: int) -> dict:
         """The next micro-batch from the loader, which holds micro-batch `micro` of step `step` (0-based): a worker
         stuck past data.timeout, or one that died, becomes a DataLoaderError naming that micro-batch's samples."""
-        self._waiting_for_data = True
+        self._waiting_for_data = True  # from here a stop signal raises _StopWhileWaitingForData (the handler)
         try:
+            if self.stop_requested and self._data_wait_interruptible:  # one that came before: the batch may never
+                raise _StopWhileWaitingForData                          # come, so do not wait for it
             return next(batches)
         except RuntimeError as err:
             if str(err).startswith("DataLoader timed out"):  # torch's words
@@ -1184,9 +1186,9 @@ class Trainer:
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) finish the current step, save a checkpoint and stop;
-        one process waiting for its data workers stops at once instead, with the last completed step (a stuck
-        worker cannot hold the stop). A second SIGINT raises KeyboardInterrupt at once: the way out of a long
-        step, without a checkpoint.
+        a run of one process reading from data workers stops at its next wait for a batch instead, keeping its last
+        completed step (a stuck worker cannot hold the stop). A second SIGINT raises KeyboardInterrupt at once: the
+        way out of a long step, without a checkpoint.
         Returns the previous handlers (none outside the main thread, where Python cannot set handlers)."""
         if not _in_main_thread():
             return {}
