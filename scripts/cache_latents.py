@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--dtype", default="float16", choices=sorted(STORAGE_DTYPES), help="storage dtype")
     c.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
     c.add_argument("--num-workers", type=int, default=4, help="decoding workers per process")
+    c.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for one batch from the workers before stopping with its files named "
+                        "(a decoder or file system stuck on one); 0 = wait forever")
     c.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
     c.add_argument("--cpu", action="store_true", help="encode on CPU even with a GPU")
     c.add_argument("--quiet", action="store_true")
@@ -136,7 +139,7 @@ def main(argv=None) -> dict | None:
     start = time.perf_counter()
     written = writer.run(rank=state.process_index, world_size=state.num_processes, batch_size=args.batch_size,
                          num_workers=workers, device=state.device, max_shards=args.max_shards,
-                         progress=not args.quiet)
+                         progress=not args.quiet, timeout=args.timeout)
     elapsed = time.perf_counter() - start
     print(f"[process {state.process_index}] wrote {len(written)} shards in {elapsed:.1f} s", flush=True)
     state.wait_for_everyone()

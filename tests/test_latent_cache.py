@@ -116,6 +116,28 @@ def test_interrupted_run_resumes_and_completes(folder, tmp_path):
         LatentCacheWriter(root, ds, ae, lowres_factor=4, shard_size=2, dtype="float32").write_meta()
 
 
+@pytest.mark.timeout(120)
+def test_a_file_that_never_opens_stops_the_writer_naming_it_and_keeps_the_shards_written(tmp_path):
+    """A file whose opening never returns (a named pipe with no writer, as a hung network file system) held the
+    cache writer forever in its decoding worker. Now the batch's wait ends after the timeout with a LatentCacheError
+    naming the file, and the shards written before it stay complete."""
+    from mardini.data.latent_cache import LatentCacheError
+
+    videos = tmp_path / "videos"
+    for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+        write_test_video(videos / name, num_frames=12, fps=10, height=16, width=16)
+    os.mkfifo(videos / "z_stuck.mp4")  # the folder is read in name order: the third shard's first item
+    ds = VideoDataset(VideoDataConfig(root=str(videos), num_frames=3, height=16, width=16, fps=10))
+    assert ds.manifest[4].path.endswith("z_stuck.mp4")
+    writer = LatentCacheWriter(tmp_path / "cache", ds, IdentityAutoencoder(patch_size=2), lowres_factor=2,
+                               shard_size=2, dtype="float32")
+    writer.write_meta()
+    with pytest.raises(LatentCacheError, match=r"no batch from the decoding workers in 3 s \(items 4-4: .*"
+                                               r"z_stuck\.mp4\).*2 shard\(s\) written by this run stay"):
+        writer.run(batch_size=2, num_workers=1, progress=False, timeout=3)
+    assert [writer.shard_complete(k) for k in range(3)] == [True, True, False]
+
+
 def test_multi_process_split_and_workers_deterministic(tmp_path):
     ds = SyntheticVideoDataset(SyntheticVideoConfig(num_videos=10, num_frames=3, height=8, width=8))
     ae = IdentityAutoencoder(patch_size=2)

@@ -273,8 +273,11 @@ class LatentCacheWriter:
         device: str | torch.device = "cpu",
         max_shards: Optional[int] = None,
         progress: bool = True,
+        timeout: float = 600.0,
     ) -> list[int]:
-        """Encode this process's missing shards (at most max_shards of them); returns the shards written."""
+        """Encode this process's missing shards (at most max_shards of them); returns the shards written. With
+        workers, a batch that takes longer than `timeout` seconds (0: no limit) stops the run with a
+        LatentCacheError naming its files (a decoder or file system stuck on one); the shards written stay."""
         from tqdm.auto import tqdm
 
         self.check_meta()
@@ -287,14 +290,15 @@ class LatentCacheWriter:
         batches = [list(r[i : i + batch_size]) for k in pending for r in [self.shard_range(k)]
                    for i in range(0, len(r), batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=num_workers,
-                            pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+                            pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
+                            timeout=timeout if num_workers else 0)
         storage = STORAGE_DTYPES[self.dtype]
         written, parts = [], {"z_hi": [], "z_lo": [], "index": [], "samples": []}
         k_iter = iter(pending)
         k = next(k_iter)
         bar = tqdm(total=sum(len(self.shard_range(s)) for s in pending), desc=f"cache[{rank}]", disable=not progress)
         self.autoencoder.to(device)
-        for batch in loader:
+        for batch in _within_timeout(loader, batches, self.dataset, timeout, written):
             video = batch["video"].to(device, dtype=torch.float32, non_blocking=True)
             with torch.no_grad():
                 z_hi, z_lo = encode_hi_lo(self.autoencoder, video, self.lowres_factor, self.lowres_mode)
@@ -418,12 +422,30 @@ def split_cache(root: str | os.PathLike, val_fraction: float, val_root: str | os
 
 def build_latent_cache(root, dataset, autoencoder, *, lowres_factor: int = 2, lowres_mode: str = "latents",
                        shard_size: int = 256, dtype: str = "float16", batch_size: int = 8, num_workers: int = 0,
-                       device: str | torch.device = "cpu", progress: bool = True) -> dict:
+                       device: str | torch.device = "cpu", progress: bool = True, timeout: float = 600.0) -> dict:
     """Single-process convenience: write (or complete) the cache in root and return its cache.json."""
     writer = LatentCacheWriter(root, dataset, autoencoder, lowres_factor, lowres_mode, shard_size, dtype)
     writer.write_meta()
-    writer.run(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    writer.run(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, timeout=timeout)
     return writer.finalize()
+
+
+def _within_timeout(loader: DataLoader, batches: list[list[int]], dataset, timeout: float, written: list[int]):
+    """The loader's batches; torch's timeout error becomes a LatentCacheError naming the late batch's files."""
+    iterator = iter(loader)
+    for items in batches:
+        try:
+            yield next(iterator)
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader timed out"):
+                raise
+            manifest = getattr(dataset, "manifest", None)
+            names = [manifest[i].path for i in items] if manifest is not None else [str(i) for i in items]
+            raise LatentCacheError(
+                f"no batch from the decoding workers in {timeout:g} s (items {items[0]}-{items[-1]}: "
+                f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): check or remove these files (a decoder "
+                f"or the file system is stuck on one), or give a longer --timeout; {len(written)} shard(s) written "
+                f"by this run stay, and running it again continues") from None
 
 
 class CachedLatentDataset(Dataset):
