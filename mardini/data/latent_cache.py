@@ -442,7 +442,8 @@ def _within_timeout(loader: DataLoader, batches: list[list[int]], dataset, timeo
             manifest = getattr(dataset, "manifest", None)
             names = [manifest[i].path for i in items] if manifest is not None else [str(i) for i in items]
             raise LatentCacheError(
-                f"no batch from the decoding workers in {timeout:g} s (items {items[0]}-{items[-1]}: "
+                f"no batch from the decoding workers in {timeout:g} s (item{'s' if len(items) > 1 else ''} "
+                f"{items[0]}{f'-{items[-1]}' if len(items) > 1 else ''}: "
                 f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): check or remove these files (a decoder "
                 f"or the file system is stuck on one), or give a longer --timeout; {len(written)} shard(s) written "
                 f"by this run stay, and running it again continues") from None

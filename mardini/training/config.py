@@ -61,8 +61,7 @@ class DataConfig:
     val_cache_dir: str = ""  # source=cache: a cache of validation clips ("" = hold out data.video.val_fraction)
     lowres_mode: str = "latents"  # planner input: pooled hi-res latents (latents) or encoded smaller pixels; in exports
     prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (with num_workers > 0)
-    timeout: float = 600.0  # seconds to wait for one batch from the DataLoader workers before the run stops with a
-    # checkpoint and names the batch's files (a stuck decoder or file system); 0 = wait forever
+    timeout: float = 600.0  # seconds a batch may take from the workers; then the run stops, naming its files (0: none)
     fps: int = 8  # frame rate the clips represent (written into exports and sample videos)
     val_seed: int = 1_000_003  # validation clips' seed (synthetic: its own stream; video: starts in held-out files)
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process; at most the usable CPUs)
