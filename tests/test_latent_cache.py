@@ -132,7 +132,7 @@ def test_a_file_that_never_opens_stops_the_writer_naming_it_and_keeps_the_shards
     writer = LatentCacheWriter(tmp_path / "cache", ds, IdentityAutoencoder(patch_size=2), lowres_factor=2,
                                shard_size=2, dtype="float32")
     writer.write_meta()
-    with pytest.raises(LatentCacheError, match=r"no batch from the decoding workers in 3 s \(item 4: .*"
+    with pytest.raises(LatentCacheError, match=r"no batch from the decoding workers in 3 s \(the files .*"
                                                r"z_stuck\.mp4\).*2 shard\(s\) written by this run stay"):
         writer.run(batch_size=2, num_workers=1, progress=False, timeout=3)
     assert [writer.shard_complete(k) for k in range(3)] == [True, True, False]

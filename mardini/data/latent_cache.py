@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..dicts import dotted
 from ..files import follow_umask
 from .transforms import downsample, lowres_pixels
+from .workers import items_in_words, timed_out
 
 log = logging.getLogger("mardini.data")
 
@@ -437,16 +438,12 @@ def _within_timeout(loader: DataLoader, batches: list[list[int]], dataset, timeo
         try:
             yield next(iterator)
         except RuntimeError as err:
-            if not str(err).startswith("DataLoader timed out"):
+            if not timed_out(err):
                 raise
-            manifest = getattr(dataset, "manifest", None)
-            names = [manifest[i].path for i in items] if manifest is not None else [str(i) for i in items]
             raise LatentCacheError(
-                f"no batch from the decoding workers in {timeout:g} s (item{'s' if len(items) > 1 else ''} "
-                f"{items[0]}{f'-{items[-1]}' if len(items) > 1 else ''}: "
-                f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}): check or remove these files (a decoder "
-                f"or the file system is stuck on one), or give a longer --timeout; {len(written)} shard(s) written "
-                f"by this run stay, and running it again continues") from None
+                f"no batch from the decoding workers in {timeout:g} s ({items_in_words(dataset, items)}): check or "
+                f"remove these files (a decoder or the file system is stuck on one), or give a longer --timeout; "
+                f"{len(written)} shard(s) written by this run stay, and running it again continues") from None
 
 
 class CachedLatentDataset(Dataset):

@@ -33,7 +33,7 @@ from ..data import backends, video_io
 from ..data.latent_cache import encode_hi_lo, split_cache
 from ..data.synthetic import SyntheticVideoDataset
 from ..data.video import SkipStats, TooManyFailuresError, VideoDataConfig, VideoDataset
-from ..data.workers import usable_workers
+from ..data.workers import items_in_words, timed_out, usable_workers
 from ..dicts import dotted_plain
 from ..diffusion import Diffusion
 from ..evaluation.learning import baseline, ceiling, held_out_clips, held_out_synthetic_config, posterior_mean
@@ -764,26 +764,24 @@ class Trainer:
                 raise _StopWhileWaitingForData                          # come, so do not wait for it
             return next(batches)
         except RuntimeError as err:
-            if str(err).startswith("DataLoader timed out"):  # torch's words
+            if timed_out(err):
                 raise DataLoaderError(
                     f"no batch from the DataLoader workers in data.timeout={self.cfg.data.timeout:g} s for training "
                     f"step {step + 1} ({self._samples_of(step, micro)}): check or remove these files (a decoder or "
                     f"the file system is stuck on one), or raise data.timeout if loading is this slow (0 waits "
                     f"forever)") from None
-            if _worker_died(err):
-                raise DataLoaderError(_worker_died(err)) from None
+            died = _worker_died(err)
+            if died:
+                raise DataLoaderError(died) from None
             raise  # an error of the dataset itself, re-raised from its worker
         finally:
             self._waiting_for_data = False
 
-    def _samples_of(self, step: int, micro: int, most: int = 4) -> str:
+    def _samples_of(self, step: int, micro: int) -> str:
         """This rank's micro-batch `micro` of step `step` in words: its files (video data) or its item numbers."""
         permutation = EpochPermutation(self.dataset, self.cfg.seed)  # what the loader's copy maps, recomputed
         items = list(dict.fromkeys(permutation.index_of(p) for p in self.layout.positions(step, micro)))
-        manifest = getattr(self.dataset, "manifest", None)
-        names = [manifest[i].path for i in items] if manifest is not None else [str(i) for i in items]
-        more = f" and {len(names) - most} more" if len(names) > most else ""
-        return ("the files " if manifest is not None else "the dataset's items ") + ", ".join(names[:most]) + more
+        return items_in_words(self.dataset, items)
 
     def _prepare(self, batch: dict, step: int) -> tuple:
         """A micro-batch's model inputs on the device: (z_hi, z_lo, randomness)."""
@@ -894,9 +892,10 @@ class Trainer:
                     saved = self._checkpoint_last_completed_step(err)
                     raise DataLoaderError(f"{err}; {self._where_it_resumes(saved)}") from None
                 except RuntimeError as err:  # a worker's death, reported by torch's SIGCHLD handler wherever the
-                    if not _worker_died(err):  # step was: nothing saved (it may have been mid-update)
+                    died = _worker_died(err)  # step was: nothing saved (it may have been mid-update)
+                    if not died:
                         raise
-                    raise DataLoaderError(f"{_worker_died(err)}; {self._where_it_resumes(False)}") from None
+                    raise DataLoaderError(f"{died}; {self._where_it_resumes(False)}") from None
                 except _StopWhileWaitingForData as err:  # a signal while a worker is late: stop without it
                     self._checkpoint_last_completed_step(err)
                     return self._stop_on_signal(start_step)
