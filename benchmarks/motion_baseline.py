@@ -13,6 +13,7 @@ PSNR were those pixels exact.
 
     python benchmarks/motion_baseline.py --hue-drift 0.03 0 --json motion_baseline.json
     python benchmarks/motion_baseline.py --frames 17 --size 64 --hue-drift 0 --levels 1 3
+    python benchmarks/motion_baseline.py --frames 17 --size 64 --hue-drift 0 --max-shapes 4 --window 7 --coarse-radius 3
     python benchmarks/motion_baseline.py --video data/photo_motion/val.csv --frames 17 --size 64
 """
 
@@ -82,6 +83,7 @@ def main():
     p.add_argument("--seed", type=int, default=1_000_003, help="the validation seed of the data configs")
     p.add_argument("--levels", type=int, nargs="+", default=[3], help="pyramid levels (each value is one row)")
     p.add_argument("--radius", type=int, default=2, help="search radius per level, latent cells")
+    p.add_argument("--coarse-radius", type=int, default=0, help="the coarsest level's radius (0: --radius)")
     p.add_argument("--window", type=int, default=5, help="matching neighbourhood, latent cells")
     p.add_argument("--smoothness", type=float, default=3e-3, help="cost per squared cell of displacement")
     p.add_argument("--temperature", type=float, default=0.06, help="softmax temperature of the costs")
@@ -107,6 +109,7 @@ def main():
     for source, clips, shapes in sources:
         for levels in args.levels:
             row = {**source, "levels": levels, **evaluate(clips, shapes, radius=args.radius, levels=levels,
+                                                           coarse_radius=args.coarse_radius,
                                                            window=args.window, smoothness=args.smoothness,
                                                            temperature=args.temperature)}
             rows.append(row)

@@ -78,6 +78,22 @@ def test_matching_follows_a_moving_square_far_better_than_the_blend():
     assert matched > single + 5, (matched, single)
 
 
+
+def test_a_wider_coarsest_level_reaches_motion_the_pyramid_misses():
+    """A square moving 12 x 4 cells between the given frames is beyond what +-2 cells a level find in practice (the
+    soft match falls short near the edge of the search); searching the coarsest level +-3 cells finds it, and the
+    model's matcher takes that radius from model.motion.coarse_radius."""
+    T = 9
+    video, mask = moving_square(T, velocity=(1.5, 0.5)), task_mask("interpolation", T)[None]
+    middle = slice(1, T - 1)
+    score = lambda out: psnr(out[:, middle], video[:, middle])  # noqa: E731
+    narrow = motion_estimate(video, mask)
+    wide = motion_estimate(video, mask, coarse_radius=3)
+    assert score(wide) > score(narrow) + 4, (score(wide), score(narrow))
+    assert torch.equal(motion_estimate(video, mask, coarse_radius=2), narrow)  # = radius: the default search
+    model = MarDini(model_config("tiny", latent_channels=C, motion=dict(estimate="bilateral", coarse_radius=3)))
+    assert torch.equal(model.motion(video, mask), wide)
+
 def test_batched_estimate_equals_each_frame_matched_alone():
     """motion_estimate matches every frame at once (fixed shapes: no wait for the GPU to count the frames between
     given ones); each frame between two given frames must still equal its pair matched on its own."""
@@ -259,6 +275,7 @@ def test_motion_model_overfits_a_fixed_batch_and_keeps_given_frames(residual):
     (dict(motion=dict(pair=True)), "motion.pair"),
     (dict(motion=dict(estimate="bilateral", window=4)), "motion.window"),
     (dict(motion=dict(estimate="bilateral", levels=0)), "motion.levels"),
+    (dict(motion=dict(estimate="bilateral", coarse_radius=-1)), "motion.coarse_radius"),
     (dict(motion=dict(estimate="bilateral", temperature=0.0)), "motion.temperature"),
     (dict(motion=dict(radus=2)), "motion.radus"),
     (dict(motion=dict(estimate="learned")), "motion.temperature"),  # 0.06 passes the features no gradient

@@ -40,7 +40,8 @@ def inner_frames(net, clips, args):
     repeat = lambda x: x[:, None].expand(-1, T - 2, -1, -1, -1).flatten(0, 1)  # noqa: E731  one per inner frame
     fraction = (torch.arange(1, T - 1).float() / (T - 1)).repeat(B)
     est = bilateral_estimate(repeat(z[:, 0]), repeat(z[:, -1]), fraction, args.radius, args.levels, args.window,
-                             args.smoothness, args.temperature, features=(repeat(feats[:, 0]), repeat(feats[:, 1])))
+                             args.smoothness, args.temperature, features=(repeat(feats[:, 0]), repeat(feats[:, 1])),
+                             coarse_radius=args.coarse_radius)
     return est.unflatten(0, (B, T - 2)), z[:, 1:-1]
 
 
@@ -56,6 +57,7 @@ def main():
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--radius", type=int, default=2)
     p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--coarse-radius", type=int, default=0, help="the coarsest level's radius (0: --radius)")
     p.add_argument("--window", type=int, default=7)
     p.add_argument("--smoothness", type=float, default=3e-3)
     p.add_argument("--clips", type=int, default=32, help="held-out clips")

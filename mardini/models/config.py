@@ -50,6 +50,7 @@ class MotionConfig:
     plan_layout: bool = False   # also give it the planner's read-out of each generated frame (planner.loss_weight > 0)
     radius: int = 2             # candidate displacements per pyramid level: +-radius latent cells
     levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
+    coarse_radius: int = 0      # the coarsest level's radius (0: radius); 3 at 3 levels: 18 cells for ~radius 2's cost
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
     smoothness: float = 3e-3    # cost per squared latent cell of displacement, in units of the frames' variance
     #                             (per frame of the scene: a window of frames k apart uses smoothness / k^2)
@@ -152,6 +153,7 @@ def validate_model_config(cfg) -> None:
          f"must be > 0, and 1 unless model.motion.residual is set; got {motion.residual_scale}")
     for key in ("radius", "levels"):
         need(getattr(motion, key) >= 1, f"motion.{key}", f"must be >= 1, got {getattr(motion, key)}")
+    need(motion.coarse_radius >= 0, "motion.coarse_radius", f"must be >= 0 (0: radius), got {motion.coarse_radius}")
     need(motion.window >= 1 and motion.window % 2 == 1, "motion.window", f"must be odd and >= 1, got {motion.window}")
     need(motion.smoothness >= 0, "motion.smoothness", f"must be >= 0, got {motion.smoothness}")
     need(motion.temperature > 0, "motion.temperature", f"must be > 0, got {motion.temperature}")

@@ -106,8 +106,9 @@ class MarDini(nn.Module):
         args = (z_hi, mask, m.radius, m.levels, m.window, m.smoothness / spacing**2, m.temperature, m.pair)
         if self.match_features is None or not learned:
             with torch.no_grad():
-                return self._motion_estimate(*args)
-        return self._motion_estimate(*args, features=self.given_frame_features(z_hi, mask))
+                return self._motion_estimate(*args, coarse_radius=m.coarse_radius)
+        return self._motion_estimate(*args, features=self.given_frame_features(z_hi, mask),
+                                     coarse_radius=m.coarse_radius)
 
     def given_frame_features(self, z_hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The matching features [B, T, D, H, W] of the frames the estimate reads: the given ones. On a GPU (or

@@ -105,7 +105,8 @@ def _match_level(first, last, a, base, scale, radius, window, smoothness, temper
 def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.Tensor, radius: int = 2,
                        levels: int = 3, window: int = 5, smoothness: float = 3e-3, temperature: float = 0.06,
                        max_elements: int = 2**26, pair: bool = False,
-                       features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       coarse_radius: int = 0) -> torch.Tensor:
     """first, last: [N, C, H, W]; fraction: [N] in (0, 1). Returns the estimate [N, C, H, W] (fp32), or with pair
     [N, 3C, H, W]: the estimate, first carried forward, last carried back. features: (of first, of last)
     [N, D, H, W], compared in the cost beside the frames (model.motion.estimate=learned).
@@ -113,7 +114,9 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
     Coarse to fine: the frames are box-averaged 2^l times (l = levels-1 .. 0, while both sides divide and keep >= 4
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
     upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
-    per level; the finest level also carries the frames along the matched displacements."""
+    per level; the finest level also carries the frames along the matched displacements. coarse_radius (0: radius)
+    searches the coarsest level alone wider: it holds 1/4^(levels-1) of the positions, so the reach grows to
+    coarse_radius * 2^(levels-1) + radius * (2^(levels-1) - 1) cells at almost no cost."""
     first, last = first.float(), last.float()
     a = fraction.float().to(first.device)[:, None, None, None]                                # [N, 1, 1, 1]
     N, _, H, W = first.shape
@@ -130,8 +133,9 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
         h, w = lo_first.shape[-2:]
         flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
             2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        flow, matched = _match_level(lo_first, lo_last, a, flow, scale, radius, window, smoothness, temperature, f,
-                                     max_elements, values=level == 0, features=lo_features)
+        level_radius = coarse_radius if level == depth and coarse_radius else radius
+        flow, matched = _match_level(lo_first, lo_last, a, flow, scale, level_radius, window, smoothness, temperature,
+                                     f, max_elements, values=level == 0, features=lo_features)
     forward, backward = matched.chunk(2, dim=1)                                               # [N, C, H, W] each
     estimate = (1 - a) * forward + a * backward
     return torch.cat([estimate, forward, backward], 1) if pair else estimate
@@ -139,14 +143,15 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
 
 def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels: int = 3, window: int = 5,
                     smoothness: float = 3e-3, temperature: float = 0.06, pair: bool = False,
-                    features: torch.Tensor | None = None, compact: bool | None = None) -> torch.Tensor:
+                    features: torch.Tensor | None = None, compact: bool | None = None,
+                    coarse_radius: int = 0) -> torch.Tensor:
     """z: [B, T, C, H, W] latents (values of generated frames are ignored); mask: [B, T] (True = generated).
     Returns [B, T, C, H, W] in z's dtype: generated frames between two given frames by bilateral matching, other
     generated frames a copy of the nearest given frame, given frames themselves (exactly). With pair [B, T, 3C, H, W]:
     the estimate, then the two matched frames (copies of the estimate where there is no pair). features: [B, T, D, H, W]
     matching features of the frames (only the given frames' are read), compared in the cost beside them. compact:
     match only the frames between two given frames (the same values; None: on the CPU when not compiling, with
-    features only if some frame is matched)."""
+    features only if some frame is matched). coarse_radius: the coarsest level's search (bilateral_estimate)."""
     B, T = mask.shape
 
     def widen(x):  # a frame as its own estimate and both matched sides: three copies with pair
@@ -172,7 +177,7 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
             (features[rows, before].flatten(0, 1)[picked], features[rows, after].flatten(0, 1)[picked])
         return bilateral_estimate(first.flatten(0, 1)[picked], last.flatten(0, 1)[picked], fraction[picked],
                                   radius, levels, window, smoothness, temperature, pair=pair,
-                                  features=pair_features).to(z.dtype)
+                                  features=pair_features, coarse_radius=coarse_radius).to(z.dtype)
 
     nearest = widen(first)  # what a generated frame without a given frame on both sides gets
     if compact:  # the matched frames written among the others (none: every generated frame keeps its nearest)
