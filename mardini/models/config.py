@@ -50,7 +50,7 @@ class MotionConfig:
     plan_layout: bool = False   # also give it the planner's read-out of each generated frame (planner.loss_weight > 0)
     radius: int = 2             # candidate displacements per pyramid level: +-radius latent cells
     levels: int = 3             # pyramid levels (each halves the resolution; motion up to radius*(2^levels-1) cells)
-    coarse_radius: int = 0      # the coarsest level's radius (0: radius); 3 at 3 levels: 18 cells for ~radius 2's cost
+    coarse_radius: int = 0      # radius of the levels above the finest (0: radius); 3 at 3 levels reaches 20 cells
     window: int = 5             # matching neighbourhood, latent cells per side (odd)
     smoothness: float = 3e-3    # cost per squared latent cell of displacement, in units of the frames' variance
     #                             (per frame of the scene: a window of frames k apart uses smoothness / k^2)

@@ -115,8 +115,9 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
     upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
     per level; the finest level also carries the frames along the matched displacements. coarse_radius (0: radius)
-    searches the coarsest level alone wider: it holds 1/4^(levels-1) of the positions, so the reach grows to
-    coarse_radius * 2^(levels-1) + radius * (2^(levels-1) - 1) cells at almost no cost."""
+    searches the levels above the finest wider: they hold a quarter of its positions together (1/4 + 1/16 + ...),
+    so the reach grows to coarse_radius * (2^levels - 2) + radius cells for a fraction of what a wider finest level
+    costs (a soft match falls short of the edge of its search, so more room at every coarse level helps)."""
     first, last = first.float(), last.float()
     a = fraction.float().to(first.device)[:, None, None, None]                                # [N, 1, 1, 1]
     N, _, H, W = first.shape
@@ -133,7 +134,7 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
         h, w = lo_first.shape[-2:]
         flow = torch.zeros(N, 2, h, w, device=first.device) if flow is None else \
             2 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        level_radius = coarse_radius if level == depth and coarse_radius else radius
+        level_radius = coarse_radius if level > 0 and coarse_radius else radius
         flow, matched = _match_level(lo_first, lo_last, a, flow, scale, level_radius, window, smoothness, temperature,
                                      f, max_elements, values=level == 0, features=lo_features)
     forward, backward = matched.chunk(2, dim=1)                                               # [N, C, H, W] each
@@ -151,7 +152,8 @@ def motion_estimate(z: torch.Tensor, mask: torch.Tensor, radius: int = 2, levels
     the estimate, then the two matched frames (copies of the estimate where there is no pair). features: [B, T, D, H, W]
     matching features of the frames (only the given frames' are read), compared in the cost beside them. compact:
     match only the frames between two given frames (the same values; None: on the CPU when not compiling, with
-    features only if some frame is matched). coarse_radius: the coarsest level's search (bilateral_estimate)."""
+    features only if some frame is matched). coarse_radius: the search of the levels above the finest
+    (bilateral_estimate)."""
     B, T = mask.shape
 
     def widen(x):  # a frame as its own estimate and both matched sides: three copies with pair
