@@ -83,7 +83,7 @@ def main():
     p.add_argument("--seed", type=int, default=1_000_003, help="the validation seed of the data configs")
     p.add_argument("--levels", type=int, nargs="+", default=[3], help="pyramid levels (each value is one row)")
     p.add_argument("--radius", type=int, default=2, help="search radius per level, latent cells")
-    p.add_argument("--coarse-radius", type=int, default=0, help="the coarsest level's radius (0: --radius)")
+    p.add_argument("--coarse-radius", type=int, default=0, help="radius of the levels above the finest (0: --radius)")
     p.add_argument("--window", type=int, default=5, help="matching neighbourhood, latent cells")
     p.add_argument("--smoothness", type=float, default=3e-3, help="cost per squared cell of displacement")
     p.add_argument("--temperature", type=float, default=0.06, help="softmax temperature of the costs")

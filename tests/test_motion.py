@@ -78,7 +78,6 @@ def test_matching_follows_a_moving_square_far_better_than_the_blend():
     assert matched > single + 5, (matched, single)
 
 
-
 def test_wider_coarse_levels_reach_motion_the_pyramid_misses():
     """A square moving 12 cells between the given frames is beyond what +-2 cells a level find in practice (the soft
     match falls short near the edge of each level's search); searching the levels above the finest +-3 cells finds

@@ -57,7 +57,7 @@ def main():
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--radius", type=int, default=2)
     p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--coarse-radius", type=int, default=0, help="the coarsest level's radius (0: --radius)")
+    p.add_argument("--coarse-radius", type=int, default=0, help="radius of the levels above the finest (0: --radius)")
     p.add_argument("--window", type=int, default=7)
     p.add_argument("--smoothness", type=float, default=3e-3)
     p.add_argument("--clips", type=int, default=32, help="held-out clips")

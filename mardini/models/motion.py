@@ -115,7 +115,7 @@ def bilateral_estimate(first: torch.Tensor, last: torch.Tensor, fraction: torch.
     cells); each level searches +-radius cells around the displacement found one level coarser (doubled, bilinearly
     upsampled), so displacements up to radius * (2^levels - 1) fine cells are found with (2 radius + 1)^2 candidates
     per level; the finest level also carries the frames along the matched displacements. coarse_radius (0: radius)
-    searches the levels above the finest wider: they hold a quarter of its positions together (1/4 + 1/16 + ...),
+    searches the levels above the finest wider: together they hold under a third of its positions (1/4 + 1/16 + ...),
     so the reach grows to coarse_radius * (2^levels - 2) + radius cells for a fraction of what a wider finest level
     costs (a soft match falls short of the edge of its search, so more room at every coarse level helps)."""
     first, last = first.float(), last.float()
